@@ -1,0 +1,41 @@
+// Operator schemas of the sparse_attn library. Kernels register per backend in
+// csrc/cpu/*.cpp and csrc/cuda/*_cuda.cpp; Python registers fake (meta)
+// implementations in sparse_attn/selection.py so torch.compile traces the ops.
+//
+// Semantics shared by every backend (the PyTorch references in
+// sparse_attn/reference.py are the oracle):
+//   block_mean_pool(keys [B,H,S,D], block_size) -> [B,H,ceil(S/bs),D]
+//       mean of each key block over its real length (ragged last block);
+//       accumulates and returns float32 (float64 for float64 keys).
+//   topk_rows(scores [R,N], k) -> int32 [R,k]
+//       indices of the up-to-k largest selectable scores per row, in rank
+//       order (descending score, ties to the lower index); -inf and NaN are
+//       never selected; unused slots hold -1.
+//   threshold_select(scores [R,N], threshold [R], forced bool [R,N],
+//                    allowed bool [R,N]) -> (count int32 [R], indices int32 [R,N])
+//       XAttention's cumulative-mass rule: forced entries come first, then
+//       allowed entries by descending score (ties to the lower index); an
+//       unforced entry is kept iff the exclusive prefix mass before it is
+//       < threshold * (sum of allowed scores); forced entries are always kept;
+//       threshold >= 1 keeps every allowed entry. Indices ascend, -1 padded.
+//   layout_transpose(kv_num_blocks [B,H,Mq], kv_indices [B,H,Mq,Nmax],
+//                    num_kv_blocks) -> (q_num_blocks [B,H,N], q_indices [B,H,N,Mq])
+//       for each KV block the query blocks that selected it, ascending, -1
+//       padded. Inputs must already be validated (sorted, in range).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing sparse_attn._C loads the registrations below; no Python API is needed.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(sparse_attn, m) {
+  m.def("block_mean_pool(Tensor keys, int block_size) -> Tensor");
+  m.def("topk_rows(Tensor scores, int k) -> Tensor");
+  m.def("threshold_select(Tensor scores, Tensor threshold, Tensor forced, Tensor allowed) -> (Tensor, Tensor)");
+  m.def("layout_transpose(Tensor kv_num_blocks, Tensor kv_indices, int num_kv_blocks) -> (Tensor, Tensor)");
+}

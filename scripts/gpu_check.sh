@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The H100 check, one device call: build with CUDA, report the backends, run the gpu tests and the
+# named benchmarks, print a short table last. Results land in $OUT (device tool) or bench/results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} SPARSE_ATTN_FORCE_BUILD=1
+OUT_DIR=${OUT:-bench/results}
+mkdir -p "$OUT_DIR"
+declare -A status
+
+t0=$SECONDS
+python3 -m pip install --no-build-isolation --no-deps --no-index -q -e . >"$OUT_DIR/build.log" 2>&1
+status[build]=$?
+build_s=$((SECONDS - t0))
+tail -n 30 "$OUT_DIR/build.log"
+
+python3 -m sparse_attn info | tee "$OUT_DIR/info.txt"
+python3 -m sparse_attn selfcheck --device cuda
+status[selfcheck]=$?
+
+python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT_DIR/pytest_gpu.log"
+status[pytest_gpu]=${PIPESTATUS[0]}
+
+# Benchmarks named by the issues run here as they land (bench/*.py write bench/results/*.json).
+for bench in "$@"; do
+  python3 "bench/$bench.py" --out "$OUT_DIR/$bench.json"
+  status[bench_$bench]=$?
+done
+
+echo
+echo "| step | exit | note |"
+echo "|---|---|---|"
+echo "| build | ${status[build]} | ${build_s} s, archs ${SPARSE_ATTN_CUDA_ARCHS:-80;90a} |"
+for step in "${!status[@]}"; do
+  [ "$step" = build ] || echo "| $step | ${status[$step]} | |"
+done
+for step in "${!status[@]}"; do [ "${status[$step]}" -eq 0 ] || exit 1; done

@@ -1,0 +1,165 @@
+"""Pure-PyTorch oracles: dense masked attention and the selection primitives.
+
+Everything here favours obviousness over speed. Attention is computed with dense masks in a
+chosen precision (float64 by default) and is differentiable through autograd; every kernel test
+compares against these functions.
+
+Conventions: a query row with no allowed key returns output 0 and log-sum-exp -inf. When
+`seq_len_q < seq_len_kv`, causality is bottom-right aligned: query i sits at key position
+i + seq_len_kv - seq_len_q.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "causal_token_mask",
+    "masked_attention",
+    "block_sparse_attention_reference",
+    "token_sparse_attention_reference",
+    "block_mean_pool_reference",
+    "topk_rows_reference",
+    "threshold_select_reference",
+    "layout_transpose_reference",
+]
+
+
+def causal_token_mask(seq_len_q: int, seq_len_kv: int, device=None) -> torch.Tensor:
+    """Bool [seq_len_q, seq_len_kv], True where key j is visible to query i (bottom-right aligned)."""
+    q_pos = torch.arange(seq_len_q, device=device)[:, None] + (seq_len_kv - seq_len_q)
+    return torch.arange(seq_len_kv, device=device)[None, :] <= q_pos
+
+
+def masked_attention(q, k, v, allowed, *, softmax_scale=None, compute_dtype=torch.float64):
+    """softmax(scale * q k^T restricted to `allowed`) v, with GQA by head repetition.
+
+    q (B, Hq, Sq, D); k, v (B, Hkv, Skv, D); allowed bool broadcastable to (B, Hq, Sq, Skv).
+    Returns (out (B, Hq, Sq, D), lse (B, Hq, Sq)) in `compute_dtype`.
+    """
+    group = q.shape[1] // k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = (t.to(compute_dtype) for t in (q, k, v))
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    allowed = allowed.expand_as(logits)
+    has_key = allowed.any(dim=-1, keepdim=True)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    # Empty rows take a finite stand-in so that neither the lse nor its gradient becomes NaN.
+    lse_safe = torch.logsumexp(logits.masked_fill(~has_key, 0.0), dim=-1, keepdim=True)
+    probs = torch.exp(logits - lse_safe)
+    out = torch.matmul(probs, v)
+    lse = lse_safe.masked_fill(~has_key, float("-inf")).squeeze(-1)
+    return out, lse
+
+
+def _layout_token_mask(layout, num_q_heads: int, num_kv_heads: int) -> torch.Tensor:
+    block_mask = layout.to_dense_mask()[:, layout.head_map(num_q_heads, num_kv_heads)]
+    token_mask = block_mask.repeat_interleave(layout.q_block_size, dim=2).repeat_interleave(layout.kv_block_size, dim=3)
+    return token_mask[:, :, : layout.seq_len_q, : layout.seq_len_kv]
+
+
+def block_sparse_attention_reference(q, k, v, layout, *, causal=True, softmax_scale=None, compute_dtype=torch.float64):
+    """Attention over the KV blocks that `layout` selects for each query block (and head)."""
+    allowed = _layout_token_mask(layout, q.shape[1], k.shape[1])
+    if causal:
+        allowed = allowed & causal_token_mask(q.shape[2], k.shape[2], q.device)
+    return masked_attention(q, k, v, allowed, softmax_scale=softmax_scale, compute_dtype=compute_dtype)
+
+
+def token_sparse_attention_reference(q, k, v, indices, *, causal=True, softmax_scale=None, compute_dtype=torch.float64):
+    """Attention over per-query token selections.
+
+    indices: int [B, Sq, G, K] key positions padded with -1, G = number of KV heads (each query head
+    uses the list of its KV head) or 1 (shared by all heads). Duplicates are harmless.
+    """
+    batch, seq_q, groups, _ = indices.shape
+    seq_kv = k.shape[2]
+    # Padding (-1) scatters into an extra column that is dropped afterwards.
+    slots = torch.where(indices < 0, torch.full_like(indices, seq_kv), indices).long()
+    selected = torch.zeros(batch, seq_q, groups, seq_kv + 1, dtype=torch.bool, device=q.device)
+    selected.scatter_(-1, slots, True)
+    allowed = selected[..., :seq_kv].permute(0, 2, 1, 3)  # [B, G, Sq, Skv]
+    if groups != 1:
+        allowed = allowed.repeat_interleave(q.shape[1] // groups, dim=1)
+    if causal:
+        allowed = allowed & causal_token_mask(seq_q, seq_kv, q.device)
+    return masked_attention(q, k, v, allowed, softmax_scale=softmax_scale, compute_dtype=compute_dtype)
+
+
+def block_mean_pool_reference(keys: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of each key block over its real length; float32 (float64 for float64 keys)."""
+    acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    batch, heads, seq, dim = keys.shape
+    num_blocks = -(-seq // block_size)
+    padded = torch.zeros(batch, heads, num_blocks * block_size, dim, dtype=acc, device=keys.device)
+    padded[:, :, :seq] = keys.to(acc)
+    sums = padded.view(batch, heads, num_blocks, block_size, dim).sum(dim=3)
+    lengths = (seq - torch.arange(num_blocks, device=keys.device) * block_size).clamp(max=block_size)
+    return sums / lengths.to(acc)[:, None]
+
+
+def _rank_order(scores: torch.Tensor) -> torch.Tensor:
+    """Column order per row: descending score, ties to the lower index (a stable sort)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
+def topk_rows_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 [R, k]: the up-to-k largest selectable scores per row in rank order; -inf/NaN never selected, -1 pads."""
+    selectable = ~(torch.isnan(scores) | (scores == float("-inf")))
+    ranked_scores = scores.masked_fill(~selectable, float("-inf"))
+    order = _rank_order(ranked_scores)
+    taken = min(k, scores.shape[-1])
+    chosen = order[:, :taken]
+    chosen = torch.where(torch.gather(selectable, 1, chosen), chosen, -1)
+    out = torch.full((scores.shape[0], k), -1, dtype=torch.int32, device=scores.device)
+    out[:, :taken] = chosen.to(torch.int32)
+    return out
+
+
+def threshold_select_reference(scores, threshold, forced, allowed):
+    """XAttention's cumulative-mass selection (see csrc/ops.cpp). Returns (count [R], indices [R, N] ascending, -1 padded)."""
+    scores64 = scores.to(torch.float64)
+    mass = scores64.masked_fill(~allowed, 0.0)
+    required = threshold.to(torch.float64) * mass.sum(dim=-1)
+    # Forced entries lead the order; the rest follow by descending score.
+    priority = torch.where(forced, float("inf"), scores64.masked_fill(~allowed, float("-inf")))
+    order = _rank_order(priority)
+    ordered_mass = torch.gather(mass, 1, order)
+    inclusive_prefix = torch.cumsum(ordered_mass, dim=-1)
+    exclusive_prefix = torch.cat([torch.zeros_like(inclusive_prefix[:, :1]), inclusive_prefix[:, :-1]], dim=-1)
+    keep_ordered = (exclusive_prefix < required[:, None]) | (threshold[:, None] >= 1)
+    keep_ordered &= torch.gather(allowed, 1, order)
+    keep_ordered |= torch.gather(forced, 1, order)
+    keep = torch.zeros_like(allowed).scatter(1, order, keep_ordered)
+    return _mask_to_sorted_lists(keep)
+
+
+def _mask_to_sorted_lists(keep: torch.Tensor):
+    """bool [..., N] -> (count int32 [...], indices int32 [..., N] ascending, -1 padded)."""
+    count = keep.sum(dim=-1, dtype=torch.int32)
+    positions = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int32).expand_as(keep)
+    # Unselected entries sort after all selected ones; a stable sort keeps ascending order.
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
+    indices = torch.gather(positions, -1, order)
+    slot = torch.arange(keep.shape[-1], device=keep.device)
+    indices = torch.where(slot < count[..., None], indices, -1)
+    return count, indices
+
+
+def layout_transpose_reference(kv_num_blocks, kv_indices, num_kv_blocks: int):
+    """For each KV block, the query blocks that selected it: (q_num_blocks [B,H,N], q_indices [B,H,N,Mq])."""
+    dense = _kv_lists_to_dense(kv_num_blocks, kv_indices, num_kv_blocks)  # [B, H, Mq, N]
+    return _mask_to_sorted_lists(dense.transpose(-1, -2))
+
+
+def _kv_lists_to_dense(kv_num_blocks, kv_indices, num_kv_blocks: int) -> torch.Tensor:
+    nmax = kv_indices.shape[-1]
+    valid = torch.arange(nmax, device=kv_indices.device) < kv_num_blocks[..., None]
+    slots = torch.where(valid, kv_indices, num_kv_blocks).long()
+    dense = torch.zeros(*kv_indices.shape[:-1], num_kv_blocks + 1, dtype=torch.bool, device=kv_indices.device)
+    dense.scatter_(-1, slots, True)
+    return dense[..., :num_kv_blocks]

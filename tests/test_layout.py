@@ -1,0 +1,126 @@
+"""BlockSparseLayout: construction, validation, conversions and the transposed lists."""
+
+import pytest
+import torch
+
+from sparse_attn import BlockSparseLayout, causal_block_mask, validate_token_indices
+from sparse_attn.reference import causal_token_mask
+
+
+def random_layout(rng, batch=2, heads=3, seq_q=100, seq_kv=130, q_block=16, kv_block=32, density=0.4):
+    mq, n = -(-seq_q // q_block), -(-seq_kv // kv_block)
+    mask = torch.rand(batch, heads, mq, n, generator=rng) < density
+    layout = BlockSparseLayout.from_dense_mask(mask, q_block_size=q_block, kv_block_size=kv_block,
+                                               seq_len_q=seq_q, seq_len_kv=seq_kv)
+    return mask, layout
+
+
+@pytest.mark.parametrize("density", [0.0, 0.25, 1.0])
+def test_dense_round_trip(rng, density):
+    mask, layout = random_layout(rng, density=density)
+    assert layout.kv_num_blocks.dtype == torch.int32 and layout.kv_indices.dtype == torch.int32
+    assert torch.equal(layout.to_dense_mask(), mask)
+    rebuilt = BlockSparseLayout.from_kv_blocks(layout.kv_num_blocks, layout.kv_indices, q_block_size=16,
+                                               kv_block_size=32, seq_len_q=100, seq_len_kv=130)
+    assert torch.equal(rebuilt.to_dense_mask(), mask)
+
+
+def test_transposed_lists(rng):
+    mask, layout = random_layout(rng)
+    q_counts, q_indices = layout.transposed()
+    assert q_counts.shape == (2, 3, layout.num_kv_blocks) and q_indices.shape == (2, 3, layout.num_kv_blocks, 7)
+    flipped = BlockSparseLayout.from_kv_blocks(q_counts, q_indices, q_block_size=32, kv_block_size=16,
+                                               seq_len_q=130, seq_len_kv=100)
+    assert torch.equal(flipped.to_dense_mask(), mask.transpose(-1, -2))
+    q2, i2 = flipped.transposed()
+    assert torch.equal(q2, layout.kv_num_blocks) and torch.equal(i2, layout.kv_indices)
+    assert layout.q_num_blocks is q_counts  # built once
+
+
+def test_geometry_and_head_map(rng):
+    _, layout = random_layout(rng, heads=2)
+    assert (layout.num_q_blocks, layout.num_kv_blocks, layout.causal_offset) == (7, 5, 30)
+    assert layout.head_map(8, 2).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert layout.head_map(2, 1).tolist() == [0, 1]
+    _, shared = random_layout(rng, heads=1)
+    assert shared.head_map(4, 2).tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="heads"):
+        layout.head_map(6, 3)
+    with pytest.raises(ValueError, match="multiple"):
+        layout.head_map(5, 2)
+
+
+def test_int64_inputs_are_accepted(rng):
+    _, layout = random_layout(rng)
+    again = BlockSparseLayout.from_kv_blocks(layout.kv_num_blocks.long(), layout.kv_indices.long(), q_block_size=16,
+                                             kv_block_size=32, seq_len_q=100, seq_len_kv=130)
+    assert again.kv_indices.dtype == torch.int32
+
+
+@pytest.mark.parametrize(
+    "counts,indices,error,match",
+    [
+        (torch.tensor([[[1, 1]]]), torch.tensor([[[[0], [4]]]]), ValueError, "kv_indices entries"),
+        (torch.tensor([[[2, 0]]]), torch.tensor([[[[1, 1], [0, 0]]]]), ValueError, "ascending"),
+        (torch.tensor([[[2, 0]]]), torch.tensor([[[[2, 1], [0, 0]]]]), ValueError, "ascending"),
+        (torch.tensor([[[3, 0]]]), torch.tensor([[[[0, 1], [0, 0]]]]), ValueError, "kv_num_blocks entries"),
+        (torch.tensor([[[-1, 0]]]), torch.tensor([[[[0, 1], [0, 0]]]]), ValueError, "kv_num_blocks entries"),
+        (torch.tensor([[[1, 1, 1]]]), torch.tensor([[[[0], [0], [0]]]]), ValueError, "query blocks"),
+        (torch.tensor([[1, 1]]), torch.tensor([[[0], [0]]]), ValueError, "3-D"),
+        (torch.tensor([[[1, 1]]]), torch.tensor([[[0, 0]]]), ValueError, "4-D"),
+        (torch.tensor([[[1, 1]]]), torch.tensor([[[[0], [0]], [[0], [0]]]]), ValueError, "leading shape"),
+        (torch.tensor([[[1.0, 1.0]]]), torch.tensor([[[[0], [0]]]]), TypeError, "kv_num_blocks"),
+    ],
+)
+def test_from_kv_blocks_rejects_bad_lists(counts, indices, error, match):
+    # Two query blocks of 8 over 16 queries; four KV blocks of 8 over 32 keys.
+    with pytest.raises(error, match=match):
+        BlockSparseLayout.from_kv_blocks(counts, indices, q_block_size=8, kv_block_size=8, seq_len_q=16, seq_len_kv=32)
+
+
+def test_bad_sizes_and_masks():
+    counts, indices = torch.zeros(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 1, dtype=torch.int32)
+    for name in ("q_block_size", "kv_block_size", "seq_len_q", "seq_len_kv"):
+        kwargs = dict(q_block_size=8, kv_block_size=8, seq_len_q=16, seq_len_kv=16)
+        kwargs[name] = 0
+        with pytest.raises(ValueError, match=name):
+            BlockSparseLayout.from_kv_blocks(counts, indices, **kwargs)
+        kwargs[name] = 8.0
+        with pytest.raises(TypeError, match=name):
+            BlockSparseLayout.from_kv_blocks(counts, indices, **kwargs)
+    with pytest.raises(TypeError, match="bool"):
+        BlockSparseLayout.from_dense_mask(torch.ones(1, 1, 2, 2), q_block_size=8, kv_block_size=8, seq_len_q=16,
+                                          seq_len_kv=16)
+
+
+@pytest.mark.parametrize("seq_q,seq_kv,qb,kb", [(64, 64, 16, 16), (40, 100, 16, 32), (7, 300, 16, 64), (100, 100, 32, 16)])
+def test_causal_block_mask_matches_tokens(seq_q, seq_kv, qb, kb):
+    tokens = causal_token_mask(seq_q, seq_kv)
+    mq, n = -(-seq_q // qb), -(-seq_kv // kb)
+    padded = torch.zeros(mq * qb, n * kb, dtype=torch.bool)
+    padded[:seq_q, :seq_kv] = tokens
+    expected = padded.view(mq, qb, n, kb).any(dim=3).any(dim=1)
+    assert torch.equal(causal_block_mask(seq_q, seq_kv, qb, kb), expected)
+
+
+def test_density_and_compatibility(rng):
+    mq = 4
+    causal = causal_block_mask(64, 64, 16, 16)
+    layout = BlockSparseLayout.from_dense_mask(causal.expand(1, 2, mq, mq).clone(), q_block_size=16, kv_block_size=16,
+                                               seq_len_q=64, seq_len_kv=64)
+    assert layout.density() == 1.0
+    q, k = torch.randn(1, 4, 64, 8), torch.randn(1, 2, 64, 8)
+    layout.check_compatible(q, k)
+    with pytest.raises(ValueError, match="seq_len"):
+        layout.check_compatible(q[:, :, :32], k)
+
+
+def test_validate_token_indices():
+    good = torch.tensor([[[[0, 3, -1]], [[1, -1, -1]]]])
+    assert validate_token_indices(good, batch=1, seq_len_q=2, num_kv_heads=2, seq_len_kv=4).dtype == torch.int32
+    with pytest.raises(ValueError, match="indices entries"):
+        validate_token_indices(good + 2, batch=1, seq_len_q=2, num_kv_heads=2, seq_len_kv=4)
+    with pytest.raises(ValueError, match="KV heads"):
+        validate_token_indices(good.expand(1, 2, 3, 3), batch=1, seq_len_q=2, num_kv_heads=2, seq_len_kv=4)
+    with pytest.raises(TypeError, match="indices"):
+        validate_token_indices(good.float(), batch=1, seq_len_q=2, num_kv_heads=2, seq_len_kv=4)
