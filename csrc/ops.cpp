@@ -13,7 +13,7 @@
 //       never selected; unused slots hold -1.
 //   threshold_select(scores [R,N], threshold [R], forced bool [R,N],
 //                    allowed bool [R,N]) -> (count int32 [R], indices int32 [R,N])
-//       XAttention's cumulative-mass rule: forced entries come first, then
+//       XAttention's cumulative-mass rule over non-negative masses: forced entries come first, then
 //       allowed entries by descending score (ties to the lower index); an
 //       unforced entry is kept iff the exclusive prefix mass before it is
 //       < threshold * (sum of allowed scores); forced entries are always kept;

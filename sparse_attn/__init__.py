@@ -5,6 +5,7 @@ PyTorch reference, and `python -m sparse_attn info` says which backends work her
 """
 
 from ._native import HAS_NATIVE, backend_report, native_available
+from .engine import block_sparse_attn, block_sparse_attn_varlen
 from .layout import BlockSparseLayout, causal_block_mask, validate_token_indices
 from .selection import block_mean_pool, layout_transpose, threshold_select, topk_rows
 
@@ -15,6 +16,8 @@ __all__ = [
     "BlockSparseLayout",
     "backend_report",
     "block_mean_pool",
+    "block_sparse_attn",
+    "block_sparse_attn_varlen",
     "causal_block_mask",
     "layout_transpose",
     "native_available",

@@ -67,7 +67,7 @@ def topk_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def threshold_select(scores, threshold, *, forced=None, allowed=None):
-    """XAttention's cumulative-mass selection per row of non-negative `scores` [..., N].
+    """XAttention's cumulative-mass selection per row of non-negative `scores` [..., N] (masses).
 
     Forced entries come first, then allowed entries by descending score (ties to the lower index).
     An unforced entry is kept iff the mass before it in that order is below
@@ -97,6 +97,8 @@ def threshold_select(scores, threshold, *, forced=None, allowed=None):
         if mask.shape != scores.shape:
             raise ValueError(f"{name} must have the shape of scores {tuple(scores.shape)}, got {tuple(mask.shape)}")
         masks.append(mask.reshape(-1, n))
+    if bool((masks[1] & (scores.reshape(-1, n) < 0)).any()):
+        raise ValueError("scores must be non-negative masses where allowed")
     count, indices = _run("threshold_select", scores.device, scores.reshape(-1, n), tau.reshape(-1).contiguous(), *masks)
     return count.view(lead), indices.view(*lead, n)
 

@@ -156,6 +156,8 @@ std::tuple<at::Tensor, at::Tensor> layout_transpose(const at::Tensor& kv_num_blo
   TORCH_CHECK(kv_num_blocks.scalar_type() == at::kInt && kv_indices.scalar_type() == at::kInt,
               "kv_num_blocks and kv_indices must be int32");
   TORCH_CHECK(num_kv_blocks >= 0, "num_kv_blocks must be non-negative");
+  TORCH_CHECK(kv_indices.sizes().slice(0, 3) == kv_num_blocks.sizes(), "kv_indices leading shape ",
+              kv_indices.sizes(), " must equal kv_num_blocks shape ", kv_num_blocks.sizes());
   const at::Tensor counts = kv_num_blocks.contiguous(), rows = kv_indices.contiguous();
   const int64_t BH = counts.size(0) * counts.size(1), Mq = counts.size(2), Nmax = rows.size(3);
   const int64_t N = num_kv_blocks;
@@ -174,7 +176,10 @@ std::tuple<at::Tensor, at::Tensor> layout_transpose(const at::Tensor& kv_num_blo
         for (int32_t j = 0; j < n_sel; ++j) {
           const int32_t n = ind[(bh * Mq + m) * Nmax + j];
           TORCH_CHECK(n >= 0 && n < N, "kv_indices entry ", n, " is outside [0, ", N, ")");
-          TORCH_CHECK(qc[bh * N + n] < Mq, "kv_indices rows must hold unique block indices");
+          const int32_t filled = qc[bh * N + n];
+          // Rows arrive in ascending order, so a repeated index within row m shows up as m already last.
+          TORCH_CHECK(filled == 0 || qi[(bh * N + n) * Mq + filled - 1] != m,
+                      "kv_indices rows must hold unique block indices");
           qi[(bh * N + n) * Mq + qc[bh * N + n]++] = static_cast<int32_t>(m);
         }
       }

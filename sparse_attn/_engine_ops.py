@@ -1,0 +1,162 @@
+"""torch.library registration of the engine's Triton kernels (forward, backward, autograd).
+
+`triton_op` makes the kernels visible to torch.compile and registers the function itself as the
+fake implementation, so everything here stays shape-only outside the kernel launches.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from .kernels.block_sparse_attn import (
+    LOG2E,
+    _block_sparse_dkdv_kernel,
+    _block_sparse_dq_kernel,
+    _block_sparse_fwd_kernel,
+)
+from .selection import layout_transpose
+
+
+def _tile(block_size: int, cap: int) -> int:
+    """The largest power-of-two tile up to `cap` that divides the layout block (block sizes are multiples of 16)."""
+    tile = cap
+    while block_size % tile:
+        tile //= 2
+    return tile
+
+
+def _launch_config(q, q_block_size, kv_block_size):
+    head_dim = q.shape[-1]
+    cap = 64 if head_dim <= 128 else 32
+    return {
+        "BLOCK_M": _tile(q_block_size, cap),
+        "BLOCK_N": _tile(kv_block_size, cap),
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_PAD": triton.next_power_of_2(max(head_dim, 16)),
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "num_warps": 4,
+        "num_stages": 2,
+    }
+
+
+def _poisoned(*tensors):
+    """Under SPARSE_ATTN_POISON_OUTPUTS=1, fill fresh outputs with NaN so tests catch unwritten elements."""
+    if os.environ.get("SPARSE_ATTN_POISON_OUTPUTS") == "1":
+        for t in tensors:
+            t.fill_(float("nan"))
+    return tensors
+
+
+def _unit_last_stride(t):
+    """The kernels address the head dim contiguously; any other stride is fine."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides4(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _layout_strides(counts, indices, batch, varlen):
+    """Strides of [B, H, M] lists and [B, H, M, W] indices; 0 on a broadcast batch or head axis."""
+    cb, ch, cm = counts.stride()
+    ib, ih, im, _ = indices.stride()
+    if counts.shape[0] == 1 and (batch > 1 or varlen):
+        cb = ib = 0
+    if counts.shape[1] == 1:
+        ch = ih = 0
+    return cb, ch, cm, ib, ih, im
+
+
+def _geometry(q, k, cu_seqlens_q):
+    varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    return varlen, batch
+
+
+def _batch_strides(t, varlen):
+    """Packed varlen tensors carry sequence offsets instead of a batch stride."""
+    s = _strides4(t)
+    return (0, s[1], s[2]) if varlen else s
+
+
+@triton_op("sparse_attn::block_sparse_attn_fwd", mutates_args={})
+def block_sparse_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, q_block_size: int, kv_block_size: int,
+    seq_len_q: int, seq_len_kv: int, layout_head_div: int, causal: bool, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    varlen, batch = _geometry(q, k, cu_seqlens_q)
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    out, lse = _poisoned(torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
+    config = _launch_config(q, q_block_size, kv_block_size)
+    grid = (triton.cdiv(seq_len_q, config["BLOCK_M"]), batch * num_q_heads)
+    wrap_triton(_block_sparse_fwd_kernel)[grid](
+        q, k, v, out, lse, kv_num_blocks, kv_indices, cu_seqlens_q, cu_seqlens_k,
+        *_batch_strides(q, varlen), *_batch_strides(k, varlen), *_batch_strides(v, varlen),
+        *_batch_strides(out, varlen), *_batch_strides(lse.unsqueeze(-1), varlen),
+        *_layout_strides(kv_num_blocks, kv_indices, batch, varlen),
+        num_q_heads, num_q_heads // num_kv_heads, seq_len_q, seq_len_kv, softmax_scale * LOG2E,
+        LAYOUT_HEAD_DIV=layout_head_div, Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, VARLEN=varlen,
+        **config,
+    )
+    return out, lse
+
+
+@triton_op("sparse_attn::block_sparse_attn_bwd", mutates_args={})
+def block_sparse_attn_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, q_num_blocks: torch.Tensor, q_indices: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, q_block_size: int, kv_block_size: int,
+    seq_len_q: int, seq_len_kv: int, layout_head_div: int, causal: bool, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    varlen, batch = _geometry(q, k, cu_seqlens_q)
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    grad_out = _unit_last_stride(grad_out)  # an expanded gradient (e.g. from .sum()) has stride 0
+    delta = (out.float() * grad_out.float()).sum(dim=-1)  # [B, H, S], strided like lse
+    dq, dk, dv = _poisoned(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    config = _launch_config(q, q_block_size, kv_block_size)
+    scale_args = (softmax_scale * LOG2E, softmax_scale)
+    constants = dict(LAYOUT_HEAD_DIV=layout_head_div, Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal,
+                     VARLEN=varlen, **config)
+    common = (*_batch_strides(q, varlen), *_batch_strides(k, varlen), *_batch_strides(v, varlen),
+              *_batch_strides(grad_out, varlen), *_batch_strides(lse.unsqueeze(-1), varlen))
+    wrap_triton(_block_sparse_dq_kernel)[(triton.cdiv(seq_len_q, config["BLOCK_M"]), batch * num_q_heads)](
+        q, k, v, grad_out, lse, delta.contiguous(), dq, kv_num_blocks, kv_indices, cu_seqlens_q, cu_seqlens_k,
+        *common, *_layout_strides(kv_num_blocks, kv_indices, batch, varlen),
+        num_q_heads, num_q_heads // num_kv_heads, seq_len_q, seq_len_kv, *scale_args, **constants,
+    )
+    wrap_triton(_block_sparse_dkdv_kernel)[(triton.cdiv(seq_len_kv, config["BLOCK_N"]), batch * num_kv_heads)](
+        q, k, v, grad_out, lse, delta.contiguous(), dk, dv, q_num_blocks, q_indices, cu_seqlens_q, cu_seqlens_k,
+        *common, *_layout_strides(q_num_blocks, q_indices, batch, varlen),
+        num_kv_heads, num_q_heads // num_kv_heads, seq_len_q, seq_len_kv, *scale_args, **constants,
+    )
+    return dq, dk, dv
+
+
+_FWD_ARGS = ("q", "k", "v", "kv_num_blocks", "kv_indices", "cu_seqlens_q", "cu_seqlens_k", "q_block_size",
+             "kv_block_size", "seq_len_q", "seq_len_kv", "layout_head_div", "causal", "softmax_scale")
+
+
+def _setup_context(ctx, inputs, output):
+    args = dict(zip(_FWD_ARGS, inputs))
+    ctx.save_for_backward(args["q"], args["k"], args["v"], output[0], output[1], args["kv_num_blocks"],
+                          args["kv_indices"], args["cu_seqlens_q"], args["cu_seqlens_k"])
+    ctx.sizes = tuple(args[name] for name in _FWD_ARGS[7:])
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, kv_num_blocks, kv_indices, cu_q, cu_k = ctx.saved_tensors
+    q_block_size, kv_block_size, seq_len_q, seq_len_kv = ctx.sizes[:4]
+    # The dK/dV kernel walks KV blocks, so it reads the query-side (transposed) lists.
+    q_num_blocks, q_indices = layout_transpose(kv_num_blocks, kv_indices, -(-seq_len_kv // kv_block_size))
+    dq, dk, dv = block_sparse_attn_bwd(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+                                       cu_q, cu_k, *ctx.sizes)
+    return (dq, dk, dv) + (None,) * (len(_FWD_ARGS) - 3)
+
+
+block_sparse_attn_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,215 @@
+"""The block-sparse attention engine: attention over the KV blocks a `BlockSparseLayout` selects.
+
+`block_sparse_attn` and `block_sparse_attn_varlen` run the Triton kernels on CUDA tensors (and on
+CPU tensors under `TRITON_INTERPRET=1`), registered as `torch.ops.sparse_attn.block_sparse_attn_fwd`
+/ `_bwd` through `torch.library.triton_op`, so torch.compile sees them. Elsewhere they run the
+PyTorch reference (dense masks, float32 or float64), which accepts any float dtype and block size.
+
+Conventions: GQA is native (Hq % Hkv == 0, no K/V copies); causality is bottom-right aligned when
+Sq < Skv; a query row with no selected key gets output 0 and LSE -inf (fp32, natural log).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+
+import torch
+
+from . import reference
+from .layout import BlockSparseLayout
+
+__all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "triton_available"]
+
+_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton runs CUDA tensors, and CPU tensors only under its interpreter."""
+    if not _triton_importable():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------- validation
+def _check_qkv(q, k, v, packed: bool):
+    rank, shape_text = (3, "(total, H, D)") if packed else (4, "(B, H, S, D)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {shape_text}, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
+    head_axis = 1
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q head dim {q.shape[-1]} differs from k head dim {k.shape[-1]}")
+    if not packed and q.shape[0] != k.shape[0]:
+        raise ValueError(f"q batch {q.shape[0]} differs from k batch {k.shape[0]}")
+    hq, hkv = q.shape[head_axis], k.shape[head_axis]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of KV heads ({hkv})")
+
+
+def _largest_tile(block_size: int, cap: int) -> int:
+    tile = cap
+    while tile >= 16 and block_size % tile:
+        tile //= 2
+    return tile
+
+
+def _check_triton_shapes(q, layout, head_dim):
+    if q.dtype not in _GPU_DTYPES:
+        raise TypeError(f"q dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)")
+    if head_dim > _MAX_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim} exceeds the kernels' maximum of {_MAX_HEAD_DIM}")
+    for name, size in (("q_block_size", layout.q_block_size), ("kv_block_size", layout.kv_block_size)):
+        if size % 16:
+            raise ValueError(f"layout {name}={size} must be a multiple of 16 for the Triton kernels")
+
+
+def _resolve_backend(backend: str, q) -> str:
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend == "auto":
+        return "triton" if triton_available(q.device) else "reference"
+    if backend == "triton" and not triton_available(q.device):
+        raise ValueError(f"backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1), got {q.device}")
+    return backend
+
+
+def _default_scale(scale, head_dim) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite float, got {scale!r}")
+    return float(scale)
+
+
+# ---------------------------------------------------------------------------------- public API
+def block_sparse_attn(q, k, v, layout: BlockSparseLayout, *, causal=True, softmax_scale=None, return_lse=False,
+                      backend="auto"):
+    """Attention of q (B, Hq, Sq, D) over the KV blocks of k, v (B, Hkv, Skv, D) that `layout` selects.
+
+    Differentiable in q, k and v. Returns the output (B, Hq, Sq, D) in q's dtype, and with
+    `return_lse` also the fp32 log-sum-exp (B, Hq, Sq). `backend` is 'auto', 'triton' or 'reference'.
+    """
+    _check_qkv(q, k, v, packed=False)
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
+    layout.check_compatible(q, k)
+    scale = _default_scale(softmax_scale, q.shape[-1])
+    if _resolve_backend(backend, q) == "reference":
+        out, lse = _reference_attention(q, k, v, layout, causal, scale)
+    else:
+        _check_triton_shapes(q, layout, q.shape[-1])
+        out, lse = _triton_attention(q, k, v, layout, causal, scale, None, None)
+    return (out, lse) if return_lse else out
+
+
+def block_sparse_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             layout: BlockSparseLayout, *, causal=True, softmax_scale=None, return_lse=False,
+                             backend="auto"):
+    """Packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D), int32 cumulative lengths.
+
+    Block grids restart at every sequence start: the layout's batch axis is the sequence index and
+    its query blocks cover `max_seqlen_q`. The LSE, if returned, is fp32 (Hq, total_q).
+    """
+    _check_qkv(q, k, v, packed=True)
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
+    num_seqs = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
+    if _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device) != num_seqs:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    if layout.batch_size not in (num_seqs, 1):
+        raise ValueError(f"layout batch {layout.batch_size} must be the number of sequences ({num_seqs}) or 1")
+    if (layout.seq_len_q, layout.seq_len_kv) != (max_seqlen_q, max_seqlen_k):
+        raise ValueError(
+            f"layout is for seq_len_q={layout.seq_len_q}, seq_len_kv={layout.seq_len_kv}; varlen layouts "
+            f"must use max_seqlen_q={max_seqlen_q} and max_seqlen_k={max_seqlen_k}"
+        )
+    layout.head_map(q.shape[1], k.shape[1])
+    scale = _default_scale(softmax_scale, q.shape[-1])
+    if _resolve_backend(backend, q) == "reference":
+        out, lse = _reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, layout, causal, scale)
+    else:
+        _check_triton_shapes(q, layout, q.shape[-1])
+        # A packed tensor is one "batch" of length total with per-sequence offsets; batch strides are 0.
+        q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
+        out4, lse = _triton_attention(q4, k4, v4, layout, causal, scale, cu_seqlens_q.to(torch.int32),
+                                      cu_seqlens_k.to(torch.int32))
+        out, lse = out4.transpose(1, 2).squeeze(0), lse.squeeze(0)
+    return (out, lse) if return_lse else out
+
+
+def _check_cu_seqlens(cu, name, total, max_seqlen, device) -> int:
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D tensor [num_seqs + 1]")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    lengths = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths < 0).any()):
+        raise ValueError(f"{name} must start at 0, be non-decreasing and end at the packed length {total}")
+    if int(lengths.max()) > max_seqlen:
+        raise ValueError(f"{name} holds a sequence longer than its max_seqlen ({max_seqlen})")
+    return cu.numel() - 1
+
+
+# ---------------------------------------------------------------------------------- reference path
+def _reference_attention(q, k, v, layout, causal, scale):
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out, lse = reference.block_sparse_attention_reference(q, k, v, layout, causal=causal, softmax_scale=scale,
+                                                          compute_dtype=compute)
+    return out.to(q.dtype), lse.float()
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, layout, causal, scale):
+    block_mask = layout.to_dense_mask()
+    outs, lses = [], []
+    for i in range(cu_q.numel() - 1):
+        qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+        len_q, len_k = qs.stop - qs.start, ks.stop - ks.start
+        if len_q == 0 or len_k == 0:  # nothing to attend: empty rows, or no rows at all
+            outs.append(q.new_zeros(len_q, q.shape[1], q.shape[2]))
+            lses.append(torch.full((q.shape[1], len_q), float("-inf"), device=q.device))
+            continue
+        # Blocks restart at the sequence start; blocks past its own length are ignored.
+        row = min(i, layout.batch_size - 1)
+        mask = block_mask[row : row + 1, :, : -(-len_q // layout.q_block_size), : -(-len_k // layout.kv_block_size)]
+        part = BlockSparseLayout.from_dense_mask(mask.contiguous(), q_block_size=layout.q_block_size,
+                                                 kv_block_size=layout.kv_block_size, seq_len_q=len_q, seq_len_kv=len_k)
+        seq_q, seq_k, seq_v = (t[s].transpose(0, 1)[None] for t, s in ((q, qs), (k, ks), (v, ks)))
+        o, lse = _reference_attention(seq_q, seq_k, seq_v, part, causal, scale)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+# ---------------------------------------------------------------------------------- Triton path
+def _triton_attention(q, k, v, layout, causal, scale, cu_q, cu_k):
+    from . import _engine_ops
+
+    group = q.shape[1] // k.shape[1]
+    layout_head_div = group if (layout.num_heads == k.shape[1] and layout.num_heads != q.shape[1]) else 1
+    return _engine_ops.block_sparse_attn_fwd(
+        q, k, v, layout.kv_num_blocks, layout.kv_indices, cu_q, cu_k, layout.q_block_size, layout.kv_block_size,
+        layout.seq_len_q, layout.seq_len_kv, layout_head_div, causal, scale,
+    )

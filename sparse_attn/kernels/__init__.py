@@ -1,0 +1,1 @@
+"""Triton kernels. Importing this package requires triton; callers check `triton_available()` first."""

@@ -1,0 +1,249 @@
+"""Triton kernels of the block-sparse attention engine: forward, dQ (row-parallel) and dK/dV
+(column-parallel over the transposed layout, with the GQA group reduced in-kernel).
+
+Geometry shared by the three kernels. A program owns one tile of BLOCK_M queries (or BLOCK_N
+keys); tiles never straddle a layout block because the tile sizes divide the layout's block
+sizes. Each (batch, query head) reads layout head `h // LAYOUT_HEAD_DIV` (strides are 0 for a
+broadcast batch or head). Sequences are either batched ([B, H, S, D] strides) or packed varlen
+(cu_seqlens, batch stride 0); in both, query i of a sequence sits at key i + len_k - len_q.
+Softmax runs in base 2 with log2(e) folded into the scale; the LSE is stored in natural log.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN: tl.constexpr):
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        len_q = tl.load(CU_Q + b + 1) - q_start
+        len_k = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+        len_q = seq_len_q
+        len_k = seq_len_kv
+    return q_start, k_start, len_q, len_k
+
+
+@triton.jit
+def _pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL: tl.constexpr):
+    """Keys inside the sequence, and (causal) not after the query's bottom-right-aligned position."""
+    valid = offs_n[None, :] < len_k
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+    return valid
+
+
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, O, LSE, KV_COUNT, KV_IDX, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh, stride_ls,
+    stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+    num_q_heads, group_size, seq_len_q, seq_len_kv, scale_log2,
+    LAYOUT_HEAD_DIV: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    hk = h // group_size
+    q_start, k_start, len_q, len_k = _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN)
+    if tile * BLOCK_M >= len_q:
+        return
+    causal_shift = len_k - len_q
+    lh = h // LAYOUT_HEAD_DIV
+    q_block = tile * BLOCK_M // Q_BLOCK
+    count = tl.load(KV_COUNT + b * stride_cb + lh * stride_ch + q_block * stride_cm)
+    kv_list = KV_IDX + b * stride_ib + lh * stride_ih + q_block * stride_im
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + (q_start + offs_m)[:, None] * stride_qs + offs_d[None, :],
+                mask=(offs_m[:, None] < len_q) & d_ok, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
+    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+    # The last key any query of this tile may see; blocks wholly after it are skipped.
+    last_visible = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_q - 1) + causal_shift
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for j in range(count):
+        kv_lo = tl.load(kv_list + j) * KV_BLOCK
+        kv_hi = tl.minimum(kv_lo + KV_BLOCK, len_k)
+        if CAUSAL:
+            kv_hi = tl.minimum(kv_hi, last_visible + 1)
+        for start_n in range(kv_lo, kv_hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=(offs_n[:, None] < len_k) & d_ok,
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            # Only partial tiles (the causal diagonal, the ragged end) pay for the mask.
+            needs_mask = start_n + BLOCK_N > len_k
+            if CAUSAL:
+                needs_mask = needs_mask | (start_n + BLOCK_N - 1 > tile * BLOCK_M + causal_shift)
+            if needs_mask:
+                s = tl.where(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=(offs_n[:, None] < len_k) & d_ok,
+                        other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    row_ok = offs_m < len_q
+    tl.store(O + b * stride_ob + h * stride_oh + (q_start + offs_m)[:, None] * stride_os + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    tl.store(LSE + b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls, lse, mask=row_ok)
+
+
+@triton.jit
+def _block_sparse_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_IDX, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh, stride_ls,
+    stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+    num_q_heads, group_size, seq_len_q, seq_len_kv, scale_log2, scale,
+    LAYOUT_HEAD_DIV: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ = scale * sum over selected keys of P * (dP - delta) K; q, do and dq share strides (stride_q*)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    hk = h // group_size
+    q_start, k_start, len_q, len_k = _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN)
+    if tile * BLOCK_M >= len_q:
+        return
+    causal_shift = len_k - len_q
+    lh = h // LAYOUT_HEAD_DIV
+    q_block = tile * BLOCK_M // Q_BLOCK
+    count = tl.load(KV_COUNT + b * stride_cb + lh * stride_ch + q_block * stride_cm)
+    kv_list = KV_IDX + b * stride_ib + lh * stride_ih + q_block * stride_im
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    row_ok = offs_m < len_q
+    row_offsets = (q_start + offs_m)[:, None] * stride_qs + offs_d[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + row_offsets, mask=row_ok[:, None] & d_ok, other=0.0)
+    do = tl.load(DO + b * stride_ob + h * stride_oh + (q_start + offs_m)[:, None] * stride_os + offs_d[None, :],
+                 mask=row_ok[:, None] & d_ok, other=0.0)
+    lse_offsets = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
+    lse = tl.load(LSE + lse_offsets, mask=row_ok, other=0.0)
+    lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(DELTA + lse_offsets, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
+    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+    last_visible = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_q - 1) + causal_shift
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for j in range(count):
+        kv_lo = tl.load(kv_list + j) * KV_BLOCK
+        kv_hi = tl.minimum(kv_lo + KV_BLOCK, len_k)
+        if CAUSAL:
+            kv_hi = tl.minimum(kv_hi, last_visible + 1)
+        for start_n in range(kv_lo, kv_hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_ok = (offs_n[:, None] < len_k) & d_ok
+            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            p = tl.math.exp2(s - lse_log2[:, None])
+            p = tl.where(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL), p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    tl.store(DQ + b * stride_qb + h * stride_qh + row_offsets, (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok)
+
+
+@triton.jit
+def _block_sparse_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_IDX, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh, stride_ls,
+    stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in,
+    num_kv_heads, group_size, seq_len_q, seq_len_kv, scale_log2, scale,
+    LAYOUT_HEAD_DIV: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK, dV of one key tile, summed over the query heads of its GQA group and the query blocks
+    that selected its layout block (the transposed lists); k, dk share strides, as do v, dv."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    q_start, k_start, len_q, len_k = _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN)
+    if tile * BLOCK_N >= len_k:
+        return
+    causal_shift = len_k - len_q
+    kv_block = tile * BLOCK_N // KV_BLOCK
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    kv_ok = (offs_n[:, None] < len_k) & d_ok
+    k_offsets = b * stride_kb + hk * stride_kh + (k_start + offs_n)[:, None] * stride_ks + offs_d[None, :]
+    v_offsets = b * stride_vb + hk * stride_vh + (k_start + offs_n)[:, None] * stride_vs + offs_d[None, :]
+    k = tl.load(K + k_offsets, mask=kv_ok, other=0.0)
+    v = tl.load(V + v_offsets, mask=kv_ok, other=0.0)
+    # Under causality, queries before this key tile see none of it.
+    first_query = 0
+    if CAUSAL:
+        first_query = tl.maximum(tile * BLOCK_N - causal_shift, 0)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+    for g in range(group_size):
+        h = hk * group_size + g
+        lh = h // LAYOUT_HEAD_DIV
+        count = tl.load(Q_COUNT + b * stride_cb + lh * stride_ch + kv_block * stride_cn)
+        q_list = Q_IDX + b * stride_ib + lh * stride_ih + kv_block * stride_in
+        q_head = b * stride_qb + h * stride_qh
+        o_head = b * stride_ob + h * stride_oh
+        l_head = b * stride_lb + h * stride_lh
+        for j in range(count):
+            q_lo = tl.load(q_list + j) * Q_BLOCK
+            q_hi = tl.minimum(q_lo + Q_BLOCK, len_q)
+            q_lo = tl.maximum(q_lo, first_query // BLOCK_M * BLOCK_M)
+            for start_m in range(q_lo, q_hi, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                row_ok = offs_m < len_q
+                rows = (q_start + offs_m)[:, None]
+                q = tl.load(Q + q_head + rows * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+                do = tl.load(DO + o_head + rows * stride_os + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+                lse = tl.load(LSE + l_head + (q_start + offs_m) * stride_ls, mask=row_ok, other=0.0)
+                lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+                delta = tl.load(DELTA + l_head + (q_start + offs_m) * stride_ls, mask=row_ok, other=0.0)
+                # Transposed scores [BLOCK_N, BLOCK_M] keep dK/dV rows in registers.
+                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+                p_t = tl.math.exp2(s_t - lse_log2[None, :])
+                pair_ok = tl.trans(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL)) & row_ok[None, :]
+                p_t = tl.where(pair_ok, p_t, 0.0)
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    tl.store(DK + k_offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + v_offsets, dv.to(DV.dtype.element_ty), mask=kv_ok)

@@ -1,0 +1,216 @@
+"""The block-sparse attention engine against the fp64 oracle, with FlashAttention's error rule.
+
+On the CPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py) on small fp16/fp32
+shapes; the `gpu` tests run bf16/fp16 at real sizes on the H100.
+"""
+
+import os
+
+import pytest
+import torch
+
+from sparse_attn import BlockSparseLayout, causal_block_mask
+from sparse_attn.engine import block_sparse_attn, block_sparse_attn_varlen, triton_available
+from sparse_attn.reference import block_sparse_attention_reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setenv("SPARSE_ATTN_POISON_OUTPUTS", "1")
+
+
+def random_layout(rng, batch, heads, seq_q, seq_kv, q_block, kv_block, density, *, causal=True):
+    """Random block selection over the causally visible blocks, keeping the diagonal and the first block."""
+    mq, n = -(-seq_q // q_block), -(-seq_kv // kv_block)
+    visible = causal_block_mask(seq_q, seq_kv, q_block, kv_block) if causal else torch.ones(mq, n, dtype=torch.bool)
+    mask = (torch.rand(batch, heads, mq, n, generator=rng) < density) & visible
+    if causal and density > 0:
+        last_visible = visible.long().cumsum(-1).argmax(-1)  # the diagonal block of each query block
+        mask[..., torch.arange(mq), last_visible] = True
+        mask[..., 0] |= visible[:, 0]
+    return BlockSparseLayout.from_dense_mask(mask.to(DEVICE), q_block_size=q_block, kv_block_size=kv_block,
+                                             seq_len_q=seq_q, seq_len_kv=seq_kv)
+
+
+def make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, dtype):
+    shapes = ((batch, hq, seq_q, dim), (batch, hkv, seq_kv, dim), (batch, hkv, seq_kv, dim))
+    return [torch.randn(s, generator=rng).to(DEVICE, dtype).requires_grad_() for s in shapes]
+
+
+def max_err(a, b):
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).nan_to_num(nan=float("inf")).abs().max().item()
+
+
+def assert_flash_rule(got, ref64, same_precision, factor, what):
+    """FlashAttention's rule: error vs fp64 at most `factor` x a same-precision PyTorch implementation's."""
+    rounding = max_err(ref64 + 0.3 - 0.3, ref64)  # one rounding step at this magnitude
+    bound = factor * max_err(same_precision, ref64) + rounding + 1e-6
+    err = max_err(got, ref64)
+    assert err <= bound, f"{what}: error {err:.3e} exceeds bound {bound:.3e}"
+
+
+def check_against_reference(q, k, v, layout, causal=True, scale=None):
+    out, lse = block_sparse_attn(q, k, v, layout, causal=causal, softmax_scale=scale, return_lse=True)
+    ref_out, ref_lse = block_sparse_attention_reference(q, k, v, layout, causal=causal, softmax_scale=scale)
+    same_out, _ = block_sparse_attention_reference(q, k, v, layout, causal=causal, softmax_scale=scale,
+                                                   compute_dtype=q.dtype)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten (poisoned) output"
+    assert_flash_rule(out, ref_out, same_out, 2, "output")
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty)
+    assert bool((out[empty] == 0).all())
+    assert max_err(lse[~empty], ref_lse[~empty]) < 1e-3
+
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    ref_grads = torch.autograd.grad(ref_out, (q, k, v), grad.double())
+    same_grads = torch.autograd.grad(same_out, (q, k, v), grad.to(same_out.dtype))
+    for name, g, r, s in zip("qkv", grads, ref_grads, same_grads):
+        assert g.dtype == q.dtype and not torch.isnan(g).any(), f"d{name} has unwritten elements"
+        assert_flash_rule(g, r, s, 3, f"d{name}")
+    return out, lse
+
+
+CASES = {
+    # name: (batch, hq, hkv, seq_q, seq_kv, dim, q_block, kv_block, density, layout heads)
+    "mha": (1, 2, 2, 64, 64, 32, 32, 32, 0.5, "q"),
+    "gqa4_ragged": (2, 4, 1, 83, 83, 32, 16, 32, 0.5, "kv"),
+    "gqa8_shared_layout": (1, 8, 1, 48, 48, 16, 16, 16, 0.6, "one"),
+    "q_shorter_than_kv": (1, 4, 2, 37, 100, 32, 16, 32, 0.5, "q"),
+    "dense_full": (1, 2, 1, 64, 64, 64, 32, 16, 1.0, "q"),
+    "head_dim_96": (1, 2, 2, 48, 48, 96, 16, 16, 0.7, "q"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(rng, case, dtype):
+    batch, hq, hkv, seq_q, seq_kv, dim, qb, kb, density, heads = CASES[case]
+    layout_heads = {"q": hq, "kv": hkv, "one": 1}[heads]
+    layout = random_layout(rng, batch, layout_heads, seq_q, seq_kv, qb, kb, density)
+    q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, dtype)
+    check_against_reference(q, k, v, layout)
+
+
+def test_zero_density_gives_zero_and_neg_inf(rng):
+    layout = random_layout(rng, 1, 2, 64, 64, 16, 16, 0.0)
+    q, k, v = make_qkv(rng, 1, 2, 2, 64, 64, 16, torch.float32)
+    out, lse = check_against_reference(q, k, v, layout)
+    assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+
+
+def test_rows_emptied_by_causality(rng):
+    # Each query block selects only KV blocks in its future, so every row ends up empty or partial.
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[0, 0, 0, 1] = mask[0, 0, 1, 1] = mask[0, 0, 2, 3] = True
+    layout = BlockSparseLayout.from_dense_mask(mask.to(DEVICE), q_block_size=16, kv_block_size=16, seq_len_q=64,
+                                               seq_len_kv=64)
+    q, k, v = make_qkv(rng, 1, 2, 1, 64, 64, 16, torch.float32)
+    _, lse = check_against_reference(q, k, v, layout)
+    assert bool(torch.isneginf(lse[0, :, :16]).all())
+
+
+def test_non_causal_and_custom_scale(rng):
+    layout = random_layout(rng, 1, 2, 40, 72, 16, 16, 0.5, causal=False)
+    q, k, v = make_qkv(rng, 1, 2, 2, 40, 72, 32, torch.float32)
+    check_against_reference(q, k, v, layout, causal=False, scale=0.3)
+
+
+def test_batch_broadcast_layout(rng):
+    layout = random_layout(rng, 1, 2, 32, 32, 16, 16, 0.5)
+    q, k, v = make_qkv(rng, 3, 2, 2, 32, 32, 16, torch.float32)
+    check_against_reference(q, k, v, layout)
+
+
+def test_varlen_matches_per_sequence_runs(rng):
+    lengths = [37, 64, 5]
+    hq, hkv, dim, block = 4, 2, 32, 16
+    max_len = max(lengths)
+    layout = random_layout(rng, len(lengths), hkv, max_len, max_len, block, block, 0.6)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    q = torch.randn(sum(lengths), hq, dim, generator=rng).to(DEVICE).requires_grad_()
+    k = torch.randn(sum(lengths), hkv, dim, generator=rng).to(DEVICE).requires_grad_()
+    v = torch.randn(sum(lengths), hkv, dim, generator=rng).to(DEVICE).requires_grad_()
+    out, lse = block_sparse_attn_varlen(q, k, v, cu, cu, max_len, max_len, layout, return_lse=True)
+    ref_out, ref_lse = block_sparse_attn_varlen(q, k, v, cu, cu, max_len, max_len, layout, return_lse=True,
+                                                backend="reference")
+    assert out.shape == q.shape and lse.shape == (hq, sum(lengths))
+    assert max_err(out, ref_out) < 1e-5
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    grad = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref_out, (q, k, v), grad)):
+        assert max_err(g, r) < 1e-4
+
+
+def test_opcheck_triton_ops(rng):
+    layout = random_layout(rng, 1, 2, 32, 32, 16, 16, 0.5)
+    q, k, v = make_qkv(rng, 1, 2, 2, 32, 32, 16, torch.float32)
+    from sparse_attn import _engine_ops
+
+    args = (q, k, v, layout.kv_num_blocks, layout.kv_indices, None, None, 16, 16, 32, 32, 1, True, 0.25)
+    # The Triton interpreter executes kernels even on fake tensors, so the fake-tensor and compile
+    # checks run on the GPU only.
+    utils = ("test_schema", "test_autograd_registration")
+    if DEVICE.type == "cuda":
+        utils += ("test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(_engine_ops.block_sparse_attn_fwd, args, test_utils=utils)
+
+
+@pytest.mark.parametrize(
+    "mutate,error,match",
+    [
+        (lambda q, k, v: (q, k[:, :, :, :8], v[:, :, :, :8]), ValueError, "head dim"),
+        (lambda q, k, v: (torch.cat([q, q[:, :1]], 1), k, v), ValueError, "multiple"),
+        (lambda q, k, v: (q.double(), k, v), TypeError, "dtype"),
+        (lambda q, k, v: (q[0], k, v), ValueError, "4-D"),
+        (lambda q, k, v: (q, k, v[:, :, :16]), ValueError, "same shape"),
+    ],
+)
+def test_bad_inputs_raise(rng, mutate, error, match):
+    layout = random_layout(rng, 1, 2, 32, 32, 16, 16, 0.5)
+    q, k, v = (t.detach() for t in make_qkv(rng, 1, 2, 2, 32, 32, 16, torch.float32))
+    with pytest.raises(error, match=match):
+        block_sparse_attn(*mutate(q, k, v), layout)
+
+
+def test_layout_mismatch_and_block_size_errors(rng):
+    q, k, v = (t.detach() for t in make_qkv(rng, 1, 2, 2, 32, 32, 16, torch.float32))
+    with pytest.raises(ValueError, match="seq_len"):
+        block_sparse_attn(q, k, v, random_layout(rng, 1, 2, 48, 48, 16, 16, 0.5))
+    odd = BlockSparseLayout.from_dense_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool, device=DEVICE), q_block_size=8,
+                                            kv_block_size=8, seq_len_q=32, seq_len_kv=32)
+    with pytest.raises(ValueError, match="q_block_size=8"):
+        block_sparse_attn(q, k, v, odd, backend="triton")
+    out = block_sparse_attn(q, k, v, odd, backend="reference")  # the reference takes any block size
+    assert out.shape == q.shape
+    with pytest.raises(ValueError, match="softmax_scale"):
+        block_sparse_attn(q, k, v, odd, softmax_scale=-1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gpu_real_sizes(rng, dtype, dim):
+    for batch, hq, hkv, seq_q, seq_kv, density in ((2, 8, 2, 1024, 1024, 0.3), (1, 8, 1, 700, 2100, 0.5)):
+        layout = random_layout(rng, batch, hkv, seq_q, seq_kv, 128, 128, density)
+        q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, dtype)
+        check_against_reference(q, k, v, layout)
+
+
+if os.environ.get("SPARSE_ATTN_RANDOM_LAYOUT_SWEEP"):
+    # Opt-in wider sweep for kernel development: `SPARSE_ATTN_RANDOM_LAYOUT_SWEEP=1 pytest -k sweep`.
+    @pytest.mark.slow
+    @pytest.mark.parametrize("seed", range(20))
+    def test_random_sweep(seed):
+        rng = torch.Generator().manual_seed(seed)
+        shape = [int(x) for x in torch.randint(1, 4, (3,), generator=rng)]
+        seq_q, seq_kv = sorted(int(x) for x in torch.randint(1, 120, (2,), generator=rng))
+        layout = random_layout(rng, shape[0], shape[2], seq_q, seq_kv, 16, 32, 0.5)
+        q, k, v = make_qkv(rng, shape[0], shape[2] * shape[1], shape[2], seq_q, seq_kv, 32, torch.float32)
+        check_against_reference(q, k, v, layout)
