@@ -109,6 +109,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    # In place, for the generator's multi-GB tensors: one half-size temporary instead of six.
+    x1, x2 = x.chunk(2, dim=-1)
+    x1_old = x1.clone()
+    x1.mul_(cos).addcmul_(x2, sin, value=-1)
+    x2.mul_(cos).addcmul_(x1_old, sin)
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -152,7 +160,7 @@ def structured_qkv(
     * **content**: i.i.d. Gaussian noise per q/k vector in the content dims, sized so unrelated
       positions have logit std ~1; the feature dims get only small noise (std 0.1).
     * **local window** (``local_window > 0``): a smooth latent per kv head and position -- Gaussian
-      knots every ``local_window`` positions, smoothstep-interpolated and variance-normalised -- is
+      knots every ``local_window`` positions (random phase), smoothstep-interpolated and variance-normalised -- is
       added to the content dims of k and of q (q heads use their kv head's latent at their own
       positions). q_t and k_j therefore correlate for ``|t - j| < 2 * local_window`` and not beyond,
       with boost ``log(S / local_window) + 2.5`` at ``t == j``, decaying with distance. RoPE makes
@@ -310,9 +318,9 @@ def structured_qkv(
         # One table for all heads; the queries' positions are the tail of the keys'.
         cos, sin = _rope_tables(torch.arange(S), D, float(rope_base), torch.float32)
         for h in range(Hkv):
-            k[:, h] = _rotate(k[:, h], cos, sin)
+            _rotate_(k[:, h], cos, sin)
         for h in range(Hq):
-            q[:, h] = _rotate(q[:, h], cos[offset:], sin[offset:])
+            _rotate_(q[:, h], cos[offset:], sin[offset:])
 
     if n_dirs:
         # Added after RoPE: the features match at any distance.
@@ -346,10 +354,11 @@ def structured_qkv(
         for h in range(Hq):
             q[:, h].index_add_(-1, feat_idx, coef_q[:, h] @ dirs_q[:, h])
 
+    # Move first, then cast: on a GPU the cast is far cheaper, and rounding is the same anywhere.
     return StructuredInputs(
-        q=q.to(device=device, dtype=dtype),
-        k=k.to(device=device, dtype=dtype),
-        v=v.to(device=device, dtype=dtype),
+        q=q.to(device).to(dtype),
+        k=k.to(device).to(dtype),
+        v=v.to(device).to(dtype),
         sink_positions=list(range(num_sinks)),
         heavy_hitters=heavy.to(device),
         retrieval_spans=spans,
