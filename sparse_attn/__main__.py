@@ -48,15 +48,21 @@ def _selfcheck_cases(device: torch.device):
     def attention_oracle():
         inputs = structured_qkv(batch=1, num_q_heads=4, num_kv_heads=2, seq_len=256, head_dim=64, device=device)
         causal = causal_block_mask(256, 256, 64, 64, device=device)
-        layout = BlockSparseLayout.from_dense_mask(causal.expand(1, 1, 4, 4).clone(), q_block_size=64,
-                                                   kv_block_size=64, seq_len_q=256, seq_len_kv=256)
+        layout = BlockSparseLayout.from_dense_mask(
+            causal.expand(1, 1, 4, 4).clone(), q_block_size=64, kv_block_size=64, seq_len_q=256, seq_len_kv=256
+        )
         out, _ = reference.block_sparse_attention_reference(inputs.q, inputs.k, inputs.v, layout)
         dense = torch.nn.functional.scaled_dot_product_attention(
-            inputs.q.double(), inputs.k.double(), inputs.v.double(), is_causal=True, enable_gqa=True)
+            inputs.q.double(), inputs.k.double(), inputs.v.double(), is_causal=True, enable_gqa=True
+        )
         return (out - dense).abs().max()
 
-    return [("block_mean_pool", mean_pool), ("topk_rows", topk), ("threshold_select", threshold),
-            ("reference attention vs SDPA", attention_oracle)]
+    return [
+        ("block_mean_pool", mean_pool),
+        ("topk_rows", topk),
+        ("threshold_select", threshold),
+        ("reference attention vs SDPA", attention_oracle),
+    ]
 
 
 def _selfcheck(args) -> int:

@@ -29,17 +29,27 @@ def _tile(block_size: int, cap: int) -> int:
     return tile
 
 
-def _launch_config(q, q_block_size, kv_block_size):
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim bound: starting points for
+# Hopper (FlashAttention-2-style tiles), to be replaced by a pruned autotune space once measured.
+_TILES = {
+    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
+    "dq": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)},
+    "dkdv": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 4, 1)},
+}
+
+
+def _launch_config(kernel: str, q, q_block_size, kv_block_size):
     head_dim = q.shape[-1]
-    cap = 64 if head_dim <= 128 else 32
+    bound = min(b for b in (64, 128, 256) if head_dim <= b)
+    block_m, block_n, warps, stages = _TILES[kernel][bound]
     return {
-        "BLOCK_M": _tile(q_block_size, cap),
-        "BLOCK_N": _tile(kv_block_size, cap),
+        "BLOCK_M": _tile(q_block_size, block_m),
+        "BLOCK_N": _tile(kv_block_size, block_n),
         "HEAD_DIM": head_dim,
         "HEAD_DIM_PAD": triton.next_power_of_2(max(head_dim, 16)),
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-        "num_warps": 4,
-        "num_stages": 2,
+        "num_warps": warps,
+        "num_stages": stages,
     }
 
 
@@ -85,23 +95,53 @@ def _batch_strides(t, varlen):
 
 @triton_op("sparse_attn::block_sparse_attn_fwd", mutates_args={})
 def block_sparse_attn_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, q_block_size: int, kv_block_size: int,
-    seq_len_q: int, seq_len_kv: int, layout_head_div: int, causal: bool, softmax_scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    q_block_size: int,
+    kv_block_size: int,
+    seq_len_q: int,
+    seq_len_kv: int,
+    layout_head_div: int,
+    causal: bool,
+    softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     varlen, batch = _geometry(q, k, cu_seqlens_q)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
     out, lse = _poisoned(torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
-    config = _launch_config(q, q_block_size, kv_block_size)
+    config = _launch_config("fwd", q, q_block_size, kv_block_size)
     grid = (triton.cdiv(seq_len_q, config["BLOCK_M"]), batch * num_q_heads)
     wrap_triton(_block_sparse_fwd_kernel)[grid](
-        q, k, v, out, lse, kv_num_blocks, kv_indices, cu_seqlens_q, cu_seqlens_k,
-        *_batch_strides(q, varlen), *_batch_strides(k, varlen), *_batch_strides(v, varlen),
-        *_batch_strides(out, varlen), *_batch_strides(lse.unsqueeze(-1), varlen),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kv_num_blocks,
+        kv_indices,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        *_batch_strides(q, varlen),
+        *_batch_strides(k, varlen),
+        *_batch_strides(v, varlen),
+        *_batch_strides(out, varlen),
+        *_batch_strides(lse.unsqueeze(-1), varlen),
         *_layout_strides(kv_num_blocks, kv_indices, batch, varlen),
-        num_q_heads, num_q_heads // num_kv_heads, seq_len_q, seq_len_kv, softmax_scale * LOG2E,
-        LAYOUT_HEAD_DIV=layout_head_div, Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, VARLEN=varlen,
+        num_q_heads,
+        num_q_heads // num_kv_heads,
+        seq_len_q,
+        seq_len_kv,
+        softmax_scale * LOG2E,
+        LAYOUT_HEAD_DIV=layout_head_div,
+        Q_BLOCK=q_block_size,
+        KV_BLOCK=kv_block_size,
+        CAUSAL=causal,
+        VARLEN=varlen,
         **config,
     )
     return out, lse
@@ -109,43 +149,121 @@ def block_sparse_attn_fwd(
 
 @triton_op("sparse_attn::block_sparse_attn_bwd", mutates_args={})
 def block_sparse_attn_bwd(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, q_num_blocks: torch.Tensor, q_indices: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, q_block_size: int, kv_block_size: int,
-    seq_len_q: int, seq_len_kv: int, layout_head_div: int, causal: bool, softmax_scale: float,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_num_blocks: torch.Tensor,
+    q_indices: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    q_block_size: int,
+    kv_block_size: int,
+    seq_len_q: int,
+    seq_len_kv: int,
+    layout_head_div: int,
+    causal: bool,
+    softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     varlen, batch = _geometry(q, k, cu_seqlens_q)
     num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
     grad_out = _unit_last_stride(grad_out)  # an expanded gradient (e.g. from .sum()) has stride 0
     delta = (out.float() * grad_out.float()).sum(dim=-1)  # [B, H, S], strided like lse
     dq, dk, dv = _poisoned(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    config = _launch_config(q, q_block_size, kv_block_size)
     scale_args = (softmax_scale * LOG2E, softmax_scale)
-    constants = dict(LAYOUT_HEAD_DIV=layout_head_div, Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal,
-                     VARLEN=varlen, **config)
-    common = (*_batch_strides(q, varlen), *_batch_strides(k, varlen), *_batch_strides(v, varlen),
-              *_batch_strides(grad_out, varlen), *_batch_strides(lse.unsqueeze(-1), varlen))
-    wrap_triton(_block_sparse_dq_kernel)[(triton.cdiv(seq_len_q, config["BLOCK_M"]), batch * num_q_heads)](
-        q, k, v, grad_out, lse, delta.contiguous(), dq, kv_num_blocks, kv_indices, cu_seqlens_q, cu_seqlens_k,
-        *common, *_layout_strides(kv_num_blocks, kv_indices, batch, varlen),
-        num_q_heads, num_q_heads // num_kv_heads, seq_len_q, seq_len_kv, *scale_args, **constants,
+    shared = dict(
+        LAYOUT_HEAD_DIV=layout_head_div, Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, VARLEN=varlen
     )
-    wrap_triton(_block_sparse_dkdv_kernel)[(triton.cdiv(seq_len_kv, config["BLOCK_N"]), batch * num_kv_heads)](
-        q, k, v, grad_out, lse, delta.contiguous(), dk, dv, q_num_blocks, q_indices, cu_seqlens_q, cu_seqlens_k,
-        *common, *_layout_strides(q_num_blocks, q_indices, batch, varlen),
-        num_kv_heads, num_q_heads // num_kv_heads, seq_len_q, seq_len_kv, *scale_args, **constants,
+    dq_config = {**shared, **_launch_config("dq", q, q_block_size, kv_block_size)}
+    dkdv_config = {**shared, **_launch_config("dkdv", q, q_block_size, kv_block_size)}
+    common = (
+        *_batch_strides(q, varlen),
+        *_batch_strides(k, varlen),
+        *_batch_strides(v, varlen),
+        *_batch_strides(grad_out, varlen),
+        *_batch_strides(lse.unsqueeze(-1), varlen),
+    )
+    wrap_triton(_block_sparse_dq_kernel)[(triton.cdiv(seq_len_q, dq_config["BLOCK_M"]), batch * num_q_heads)](
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta.contiguous(),
+        dq,
+        kv_num_blocks,
+        kv_indices,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        *common,
+        *_layout_strides(kv_num_blocks, kv_indices, batch, varlen),
+        num_q_heads,
+        num_q_heads // num_kv_heads,
+        seq_len_q,
+        seq_len_kv,
+        *scale_args,
+        **dq_config,
+    )
+    wrap_triton(_block_sparse_dkdv_kernel)[(triton.cdiv(seq_len_kv, dkdv_config["BLOCK_N"]), batch * num_kv_heads)](
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta.contiguous(),
+        dk,
+        dv,
+        q_num_blocks,
+        q_indices,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        *common,
+        *_layout_strides(q_num_blocks, q_indices, batch, varlen),
+        num_kv_heads,
+        num_q_heads // num_kv_heads,
+        seq_len_q,
+        seq_len_kv,
+        *scale_args,
+        **dkdv_config,
     )
     return dq, dk, dv
 
 
-_FWD_ARGS = ("q", "k", "v", "kv_num_blocks", "kv_indices", "cu_seqlens_q", "cu_seqlens_k", "q_block_size",
-             "kv_block_size", "seq_len_q", "seq_len_kv", "layout_head_div", "causal", "softmax_scale")
+_FWD_ARGS = (
+    "q",
+    "k",
+    "v",
+    "kv_num_blocks",
+    "kv_indices",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "q_block_size",
+    "kv_block_size",
+    "seq_len_q",
+    "seq_len_kv",
+    "layout_head_div",
+    "causal",
+    "softmax_scale",
+)
 
 
 def _setup_context(ctx, inputs, output):
     args = dict(zip(_FWD_ARGS, inputs))
-    ctx.save_for_backward(args["q"], args["k"], args["v"], output[0], output[1], args["kv_num_blocks"],
-                          args["kv_indices"], args["cu_seqlens_q"], args["cu_seqlens_k"])
+    ctx.save_for_backward(
+        args["q"],
+        args["k"],
+        args["v"],
+        output[0],
+        output[1],
+        args["kv_num_blocks"],
+        args["kv_indices"],
+        args["cu_seqlens_q"],
+        args["cu_seqlens_k"],
+    )
     ctx.sizes = tuple(args[name] for name in _FWD_ARGS[7:])
 
 
@@ -154,8 +272,9 @@ def _backward(ctx, grad_out, _grad_lse):
     q_block_size, kv_block_size, seq_len_q, seq_len_kv = ctx.sizes[:4]
     # The dK/dV kernel walks KV blocks, so it reads the query-side (transposed) lists.
     q_num_blocks, q_indices = layout_transpose(kv_num_blocks, kv_indices, -(-seq_len_kv // kv_block_size))
-    dq, dk, dv = block_sparse_attn_bwd(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
-                                       cu_q, cu_k, *ctx.sizes)
+    dq, dk, dv = block_sparse_attn_bwd(
+        grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, cu_q, cu_k, *ctx.sizes
+    )
     return (dq, dk, dv) + (None,) * (len(_FWD_ARGS) - 3)
 
 

@@ -27,7 +27,7 @@ _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -103,8 +103,9 @@ def _default_scale(scale, head_dim) -> float:
 
 
 # ---------------------------------------------------------------------------------- public API
-def block_sparse_attn(q, k, v, layout: BlockSparseLayout, *, causal=True, softmax_scale=None, return_lse=False,
-                      backend="auto"):
+def block_sparse_attn(
+    q, k, v, layout: BlockSparseLayout, *, causal=True, softmax_scale=None, return_lse=False, backend="auto"
+):
     """Attention of q (B, Hq, Sq, D) over the KV blocks of k, v (B, Hkv, Skv, D) that `layout` selects.
 
     Differentiable in q, k and v. Returns the output (B, Hq, Sq, D) in q's dtype, and with
@@ -123,9 +124,21 @@ def block_sparse_attn(q, k, v, layout: BlockSparseLayout, *, causal=True, softma
     return (out, lse) if return_lse else out
 
 
-def block_sparse_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             layout: BlockSparseLayout, *, causal=True, softmax_scale=None, return_lse=False,
-                             backend="auto"):
+def block_sparse_attn_varlen(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    layout: BlockSparseLayout,
+    *,
+    causal=True,
+    softmax_scale=None,
+    return_lse=False,
+    backend="auto",
+):
     """Packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D), int32 cumulative lengths.
 
     Block grids restart at every sequence start: the layout's batch axis is the sequence index and
@@ -152,8 +165,9 @@ def block_sparse_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         _check_triton_shapes(q, layout, q.shape[-1])
         # A packed tensor is one "batch" of length total with per-sequence offsets; batch strides are 0.
         q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
-        out4, lse = _triton_attention(q4, k4, v4, layout, causal, scale, cu_seqlens_q.to(torch.int32),
-                                      cu_seqlens_k.to(torch.int32))
+        out4, lse = _triton_attention(
+            q4, k4, v4, layout, causal, scale, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+        )
         out, lse = out4.transpose(1, 2).squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out
 
@@ -176,8 +190,9 @@ def _check_cu_seqlens(cu, name, total, max_seqlen, device) -> int:
 # ---------------------------------------------------------------------------------- reference path
 def _reference_attention(q, k, v, layout, causal, scale):
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out, lse = reference.block_sparse_attention_reference(q, k, v, layout, causal=causal, softmax_scale=scale,
-                                                          compute_dtype=compute)
+    out, lse = reference.block_sparse_attention_reference(
+        q, k, v, layout, causal=causal, softmax_scale=scale, compute_dtype=compute
+    )
     return out.to(q.dtype), lse.float()
 
 
@@ -194,8 +209,13 @@ def _reference_varlen(q, k, v, cu_q, cu_k, layout, causal, scale):
         # Blocks restart at the sequence start; blocks past its own length are ignored.
         row = min(i, layout.batch_size - 1)
         mask = block_mask[row : row + 1, :, : -(-len_q // layout.q_block_size), : -(-len_k // layout.kv_block_size)]
-        part = BlockSparseLayout.from_dense_mask(mask.contiguous(), q_block_size=layout.q_block_size,
-                                                 kv_block_size=layout.kv_block_size, seq_len_q=len_q, seq_len_kv=len_k)
+        part = BlockSparseLayout.from_dense_mask(
+            mask.contiguous(),
+            q_block_size=layout.q_block_size,
+            kv_block_size=layout.kv_block_size,
+            seq_len_q=len_q,
+            seq_len_kv=len_k,
+        )
         seq_q, seq_k, seq_v = (t[s].transpose(0, 1)[None] for t, s in ((q, qs), (k, ks), (v, ks)))
         o, lse = _reference_attention(seq_q, seq_k, seq_v, part, causal, scale)
         outs.append(o[0].transpose(0, 1))
@@ -210,6 +230,18 @@ def _triton_attention(q, k, v, layout, causal, scale, cu_q, cu_k):
     group = q.shape[1] // k.shape[1]
     layout_head_div = group if (layout.num_heads == k.shape[1] and layout.num_heads != q.shape[1]) else 1
     return _engine_ops.block_sparse_attn_fwd(
-        q, k, v, layout.kv_num_blocks, layout.kv_indices, cu_q, cu_k, layout.q_block_size, layout.kv_block_size,
-        layout.seq_len_q, layout.seq_len_kv, layout_head_div, causal, scale,
+        q,
+        k,
+        v,
+        layout.kv_num_blocks,
+        layout.kv_indices,
+        cu_q,
+        cu_k,
+        layout.q_block_size,
+        layout.kv_block_size,
+        layout.seq_len_q,
+        layout.seq_len_kv,
+        layout_head_div,
+        causal,
+        scale,
     )

@@ -22,7 +22,13 @@ import torch
 from . import selection
 from .reference import _kv_lists_to_dense, _mask_to_sorted_lists
 
-__all__ = ["BlockSparseLayout", "causal_block_mask", "validate_token_indices"]
+__all__ = [
+    "BlockSparseLayout",
+    "causal_block_mask",
+    "causal_full_block_mask",
+    "causal_pair_counts",
+    "validate_token_indices",
+]
 
 
 def _check_positive_int(value, name: str) -> int:
@@ -41,13 +47,44 @@ def _as_int32(tensor, name: str) -> torch.Tensor:
     return tensor.to(torch.int32)
 
 
+def _block_bounds(seq_len: int, block_size: int, device):
+    starts = torch.arange(0, seq_len, block_size, device=device)
+    return starts, torch.clamp(starts + block_size, max=seq_len) - 1
+
+
 def causal_block_mask(seq_len_q: int, seq_len_kv: int, q_block_size: int, kv_block_size: int, device=None):
     """Bool [Mq, N]: blocks holding at least one causally visible (query, key) pair, bottom-right aligned."""
-    offset = seq_len_kv - seq_len_q
-    q_starts = torch.arange(0, seq_len_q, q_block_size, device=device)
-    last_query = torch.clamp(q_starts + q_block_size, max=seq_len_q) - 1
-    kv_starts = torch.arange(0, seq_len_kv, kv_block_size, device=device)
-    return kv_starts[None, :] <= (last_query + offset)[:, None]
+    _, last_query = _block_bounds(seq_len_q, q_block_size, device)
+    kv_starts, _ = _block_bounds(seq_len_kv, kv_block_size, device)
+    return kv_starts[None, :] <= (last_query + seq_len_kv - seq_len_q)[:, None]
+
+
+def causal_full_block_mask(seq_len_q: int, seq_len_kv: int, q_block_size: int, kv_block_size: int, device=None):
+    """Bool [Mq, N]: blocks whose every (query, key) pair is causally visible (no token mask needed)."""
+    q_starts, _ = _block_bounds(seq_len_q, q_block_size, device)
+    _, last_key = _block_bounds(seq_len_kv, kv_block_size, device)
+    return last_key[None, :] <= (q_starts + seq_len_kv - seq_len_q)[:, None]
+
+
+def causal_pair_counts(
+    seq_len_q: int, seq_len_kv: int, q_block_size: int, kv_block_size: int, causal=True, device=None
+):
+    """int64 [Mq, N]: the number of (query, key) pairs each block computes (for FLOP counts)."""
+    q_starts, q_last = _block_bounds(seq_len_q, q_block_size, device)
+    kv_starts, kv_last = _block_bounds(seq_len_kv, kv_block_size, device)
+    if not causal:
+        return (q_last - q_starts + 1)[:, None] * (kv_last - kv_starts + 1)[None, :]
+    # Query i sees clamp(i + offset - start_n + 1, 0, len_n) keys of block n; sum that over the
+    # query block in closed form with the prefix sums F(t) of x -> clamp(x, 0, L).
+    lengths = (kv_last - kv_starts + 1)[None, :]
+
+    def prefix(t):
+        t = t.clamp(min=0)
+        inside = torch.minimum(t, lengths)
+        return inside * (inside + 1) // 2 + (t - inside) * lengths
+
+    shift = seq_len_kv - seq_len_q - kv_starts[None, :] + 1
+    return prefix(q_last[:, None] + shift) - prefix(q_starts[:, None] - 1 + shift)
 
 
 class BlockSparseLayout:
@@ -64,8 +101,9 @@ class BlockSparseLayout:
 
     # ----------------------------------------------------------------- constructors
     @classmethod
-    def from_kv_blocks(cls, kv_num_blocks, kv_indices, *, q_block_size, kv_block_size, seq_len_q, seq_len_kv,
-                       validate=True):
+    def from_kv_blocks(
+        cls, kv_num_blocks, kv_indices, *, q_block_size, kv_block_size, seq_len_q, seq_len_kv, validate=True
+    ):
         """Wrap FlexAttention-style KV block lists. `validate=False` skips the checks that sync the GPU."""
         q_block_size = _check_positive_int(q_block_size, "q_block_size")
         kv_block_size = _check_positive_int(kv_block_size, "kv_block_size")
@@ -89,8 +127,15 @@ class BlockSparseLayout:
         if mask.dim() != 4:
             raise ValueError(f"mask must be 4-D [B, H, Mq, N], got shape {tuple(mask.shape)}")
         kv_num_blocks, kv_indices = _mask_to_sorted_lists(mask)
-        return cls.from_kv_blocks(kv_num_blocks, kv_indices, q_block_size=q_block_size, kv_block_size=kv_block_size,
-                                  seq_len_q=seq_len_q, seq_len_kv=seq_len_kv, validate=False)
+        return cls.from_kv_blocks(
+            kv_num_blocks,
+            kv_indices,
+            q_block_size=q_block_size,
+            kv_block_size=kv_block_size,
+            seq_len_q=seq_len_q,
+            seq_len_kv=seq_len_kv,
+            validate=False,
+        )
 
     # ----------------------------------------------------------------- geometry
     @property
@@ -169,8 +214,54 @@ class BlockSparseLayout:
         return self.transposed()[1]
 
     def to(self, device) -> BlockSparseLayout:
-        return BlockSparseLayout(self.kv_num_blocks.to(device), self.kv_indices.to(device), self.q_block_size,
-                                 self.kv_block_size, self.seq_len_q, self.seq_len_kv)
+        return BlockSparseLayout(
+            self.kv_num_blocks.to(device),
+            self.kv_indices.to(device),
+            self.q_block_size,
+            self.kv_block_size,
+            self.seq_len_q,
+            self.seq_len_kv,
+        )
+
+    def to_flex_block_mask(self, num_q_heads: int, num_kv_heads: int, *, causal: bool = True):
+        """The same selection as a FlexAttention `BlockMask` (for the benchmark peer and as an oracle).
+
+        Causally partial blocks go to the masked lists with a bottom-right causal `mask_mod`; fully
+        visible blocks go to the full lists, which Flex runs without the mask. Heads expand to Hq.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        selected = self.to_dense_mask()[:, self.head_map(num_q_heads, num_kv_heads)]
+        if causal:
+            args = (self.seq_len_q, self.seq_len_kv, self.q_block_size, self.kv_block_size, self.device)
+            full = selected & causal_full_block_mask(*args)
+            partial = selected & causal_block_mask(*args) & ~full
+            offset = self.causal_offset
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return kv_idx <= q_idx + offset
+        else:
+            full, partial, mask_mod = selected, torch.zeros_like(selected), None
+        (partial_count, partial_idx), (full_count, full_idx) = (_mask_to_sorted_lists(m) for m in (partial, full))
+        return BlockMask.from_kv_blocks(
+            partial_count,
+            partial_idx.clamp(min=0),
+            full_count,
+            full_idx.clamp(min=0),
+            BLOCK_SIZE=(self.q_block_size, self.kv_block_size),
+            mask_mod=mask_mod,
+            seq_lengths=(self.seq_len_q, self.seq_len_kv),
+        )
+
+    def computed_pairs(self, num_q_heads: int, num_kv_heads: int, *, causal: bool = True) -> int:
+        """(query, key) pairs computed over all query heads and the layout's batch entries.
+
+        Forward FLOPs are 4 * D * pairs (QK^T and PV); a broadcast batch counts once."""
+        pairs = causal_pair_counts(
+            self.seq_len_q, self.seq_len_kv, self.q_block_size, self.kv_block_size, causal=causal, device=self.device
+        )
+        selected = self.to_dense_mask()[:, self.head_map(num_q_heads, num_kv_heads)]
+        return int((selected * pairs).sum().item())
 
     def density(self, causal: bool = True) -> float:
         """Selected blocks over available blocks (the causally visible ones when `causal`)."""
@@ -198,7 +289,8 @@ class BlockSparseLayout:
             raise ValueError(f"kv_indices must be 4-D [B, H, Mq, Nmax], got shape {tuple(indices.shape)}")
         if indices.shape[:3] != counts.shape:
             raise ValueError(
-                f"kv_indices leading shape {tuple(indices.shape[:3])} must equal kv_num_blocks shape {tuple(counts.shape)}"
+                f"kv_indices leading shape {tuple(indices.shape[:3])} must equal "
+                f"kv_num_blocks shape {tuple(counts.shape)}"
             )
         if counts.device != indices.device:
             raise ValueError(f"kv_num_blocks is on {counts.device} but kv_indices is on {indices.device}")
@@ -221,8 +313,9 @@ class BlockSparseLayout:
             raise ValueError("kv_indices rows must be sorted in strictly ascending order (no duplicates)")
 
 
-def validate_token_indices(indices: torch.Tensor, *, batch: int, seq_len_q: int, num_kv_heads: int,
-                           seq_len_kv: int, name: str = "indices") -> torch.Tensor:
+def validate_token_indices(
+    indices: torch.Tensor, *, batch: int, seq_len_q: int, num_kv_heads: int, seq_len_kv: int, name: str = "indices"
+) -> torch.Tensor:
     """Check int [B, Sq, G, K] token selections (G = num_kv_heads or 1, -1 padding); returns them as int32."""
     indices = _as_int32(indices, name)
     if indices.dim() != 4:

@@ -121,7 +121,9 @@ def topk_rows_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def threshold_select_reference(scores, threshold, forced, allowed):
-    """XAttention's cumulative-mass selection (see csrc/ops.cpp). Returns (count [R], indices [R, N] ascending, -1 padded)."""
+    """XAttention's cumulative-mass selection (see csrc/ops.cpp).
+
+    Returns (count [R], indices [R, N] ascending, -1 padded)."""
     scores64 = scores.to(torch.float64)
     mass = scores64.masked_fill(~allowed, 0.0)
     required = threshold.to(torch.float64) * mass.sum(dim=-1)

@@ -99,7 +99,9 @@ def threshold_select(scores, threshold, *, forced=None, allowed=None):
         masks.append(mask.reshape(-1, n))
     if bool((masks[1] & (scores.reshape(-1, n) < 0)).any()):
         raise ValueError("scores must be non-negative masses where allowed")
-    count, indices = _run("threshold_select", scores.device, scores.reshape(-1, n), tau.reshape(-1).contiguous(), *masks)
+    count, indices = _run(
+        "threshold_select", scores.device, scores.reshape(-1, n), tau.reshape(-1).contiguous(), *masks
+    )
     return count.view(lead), indices.view(*lead, n)
 
 

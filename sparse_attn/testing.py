@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RetrievalSpan", "StructuredInputs", "apply_rope", "structured_qkv"]
+__all__ = ["RetrievalSpan", "StructuredInputs", "apply_rope", "random_block_layout", "structured_qkv"]
 
 # Fraction of queries (per query head) that align to each heavy-hitter key.
 _HEAVY_HITTER_PROB = 0.5
@@ -421,3 +421,46 @@ def _place_spans(
             )
         spans.append(span)
     return spans
+
+
+def random_block_layout(
+    batch: int,
+    heads: int,
+    seq_len_q: int,
+    seq_len_kv: int,
+    q_block_size: int,
+    kv_block_size: int,
+    density: float,
+    *,
+    causal: bool = True,
+    seed: int = 0,
+    device="cpu",
+):
+    """A random `BlockSparseLayout`: each (causally visible) block is kept with probability `density`.
+
+    In causal mode every non-empty row also keeps its first block (the sink) and its diagonal block
+    (the last visible one), as the engine benchmark's layouts do; density 0 gives empty rows.
+    """
+    from .layout import BlockSparseLayout, causal_block_mask
+
+    generator = torch.Generator().manual_seed(seed)
+    mq, n = -(-seq_len_q // q_block_size), -(-seq_len_kv // kv_block_size)
+    visible = (
+        causal_block_mask(seq_len_q, seq_len_kv, q_block_size, kv_block_size)
+        if causal
+        else torch.ones(mq, n, dtype=torch.bool)
+    )
+    mask = (torch.rand(batch, heads, mq, n, generator=generator) < density) & visible
+    if causal and density > 0:
+        has_visible = visible.any(-1)
+        diagonal = visible.long().cumsum(-1).argmax(-1)
+        rows = torch.arange(mq)[has_visible]
+        mask[..., rows, diagonal[has_visible]] = True
+        mask[..., rows, 0] = True
+    return BlockSparseLayout.from_dense_mask(
+        mask.to(device),
+        q_block_size=q_block_size,
+        kv_block_size=kv_block_size,
+        seq_len_q=seq_len_q,
+        seq_len_kv=seq_len_kv,
+    )

@@ -9,9 +9,10 @@ import os
 import pytest
 import torch
 
-from sparse_attn import BlockSparseLayout, causal_block_mask
+from sparse_attn import BlockSparseLayout
 from sparse_attn.engine import block_sparse_attn, block_sparse_attn_varlen, triton_available
 from sparse_attn.reference import block_sparse_attention_reference
+from sparse_attn.testing import random_block_layout
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
@@ -23,16 +24,10 @@ def poison_outputs(monkeypatch):
 
 
 def random_layout(rng, batch, heads, seq_q, seq_kv, q_block, kv_block, density, *, causal=True):
-    """Random block selection over the causally visible blocks, keeping the diagonal and the first block."""
-    mq, n = -(-seq_q // q_block), -(-seq_kv // kv_block)
-    visible = causal_block_mask(seq_q, seq_kv, q_block, kv_block) if causal else torch.ones(mq, n, dtype=torch.bool)
-    mask = (torch.rand(batch, heads, mq, n, generator=rng) < density) & visible
-    if causal and density > 0:
-        last_visible = visible.long().cumsum(-1).argmax(-1)  # the diagonal block of each query block
-        mask[..., torch.arange(mq), last_visible] = True
-        mask[..., 0] |= visible[:, 0]
-    return BlockSparseLayout.from_dense_mask(mask.to(DEVICE), q_block_size=q_block, kv_block_size=kv_block,
-                                             seq_len_q=seq_q, seq_len_kv=seq_kv)
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    return random_block_layout(
+        batch, heads, seq_q, seq_kv, q_block, kv_block, density, causal=causal, seed=seed, device=DEVICE
+    )
 
 
 def make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, dtype):
@@ -57,8 +52,9 @@ def assert_flash_rule(got, ref64, same_precision, factor, what):
 def check_against_reference(q, k, v, layout, causal=True, scale=None):
     out, lse = block_sparse_attn(q, k, v, layout, causal=causal, softmax_scale=scale, return_lse=True)
     ref_out, ref_lse = block_sparse_attention_reference(q, k, v, layout, causal=causal, softmax_scale=scale)
-    same_out, _ = block_sparse_attention_reference(q, k, v, layout, causal=causal, softmax_scale=scale,
-                                                   compute_dtype=q.dtype)
+    same_out, _ = block_sparse_attention_reference(
+        q, k, v, layout, causal=causal, softmax_scale=scale, compute_dtype=q.dtype
+    )
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten (poisoned) output"
     assert_flash_rule(out, ref_out, same_out, 2, "output")
@@ -109,8 +105,9 @@ def test_rows_emptied_by_causality(rng):
     # Each query block selects only KV blocks in its future, so every row ends up empty or partial.
     mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
     mask[0, 0, 0, 1] = mask[0, 0, 1, 1] = mask[0, 0, 2, 3] = True
-    layout = BlockSparseLayout.from_dense_mask(mask.to(DEVICE), q_block_size=16, kv_block_size=16, seq_len_q=64,
-                                               seq_len_kv=64)
+    layout = BlockSparseLayout.from_dense_mask(
+        mask.to(DEVICE), q_block_size=16, kv_block_size=16, seq_len_q=64, seq_len_kv=64
+    )
     q, k, v = make_qkv(rng, 1, 2, 1, 64, 64, 16, torch.float32)
     _, lse = check_against_reference(q, k, v, layout)
     assert bool(torch.isneginf(lse[0, :, :16]).all())
@@ -138,8 +135,9 @@ def test_varlen_matches_per_sequence_runs(rng):
     k = torch.randn(sum(lengths), hkv, dim, generator=rng).to(DEVICE).requires_grad_()
     v = torch.randn(sum(lengths), hkv, dim, generator=rng).to(DEVICE).requires_grad_()
     out, lse = block_sparse_attn_varlen(q, k, v, cu, cu, max_len, max_len, layout, return_lse=True)
-    ref_out, ref_lse = block_sparse_attn_varlen(q, k, v, cu, cu, max_len, max_len, layout, return_lse=True,
-                                                backend="reference")
+    ref_out, ref_lse = block_sparse_attn_varlen(
+        q, k, v, cu, cu, max_len, max_len, layout, return_lse=True, backend="reference"
+    )
     assert out.shape == q.shape and lse.shape == (hq, sum(lengths))
     assert max_err(out, ref_out) < 1e-5
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
@@ -183,8 +181,13 @@ def test_layout_mismatch_and_block_size_errors(rng):
     q, k, v = (t.detach() for t in make_qkv(rng, 1, 2, 2, 32, 32, 16, torch.float32))
     with pytest.raises(ValueError, match="seq_len"):
         block_sparse_attn(q, k, v, random_layout(rng, 1, 2, 48, 48, 16, 16, 0.5))
-    odd = BlockSparseLayout.from_dense_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool, device=DEVICE), q_block_size=8,
-                                            kv_block_size=8, seq_len_q=32, seq_len_kv=32)
+    odd = BlockSparseLayout.from_dense_mask(
+        torch.ones(1, 1, 4, 4, dtype=torch.bool, device=DEVICE),
+        q_block_size=8,
+        kv_block_size=8,
+        seq_len_q=32,
+        seq_len_kv=32,
+    )
     with pytest.raises(ValueError, match="q_block_size=8"):
         block_sparse_attn(q, k, v, odd, backend="triton")
     out = block_sparse_attn(q, k, v, odd, backend="reference")  # the reference takes any block size

@@ -4,14 +4,16 @@ import pytest
 import torch
 
 from sparse_attn import BlockSparseLayout, causal_block_mask, validate_token_indices
+from sparse_attn.layout import causal_full_block_mask, causal_pair_counts
 from sparse_attn.reference import causal_token_mask
 
 
 def random_layout(rng, batch=2, heads=3, seq_q=100, seq_kv=130, q_block=16, kv_block=32, density=0.4):
     mq, n = -(-seq_q // q_block), -(-seq_kv // kv_block)
     mask = torch.rand(batch, heads, mq, n, generator=rng) < density
-    layout = BlockSparseLayout.from_dense_mask(mask, q_block_size=q_block, kv_block_size=kv_block,
-                                               seq_len_q=seq_q, seq_len_kv=seq_kv)
+    layout = BlockSparseLayout.from_dense_mask(
+        mask, q_block_size=q_block, kv_block_size=kv_block, seq_len_q=seq_q, seq_len_kv=seq_kv
+    )
     return mask, layout
 
 
@@ -20,8 +22,9 @@ def test_dense_round_trip(rng, density):
     mask, layout = random_layout(rng, density=density)
     assert layout.kv_num_blocks.dtype == torch.int32 and layout.kv_indices.dtype == torch.int32
     assert torch.equal(layout.to_dense_mask(), mask)
-    rebuilt = BlockSparseLayout.from_kv_blocks(layout.kv_num_blocks, layout.kv_indices, q_block_size=16,
-                                               kv_block_size=32, seq_len_q=100, seq_len_kv=130)
+    rebuilt = BlockSparseLayout.from_kv_blocks(
+        layout.kv_num_blocks, layout.kv_indices, q_block_size=16, kv_block_size=32, seq_len_q=100, seq_len_kv=130
+    )
     assert torch.equal(rebuilt.to_dense_mask(), mask)
 
 
@@ -29,8 +32,9 @@ def test_transposed_lists(rng):
     mask, layout = random_layout(rng)
     q_counts, q_indices = layout.transposed()
     assert q_counts.shape == (2, 3, layout.num_kv_blocks) and q_indices.shape == (2, 3, layout.num_kv_blocks, 7)
-    flipped = BlockSparseLayout.from_kv_blocks(q_counts, q_indices, q_block_size=32, kv_block_size=16,
-                                               seq_len_q=130, seq_len_kv=100)
+    flipped = BlockSparseLayout.from_kv_blocks(
+        q_counts, q_indices, q_block_size=32, kv_block_size=16, seq_len_q=130, seq_len_kv=100
+    )
     assert torch.equal(flipped.to_dense_mask(), mask.transpose(-1, -2))
     q2, i2 = flipped.transposed()
     assert torch.equal(q2, layout.kv_num_blocks) and torch.equal(i2, layout.kv_indices)
@@ -52,8 +56,14 @@ def test_geometry_and_head_map(rng):
 
 def test_int64_inputs_are_accepted(rng):
     _, layout = random_layout(rng)
-    again = BlockSparseLayout.from_kv_blocks(layout.kv_num_blocks.long(), layout.kv_indices.long(), q_block_size=16,
-                                             kv_block_size=32, seq_len_q=100, seq_len_kv=130)
+    again = BlockSparseLayout.from_kv_blocks(
+        layout.kv_num_blocks.long(),
+        layout.kv_indices.long(),
+        q_block_size=16,
+        kv_block_size=32,
+        seq_len_q=100,
+        seq_len_kv=130,
+    )
     assert again.kv_indices.dtype == torch.int32
 
 
@@ -89,11 +99,14 @@ def test_bad_sizes_and_masks():
         with pytest.raises(TypeError, match=name):
             BlockSparseLayout.from_kv_blocks(counts, indices, **kwargs)
     with pytest.raises(TypeError, match="bool"):
-        BlockSparseLayout.from_dense_mask(torch.ones(1, 1, 2, 2), q_block_size=8, kv_block_size=8, seq_len_q=16,
-                                          seq_len_kv=16)
+        BlockSparseLayout.from_dense_mask(
+            torch.ones(1, 1, 2, 2), q_block_size=8, kv_block_size=8, seq_len_q=16, seq_len_kv=16
+        )
 
 
-@pytest.mark.parametrize("seq_q,seq_kv,qb,kb", [(64, 64, 16, 16), (40, 100, 16, 32), (7, 300, 16, 64), (100, 100, 32, 16)])
+@pytest.mark.parametrize(
+    "seq_q,seq_kv,qb,kb", [(64, 64, 16, 16), (40, 100, 16, 32), (7, 300, 16, 64), (100, 100, 32, 16)]
+)
 def test_causal_block_mask_matches_tokens(seq_q, seq_kv, qb, kb):
     tokens = causal_token_mask(seq_q, seq_kv)
     mq, n = -(-seq_q // qb), -(-seq_kv // kb)
@@ -106,8 +119,9 @@ def test_causal_block_mask_matches_tokens(seq_q, seq_kv, qb, kb):
 def test_density_and_compatibility(rng):
     mq = 4
     causal = causal_block_mask(64, 64, 16, 16)
-    layout = BlockSparseLayout.from_dense_mask(causal.expand(1, 2, mq, mq).clone(), q_block_size=16, kv_block_size=16,
-                                               seq_len_q=64, seq_len_kv=64)
+    layout = BlockSparseLayout.from_dense_mask(
+        causal.expand(1, 2, mq, mq).clone(), q_block_size=16, kv_block_size=16, seq_len_q=64, seq_len_kv=64
+    )
     assert layout.density() == 1.0
     q, k = torch.randn(1, 4, 64, 8), torch.randn(1, 2, 64, 8)
     layout.check_compatible(q, k)
@@ -124,3 +138,45 @@ def test_validate_token_indices():
         validate_token_indices(good.expand(1, 2, 3, 3), batch=1, seq_len_q=2, num_kv_heads=2, seq_len_kv=4)
     with pytest.raises(TypeError, match="indices"):
         validate_token_indices(good.float(), batch=1, seq_len_q=2, num_kv_heads=2, seq_len_kv=4)
+
+
+@pytest.mark.parametrize(
+    "seq_q,seq_kv,qb,kb", [(64, 64, 16, 16), (40, 100, 16, 32), (100, 100, 32, 16), (50, 30, 16, 16)]
+)
+def test_pair_counts_and_full_blocks_match_tokens(seq_q, seq_kv, qb, kb):
+    tokens = causal_token_mask(seq_q, seq_kv)
+    mq, n = -(-seq_q // qb), -(-seq_kv // kb)
+    padded = torch.zeros(mq * qb, n * kb, dtype=torch.long)
+    padded[:seq_q, :seq_kv] = tokens
+    expected = padded.view(mq, qb, n, kb).sum(dim=(1, 3))
+    assert torch.equal(causal_pair_counts(seq_q, seq_kv, qb, kb), expected)
+    real = torch.zeros_like(padded)
+    real[:seq_q, :seq_kv] = 1
+    block_size = real.view(mq, qb, n, kb).sum(dim=(1, 3))
+    assert torch.equal(causal_full_block_mask(seq_q, seq_kv, qb, kb), expected == block_size)
+    assert torch.equal(causal_pair_counts(seq_q, seq_kv, qb, kb, causal=False), block_size)
+
+
+@pytest.mark.slow
+def test_flex_block_mask_is_an_independent_oracle(rng, seq_q=40, seq_kv=96):
+    # Compiled Flex only: in torch 2.13 the eager (unfused) CPU path of flex_attention gives wrong
+    # rows for BlockMask.from_kv_blocks masks whose rows mix full and partial lists.
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from sparse_attn.reference import block_sparse_attention_reference
+
+    mask = torch.rand(2, 2, -(-seq_q // 16), -(-seq_kv // 16), generator=rng) < 0.6
+    mask[..., 0] = True  # every row keeps a block: Flex and the reference differ only on empty rows
+    layout = BlockSparseLayout.from_dense_mask(
+        mask, q_block_size=16, kv_block_size=16, seq_len_q=seq_q, seq_len_kv=seq_kv
+    )
+    q = torch.randn(2, 4, seq_q, 16, generator=rng)
+    k, v = torch.randn(2, 2, seq_kv, 16, generator=rng), torch.randn(2, 2, seq_kv, 16, generator=rng)
+    block_mask = layout.to_flex_block_mask(4, 2)
+    out = torch.compile(flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=True)
+    ref, _ = block_sparse_attention_reference(q, k, v, layout)
+    visible = ref.abs().sum(-1) > 0
+    torch.testing.assert_close(out[visible].double(), ref[visible], rtol=1e-4, atol=1e-4)
+    token_mask = layout.to_dense_mask()[:, layout.head_map(4, 2)].repeat_interleave(16, 2).repeat_interleave(16, 3)
+    allowed = token_mask[:, :, :seq_q, :seq_kv] & causal_token_mask(seq_q, seq_kv)
+    assert layout.computed_pairs(4, 2) == int(allowed.sum())

@@ -46,8 +46,9 @@ def test_info_reports_backends():
 
 
 def test_selfcheck_passes():
-    result = subprocess.run([sys.executable, "-m", "sparse_attn", "selfcheck", "--device", "cpu"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "sparse_attn", "selfcheck", "--device", "cpu"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "self-check passed" in result.stdout
 
@@ -57,7 +58,9 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     wheel_dir = tmp_path / "wheels"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", ROOT, "--no-build-isolation", "--no-deps", "-q", "-w", str(wheel_dir)],
-        capture_output=True, text=True, env={**os.environ, "SPARSE_ATTN_SKIP_CUDA_BUILD": "1"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SPARSE_ATTN_SKIP_CUDA_BUILD": "1"},
     )
     assert build.returncode == 0, build.stderr
     (wheel,) = wheel_dir.glob("sparse_attn-*.whl")
@@ -65,12 +68,19 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=True)
     python = str(env_dir / "bin" / "python")
-    install = subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], capture_output=True,
-                             text=True)
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], capture_output=True, text=True
+    )
     assert install.returncode == 0, install.stderr
     check = subprocess.run(
-        [python, "-c", "import sparse_attn, sys; assert sparse_attn.native_available('cpu'); print(sparse_attn.__file__)"],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            python,
+            "-c",
+            "import sparse_attn, sys; assert sparse_attn.native_available('cpu'); print(sparse_attn.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert check.returncode == 0, check.stderr
     assert str(env_dir) in check.stdout

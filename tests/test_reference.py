@@ -28,8 +28,9 @@ def sdpa(q, k, v, mask):
 def test_full_layout_equals_dense_causal_bottom_right(rng, sq, skv):
     q, k, v = qkv(rng, sq=sq, skv=skv)
     mq, n = -(-sq // 8), -(-skv // 16)
-    full = BlockSparseLayout.from_dense_mask(torch.ones(2, 1, mq, n, dtype=torch.bool), q_block_size=8, kv_block_size=16,
-                                             seq_len_q=sq, seq_len_kv=skv)
+    full = BlockSparseLayout.from_dense_mask(
+        torch.ones(2, 1, mq, n, dtype=torch.bool), q_block_size=8, kv_block_size=16, seq_len_q=sq, seq_len_kv=skv
+    )
     out, lse = block_sparse_attention_reference(q, k, v, full)
     torch.testing.assert_close(out, sdpa(q, k, v, causal_token_mask(sq, skv)))
     logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) / 4.0
@@ -51,8 +52,9 @@ def test_block_layout_masks_unselected_blocks(rng):
 
 def test_empty_rows_give_zero_and_neg_inf_with_finite_grads(rng):
     q, k, v = (t.requires_grad_() for t in qkv(rng, batch=1))
-    empty = BlockSparseLayout.from_dense_mask(torch.zeros(1, 4, 5, 5, dtype=torch.bool), q_block_size=8,
-                                              kv_block_size=8, seq_len_q=40, seq_len_kv=40)
+    empty = BlockSparseLayout.from_dense_mask(
+        torch.zeros(1, 4, 5, 5, dtype=torch.bool), q_block_size=8, kv_block_size=8, seq_len_q=40, seq_len_kv=40
+    )
     out, lse = block_sparse_attention_reference(q, k, v, empty)
     assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
     out.sum().backward()
@@ -86,8 +88,13 @@ def test_shared_token_indices_with_all_keys_equal_dense(rng):
 def test_reference_gradients_gradcheck(rng):
     q, k, v = (t.requires_grad_() for t in qkv(rng, batch=1, hq=2, hkv=1, sq=9, skv=9, d=4))
     mask = torch.rand(1, 1, 3, 3, generator=rng) < 0.7
-    layout = BlockSparseLayout.from_dense_mask(mask | causal_block_mask(9, 9, 3, 3).diag().diag_embed(),
-                                               q_block_size=3, kv_block_size=3, seq_len_q=9, seq_len_kv=9)
+    layout = BlockSparseLayout.from_dense_mask(
+        mask | causal_block_mask(9, 9, 3, 3).diag().diag_embed(),
+        q_block_size=3,
+        kv_block_size=3,
+        seq_len_q=9,
+        seq_len_kv=9,
+    )
     torch.autograd.gradcheck(lambda q, k, v: block_sparse_attention_reference(q, k, v, layout), (q, k, v))
 
 

@@ -185,7 +185,10 @@ def test_opcheck_every_op(rng):
     cases = [
         (torch.ops.sparse_attn.block_mean_pool.default, (torch.randn(1, 2, 10, 4, generator=rng), 4)),
         (torch.ops.sparse_attn.topk_rows.default, (scores, 3)),
-        (torch.ops.sparse_attn.threshold_select.default, (scores, torch.full((8,), 0.7, dtype=torch.float64), forced, allowed)),
+        (
+            torch.ops.sparse_attn.threshold_select.default,
+            (scores, torch.full((8,), 0.7, dtype=torch.float64), forced, allowed),
+        ),
         (torch.ops.sparse_attn.layout_transpose.default, (counts, indices, 6)),
     ]
     for op, args in cases:
@@ -215,12 +218,17 @@ def test_cuda_ops_match_reference(rng):
     dev = torch.device("cuda")
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         keys = torch.randn(2, 8, 1000, 128, generator=rng).to(dtype)
-        torch.testing.assert_close(sparse_attn.block_mean_pool(keys.to(dev), 64).cpu(),
-                                   reference.block_mean_pool_reference(keys, 64), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            sparse_attn.block_mean_pool(keys.to(dev), 64).cpu(),
+            reference.block_mean_pool_reference(keys, 64),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     for n, k in ((12, 3), (1024, 16), (8192, 64)):
         scores = tied_scores(rng, 257, n)
-        torch.testing.assert_close(sparse_attn.topk_rows(scores.to(dev), k).cpu(),
-                                   reference.topk_rows_reference(scores, k), rtol=0, atol=0)
+        torch.testing.assert_close(
+            sparse_attn.topk_rows(scores.to(dev), k).cpu(), reference.topk_rows_reference(scores, k), rtol=0, atol=0
+        )
         masses, forced, allowed = random_masses(rng, 257, n)
         tau = torch.rand(257, generator=rng, dtype=torch.float64)
         got = sparse_attn.threshold_select(masses.to(dev), tau.to(dev), forced=forced.to(dev), allowed=allowed.to(dev))
@@ -228,6 +236,7 @@ def test_cuda_ops_match_reference(rng):
         torch.testing.assert_close(tuple(t.cpu() for t in got), ref, rtol=0, atol=0)
     _, (counts, indices) = random_lists(rng, 2, 4, 300, 300, 0.1)
     got = sparse_attn.layout_transpose(counts.to(dev), indices.to(dev), 300)
-    torch.testing.assert_close(tuple(t.cpu() for t in got), reference.layout_transpose_reference(counts, indices, 300),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        tuple(t.cpu() for t in got), reference.layout_transpose_reference(counts, indices, 300), rtol=0, atol=0
+    )
     torch.library.opcheck(torch.ops.sparse_attn.topk_rows.default, (tied_scores(rng, 8, 10).to(dev), 3))

@@ -41,15 +41,51 @@ def _pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, O, LSE, KV_COUNT, KV_IDX, CU_Q, CU_K,
-    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh, stride_ls,
-    stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
-    num_q_heads, group_size, seq_len_q, seq_len_kv, scale_log2,
-    LAYOUT_HEAD_DIV: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    KV_COUNT,
+    KV_IDX,
+    CU_Q,
+    CU_K,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    stride_cb,
+    stride_ch,
+    stride_cm,
+    stride_ib,
+    stride_ih,
+    stride_im,
+    num_q_heads,
+    group_size,
+    seq_len_q,
+    seq_len_kv,
+    scale_log2,
+    LAYOUT_HEAD_DIV: tl.constexpr,
+    Q_BLOCK: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -68,8 +104,11 @@ def _block_sparse_fwd_kernel(
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + (q_start + offs_m)[:, None] * stride_qs + offs_d[None, :],
-                mask=(offs_m[:, None] < len_q) & d_ok, other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + (q_start + offs_m)[:, None] * stride_qs + offs_d[None, :],
+        mask=(offs_m[:, None] < len_q) & d_ok,
+        other=0.0,
+    )
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     # The last key any query of this tile may see; blocks wholly after it are skipped.
@@ -85,8 +124,9 @@ def _block_sparse_fwd_kernel(
             kv_hi = tl.minimum(kv_hi, last_visible + 1)
         for start_n in range(kv_lo, kv_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=(offs_n[:, None] < len_k) & d_ok,
-                        other=0.0)
+            k = tl.load(
+                k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=(offs_n[:, None] < len_k) & d_ok, other=0.0
+            )
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
             # Only partial tiles (the causal diagonal, the ragged end) pay for the mask.
             needs_mask = start_n + BLOCK_N > len_k
@@ -99,8 +139,9 @@ def _block_sparse_fwd_kernel(
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=(offs_n[:, None] < len_k) & d_ok,
-                        other=0.0)
+            v = tl.load(
+                v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=(offs_n[:, None] < len_k) & d_ok, other=0.0
+            )
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
@@ -108,22 +149,64 @@ def _block_sparse_fwd_kernel(
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
     row_ok = offs_m < len_q
-    tl.store(O + b * stride_ob + h * stride_oh + (q_start + offs_m)[:, None] * stride_os + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    tl.store(
+        O + b * stride_ob + h * stride_oh + (q_start + offs_m)[:, None] * stride_os + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok,
+    )
     tl.store(LSE + b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls, lse, mask=row_ok)
 
 
 @triton.jit
 def _block_sparse_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_IDX, CU_Q, CU_K,
-    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh, stride_ls,
-    stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
-    num_q_heads, group_size, seq_len_q, seq_len_kv, scale_log2, scale,
-    LAYOUT_HEAD_DIV: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    KV_COUNT,
+    KV_IDX,
+    CU_Q,
+    CU_K,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    stride_cb,
+    stride_ch,
+    stride_cm,
+    stride_ib,
+    stride_ih,
+    stride_im,
+    num_q_heads,
+    group_size,
+    seq_len_q,
+    seq_len_kv,
+    scale_log2,
+    scale,
+    LAYOUT_HEAD_DIV: tl.constexpr,
+    Q_BLOCK: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dQ = scale * sum over selected keys of P * (dP - delta) K; q, do and dq share strides (stride_q*)."""
     tile = tl.program_id(0)
@@ -146,8 +229,11 @@ def _block_sparse_dq_kernel(
     row_ok = offs_m < len_q
     row_offsets = (q_start + offs_m)[:, None] * stride_qs + offs_d[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + row_offsets, mask=row_ok[:, None] & d_ok, other=0.0)
-    do = tl.load(DO + b * stride_ob + h * stride_oh + (q_start + offs_m)[:, None] * stride_os + offs_d[None, :],
-                 mask=row_ok[:, None] & d_ok, other=0.0)
+    do = tl.load(
+        DO + b * stride_ob + h * stride_oh + (q_start + offs_m)[:, None] * stride_os + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok,
+        other=0.0,
+    )
     lse_offsets = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
     lse = tl.load(LSE + lse_offsets, mask=row_ok, other=0.0)
     lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
@@ -173,21 +259,64 @@ def _block_sparse_dq_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(DQ + b * stride_qb + h * stride_qh + row_offsets, (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok)
+    tl.store(
+        DQ + b * stride_qb + h * stride_qh + row_offsets,
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok,
+    )
 
 
 @triton.jit
 def _block_sparse_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_IDX, CU_Q, CU_K,
-    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh, stride_ls,
-    stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in,
-    num_kv_heads, group_size, seq_len_q, seq_len_kv, scale_log2, scale,
-    LAYOUT_HEAD_DIV: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    Q_COUNT,
+    Q_IDX,
+    CU_Q,
+    CU_K,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    stride_cb,
+    stride_ch,
+    stride_cn,
+    stride_ib,
+    stride_ih,
+    stride_in,
+    num_kv_heads,
+    group_size,
+    seq_len_q,
+    seq_len_kv,
+    scale_log2,
+    scale,
+    LAYOUT_HEAD_DIV: tl.constexpr,
+    Q_BLOCK: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one key tile, summed over the query heads of its GQA group and the query blocks
     that selected its layout block (the transposed lists); k, dk share strides, as do v, dv."""

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m sparse_attn.bench SUITE [--quick | --full] [--out PATH]`."""
