@@ -13,6 +13,6 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   pip_install torch==2.13.0
 fi
 echo "[install] build and test tools"
-pip_install "setuptools>=64" wheel ninja numpy "pytest>=8" "triton>=3.2"
+pip_install "setuptools>=64" wheel ninja numpy "pytest>=8" "triton>=3.2" ruff
 echo "[install] sparse_attn (editable, --no-build-isolation: built against the installed torch)"
 pip_install --no-build-isolation -e ".[test]"

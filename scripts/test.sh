@@ -6,11 +6,13 @@ PYTHON=${PYTHON:-python3}
 export PYTHON
 start=$SECONDS
 bash scripts/install.sh
+echo "[test] lint (ruff)"
+"$PYTHON" -m ruff check sparse_attn tests bench
 echo "[test] CUDA compile check (no GPU needed)"
 bash scripts/check_cuda_compile.sh
 echo "[test] C++ unit tests (ctest)"
 bash scripts/run_ctest.sh
-echo "[test] Python tests (Triton kernels run under TRITON_INTERPRET=1 on the CPU)"
+echo "[test] Python tests (without a GPU, Triton kernels run under TRITON_INTERPRET=1)"
 status=0
 "$PYTHON" -m pytest -q "$@" || status=$?
 # pytest exits 5 when it collected no test: that is a failure of the suite, not a pass.

@@ -56,6 +56,12 @@ def _module_version(name: str) -> str | None:
     return getattr(module, "__version__", "installed")
 
 
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def backend_report() -> dict[str, object]:
     """Which backends work on this machine, as `python -m sparse_attn info` prints them."""
     cuda_ok = torch.cuda.is_available()
@@ -67,6 +73,9 @@ def backend_report() -> dict[str, object]:
         "native CPU ops": native_available("cpu"),
         "native CUDA ops": native_available("cuda"),
         "triton": _module_version("triton"),
+        "triton mode": "GPU"
+        if cuda_ok
+        else ("interpreter (TRITON_INTERPRET=1)" if _interpreting() else "no GPU: engine uses the reference path"),
         "transformers": _module_version("transformers"),
         "flash_attn": _module_version("flash_attn"),
     }
