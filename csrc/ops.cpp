@@ -22,6 +22,19 @@
 //                    num_kv_blocks) -> (q_num_blocks [B,H,N], q_indices [B,H,N,Mq])
 //       for each KV block the query blocks that selected it, ascending, -1
 //       padded. Inputs must already be validated (sorted, in range).
+//   block_sparse_decode(q [B,Hq,Sq,D], k, v [B,Hkv,Skv,D], kv_num_blocks [Bl,Hl,1],
+//                       kv_indices [Bl,Hl,1,Nmax], kv_block_size, causal, softmax_scale,
+//                       num_splits) -> (out [B,Hq,Sq,D] in q's dtype, lse fp32 [B,Hq,Sq])
+//       attention of a few queries (Sq <= 16, one query block) over the KV blocks of the layout
+//       (Bl in {B, 1}; Hl in {Hq, Hkv, 1}); query i sits at key i + Skv - Sq for causal masking;
+//       natural-log LSE; rows without a visible key give 0 and -inf. Split-KV: each row's block
+//       list is cut into num_splits shares merged by LSE (num_splits <= 0: chosen from the shapes).
+//   moba_route(q [B,Hq,Sq,D], k [B,Hkv,Skv,D], block_size, topk, causal) -> int32 [B,Hq,Sq,topk]
+//       MoBA routing (Lu et al. 2025): row r sits at t = r + Skv - Sq; query head h
+//       scores fp32 (fp64) means of its KV head's (h / (Hq/Hkv)) key blocks, s[i] = q_t . kbar[i].
+//       Causal: block t / block_size always, plus the top topk-1 of the blocks entirely
+//       before t (fewer: all of them). Non-causal: top topk of all blocks. Ties to the lower
+//       index; NaN/-inf scores never selected. Indices ascend, -1 padded.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -38,4 +51,8 @@ TORCH_LIBRARY(sparse_attn, m) {
   m.def("topk_rows(Tensor scores, int k) -> Tensor");
   m.def("threshold_select(Tensor scores, Tensor threshold, Tensor forced, Tensor allowed) -> (Tensor, Tensor)");
   m.def("layout_transpose(Tensor kv_num_blocks, Tensor kv_indices, int num_kv_blocks) -> (Tensor, Tensor)");
+  m.def(
+      "block_sparse_decode(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, int kv_block_size, "
+      "bool causal, float softmax_scale, int num_splits) -> (Tensor out, Tensor lse)");
+  m.def("moba_route(Tensor q, Tensor k, int block_size, int topk, bool causal) -> Tensor");
 }

@@ -5,8 +5,11 @@ PyTorch reference, and `python -m sparse_attn info` says which backends work her
 """
 
 from ._native import HAS_NATIVE, backend_report, native_available
+from .decode import block_sparse_decode
 from .engine import block_sparse_attn, block_sparse_attn_varlen
 from .layout import BlockSparseLayout, causal_block_mask, validate_token_indices
+from .methods import KeyShortConv, moba_route
+from .methods.xattention import calibrate_xattention, xattention_attn, xattention_estimate, xattention_select
 from .selection import block_mean_pool, layout_transpose, threshold_select, topk_rows
 
 __version__ = "0.1.0"
@@ -14,14 +17,21 @@ __version__ = "0.1.0"
 __all__ = [
     "HAS_NATIVE",
     "BlockSparseLayout",
+    "KeyShortConv",
     "backend_report",
     "block_mean_pool",
     "block_sparse_attn",
     "block_sparse_attn_varlen",
+    "block_sparse_decode",
+    "calibrate_xattention",
     "causal_block_mask",
     "layout_transpose",
+    "moba_route",
     "native_available",
     "threshold_select",
     "topk_rows",
     "validate_token_indices",
+    "xattention_attn",
+    "xattention_estimate",
+    "xattention_select",
 ]

@@ -24,15 +24,26 @@ except (ImportError, OSError) as exc:  # a missing or ABI-broken build must not 
         stacklevel=2,
     )
 
-NATIVE_OPS = ("block_mean_pool", "topk_rows", "threshold_select", "layout_transpose")
+NATIVE_OPS = (
+    "block_mean_pool",
+    "topk_rows",
+    "threshold_select",
+    "layout_transpose",
+    "moba_route",
+    "block_sparse_decode",
+)
+
+
+def _lookup_kernel(op_name: str, dispatch_key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_attn::{op_name}", dispatch_key)
+    except RuntimeError:  # an extension built before the op existed
+        return False
 
 
 # Looked up once: a plain set membership test is also what torch.compile can trace.
 NATIVE_KERNELS = frozenset(
-    (op, key)
-    for op in NATIVE_OPS
-    for key in ("CPU", "CUDA")
-    if HAS_NATIVE and torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_attn::{op}", key)
+    (op, key) for op in NATIVE_OPS for key in ("CPU", "CUDA") if HAS_NATIVE and _lookup_kernel(op, key)
 )
 
 

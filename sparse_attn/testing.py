@@ -17,7 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RetrievalSpan", "StructuredInputs", "apply_rope", "random_block_layout", "structured_qkv"]
+__all__ = [
+    "RetrievalSpan",
+    "StructuredInputs",
+    "apply_rope",
+    "assert_flash_rule",
+    "max_err",
+    "random_block_layout",
+    "structured_qkv",
+]
 
 # Fraction of queries (per query head) that align to each heavy-hitter key.
 _HEAVY_HITTER_PROB = 0.5
@@ -464,3 +472,22 @@ def random_block_layout(
         seq_len_q=seq_len_q,
         seq_len_kv=seq_len_kv,
     )
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max absolute difference in float64; NaN counts as infinite (it must never pass)."""
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).nan_to_num(nan=float("inf")).abs().max().item()
+
+
+def assert_flash_rule(got, ref64, same_precision, factor, what):
+    """FlashAttention's rule: error vs fp64 at most `factor` x that of a same-precision PyTorch implementation.
+
+    FlashAttention uses factor 2 for outputs and 3 for gradients; one rounding step of slack covers
+    the case where the same-precision implementation happens to be exact.
+    """
+    rounding = max_err(ref64 + 0.3 - 0.3, ref64)
+    bound = factor * max_err(same_precision, ref64) + rounding + 1e-6
+    err = max_err(got, ref64)
+    assert err <= bound, f"{what}: error {err:.3e} exceeds bound {bound:.3e}"

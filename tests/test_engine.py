@@ -12,7 +12,7 @@ import torch
 from sparse_attn import BlockSparseLayout
 from sparse_attn.engine import block_sparse_attn, block_sparse_attn_varlen, triton_available
 from sparse_attn.reference import block_sparse_attention_reference
-from sparse_attn.testing import random_block_layout
+from sparse_attn.testing import assert_flash_rule, max_err, random_block_layout
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
@@ -33,20 +33,6 @@ def random_layout(rng, batch, heads, seq_q, seq_kv, q_block, kv_block, density, 
 def make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, dtype):
     shapes = ((batch, hq, seq_q, dim), (batch, hkv, seq_kv, dim), (batch, hkv, seq_kv, dim))
     return [torch.randn(s, generator=rng).to(DEVICE, dtype).requires_grad_() for s in shapes]
-
-
-def max_err(a, b):
-    if a.numel() == 0:
-        return 0.0
-    return (a.double() - b.double()).nan_to_num(nan=float("inf")).abs().max().item()
-
-
-def assert_flash_rule(got, ref64, same_precision, factor, what):
-    """FlashAttention's rule: error vs fp64 at most `factor` x a same-precision PyTorch implementation's."""
-    rounding = max_err(ref64 + 0.3 - 0.3, ref64)  # one rounding step at this magnitude
-    bound = factor * max_err(same_precision, ref64) + rounding + 1e-6
-    err = max_err(got, ref64)
-    assert err <= bound, f"{what}: error {err:.3e} exceeds bound {bound:.3e}"
 
 
 def check_against_reference(q, k, v, layout, causal=True, scale=None):

@@ -1,8 +1,9 @@
-// Unit tests of the CPU selection kernels (csrc/cpu/selection_cpu.cpp), calling
-// sparse_attn::cpu:: directly on small hand-computed cases. No test framework: CHECK counts
-// failures and main returns non-zero when any test failed. Built and run by CMake/ctest
-// (see CMakeLists.txt and scripts/run_ctest.sh).
+// Unit tests of the CPU selection kernels (csrc/cpu/selection_cpu.cpp) and of MoBA routing
+// (csrc/cpu/moba_route_cpu.cpp), calling sparse_attn::cpu:: directly on small hand-computed
+// cases. No test framework: CHECK counts failures and main returns non-zero when any test failed.
+// Built and run by CMake/ctest (see CMakeLists.txt and scripts/run_ctest.sh).
 
+#include "cpu/moba_route_cpu.h"
 #include "cpu/selection_cpu.h"
 
 #include <c10/util/Exception.h>
@@ -394,6 +395,55 @@ void test_layout_transpose_errors() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// moba_route
+
+// Keys of one head with D = 1 and block 2: block means [1, 3, 2, 5]; with q = 1 scores equal means.
+at::Tensor moba_keys() { return floats({1, 1, 3, 3, 2, 2, 5, 5}, {1, 1, 8, 1}); }
+
+void test_moba_route_causal() {
+  const at::Tensor q = floats({1, 1, 1, 1, 1, 1, 1, 1}, {1, 1, 8, 1});
+  // Rows 0-1 have no past block; rows 2-3 only block 0; rows 4-5 blocks {0, 1}, best 1 (3);
+  // rows 6-7 blocks {0, 1, 2}, best 1 (3) then 2 (2). The current block is always there.
+  CHECK_INTS(sc::moba_route(q, moba_keys(), 2, 2, true), SHAPE(1, 1, 8, 2),
+             VALUES(0, -1, 0, -1, 0, 1, 0, 1, 1, 2, 1, 2, 1, 3, 1, 3));
+  CHECK_INTS(sc::moba_route(q, moba_keys(), 2, 3, true), SHAPE(1, 1, 8, 3),
+             VALUES(0, -1, -1, 0, -1, -1, 0, 1, -1, 0, 1, -1, 0, 1, 2, 0, 1, 2, 1, 2, 3, 1, 2, 3));
+  // topk = 1: the current block alone.
+  CHECK_INTS(sc::moba_route(q, moba_keys(), 2, 1, true), SHAPE(1, 1, 8, 1), VALUES(0, 0, 1, 1, 2, 2, 3, 3));
+}
+
+void test_moba_route_gqa_decode_row() {
+  // One query row at position 7 (Sq = 1 < Skv = 8), two query heads sharing the KV head:
+  // head 0 (q = 1) prefers block 1 (score 3), head 1 (q = -1) block 0 (score -1).
+  CHECK_INTS(sc::moba_route(floats({1, -1}, {1, 2, 1, 1}), moba_keys(), 2, 2, true), SHAPE(1, 2, 1, 2),
+             VALUES(1, 3, 0, 3));
+}
+
+void test_moba_route_noncausal_ragged_and_ties() {
+  // Keys [1, 1, 3, 3, 10], block 2: means [1, 3, 10], the ragged last block over its one key.
+  const at::Tensor keys = floats({1, 1, 3, 3, 10}, {1, 1, 5, 1});
+  CHECK_INTS(sc::moba_route(floats({1, -1}, {1, 1, 2, 1}), keys, 2, 2, false), SHAPE(1, 1, 2, 2),
+             VALUES(1, 2, 0, 1));
+  // Equal scores: the lower blocks win; topk above the block count pads with -1.
+  const at::Tensor flat = floats({2, 2, 2, 2, 2}, {1, 1, 5, 1});
+  CHECK_INTS(sc::moba_route(floats({1}, {1, 1, 1, 1}), flat, 2, 2, false), SHAPE(1, 1, 1, 2), VALUES(0, 1));
+  CHECK_INTS(sc::moba_route(floats({1}, {1, 1, 1, 1}), flat, 2, 4, false), SHAPE(1, 1, 1, 4), VALUES(0, 1, 2, -1));
+  CHECK_INTS(sc::moba_route(floats({1}, {1, 1, 1, 1}, at::kDouble), flat.to(at::kDouble), 1, 3, true),
+             SHAPE(1, 1, 1, 3), VALUES(0, 1, 4));
+}
+
+void test_moba_route_errors() {
+  const at::Tensor q = floats({1, 1}, {1, 2, 1, 1});
+  CHECK_THROWS(sc::moba_route(q, moba_keys(), 2, 0, true));  // topk < 1
+  CHECK_THROWS(sc::moba_route(q, moba_keys(), 0, 2, true));  // block_size < 1
+  CHECK_THROWS(sc::moba_route(q.to(at::kDouble), moba_keys(), 2, 2, true));  // dtype mismatch
+  CHECK_THROWS(sc::moba_route(floats({1, 1}, {2, 1, 1}), moba_keys(), 2, 2, true));  // rank
+  // 3 query heads over 2 KV heads; 9 query rows over 8 keys.
+  CHECK_THROWS(sc::moba_route(floats({1, 1, 1}, {1, 3, 1, 1}), moba_keys().view({1, 2, 4, 1}), 2, 2, true));
+  CHECK_THROWS(sc::moba_route(floats(std::vector<double>(9, 1), {1, 1, 9, 1}), moba_keys(), 2, 2, true));
+}
+
+// ---------------------------------------------------------------------------------------------
 
 struct Test {
   const char* name;
@@ -420,6 +470,10 @@ const Test kTests[] = {
     {"layout_transpose_example", test_layout_transpose_example},
     {"layout_transpose_round_trip", test_layout_transpose_round_trip},
     {"layout_transpose_errors", test_layout_transpose_errors},
+    {"moba_route_causal", test_moba_route_causal},
+    {"moba_route_gqa_decode_row", test_moba_route_gqa_decode_row},
+    {"moba_route_noncausal_ragged_and_ties", test_moba_route_noncausal_ragged_and_ties},
+    {"moba_route_errors", test_moba_route_errors},
 };
 
 }  // namespace

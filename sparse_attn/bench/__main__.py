@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from . import engine
+from . import decode, engine
 from .common import environment, print_table, write_json
 
-SUITES = {"engine": engine}
+SUITES = {"engine": engine, "decode": decode}
 
 
 def _shapes(config: dict) -> dict:

@@ -1,0 +1,41 @@
+// CUDA kernel of MoBA routing behind a raw-pointer launcher (semantics in csrc/ops.cpp; the CPU
+// kernel csrc/cpu/moba_route_cpu.cpp and sparse_attn/methods/moba.py compute the same function).
+// Plain CUDA, no torch headers; csrc/cuda/moba_route_cuda.cpp is the torch glue. The launcher
+// follows the conventions listed in selection_kernels.h.
+//
+// Pipeline: block_mean_pool (selection_kernels.h) writes the block means of every KV head into a
+// caller-provided workspace; one kernel then scores and ranks them, one thread per query row,
+// keeping an insertion-sorted top-k in shared memory. Scores never reach global memory.
+//
+// Limits: min(topk, num_blocks) - (causal ? 1 : 0) <= kMaxMobaRankedBlocks (the length of a row's
+// top-k list); the output may still be wider (topk > num_blocks pads with -1). Block indices
+// must fit in int32. No limit on head_dim or block_size.
+#pragma once
+
+#include <cstdint>
+
+#include "selection_kernels.h"
+
+namespace sparse_attn::cuda {
+
+constexpr int64_t kMaxMobaRankedBlocks = 64;
+
+// Number of blocks a row ranks by score (its top-k list length): topk, less the current block
+// when causal, and at most the number of blocks.
+inline int64_t moba_ranked_blocks(int64_t num_blocks, int64_t topk, bool causal) {
+  const int64_t ranked = causal ? topk - 1 : topk;
+  return ranked < num_blocks ? ranked : num_blocks;
+}
+
+// q [batch, q_heads, q_len, head_dim], k [batch, kv_heads, kv_len, head_dim] (contiguous) ->
+// out [batch, q_heads, q_len, topk] int32: per query row, the selected KV blocks ascending, then -1.
+// block_means: workspace of batch * kv_heads * ceil(kv_len / block_size) * head_dim elements.
+// Requires q_heads % kv_heads == 0, q_len <= kv_len, block_size >= 1, topk >= 1 and the limits
+// above; otherwise returns cudaErrorInvalidValue. Scalar: __half, __nv_bfloat16, float or double
+// (scores and means in float, double for double).
+template <typename Scalar>
+cudaError_t moba_route(const Scalar* q, const Scalar* k, typename PooledType<Scalar>::type* block_means, int64_t batch,
+                       int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
+                       int64_t block_size, int64_t topk, bool causal, int32_t* out, cudaStream_t stream);
+
+}  // namespace sparse_attn::cuda

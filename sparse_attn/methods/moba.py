@@ -1,0 +1,227 @@
+"""MoBA (Mixture of Block Attention, Lu et al. 2025): block routing and the optional key short convolution.
+
+Routing. For query head h at absolute position t (bottom-right aligned: row r of Sq query rows
+against Skv keys sits at t = r + Skv - Sq), with block means kbar[i] of its KV head's keys
+(h // (Hq / Hkv), fp32; fp64 for fp64 input) and scores s[i] = q_t . kbar[i] (fp32, no scale):
+
+* causal: the current block t // block_size is always selected, plus the top topk - 1 scores
+  among the blocks entirely in the past ((i + 1) * block_size <= t); a row with fewer such blocks
+  takes all of them. The current block's mean, which covers future keys, is never used;
+* non-causal: the top topk scores over all blocks (a ragged last block is averaged over its real
+  length).
+
+Ties go to the lower block index; NaN and -inf scores are never selected. Routing yields indices
+only: no gradient flows through it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import reference
+from .._native import HAS_NATIVE, _has_kernel
+from ..selection import _FLOAT_TYPES, _check_int, _check_tensor
+
+__all__ = ["KeyShortConv", "moba_route", "moba_route_reference"]
+
+
+# ---------------------------------------------------------------------------------- routing
+def _check_route_args(q, k, block_size, topk, causal) -> None:
+    _check_tensor(q, "q", dim=4, dtypes=_FLOAT_TYPES)
+    _check_tensor(k, "k", dim=4, dtypes=_FLOAT_TYPES)
+    if k.dtype != q.dtype:
+        raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"k is on {k.device} but q is on {q.device}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"q batch {q.shape[0]} differs from k batch {k.shape[0]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"q head dim {q.shape[3]} differs from k head dim {k.shape[3]}")
+    q_heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"the number of q heads ({q_heads}) must be a multiple of the number of k heads ({kv_heads})")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"q has more rows ({q.shape[2]}) than k ({k.shape[2]}); routing needs Sq <= Skv")
+    _check_int(block_size, "block_size", 1)
+    _check_int(topk, "topk", 1)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+
+def moba_route(q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk: int, causal: bool = True) -> torch.Tensor:
+    """MoBA block routing: int32 [B, Hq, Sq, topk], each row's selected KV blocks ascending, then -1.
+
+    q: (B, Hq, Sq, D); k: (B, Hkv, Skv, D) with Hq % Hkv == 0 and Sq <= Skv; float16, bfloat16,
+    float32 or float64. block_size: any positive int; topk >= 1 counts the current block when causal.
+    Rules in the module docstring. Runs the fused native op (C++ or CUDA; the CUDA kernel ranks
+    at most 64 blocks per row) when built, else :func:`moba_route_reference`.
+    """
+    _check_route_args(q, k, block_size, topk, causal)
+    if _has_kernel("moba_route", "CUDA" if q.device.type == "cuda" else "CPU"):
+        return torch.ops.sparse_attn.moba_route(q, k, block_size, topk, causal)
+    return moba_route_reference(q, k, block_size=block_size, topk=topk, causal=causal)
+
+
+def moba_route_reference(
+    q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk: int, causal: bool = True
+) -> torch.Tensor:
+    """The oracle of :func:`moba_route`, literally from the definition; materialises all [B, Hq, Sq, blocks] scores."""
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    if batch * q_heads * q_len == 0:
+        return torch.full((batch, q_heads, q_len, topk), -1, dtype=torch.int32, device=q.device)
+    means = reference.block_mean_pool_reference(k, block_size)  # fp32 (fp64) [B, Hkv, N, D]
+    means = means.repeat_interleave(q_heads // kv_heads, dim=1)
+    scores = torch.einsum("bhsd,bhnd->bhsn", q.to(means.dtype), means)
+    num_blocks = means.shape[2]
+    if not causal:
+        ranked = reference.topk_rows_reference(scores.reshape(-1, num_blocks), topk)
+        return _ascending_padded(ranked).view(batch, q_heads, q_len, topk)
+
+    position = torch.arange(q_len, device=q.device) + (kv_len - q_len)
+    current = position // block_size
+    block = torch.arange(num_blocks, device=q.device)
+    in_past = (block[None, :] + 1) * block_size <= position[:, None]  # [Sq, N]
+    scores = scores.masked_fill(~in_past, float("-inf"))  # topk_rows never selects -inf
+    ranked = reference.topk_rows_reference(scores.reshape(-1, num_blocks), topk - 1)
+    current_column = current.to(torch.int32).expand(batch, q_heads, q_len).reshape(-1, 1)
+    selected = torch.cat([ranked, current_column], dim=1)
+    return _ascending_padded(selected).view(batch, q_heads, q_len, topk)
+
+
+def _ascending_padded(indices: torch.Tensor) -> torch.Tensor:
+    """Sorts each row's indices ascending with the -1 padding moved to the end."""
+    missing = torch.iinfo(torch.int32).max
+    ascending = torch.where(indices < 0, missing, indices).sort(dim=-1).values
+    return torch.where(ascending == missing, -1, ascending)
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("sparse_attn::moba_route")
+    def _(q, k, block_size, topk, causal):
+        return q.new_empty((*q.shape[:3], topk), dtype=torch.int32)
+
+
+if HAS_NATIVE and (_has_kernel("moba_route", "CPU") or _has_kernel("moba_route", "CUDA")):
+    _register_fake()
+
+
+# ---------------------------------------------------------------------------------- key convolution
+class KeyShortConv(nn.Module):
+    """Causal depthwise convolution of keys over tokens: MoBA's optional key convolution ("kconv3"/"kconv5").
+
+    y_t[c] = sum_{j < width} weight[c, j] * x_{t - width + 1 + j}[c], zero left padding: a key mixes
+    with the width - 1 keys before it, never a later one. Apply it to the key projection before
+    RoPE, so routing and attention both see the convolved keys.
+
+    Channels: `channels == H * D` gives each (head, dim) of the keys its own filter (the channels of
+    a [.., Hkv * D] key projection); `channels == D` shares one filter per dim across heads.
+    Options (their published form is unknown; they cover fla's ShortConvolution): `bias`,
+    `activation` None or "silu", and `residual` (y = x + f(x)).
+
+    Initialisation makes insertion a no-op whenever possible: the last tap is 1 (identity) without
+    `residual`; with `residual` every tap is 0, so y = x + act(0) = x.
+
+    Input: keys (B, H, S, D), optionally with `state`, the last width - 1 keys before them
+    (B, H, width - 1, D) for decoding (see :meth:`next_state`); or packed keys (total, H, D) with
+    `cu_seqlens`, where the convolution restarts at every sequence start.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        width: int = 3,
+        *,
+        bias: bool = False,
+        activation: str | None = None,
+        residual: bool = False,
+    ):
+        super().__init__()
+        _check_int(channels, "channels", 1)
+        if width not in (3, 5):
+            raise ValueError(f"width must be 3 or 5, got {width!r}")
+        if activation not in (None, "silu"):
+            raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+        self.channels, self.width, self.activation, self.residual = channels, width, activation, bool(residual)
+        self.weight = nn.Parameter(torch.zeros(channels, width))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.zero_()
+            if not self.residual:
+                self.weight[:, -1] = 1.0
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, width={self.width}, bias={self.bias is not None}, "
+            f"activation={self.activation}, residual={self.residual}"
+        )
+
+    def forward(self, k: torch.Tensor, state: torch.Tensor | None = None, *, cu_seqlens=None) -> torch.Tensor:
+        if cu_seqlens is not None:
+            if state is not None:
+                raise ValueError("state and cu_seqlens cannot be combined")
+            return self._forward_packed(k, cu_seqlens)
+        _check_tensor(k, "k", dim=4)
+        history = self._history(k, state)
+        seq_len = k.shape[2]
+        taps = self._taps(k, head_axis=1)
+        mixed = sum(taps[j] * history[:, :, j : j + seq_len] for j in range(self.width))
+        return self._finish(k, mixed, taps_shape=taps[0].shape)
+
+    def next_state(self, k: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """The last width - 1 keys (B, H, width - 1, D) after `k`, zero-padded: the `state` of the next call."""
+        _check_tensor(k, "k", dim=4)
+        return self._history(k, state)[:, :, -(self.width - 1) :]
+
+    def _history(self, k: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """The keys preceded by the width - 1 earlier ones (zeros at a sequence start)."""
+        b, h, _, d = k.shape
+        if state is None:
+            state = k.new_zeros(b, h, self.width - 1, d)
+        elif state.shape != (b, h, self.width - 1, d):
+            raise ValueError(f"state must have shape {(b, h, self.width - 1, d)}, got {tuple(state.shape)}")
+        return torch.cat([state.to(k.dtype), k], dim=2)
+
+    def _forward_packed(self, k: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        _check_tensor(k, "k", dim=3)
+        _check_tensor(cu_seqlens, "cu_seqlens", dim=1, dtypes=(torch.int32, torch.int64))
+        total = k.shape[0]
+        if cu_seqlens.numel() < 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+            raise ValueError(f"cu_seqlens must start at 0 and end at the number of tokens ({total})")
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+        token = torch.arange(total, device=k.device)
+        starts = cu_seqlens.to(device=k.device, dtype=torch.int64)
+        # Position of each token within its sequence: a tap reaching before it reads zero.
+        sequence = torch.searchsorted(starts[1:], token, right=True)
+        position = token - starts[sequence]
+        taps = self._taps(k, head_axis=1)
+        mixed = torch.zeros_like(k)
+        for j in range(self.width):
+            shift = self.width - 1 - j
+            shifted = nn.functional.pad(k, (0, 0, 0, 0, shift, 0))[:total]
+            mixed = mixed + taps[j] * shifted.masked_fill((position < shift)[:, None, None], 0)
+        return self._finish(k, mixed, taps_shape=taps[0].shape)
+
+    def _taps(self, k: torch.Tensor, head_axis: int) -> list[torch.Tensor]:
+        """Per tap, the weights shaped to broadcast over k ([H, 1, D] or [1, 1, D] for (B, H, S, D) keys)."""
+        heads, dim = k.shape[head_axis], k.shape[-1]
+        if self.channels not in (heads * dim, dim):
+            raise ValueError(f"k has {heads} heads of dim {dim}; channels={self.channels} must be H * D or D")
+        shape = [1] * (k.dim() - head_axis)
+        shape[0], shape[-1] = (heads if self.channels == heads * dim else 1), dim
+        weight = self.weight.to(k.dtype)
+        return [weight[:, j].reshape(shape) for j in range(self.width)]
+
+    def _finish(self, k: torch.Tensor, mixed: torch.Tensor, taps_shape) -> torch.Tensor:
+        if self.bias is not None:
+            mixed = mixed + self.bias.to(k.dtype).reshape(taps_shape)
+        if self.activation == "silu":
+            mixed = nn.functional.silu(mixed)
+        return k + mixed if self.residual else mixed

@@ -1,0 +1,462 @@
+"""XAttention (Xu et al., ICML 2025): antidiagonal block scores, threshold selection, block-sparse attention.
+
+The algorithm and the package decisions are specified in shared/specs/xattention.md; in short:
+
+1. `xattention_estimate` scores every B x B block (B = `block_size`) with the strided reshape of
+   stride S: reshaped query row i is Q[iS+S-1], ..., Q[iS] concatenated, reshaped key column j is
+   K[jS], ..., K[jS+S-1], so their product is the sum of the S logits on the antidiagonal of tile
+   (i, j) of QK^T. A row softmax of those products / (sqrt(D) S) is summed over (B/S) x (B/S)
+   tiles: a full query-block row of the scores A sums to B/S.
+2. `xattention_select` keeps, per (batch, head, query block), the sink and diagonal blocks, then the
+   highest-scoring blocks until the kept mass reaches tau times the row's mass
+   (`sparse_attn.selection.threshold_select`).
+3. `xattention_attn` runs the shared block-sparse engine on the selected blocks.
+
+Conventions: q (B, Hq, Sq, D), k and v (B, Hkv, Skv, D) with native GQA (Hq % Hkv == 0) and
+Sq <= Skv in causal mode, bottom-right aligned: query r sits at key position r + Skv - Sq, and
+reshaped key column j is allowed for reshaped query row i iff jS <= iS + Skv - Sq. Query blocks are
+anchored at query 0, key blocks at key 0. Lengths need not be multiples of S or B: missing positions
+are zero-padded, reshaped key columns past the keys are masked, reshaped query rows past the queries
+contribute zero (the last query-block row of A sums to its number of real reshaped rows).
+
+`calibrate_xattention` implements the repository's per-head threshold calibration (spec section 4)
+and `save_thresholds` / `load_thresholds` store its [layers, Hq] table as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..engine import _check_qkv, block_sparse_attn, triton_available
+from ..layout import BlockSparseLayout, _check_positive_int, causal_block_mask
+from ..selection import threshold_select
+
+__all__ = [
+    "calibrate_xattention",
+    "default_chunk_size",
+    "load_thresholds",
+    "save_thresholds",
+    "xattention_attn",
+    "xattention_estimate",
+    "xattention_estimate_reference",
+    "xattention_select",
+]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNEL_MAX_HEAD_DIM = 256
+_THRESHOLD_FORMAT = "sparse_attn.xattention.thresholds"
+_THRESHOLD_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------- validation
+def _check_stride(stride, block_size) -> None:
+    block_size = _check_positive_int(block_size, "block_size")
+    stride = _check_positive_int(stride, "stride")
+    if block_size % stride:
+        raise ValueError(f"stride={stride} must divide block_size={block_size}")
+
+
+def _check_qk(q, k, causal: bool) -> None:
+    _check_qkv(q, k, k, packed=False)
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(
+            f"causal XAttention needs seq_len_q <= seq_len_kv (bottom-right aligned), got {q.shape[2]} > {k.shape[2]}"
+        )
+
+
+def default_chunk_size(seq_len_kv: int, block_size: int = 128) -> int:
+    """Upstream's query chunk: with P = next_pow2(Skv), max(2048, min(max(2048, P), 2^28 / P)).
+
+    That is max(2048, P) up to 16K keys, 8192 at 32K, 4096 at 64K and 2048 from 128K; rounded up
+    to a multiple of `block_size` so that chunks hold whole query blocks.
+    """
+    p = 1 << max(seq_len_kv - 1, 0).bit_length()
+    chunk = max(2048, min(max(2048, p), (1 << 28) // p))
+    return -(-chunk // block_size) * block_size
+
+
+def _resolve_chunk_size(chunk_size, block_size: int, seq_len_kv: int) -> int:
+    if chunk_size is None:
+        return default_chunk_size(seq_len_kv, block_size)
+    chunk_size = _check_positive_int(chunk_size, "chunk_size")
+    if chunk_size % block_size:
+        raise ValueError(f"chunk_size={chunk_size} must be a multiple of block_size={block_size}")
+    return chunk_size
+
+
+def _threshold_per_head(threshold, num_heads: int, layer_idx, device) -> torch.Tensor:
+    """float64 [num_heads] from a float, a [Hq] tensor or a [layers, Hq] table (row `layer_idx`)."""
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        tau = torch.full((num_heads,), float(threshold), dtype=torch.float64, device=device)
+    elif isinstance(threshold, torch.Tensor) and threshold.dtype != torch.bool and not threshold.is_complex():
+        tau = threshold.detach().to(device=device, dtype=torch.float64)
+        if tau.dim() == 2:
+            if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < tau.shape[0]:
+                raise ValueError(
+                    f"a [layers, Hq] threshold table needs layer_idx in [0, {tau.shape[0]}), got {layer_idx!r}"
+                )
+            tau = tau[layer_idx]
+        if tau.dim() == 0:
+            tau = tau.expand(num_heads)
+        if tau.shape != (num_heads,):
+            raise ValueError(
+                f"threshold must be a float, a [Hq={num_heads}] tensor or a [layers, Hq={num_heads}] table, "
+                f"got shape {tuple(threshold.shape)}"
+            )
+    else:
+        raise ValueError(
+            "threshold must be a float in [0, 1], a [Hq] tensor or a [layers, Hq] table, "
+            f"got {type(threshold).__name__}"
+        )
+    if bool(((tau < 0) | (tau > 1) | torch.isnan(tau)).any()):
+        raise ValueError(f"threshold values must lie in [0, 1], got {threshold!r}")
+    return tau
+
+
+# ---------------------------------------------------------------------------------- estimation
+def xattention_estimate_reference(q, k, *, stride, block_size, causal=True):
+    """Float64 oracle of spec section 1, built literally from the reshape (no chunking, K repeated for GQA).
+
+    Returns float64 A [B, Hq, ceil(Sq/B), ceil(Skv/B)].
+    """
+    _check_stride(stride, block_size)
+    _check_qk(q, k, causal)
+    seq_q, seq_kv, dim = q.shape[2], k.shape[2], q.shape[3]
+    rows, cols = -(-seq_q // stride), -(-seq_kv // stride)
+    q64 = F.pad(q.double(), (0, 0, 0, rows * stride - seq_q))
+    k64 = F.pad(k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1), (0, 0, 0, cols * stride - seq_kv))
+    q_reshaped = torch.cat([q64[:, :, stride - 1 - t :: stride] for t in range(stride)], dim=-1)
+    k_reshaped = torch.cat([k64[:, :, t::stride] for t in range(stride)], dim=-1)
+    logits = q_reshaped @ k_reshaped.transpose(-1, -2) / (math.sqrt(dim) * stride)
+    if causal:
+        row_pos = torch.arange(rows, device=q.device)[:, None] * stride + (seq_kv - seq_q)
+        logits = logits.masked_fill(torch.arange(cols, device=q.device)[None, :] * stride > row_pos, float("-inf"))
+    return _tile_sums(logits.softmax(dim=-1), block_size // stride, -(-seq_q // block_size), -(-seq_kv // block_size))
+
+
+def _tile_sums(probs, per_block: int, num_q_blocks: int, num_kv_blocks: int):
+    """Sum [..., rows, cols] over per_block x per_block tiles; missing rows and columns count as zeros."""
+    rows, cols = probs.shape[-2:]
+    padded = F.pad(probs, (0, num_kv_blocks * per_block - cols, 0, num_q_blocks * per_block - rows))
+    tiles = padded.view(*probs.shape[:-2], num_q_blocks, per_block, num_kv_blocks, per_block)
+    return tiles.sum(dim=(-3, -1))
+
+
+def _estimate_chunked(q, k, stride: int, block_size: int, causal: bool, chunk_size: int):
+    """The estimator in PyTorch (float32, float64 for float64 inputs), one query chunk of logits at a time."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, num_q_heads, seq_q, dim = q.shape
+    num_kv_heads, seq_kv = k.shape[1], k.shape[2]
+    group, per_block = num_q_heads // num_kv_heads, block_size // stride
+    num_q_blocks, num_kv_blocks = -(-seq_q // block_size), -(-seq_kv // block_size)
+    rows, cols = -(-seq_q // stride), -(-seq_kv // stride)
+    # GQA by a group axis: every query head of a group multiplies the same (unrepeated) keys.
+    k_reshaped = F.pad(k.to(work), (0, 0, 0, cols * stride - seq_kv)).reshape(batch, num_kv_heads, 1, cols, -1)
+    q_padded = F.pad(q.to(work), (0, 0, 0, num_q_blocks * block_size - seq_q))
+    q_reshaped = q_padded.reshape(batch, num_kv_heads, group, -1, stride, dim).flip(-2).flatten(-2)
+    scale = 1.0 / (math.sqrt(dim) * stride)
+    col_pos = torch.arange(cols, device=q.device) * stride
+    chunk_rows = chunk_size // stride
+    parts = []
+    for row0 in range(0, num_q_blocks * per_block, chunk_rows):
+        row_ids = torch.arange(row0, min(row0 + chunk_rows, num_q_blocks * per_block), device=q.device)
+        logits = q_reshaped[..., row_ids, :] @ k_reshaped.transpose(-1, -2) * scale
+        if causal:
+            logits = logits.masked_fill(col_pos[None, :] > (row_ids * stride + seq_kv - seq_q)[:, None], float("-inf"))
+        probs = logits.softmax(dim=-1) * (row_ids < rows).to(work)[:, None]
+        parts.append(_tile_sums(probs, per_block, len(row_ids) // per_block, num_kv_blocks))
+    scores = torch.cat(parts, dim=-2).reshape(batch, num_q_heads, num_q_blocks, num_kv_blocks)
+    return scores if work == torch.float64 else scores.float()
+
+
+def _use_kernel(q, stride: int, block_size: int) -> bool:
+    if not triton_available(q.device) or q.dtype not in _KERNEL_DTYPES or q.shape[-1] > _KERNEL_MAX_HEAD_DIM:
+        return False
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return False  # the Triton interpreter's bf16 tl.dot is wrong
+    from ..kernels.xattention_estimate import kernel_supports
+
+    return kernel_supports(block_size, stride)
+
+
+def xattention_estimate(q, k, *, stride, block_size, causal=True, chunk_size=None):
+    """fp32 antidiagonal block scores A [B, Hq, ceil(Sq/B), ceil(Skv/B)] of q (B, Hq, Sq, D), k (B, Hkv, Skv, D).
+
+    Runs the fused Triton kernel where Triton runs (CUDA, or fp16/fp32 CPU tensors under
+    TRITON_INTERPRET=1) and block_size / stride is a power of two; the kernel keeps no logits, so
+    `chunk_size` only bounds the memory of the PyTorch path, which holds chunk/S x Skv/S logits at
+    a time. The result does not depend on `chunk_size` (a multiple of `block_size`; default
+    `default_chunk_size(Skv)`).
+    float64 inputs are scored in float64 by the PyTorch path.
+    """
+    _check_stride(stride, block_size)
+    _check_qk(q, k, causal)
+    chunk_size = _resolve_chunk_size(chunk_size, block_size, k.shape[2])
+    if _use_kernel(q, stride, block_size):
+        from ..kernels.xattention_estimate import xattention_estimate_op
+
+        return xattention_estimate_op(q, k, stride, block_size, causal)
+    return _estimate_chunked(q, k, stride, block_size, causal, chunk_size)
+
+
+# ---------------------------------------------------------------------------------- selection
+def _diagonal_and_sink(seq_len_q: int, seq_len_kv: int, block_size: int, device) -> torch.Tensor:
+    """Bool [Mq, N]: block 0 and every key block holding the position of a real query of the row."""
+    first_query = torch.arange(0, seq_len_q, block_size, device=device)
+    last_query = torch.clamp(first_query + block_size, max=seq_len_q) - 1
+    offset = seq_len_kv - seq_len_q
+    kv_block = torch.arange(-(-seq_len_kv // block_size), device=device)
+    forced = (kv_block[None, :] >= ((first_query + offset) // block_size)[:, None]) & (
+        kv_block[None, :] <= ((last_query + offset) // block_size)[:, None]
+    )
+    forced[:, 0] = True
+    return forced
+
+
+def _check_scores_geometry(scores, seq_len_q, seq_len_kv, block_size: int, causal: bool):
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
+        raise ValueError(f"scores must be a 4-D tensor [B, Hq, Mq, Nk], got {getattr(scores, 'shape', scores)!r}")
+    num_q_blocks, num_kv_blocks = scores.shape[2:]
+    seq_len_q = num_q_blocks * block_size if seq_len_q is None else _check_positive_int(seq_len_q, "seq_len_q")
+    seq_len_kv = num_kv_blocks * block_size if seq_len_kv is None else _check_positive_int(seq_len_kv, "seq_len_kv")
+    if (-(-seq_len_q // block_size), -(-seq_len_kv // block_size)) != (num_q_blocks, num_kv_blocks):
+        raise ValueError(
+            f"scores have {num_q_blocks} x {num_kv_blocks} blocks, but seq_len_q={seq_len_q}, "
+            f"seq_len_kv={seq_len_kv} with block_size={block_size} need "
+            f"{-(-seq_len_q // block_size)} x {-(-seq_len_kv // block_size)}"
+        )
+    if causal and seq_len_q > seq_len_kv:
+        raise ValueError(f"causal selection needs seq_len_q <= seq_len_kv, got {seq_len_q} > {seq_len_kv}")
+    return seq_len_q, seq_len_kv
+
+
+def xattention_select(
+    scores, threshold, *, causal=True, seq_len_q=None, seq_len_kv=None, block_size=128, layer_idx=None
+) -> BlockSparseLayout:
+    """The blocks XAttention attends to: a `BlockSparseLayout` with one head per query head.
+
+    scores: A [B, Hq, Mq, Nk] from `xattention_estimate` (float32 or float64, non-negative).
+    threshold: tau, a float in [0, 1], a tensor [Hq], or a [layers, Hq] table read at row
+        `layer_idx`. Per (batch, head, query block) the kept set is the shortest prefix of
+        (forced blocks, then the rest by descending score, ties to the lower index) whose mass
+        reaches tau times the row's mass. tau = 0 keeps only the forced blocks, tau = 1 keeps every
+        causally visible block; selections grow with tau.
+    causal: force the sink (key block 0) and the diagonal (every key block holding a real query
+        of the row, bottom-right aligned) and keep only causally visible blocks; non-causal
+        selection forces nothing.
+    seq_len_q, seq_len_kv: the sequence lengths the scores were computed for (they fix the
+        alignment and the layout); None means Mq * block_size and Nk * block_size, right whenever
+        the lengths are multiples of `block_size`.
+    block_size: the block size of the scores (query and key blocks are equal).
+    layer_idx: the row of a [layers, Hq] threshold table (ignored for other thresholds).
+
+    Raises ValueError for a threshold out of [0, 1] or of the wrong shape, or inconsistent lengths.
+    """
+    block_size = _check_positive_int(block_size, "block_size")
+    seq_len_q, seq_len_kv = _check_scores_geometry(scores, seq_len_q, seq_len_kv, block_size, causal)
+    if scores.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"scores must be float32 or float64, got {scores.dtype}")
+    tau = _threshold_per_head(threshold, scores.shape[1], layer_idx, scores.device)
+    if causal:
+        allowed = causal_block_mask(seq_len_q, seq_len_kv, block_size, block_size, scores.device)
+        forced = _diagonal_and_sink(seq_len_q, seq_len_kv, block_size, scores.device)
+    else:
+        allowed = torch.ones(scores.shape[2:], dtype=torch.bool, device=scores.device)
+        forced = torch.zeros_like(allowed)
+    count, indices = threshold_select(
+        scores, tau[:, None], forced=forced.expand(scores.shape), allowed=allowed.expand(scores.shape)
+    )
+    return BlockSparseLayout.from_kv_blocks(
+        count,
+        indices,
+        q_block_size=block_size,
+        kv_block_size=block_size,
+        seq_len_q=seq_len_q,
+        seq_len_kv=seq_len_kv,
+        validate=False,  # threshold_select returns ascending in-range lists; skip the GPU syncs
+    )
+
+
+# ---------------------------------------------------------------------------------- attention
+def xattention_attn(
+    q,
+    k,
+    v,
+    *,
+    stride=8,
+    threshold=0.9,
+    block_size=128,
+    causal=True,
+    chunk_size=None,
+    softmax_scale=None,
+    return_layout=False,
+):
+    """XAttention prefill: estimate, select, then block-sparse attention through the shared engine.
+
+    q (B, Hq, Sq, D), k and v (B, Hkv, Skv, D); returns the output (B, Hq, Sq, D) in q's dtype and,
+    with `return_layout`, the `BlockSparseLayout` used. Differentiable in q, k and v through the
+    engine (the selection itself is not). `threshold` is a float or a [Hq] tensor (index a
+    calibrated [layers, Hq] table by layer first); `softmax_scale` only affects the attention, the
+    estimate always uses 1 / (sqrt(D) S). The Triton engine needs `block_size` to be a multiple of 16.
+    """
+    _check_qkv(q, k, v, packed=False)
+    _check_stride(stride, block_size)
+    if isinstance(threshold, torch.Tensor) and threshold.dim() == 2:
+        raise ValueError("xattention_attn takes a float or [Hq] threshold: index a [layers, Hq] table by layer first")
+    _threshold_per_head(threshold, q.shape[1], None, q.device)  # fail before the estimate's work
+    scores = xattention_estimate(
+        q.detach(), k.detach(), stride=stride, block_size=block_size, causal=causal, chunk_size=chunk_size
+    )
+    layout = xattention_select(
+        scores, threshold, causal=causal, seq_len_q=q.shape[2], seq_len_kv=k.shape[2], block_size=block_size
+    )
+    out = block_sparse_attn(q, k, v, layout, causal=causal, softmax_scale=softmax_scale)
+    return (out, layout) if return_layout else out
+
+
+# ---------------------------------------------------------------------------------- calibration
+def _dense_block_mass(q, k, block_size: int, chunk_size: int):
+    """fp32 [B, Hq, Mq, Nk]: the true causal attention mass (softmax(qk^T / sqrt(D))) of each block."""
+    batch, num_q_heads, seq_q, dim = q.shape
+    num_kv_heads, seq_kv = k.shape[1], k.shape[2]
+    group = num_q_heads // num_kv_heads
+    num_q_blocks, num_kv_blocks = -(-seq_q // block_size), -(-seq_kv // block_size)
+    q_grouped = q.float().reshape(batch, num_kv_heads, group, seq_q, dim)
+    keys_t = k.float()[:, :, None].transpose(-1, -2)
+    key_pos = torch.arange(seq_kv, device=q.device)
+    parts = []
+    for start in range(0, seq_q, chunk_size):
+        query_pos = torch.arange(start, min(start + chunk_size, seq_q), device=q.device) + (seq_kv - seq_q)
+        logits = q_grouped[..., start : start + chunk_size, :] @ keys_t / math.sqrt(dim)
+        probs = logits.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf")).softmax(dim=-1)
+        parts.append(_tile_sums(probs, block_size, -(-len(query_pos) // block_size), num_kv_blocks))
+    return torch.cat(parts, dim=-2).reshape(batch, num_q_heads, num_q_blocks, num_kv_blocks)
+
+
+def _calibration_threshold(true_mass, estimate, coverage: float, allowed) -> torch.Tensor:
+    """Per (batch, head), steps 2-3 of spec section 4: the estimated mass share of every block scoring
+    at least its row's cutoff, the smallest estimate among the fewest true blocks covering `coverage`.
+
+    true_mass, estimate: [B, H, Mq, N]; allowed: bool [Mq, N] (the causally visible blocks).
+    """
+    # The shortest descending prefix reaching the coverage is exactly threshold_select's kept set.
+    count, indices = threshold_select(true_mass.float(), coverage, allowed=allowed.expand(true_mass.shape))
+    num_kv_blocks = true_mass.shape[-1]
+    slots = torch.where(indices < 0, num_kv_blocks, indices).long()  # -1 padding lands in a spare column
+    covering = torch.zeros(*indices.shape[:-1], num_kv_blocks + 1, dtype=torch.bool, device=indices.device)
+    covering = covering.scatter_(-1, slots, True)[..., :num_kv_blocks]
+    estimate = estimate.double()
+    cutoff = estimate.masked_fill(~covering, float("inf")).amin(dim=-1, keepdim=True)
+    counted = (estimate * (estimate >= cutoff)).sum(dim=(-2, -1))
+    return counted / estimate.sum(dim=(-2, -1)).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _sample_thresholds(q, k, *, stride, block_size, coverage, chunk_size):
+    """tau of each (text, query head) of one (q, k) sample: float64 [B, Hq]."""
+    _check_qk(q, k, causal=True)
+    estimate = xattention_estimate(q, k, stride=stride, block_size=block_size, chunk_size=chunk_size)
+    # About 2^28 fp32 logits at a time, whole query blocks.
+    mass_chunk = max(1, (1 << 28) // (q.shape[0] * q.shape[1] * k.shape[2] * block_size)) * block_size
+    true_mass = _dense_block_mass(q, k, block_size, mass_chunk)
+    allowed = causal_block_mask(q.shape[2], k.shape[2], block_size, block_size, q.device)
+    return _calibration_threshold(true_mass, estimate, coverage, allowed)
+
+
+def _layer_samples(samples, num_layers) -> Iterable:
+    """(layer index, iterable of (q, k) pairs) per layer, for nested lists or a callable."""
+    if isinstance(samples, torch.nn.Module):
+        raise NotImplementedError(
+            "calibrate_xattention needs the post-RoPE q and k of every attention layer; capturing them from a "
+            "model takes the HF attention patcher, which is not wired in here yet. Pass q/k samples instead: "
+            "samples[layer] = [(q, k), ...], or a callable layer_idx -> [(q, k), ...] with num_layers."
+        )
+    if callable(samples):
+        num_layers = _check_positive_int(num_layers, "num_layers")
+        return ((layer, samples(layer)) for layer in range(num_layers))
+    if not isinstance(samples, Sequence) or len(samples) == 0:
+        raise ValueError("samples must be a non-empty list of per-layer lists of (q, k) pairs, or a callable")
+    if num_layers is not None and num_layers != len(samples):
+        raise ValueError(f"num_layers={num_layers} but samples holds {len(samples)} layers")
+    return enumerate(samples)
+
+
+def calibrate_xattention(
+    samples: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]] | Callable,
+    *,
+    stride=8,
+    block_size=128,
+    coverage=0.9,
+    num_layers=None,
+    chunk_size=None,
+) -> torch.Tensor:
+    """Per-(layer, query head) thresholds by the repository's procedure (spec section 4): float32 [layers, Hq].
+
+    samples: `samples[layer]` is a list of (q, k) pairs of full causal prefills of calibration texts,
+        q (B, Hq, L, D) and k (B, Hkv, L, D) after RoPE (every batch row is a text); or a callable
+        `samples(layer_idx)` returning such a list, with `num_layers`, so samples can be produced
+        lazily. Models are not accepted yet (NotImplementedError): capturing q/k needs the HF patcher.
+    For each text and head: the true fp32 causal attention mass of every block; per query-block row
+    the fewest true blocks (by descending mass) covering `coverage` of the row; the cutoff c_m, the
+    smallest XAttention estimate among them; tau_text = sum of estimates >= c_m over all rows /
+    sum of all estimates. tau_head is the maximum over texts.
+    """
+    _check_stride(stride, block_size)
+    if isinstance(coverage, bool) or not isinstance(coverage, (int, float)) or not 0 <= coverage <= 1:
+        raise ValueError(f"coverage must be a float in [0, 1], got {coverage!r}")
+    table = []
+    for layer, pairs in _layer_samples(samples, num_layers):
+        best = None
+        for pair in pairs:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise ValueError(f"layer {layer}: each sample must be a (q, k) pair")
+            q, k = (t.detach() for t in pair)
+            taus = _sample_thresholds(
+                q, k, stride=stride, block_size=block_size, coverage=coverage, chunk_size=chunk_size
+            ).amax(dim=0)
+            if best is not None and best.shape != taus.shape:
+                raise ValueError(f"layer {layer}: samples disagree on the number of query heads")
+            best = taus if best is None else torch.maximum(best, taus)
+        if best is None:
+            raise ValueError(f"layer {layer} has no (q, k) samples")
+        if table and table[0].shape != best.shape:
+            raise ValueError(f"layer {layer} has {best.numel()} query heads, layer 0 has {table[0].numel()}")
+        table.append(best.cpu())
+    return torch.stack(table).float()
+
+
+def _check_table(table) -> torch.Tensor:
+    table = torch.as_tensor(table, dtype=torch.float32).cpu()
+    if table.dim() != 2 or table.numel() == 0:
+        raise ValueError(f"a threshold table must be 2-D [layers, Hq], got shape {tuple(table.shape)}")
+    if bool(((table < 0) | (table > 1) | torch.isnan(table)).any()):
+        raise ValueError("threshold table values must lie in [0, 1]")
+    return table
+
+
+def save_thresholds(path, table, meta=None) -> None:
+    """Write a [layers, Hq] threshold table and a JSON-serialisable `meta` dict (model, stride, ...) as JSON."""
+    payload = {
+        "format": _THRESHOLD_FORMAT,
+        "version": _THRESHOLD_VERSION,
+        "thresholds": _check_table(table).tolist(),
+        "meta": dict(meta or {}),
+    }
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+
+
+def load_thresholds(path):
+    """Read a file written by `save_thresholds`: (float32 table [layers, Hq], meta dict)."""
+    with open(path, encoding="utf-8") as f:
+        payload = json.load(f)
+    if not isinstance(payload, dict) or payload.get("format") != _THRESHOLD_FORMAT:
+        raise ValueError(f"{path} is not an XAttention threshold file (format {_THRESHOLD_FORMAT!r})")
+    if payload.get("version") != _THRESHOLD_VERSION:
+        raise ValueError(f"{path} has version {payload.get('version')!r}; this package reads {_THRESHOLD_VERSION}")
+    return _check_table(payload["thresholds"]), payload.get("meta", {})
