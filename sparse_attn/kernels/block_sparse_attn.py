@@ -40,6 +40,16 @@ def _pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+    """Keys [lo, hi) of the j-th selected block, cut at the last key the query tile may see."""
+    kv_lo = tl.load(kv_list + j) * KV_BLOCK
+    kv_hi = tl.minimum(kv_lo + KV_BLOCK, len_k)
+    if CAUSAL:
+        kv_hi = tl.minimum(kv_hi, last_visible + 1)
+    return kv_lo, kv_hi
+
+
+@triton.jit
 def _block_sparse_fwd_kernel(
     Q,
     K,
@@ -118,10 +128,7 @@ def _block_sparse_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     for j in range(count):
-        kv_lo = tl.load(kv_list + j) * KV_BLOCK
-        kv_hi = tl.minimum(kv_lo + KV_BLOCK, len_k)
-        if CAUSAL:
-            kv_hi = tl.minimum(kv_hi, last_visible + 1)
+        kv_lo, kv_hi = _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK, CAUSAL)
         for start_n in range(kv_lo, kv_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = tl.load(
@@ -244,10 +251,7 @@ def _block_sparse_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     for j in range(count):
-        kv_lo = tl.load(kv_list + j) * KV_BLOCK
-        kv_hi = tl.minimum(kv_lo + KV_BLOCK, len_k)
-        if CAUSAL:
-            kv_hi = tl.minimum(kv_hi, last_visible + 1)
+        kv_lo, kv_hi = _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK, CAUSAL)
         for start_n in range(kv_lo, kv_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kv_ok = (offs_n[:, None] < len_k) & d_ok

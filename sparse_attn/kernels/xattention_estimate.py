@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .block_sparse_attn import _pair_mask
+
 LOG2E = 1.4426950408889634
 
 
@@ -58,14 +60,6 @@ def _antidiagonal_logits(
         )
         acc += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     return acc
-
-
-@triton.jit
-def _allowed_columns(offs_m, offs_n, num_cols, col_shift, CAUSAL: tl.constexpr):
-    allowed = offs_n[None, :] < num_cols
-    if CAUSAL:
-        allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + col_shift)
-    return allowed
 
 
 @triton.jit
@@ -124,7 +118,7 @@ def _xattention_estimate_kernel(
             q_base, k_base, offs_m, offs_n, offs_d, stride_qs, stride_ks, seq_len_q, seq_len_kv,
             STRIDE, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )  # fmt: skip
-        z = tl.where(_allowed_columns(offs_m, offs_n, num_cols, col_shift, CAUSAL), z * scale_log2, float("-inf"))
+        z = tl.where(_pair_mask(offs_m, offs_n, num_cols, col_shift, CAUSAL), z * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(z - m_safe[:, None]), 1)
@@ -142,7 +136,7 @@ def _xattention_estimate_kernel(
             q_base, k_base, offs_m, offs_n, offs_d, stride_qs, stride_ks, seq_len_q, seq_len_kv,
             STRIDE, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )  # fmt: skip
-        z = tl.where(_allowed_columns(offs_m, offs_n, num_cols, col_shift, CAUSAL), z * scale_log2, float("-inf"))
+        z = tl.where(_pair_mask(offs_m, offs_n, num_cols, col_shift, CAUSAL), z * scale_log2, float("-inf"))
         p = tl.where(keep[:, None], tl.math.exp2(z - m_safe[:, None]) * inv_l[:, None], 0.0)
         # R x R tile sums: columns first, then the R rows of each query block.
         p = tl.sum(tl.reshape(p, [BLOCK_M, BLOCK_N // ROWS_PER_BLOCK, ROWS_PER_BLOCK]), 2)
