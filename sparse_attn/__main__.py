@@ -27,7 +27,9 @@ def _selfcheck_cases(device: torch.device):
     from .layout import BlockSparseLayout, causal_block_mask
     from .testing import structured_qkv
 
-    gen = torch.Generator().manual_seed(int(time.time()))
+    # Fresh inputs on every run: the fast paths must compute the same function on any valid input.
+    seed = int(time.time_ns() % 2**31)
+    gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return torch.rand(*shape, generator=gen).to(device)
@@ -48,7 +50,9 @@ def _selfcheck_cases(device: torch.device):
         return sum((a != b).sum() for a, b in zip(got, ref))
 
     def attention_oracle():
-        inputs = structured_qkv(batch=1, num_q_heads=4, num_kv_heads=2, seq_len=256, head_dim=64, device=device)
+        inputs = structured_qkv(
+            batch=1, num_q_heads=4, num_kv_heads=2, seq_len=256, head_dim=64, seed=seed, device=device
+        )
         causal = causal_block_mask(256, 256, 64, 64, device=device)
         layout = BlockSparseLayout.from_dense_mask(
             causal.expand(1, 1, 4, 4).clone(), q_block_size=64, kv_block_size=64, seq_len_q=256, seq_len_kv=256
@@ -65,13 +69,58 @@ def _selfcheck_cases(device: torch.device):
 
         if not triton_available(device):
             return float("nan")
-        inputs = structured_qkv(batch=2, num_q_heads=4, num_kv_heads=2, seq_len=256, head_dim=64, device=device)
+        inputs = structured_qkv(
+            batch=2, num_q_heads=4, num_kv_heads=2, seq_len=256, head_dim=64, seed=seed, device=device
+        )
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         q, k, v = (t.to(dtype) for t in (inputs.q, inputs.k, inputs.v))
-        layout = random_block_layout(2, 2, 256, 256, 64, 64, 0.5, seed=int(time.time()), device=device)
+        layout = random_block_layout(2, 2, 256, 256, 64, 64, 0.5, seed=seed, device=device)
         out = block_sparse_attn(q, k, v, layout)
         ref, _ = reference.block_sparse_attention_reference(q, k, v, layout)
         return (out.double() - ref).abs().max() / ref.abs().max()
+
+    def decode():
+        from .decode import block_sparse_decode, decode_available
+        from .testing import random_block_layout
+
+        if not decode_available(device):
+            return float("nan")
+        inputs = structured_qkv(
+            batch=2,
+            num_q_heads=8,
+            num_kv_heads=2,
+            seq_len=1024,
+            seq_len_q=4,
+            head_dim=64,
+            num_retrieval_spans=0,
+            seed=seed,
+            device=device,
+        )
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        q, k, v = (t.to(dtype) for t in (inputs.q, inputs.k, inputs.v))
+        layout = random_block_layout(2, 2, 4, 1024, 16, 64, 0.3, seed=seed, device=device)
+        out = block_sparse_decode(q, k, v, layout, num_splits=3)
+        ref, _ = reference.block_sparse_attention_reference(q, k, v, layout)
+        return (out.double() - ref).abs().max() / ref.abs().max()
+
+    def moba_routing():
+        from .methods.moba import moba_route, moba_route_reference
+
+        # Integer-valued inputs make block means and scores exact, so any backend must agree exactly.
+        q = torch.randint(-3, 4, (1, 4, 512, 32), generator=gen).float().to(device)
+        k = torch.randint(-3, 4, (1, 2, 512, 32), generator=gen).float().to(device)
+        got = moba_route(q, k, block_size=64, topk=3)
+        return (got != moba_route_reference(q, k, block_size=64, topk=3)).sum()
+
+    def xattention():
+        from .methods.xattention import xattention_estimate, xattention_estimate_reference
+
+        inputs = structured_qkv(
+            batch=1, num_q_heads=4, num_kv_heads=2, seq_len=512, head_dim=64, seed=seed, device=device
+        )
+        got = xattention_estimate(inputs.q, inputs.k, stride=8, block_size=64)
+        ref = xattention_estimate_reference(inputs.q, inputs.k, stride=8, block_size=64)
+        return (got.double() - ref).abs().max() / (64 / 8)
 
     # (name, check, tolerance): exact for the integer selections, rounding-level for the rest.
     return [
@@ -80,6 +129,9 @@ def _selfcheck_cases(device: torch.device):
         ("threshold_select", threshold, 0),
         ("reference attention vs SDPA", attention_oracle, 1e-9),
         ("Triton block-sparse engine", engine, 2e-3),
+        ("block-sparse decode", decode, 2e-3),
+        ("MoBA routing", moba_routing, 0),
+        ("XAttention estimator", xattention, 1e-3),
     ]
 
 
