@@ -8,7 +8,7 @@ from ._native import HAS_NATIVE, backend_report, native_available
 from .decode import block_sparse_decode
 from .engine import block_sparse_attn, block_sparse_attn_varlen
 from .layout import BlockSparseLayout, causal_block_mask, validate_token_indices
-from .methods import KeyShortConv, moba_route
+from .methods import KeyShortConv, moba_attn, moba_route
 from .methods.xattention import calibrate_xattention, xattention_attn, xattention_estimate, xattention_select
 from .selection import block_mean_pool, layout_transpose, threshold_select, topk_rows
 
@@ -26,6 +26,7 @@ __all__ = [
     "calibrate_xattention",
     "causal_block_mask",
     "layout_transpose",
+    "moba_attn",
     "moba_route",
     "native_available",
     "threshold_select",

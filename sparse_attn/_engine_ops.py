@@ -81,6 +81,18 @@ def _layout_strides(counts, indices, batch, varlen):
     return cb, ch, cm, ib, ih, im
 
 
+def _row_topk_pad(row_blocks) -> int:
+    """0 turns the per-query block filter off; else the padded width of the routing lists."""
+    return 0 if row_blocks is None else triton.next_power_of_2(max(row_blocks.shape[-1], 2))
+
+
+def _row_filter_args(row_blocks):
+    """Pointer, strides [B, Hq, Sq] and width of the per-query block lists (MoBA routing), or placeholders."""
+    if row_blocks is None:
+        return (None, 0, 0, 0, 0)
+    return (row_blocks, *row_blocks.stride()[:3], row_blocks.shape[-1])
+
+
 def _geometry(q, k, cu_seqlens_q):
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
@@ -100,6 +112,7 @@ def block_sparse_attn_fwd(
     v: torch.Tensor,
     kv_num_blocks: torch.Tensor,
     kv_indices: torch.Tensor,
+    row_blocks: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None,
     q_block_size: int,
@@ -132,6 +145,7 @@ def block_sparse_attn_fwd(
         *_batch_strides(out, varlen),
         *_batch_strides(lse.unsqueeze(-1), varlen),
         *_layout_strides(kv_num_blocks, kv_indices, batch, varlen),
+        *_row_filter_args(row_blocks),
         num_q_heads,
         num_q_heads // num_kv_heads,
         seq_len_q,
@@ -142,6 +156,7 @@ def block_sparse_attn_fwd(
         KV_BLOCK=kv_block_size,
         CAUSAL=causal,
         VARLEN=varlen,
+        ROW_TOPK_PAD=_row_topk_pad(row_blocks),
         **config,
     )
     return out, lse
@@ -159,6 +174,7 @@ def block_sparse_attn_bwd(
     kv_indices: torch.Tensor,
     q_num_blocks: torch.Tensor,
     q_indices: torch.Tensor,
+    row_blocks: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None,
     q_block_size: int,
@@ -176,7 +192,12 @@ def block_sparse_attn_bwd(
     dq, dk, dv = _poisoned(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     scale_args = (softmax_scale * LOG2E, softmax_scale)
     shared = dict(
-        LAYOUT_HEAD_DIV=layout_head_div, Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, VARLEN=varlen
+        LAYOUT_HEAD_DIV=layout_head_div,
+        Q_BLOCK=q_block_size,
+        KV_BLOCK=kv_block_size,
+        CAUSAL=causal,
+        VARLEN=varlen,
+        ROW_TOPK_PAD=_row_topk_pad(row_blocks),
     )
     dq_config = {**shared, **_launch_config("dq", q, q_block_size, kv_block_size)}
     dkdv_config = {**shared, **_launch_config("dkdv", q, q_block_size, kv_block_size)}
@@ -201,6 +222,7 @@ def block_sparse_attn_bwd(
         cu_seqlens_k,
         *common,
         *_layout_strides(kv_num_blocks, kv_indices, batch, varlen),
+        *_row_filter_args(row_blocks),
         num_q_heads,
         num_q_heads // num_kv_heads,
         seq_len_q,
@@ -223,6 +245,7 @@ def block_sparse_attn_bwd(
         cu_seqlens_k,
         *common,
         *_layout_strides(q_num_blocks, q_indices, batch, varlen),
+        *_row_filter_args(row_blocks),
         num_kv_heads,
         num_q_heads // num_kv_heads,
         seq_len_q,
@@ -239,6 +262,7 @@ _FWD_ARGS = (
     "v",
     "kv_num_blocks",
     "kv_indices",
+    "row_blocks",
     "cu_seqlens_q",
     "cu_seqlens_k",
     "q_block_size",
@@ -261,19 +285,33 @@ def _setup_context(ctx, inputs, output):
         output[1],
         args["kv_num_blocks"],
         args["kv_indices"],
+        args["row_blocks"],
         args["cu_seqlens_q"],
         args["cu_seqlens_k"],
     )
-    ctx.sizes = tuple(args[name] for name in _FWD_ARGS[7:])
+    ctx.sizes = tuple(args[name] for name in _FWD_ARGS[_FWD_ARGS.index("q_block_size") :])
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, kv_num_blocks, kv_indices, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, lse, kv_num_blocks, kv_indices, row_blocks, cu_q, cu_k = ctx.saved_tensors
     q_block_size, kv_block_size, seq_len_q, seq_len_kv = ctx.sizes[:4]
     # The dK/dV kernel walks KV blocks, so it reads the query-side (transposed) lists.
     q_num_blocks, q_indices = layout_transpose(kv_num_blocks, kv_indices, -(-seq_len_kv // kv_block_size))
     dq, dk, dv = block_sparse_attn_bwd(
-        grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, cu_q, cu_k, *ctx.sizes
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kv_num_blocks,
+        kv_indices,
+        q_num_blocks,
+        q_indices,
+        row_blocks,
+        cu_q,
+        cu_k,
+        *ctx.sizes,
     )
     return (dq, dk, dv) + (None,) * (len(_FWD_ARGS) - 3)
 

@@ -224,7 +224,9 @@ def _reference_varlen(q, k, v, cu_q, cu_k, layout, causal, scale):
 
 
 # ---------------------------------------------------------------------------------- Triton path
-def _triton_attention(q, k, v, layout, causal, scale, cu_q, cu_k):
+def _triton_attention(q, k, v, layout, causal, scale, cu_q, cu_k, row_blocks=None):
+    """The Triton op; `row_blocks` [B, Hq, Sq, K] (sorted block ids, -1 padded) further restricts each
+    query to the blocks it chose itself (MoBA's per-token routing on top of the union layout)."""
     from . import _engine_ops
 
     group = q.shape[1] // k.shape[1]
@@ -235,6 +237,7 @@ def _triton_attention(q, k, v, layout, causal, scale, cu_q, cu_k):
         v,
         layout.kv_num_blocks,
         layout.kv_indices,
+        row_blocks,
         cu_q,
         cu_k,
         layout.q_block_size,

@@ -12,6 +12,12 @@ against Skv keys sits at t = r + Skv - Sq), with block means kbar[i] of its KV h
 
 Ties go to the lower block index; NaN and -inf scores are never selected. Routing yields indices
 only: no gradient flows through it.
+
+Attention (`moba_attn`): each query attends, with the token-level causal mask, to the keys of the
+blocks it selected. The Triton path runs the shared engine over the union of the selections of
+each 64-query tile and filters every block per query against its own routing list, so it is exact
+for any routing; it wastes work when neighbouring queries route apart (FlashMoBA's
+gather-and-densify kernels, which avoid that, are not built yet).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from .. import reference
 from .._native import HAS_NATIVE, _has_kernel
 from ..selection import _FLOAT_TYPES, _check_int, _check_tensor
 
-__all__ = ["KeyShortConv", "moba_route", "moba_route_reference"]
+__all__ = ["KeyShortConv", "moba_attention_reference", "moba_attn", "moba_route", "moba_route_reference"]
 
 
 # ---------------------------------------------------------------------------------- routing
@@ -95,6 +101,69 @@ def _ascending_padded(indices: torch.Tensor) -> torch.Tensor:
     missing = torch.iinfo(torch.int32).max
     ascending = torch.where(indices < 0, missing, indices).sort(dim=-1).values
     return torch.where(ascending == missing, -1, ascending)
+
+
+_UNION_Q_BLOCK = 64  # query tile over which selections are merged into one block list
+
+
+def moba_attn(q, k, v, *, block_size, topk, causal=True, softmax_scale=None, return_lse=False, backend="auto"):
+    """MoBA attention: q (B, Hq, S, D), k and v (B, Hkv, S, D) (Sq <= Skv: bottom-right aligned).
+
+    Routes with :func:`moba_route` (no gradient through routing), then attends to the routed
+    blocks; differentiable in q, k and v. When topk * block_size covers every block, the result is
+    dense causal attention. `backend` is 'auto', 'triton' or 'reference' as in `block_sparse_attn`.
+    """
+    from .. import engine
+
+    engine._check_qkv(q, k, v, packed=False)
+    routes = moba_route(q.detach(), k.detach(), block_size=block_size, topk=topk, causal=causal)
+    scale = engine._default_scale(softmax_scale, q.shape[-1])
+    if engine._resolve_backend(backend, q) == "reference":
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out, lse = moba_attention_reference(
+            q, k, v, routes, block_size=block_size, causal=causal, softmax_scale=scale, compute_dtype=compute
+        )
+        out, lse = out.to(q.dtype), lse.float()
+    else:
+        layout = _union_layout(routes, block_size, q.shape[2], k.shape[2])
+        engine._check_triton_shapes(q, layout, q.shape[-1])
+        out, lse = engine._triton_attention(q, k, v, layout, causal, scale, None, None, row_blocks=routes)
+    return (out, lse) if return_lse else out
+
+
+def _union_layout(routes, block_size, seq_len_q, seq_len_kv):
+    """Per (batch, head, 64-query tile): every block any of its queries selected."""
+    from ..layout import BlockSparseLayout
+
+    batch, heads, _, topk = routes.shape
+    num_blocks = -(-seq_len_kv // block_size)
+    num_tiles = -(-seq_len_q // _UNION_Q_BLOCK)
+    tile_of_row = torch.arange(seq_len_q, device=routes.device) // _UNION_Q_BLOCK
+    slots = torch.where(routes < 0, num_blocks, routes).long() + (tile_of_row * (num_blocks + 1))[:, None]
+    union = torch.zeros(batch, heads, num_tiles * (num_blocks + 1), dtype=torch.bool, device=routes.device)
+    union.scatter_(2, slots.reshape(batch, heads, -1), True)
+    union = union.view(batch, heads, num_tiles, num_blocks + 1)[..., :num_blocks]
+    return BlockSparseLayout.from_dense_mask(
+        union.contiguous(),
+        q_block_size=_UNION_Q_BLOCK,
+        kv_block_size=block_size,
+        seq_len_q=seq_len_q,
+        seq_len_kv=seq_len_kv,
+    )
+
+
+def moba_attention_reference(
+    q, k, v, routes, *, block_size, causal=True, softmax_scale=None, compute_dtype=torch.float64
+):
+    """Dense-mask oracle: each query attends to the keys of its routed blocks (int [B, Hq, Sq, K], -1 padded)."""
+    num_blocks = -(-k.shape[2] // block_size)
+    slots = torch.where(routes < 0, num_blocks, routes).long()
+    chosen = torch.zeros(*routes.shape[:3], num_blocks + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, slots, True)
+    allowed = chosen[..., :num_blocks].repeat_interleave(block_size, dim=-1)[..., : k.shape[2]]
+    if causal:
+        allowed = allowed & reference.causal_token_mask(q.shape[2], k.shape[2], q.device)
+    return reference.masked_attention(q, k, v, allowed, softmax_scale=softmax_scale, compute_dtype=compute_dtype)
 
 
 def _register_fake() -> None:
