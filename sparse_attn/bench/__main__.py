@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from . import decode, engine
+from . import decode, engine, moba
 from .common import environment, print_table, write_json
 
-SUITES = {"engine": engine, "decode": decode}
+SUITES = {"engine": engine, "decode": decode, "moba": moba}
 
 
 def _shapes(config: dict) -> dict:
