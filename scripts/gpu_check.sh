@@ -24,6 +24,10 @@ status[selfcheck]=$?
 python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT_DIR/pytest_gpu.log"
 status[pytest_gpu]=${PIPESTATUS[0]}
 
+# The main job's demo on the GPU (bf16, Triton engine); transformers is installed there.
+python3 -m sparse_attn demo --prompt-len 4096 --new-tokens 32 2>&1 | tee "$OUT_DIR/demo.txt"
+status[demo]=${PIPESTATUS[0]}
+
 # Benchmarks named on the command line (e.g. `engine decode`); bench/*.py write JSON results.
 for bench in "$@"; do
   python3 "bench/$bench.py" --out "$OUT_DIR/$bench.json"

@@ -14,5 +14,6 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
 fi
 echo "[install] build and test tools"
 pip_install "setuptools>=64" wheel ninja numpy "pytest>=8" "triton>=3.2" ruff
-echo "[install] sparse_attn (editable, --no-build-isolation: built against the installed torch)"
-pip_install --no-build-isolation -e ".[test]"
+echo "[install] sparse_attn with the test and hf extras (editable, --no-build-isolation: built against the installed torch)"
+# transformers does not depend on torch, so the hf extra leaves the torch above untouched.
+pip_install --no-build-isolation -e ".[test,hf]"

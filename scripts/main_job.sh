@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded default (no downloads): install, report the backends, self-check.
+# The main job on the embedded default (no model download): install, report the backends, self-check,
+# then the demo: a small random Llama run dense and through each sparse method, compared with SDPA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -7,3 +8,4 @@ export PYTHON
 bash scripts/install.sh
 "$PYTHON" -m sparse_attn info
 "$PYTHON" -m sparse_attn selfcheck
+"$PYTHON" -m sparse_attn demo "$@"

@@ -17,5 +17,18 @@ status=0
 "$PYTHON" -m pytest -q "$@" || status=$?
 # pytest exits 5 when it collected no test: that is a failure of the suite, not a pass.
 if [ "$status" -eq 5 ]; then echo "[test] pytest collected no tests"; fi
+# The oldest supported transformers (4.53: the masking rewrite) next to the current one: the HF tests
+# again with 4.53.3 and its hub/tokenizers pins in a side directory, leaving the environment alone.
+if [ "$status" -eq 0 ] && [ -z "${SPARSE_ATTN_SKIP_TRANSFORMERS_MATRIX:-}" ]; then
+  echo "[test] HF integration with transformers 4.53.3"
+  old_tf=build/transformers-4.53
+  if [ ! -d "$old_tf/transformers" ]; then
+    "$PYTHON" -m pip install --disable-pip-version-check --no-input -q --no-deps --target "$old_tf" \
+      "transformers==4.53.3" "tokenizers>=0.21,<0.22" "huggingface-hub>=0.30,<1.0"
+    # The 0.x hub still needs requests, which the current transformers no longer installs.
+    "$PYTHON" -m pip install --disable-pip-version-check --no-input -q --target "$old_tf" requests
+  fi
+  SPARSE_ATTN_EXPECT_TRANSFORMERS=4.53.3 PYTHONPATH="$old_tf${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_hf.py || status=$?
+fi
 echo "[test] finished in $((SECONDS - start)) s"
 exit "$status"

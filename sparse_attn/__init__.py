@@ -2,11 +2,14 @@
 
 The compiled extension is optional: without it, every function runs through Triton or the
 PyTorch reference, and `python -m sparse_attn info` says which backends work here.
+`sparse_attn.patch(model, method, ...)` runs a Hugging Face model's attention through a method
+(transformers is imported only when a model is patched).
 """
 
 from ._native import HAS_NATIVE, backend_report, native_available
 from .decode import block_sparse_decode
 from .engine import block_sparse_attn, block_sparse_attn_varlen
+from .hf import configure, patch, patched, unpatch
 from .layout import BlockSparseLayout, causal_block_mask, validate_token_indices
 from .methods import KeyShortConv, moba_attn, moba_route
 from .methods.xattention import calibrate_xattention, xattention_attn, xattention_estimate, xattention_select
@@ -25,12 +28,16 @@ __all__ = [
     "block_sparse_decode",
     "calibrate_xattention",
     "causal_block_mask",
+    "configure",
     "layout_transpose",
     "moba_attn",
     "moba_route",
     "native_available",
+    "patch",
+    "patched",
     "threshold_select",
     "topk_rows",
+    "unpatch",
     "validate_token_indices",
     "xattention_attn",
     "xattention_estimate",

@@ -1,4 +1,4 @@
-"""Command line: `python -m sparse_attn info` and `python -m sparse_attn selfcheck`."""
+"""Command line: `python -m sparse_attn info`, `python -m sparse_attn selfcheck` and `python -m sparse_attn demo`."""
 
 from __future__ import annotations
 
@@ -163,6 +163,9 @@ def main(argv=None) -> int:
     check = commands.add_parser("selfcheck", help="quick check of the native ops and oracles on this machine")
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     check.set_defaults(run=_selfcheck)
+    from .demo import add_demo_parser
+
+    add_demo_parser(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 

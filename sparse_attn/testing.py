@@ -491,3 +491,18 @@ def assert_flash_rule(got, ref64, same_precision, factor, what):
     bound = factor * max_err(same_precision, ref64) + rounding + 1e-6
     err = max_err(got, ref64)
     assert err <= bound, f"{what}: error {err:.3e} exceeds bound {bound:.3e}"
+
+
+# Tiny causal-LM dimensions for offline Hugging Face runs (random weights, no download): realistic
+# head dim, GQA and room for many blocks (shared/specs/ecosystem.md section 7). Used by the demo and
+# the HF tests with LlamaConfig, Qwen2Config, Qwen3Config and MistralConfig.
+TINY_CAUSAL_LM = dict(
+    vocab_size=1000,
+    hidden_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    max_position_embeddings=16384,
+)

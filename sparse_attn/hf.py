@@ -1,0 +1,718 @@
+"""Hugging Face transformers integration: run a model's attention layers through sparse_attn methods.
+
+    handle = sparse_attn.hf.patch(model, "xattention", threshold=0.9, block_size=128, dense_layers=[0])
+    model.generate(...)                       # prefill sparse, decode dense
+    handle.unpatch()                          # or sparse_attn.hf.unpatch(model); bit-identical to before
+
+    sparse_attn.hf.configure("moba", block_size=512, topk=3)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sparse_attn")
+
+How it plugs in (shared/specs/ecosystem.md section 1). One attention function is registered under
+the name "sparse_attn" with `AttentionInterface.register`, and transformers' `flash_attention_mask`
+with `AttentionMaskInterface.register`, so padding arrives as a 2D (B, Skv) keep-mask (or None) and
+never as an O(N^2) 4D mask. Switching the model's `config._attn_implementation` selects it; no
+`forward` method is replaced, so projections, RoPE and caches stay transformers' own.
+
+Where the configuration lives. `patch` stores one `SparseAttnConfig` as `_sparse_attn_config` on
+the model and on every one of its submodules (the same object). The attention function receives
+the attention module, not the model, so reading the attribute off that module finds the right
+model's configuration without a global registry keyed by object ids (which outlive nothing and get
+reused); it travels with `copy.deepcopy` and disappears with the model. Modules without one (a
+model loaded with `attn_implementation="sparse_attn"`) use the process default set by `configure`.
+Per-layer choices are keyed by `module.layer_idx`; modules without a `layer_idx` (vision towers,
+encoders outside the decoder stack) cannot be addressed per layer and run dense.
+
+Phases. Prefill (Sq == Skv) and chunked prefill (Sq < Skv, bottom-right aligned) run the method;
+decode (Sq <= 16 and Sq < Skv) runs dense SDPA unless `decode="sparse"` and the method routes
+decode queries itself (MoBA). Padding: the package decision is that every sequence's block grid
+starts at its first real token, so a padded batch is unpadded into per-sequence pieces (grouped by
+length and batched again) and gives the same result as separate unpadded runs. Packed sequences
+(`cu_seq_lens_q/k` kwargs, or position ids restarting inside one row) are split the same way.
+Sliding-window layers stay dense (windowed SDPA) with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .decode import MAX_DECODE_QUERIES
+from .methods.moba import moba_attn, moba_route
+from .methods.xattention import load_thresholds, xattention_attn
+from .reference import causal_token_mask
+
+__all__ = [
+    "ATTENTION_NAME",
+    "AttentionStats",
+    "LayerPlan",
+    "PatchHandle",
+    "SparseAttnConfig",
+    "configure",
+    "patch",
+    "patched",
+    "sparse_attention_forward",
+    "unpatch",
+]
+
+ATTENTION_NAME = "sparse_attn"
+MIN_TRANSFORMERS = (4, 53)
+_CONFIG_ATTR = "_sparse_attn_config"
+_HANDLE_ATTR = "_sparse_attn_handle"
+
+# Per method: its options with their defaults, and whether it can route decode queries itself.
+_METHOD_OPTIONS = {
+    "dense": {},
+    "xattention": {"threshold": 0.9, "stride": 8, "block_size": 128, "chunk_size": None},
+    "moba": {"block_size": 512, "topk": 3},
+}
+_SPARSE_DECODE = {"moba"}
+
+
+# ---------------------------------------------------------------------------------- transformers
+def _release(version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _require_transformers():
+    """Import transformers, check its version, register the attention and mask functions (idempotent)."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError(
+            "sparse_attn.hf needs Hugging Face transformers >= 4.53: pip install 'transformers>=4.53'"
+        ) from err
+    if _release(transformers.__version__) < MIN_TRANSFORMERS:
+        raise ImportError(
+            f"sparse_attn.hf needs transformers >= 4.53, found {transformers.__version__}: older versions have no "
+            "AttentionMaskInterface, so a custom attention function would not receive the padding mask. "
+            "Upgrade with: pip install -U 'transformers>=4.53'"
+        )
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(ATTENTION_NAME, sparse_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, flash_attention_mask)
+    return transformers
+
+
+# ---------------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one layer runs: a method name, its options and the decode policy ('dense' or 'sparse')."""
+
+    method: str
+    options: dict
+    decode: str = "dense"
+
+
+_DENSE_PLAN = LayerPlan("dense", {}, "dense")
+
+
+@dataclass
+class AttentionStats:
+    """Counters of what ran: `calls[(layer_idx, phase, path)]` with phase 'prefill' or 'decode' and path the
+    method that actually ran ('dense' for fallbacks); with `track_density`, `densities` holds
+    (layer_idx, fraction of causally visible blocks computed) per sparse call (costs a device sync)."""
+
+    track_density: bool = False
+    calls: Counter = field(default_factory=Counter)
+    densities: list = field(default_factory=list)
+
+    def mean_density(self) -> float | None:
+        return sum(d for _, d in self.densities) / len(self.densities) if self.densities else None
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.densities.clear()
+
+
+def _check_method(method) -> str:
+    if method not in _METHOD_OPTIONS:
+        raise ValueError(f"unknown sparse_attn method {method!r}; choose one of {sorted(_METHOD_OPTIONS)}")
+    return method
+
+
+def _method_options(method: str, options: dict, inherited: dict | None = None) -> dict:
+    unknown = set(options) - set(_METHOD_OPTIONS[method])
+    if unknown:
+        raise TypeError(
+            f"method {method!r} has no option(s) {sorted(unknown)}; its options are {sorted(_METHOD_OPTIONS[method])}"
+        )
+    resolved = {**_METHOD_OPTIONS[method], **(inherited or {}), **options}
+    if method == "xattention":
+        resolved["threshold"] = _resolve_threshold(resolved["threshold"])
+    return resolved
+
+
+def _resolve_threshold(threshold):
+    """A float, a [Hq] tensor, a [layers, Hq] table, or the path of a JSON table from `save_thresholds`."""
+    if isinstance(threshold, (str, os.PathLike)):
+        return load_thresholds(threshold)[0]
+    if isinstance(threshold, (list, tuple)):
+        threshold = torch.tensor(threshold, dtype=torch.float64)
+    values = threshold if isinstance(threshold, torch.Tensor) else torch.tensor(float(threshold))
+    if values.is_complex() or bool(((values < 0) | (values > 1) | values.isnan()).any()):
+        raise ValueError(f"XAttention threshold values must lie in [0, 1], got {threshold!r}")
+    return threshold
+
+
+def _check_decode(method: str, decode) -> str:
+    if decode not in ("dense", "sparse"):
+        raise ValueError(f"decode must be 'dense' or 'sparse', got {decode!r}")
+    if decode == "sparse" and method not in _SPARSE_DECODE | {"dense"}:
+        raise NotImplementedError(
+            f"sparse decode is not implemented for method {method!r} (a prefill method); use decode='dense'. "
+            f"Methods with sparse decode: {sorted(_SPARSE_DECODE)}"
+        )
+    return decode
+
+
+def _layer_ids(values, name: str) -> frozenset:
+    try:
+        ids = frozenset(values)
+    except TypeError:
+        raise TypeError(f"{name} must be an iterable of layer indices, got {type(values).__name__}") from None
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+        raise ValueError(f"{name} must hold non-negative int layer indices, got {sorted(ids, key=str)}")
+    return ids
+
+
+class SparseAttnConfig:
+    """The attention plan of one model (or the process default): a method and per-layer choices.
+
+    method: 'dense' (SDPA), 'xattention' (options threshold, stride, block_size, chunk_size) or 'moba'
+        (options block_size, topk); `options` are the method's keyword options.
+    layers: the layer indices that run the method (None: all); dense_layers: layers that stay dense.
+    layer_config: {layer_idx: {"method": ..., "decode": ..., **options}} adjusting the sparse layers;
+        options are inherited from the top level when the layer keeps the top-level method.
+    decode: 'dense' (default) or 'sparse' (methods that route decode queries: MoBA).
+    track_density: record each sparse call's density in `stats` (a device sync per call).
+    """
+
+    def __init__(
+        self,
+        method,
+        *,
+        layers=None,
+        dense_layers=None,
+        decode="dense",
+        layer_config=None,
+        track_density=False,
+        **options,
+    ):
+        self.method = _check_method(method)
+        self.options = _method_options(self.method, options)
+        self.decode = _check_decode(self.method, decode)
+        self.layers = None if layers is None else _layer_ids(layers, "layers")
+        self.dense_layers = _layer_ids(dense_layers or (), "dense_layers")
+        self.stats = AttentionStats(track_density=bool(track_density))
+        self._overrides = {}
+        for idx, override in (layer_config or {}).items():
+            if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+                raise ValueError(f"layer_config keys must be non-negative layer indices, got {idx!r}")
+            if not isinstance(override, dict):
+                raise TypeError(f"layer_config[{idx}] must be a dict, got {type(override).__name__}")
+            override = dict(override)
+            method_here = _check_method(override.pop("method", self.method))
+            decode_here = _check_decode(method_here, override.pop("decode", self.decode))
+            inherited = self.options if method_here == self.method else None
+            self._overrides[idx] = LayerPlan(
+                method_here, _method_options(method_here, override, inherited), decode_here
+            )
+        self._plans = {}
+
+    def plan(self, layer_idx) -> LayerPlan:
+        """The plan of layer `layer_idx`; None (a module without a layer index) runs dense."""
+        if layer_idx is None:
+            return _DENSE_PLAN
+        plan = self._plans.get(layer_idx)
+        if plan is None:
+            if (self.layers is not None and layer_idx not in self.layers) or layer_idx in self.dense_layers:
+                plan = _DENSE_PLAN
+            else:
+                plan = self._overrides.get(layer_idx) or LayerPlan(self.method, self.options, self.decode)
+            self._plans[layer_idx] = plan
+        return plan
+
+    def max_table_layer(self) -> int | None:
+        """Rows needed by [layers, Hq] threshold tables: the smallest table height among the plans, if any."""
+        heights = [
+            plan.options["threshold"].shape[0]
+            for plan in [LayerPlan(self.method, self.options), *self._overrides.values()]
+            if plan.method == "xattention"
+            and isinstance(plan.options["threshold"], torch.Tensor)
+            and plan.options["threshold"].dim() == 2
+        ]
+        return min(heights) if heights else None
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseAttnConfig(method={self.method!r}, options={self.options}, layers={self.layers}, "
+            f"dense_layers={sorted(self.dense_layers)}, decode={self.decode!r}, layer_config={self._overrides})"
+        )
+
+
+_default_config: SparseAttnConfig | None = None
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------- public API
+class PatchHandle:
+    """Returned by `patch`: `config`, `stats`, and `unpatch()`; also a context manager that unpatches on exit."""
+
+    def __init__(self, model, config: SparseAttnConfig, previous):
+        self.model = model
+        self.config = config
+        self._previous = previous  # [(config object, its previous _attn_implementation)]
+        self.active = True
+
+    @property
+    def stats(self) -> AttentionStats:
+        return self.config.stats
+
+    def unpatch(self) -> None:
+        if not self.active:
+            return
+        # Each config gets back its own previous value (sub-configs may differ), written to the stored
+        # attribute directly so no recursive setter or dispatch check runs in between.
+        for config, previous in self._previous:
+            _write_implementation(config, previous)
+        for module in self.model.modules():
+            module.__dict__.pop(_CONFIG_ATTR, None)
+        if self.model.__dict__.get(_HANDLE_ATTR) is self:
+            del self.model.__dict__[_HANDLE_ATTR]
+        self.active = False
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unpatch()
+
+    def __repr__(self) -> str:
+        return f"PatchHandle({type(self.model).__name__}, {self.config!r}, active={self.active})"
+
+
+def _model_configs(model) -> list:
+    """Every transformers config of the model: its own, its submodules', and their sub-configs, parents first."""
+    found, queue = {}, [getattr(model, "config", None)]
+    queue += [getattr(module, "config", None) for module in model.modules()]
+    while queue:
+        config = queue.pop(0)
+        if config is None or id(config) in found or not hasattr(config, "_attn_implementation"):
+            continue
+        found[id(config)] = config
+        queue += [getattr(config, key, None) for key in getattr(config, "sub_configs", None) or ()]
+    return list(found.values())
+
+
+def _read_implementation(config):
+    return config.__dict__.get("_attn_implementation_internal", getattr(config, "_attn_implementation", None))
+
+
+def _write_implementation(config, value) -> None:
+    if "_attn_implementation_internal" in config.__dict__:
+        config._attn_implementation_internal = value
+    else:
+        config._attn_implementation = value
+
+
+def patch(
+    model, method, *, layers=None, dense_layers=None, decode="dense", layer_config=None, **method_config
+) -> PatchHandle:
+    """Run the attention of a transformers model through `method`; returns a `PatchHandle`.
+
+    Options as in `SparseAttnConfig` (plus `track_density=True` to record densities in
+    `handle.stats`). XAttention's `threshold` may be a float, a [Hq] tensor, a [layers, Hq] table or
+    the path of a JSON table written by `sparse_attn.methods.xattention.save_thresholds`. Patching a
+    patched model replaces its plan. Raises ImportError for transformers < 4.53.
+    """
+    _require_transformers()
+    config = SparseAttnConfig(
+        method, layers=layers, dense_layers=dense_layers, decode=decode, layer_config=layer_config, **method_config
+    )
+    layer_ids = [m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    table_rows = config.max_table_layer()
+    if table_rows is not None and layer_ids and max(layer_ids) >= table_rows:
+        raise ValueError(f"the threshold table has {table_rows} layers, but the model has layer {max(layer_ids)}")
+    unpatch(model)
+    previous = [(c, _read_implementation(c)) for c in _model_configs(model)]
+    handle = PatchHandle(model, config, previous)
+    for module in model.modules():
+        setattr(module, _CONFIG_ATTR, config)
+    model.__dict__[_HANDLE_ATTR] = handle
+    try:
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(ATTENTION_NAME)
+        else:
+            for c, _ in previous:
+                c._attn_implementation = ATTENTION_NAME
+        if getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME:
+            raise RuntimeError(
+                f"{type(model).__name__} did not accept attn_implementation={ATTENTION_NAME!r}: its attention does not "
+                "dispatch through transformers' AttentionInterface, and sparse_attn never replaces forward methods"
+            )
+    except BaseException:
+        handle.unpatch()
+        raise
+    return handle
+
+
+def unpatch(model) -> bool:
+    """Undo `patch` on `model` (previous attention implementation, no stored config); False if it was not patched."""
+    handle = model.__dict__.get(_HANDLE_ATTR)
+    if handle is None:
+        return False
+    handle.unpatch()
+    return True
+
+
+@contextlib.contextmanager
+def patched(model, method, **config):
+    """`with patched(model, "xattention", threshold=0.9) as handle: ...`: patch, then unpatch on exit."""
+    handle = patch(model, method, **config)
+    try:
+        yield handle
+    finally:
+        handle.unpatch()
+
+
+def configure(method, **config) -> SparseAttnConfig | None:
+    """Set the process-wide plan used by models loaded with `attn_implementation="sparse_attn"` (and by any
+    module that was not patched); `configure(None)` clears it. Returns the config (its `stats` count calls).
+    Registers the attention function, so call it before `from_pretrained`."""
+    global _default_config
+    _require_transformers()
+    _default_config = None if method is None else SparseAttnConfig(method, **config)
+    return _default_config
+
+
+# ---------------------------------------------------------------------------------- attention function
+def sparse_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The registered attention function (transformers' contract).
+
+    query (B, Hq, Sq, D), key and value (B, Hkv, Skv, D) after RoPE and the cache update;
+    attention_mask a 2D (B, Skv) keep-mask or None (a custom 4D mask runs dense only).
+    Returns (output (B, Sq, Hq, D) contiguous, None).
+    """
+    config = module.__dict__.get(_CONFIG_ATTR) or _default_config
+    if config is None:
+        _warn_once(
+            "no-config",
+            "sparse_attn: this model has no sparse_attn configuration (call sparse_attn.hf.patch(model, ...) or "
+            "sparse_attn.hf.configure(...) before loading); running dense attention",
+        )
+        config = _DENSE_FALLBACK
+    _reject_unsupported(dropout, kwargs)
+    layer_idx = getattr(module, "layer_idx", None)
+    plan = config.plan(layer_idx if isinstance(layer_idx, int) else None)
+    is_causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+
+    custom_mask = attention_mask is not None and attention_mask.dim() == 4
+    keep = None
+    if not custom_mask:
+        key, value, keep = _align_padding_mask(attention_mask, key, value)
+    seq_q, seq_kv = query.shape[2], key.shape[2]
+    if causal and seq_q > seq_kv:
+        raise ValueError(f"causal attention needs Sq <= Skv, got query length {seq_q} and key length {seq_kv}")
+    decoding = seq_q < seq_kv and seq_q <= MAX_DECODE_QUERIES
+    path = plan.method
+    if path != "dense":
+        if window is not None:
+            _warn_once(
+                "sliding-window",
+                "sparse_attn: sliding-window layers run dense (windowed SDPA); the sparse method applies to "
+                "full-attention layers only",
+            )
+            path = "dense"
+        elif decoding and plan.decode == "dense":
+            path = "dense"
+        elif softcap is not None:
+            raise NotImplementedError(
+                f"attention logit softcapping (softcap={softcap}) is not supported by the sparse method "
+                f"{plan.method!r}; run those layers dense (dense_layers=... or method='dense')"
+            )
+        elif custom_mask:
+            raise NotImplementedError(
+                f"a custom 4D attention mask cannot be used with the sparse method {plan.method!r}; pass a 2D "
+                "padding mask, or run dense"
+            )
+    config.stats.calls[(layer_idx, "decode" if decoding else "prefill", path)] += 1
+
+    if path == "dense":
+        dense = _DenseArgs(causal, scaling, window, softcap)
+        if custom_mask:
+            out = _dense_attention(query, key, value, dense, custom_mask=attention_mask)
+        elif keep is not None and decoding:
+            out = _dense_attention(query, key, value, dense, keep=keep)  # a (B, 1, Sq, Skv) mask is small here
+        else:
+            pieces = _sequence_pieces(keep, query.shape[0], seq_q, seq_kv, kwargs, query.device)
+            out = _run_pieces(lambda q, k, v: _dense_attention(q, k, v, dense), query, key, value, pieces)
+    else:
+        pieces = _sequence_pieces(keep, query.shape[0], seq_q, seq_kv, kwargs, query.device)
+
+        def method(q, k, v):
+            return _method_attention(plan, layer_idx, q, k, v, causal, scaling, config.stats)
+
+        out = _run_pieces(method, query, key, value, pieces)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_DENSE_FALLBACK = SparseAttnConfig("dense")
+
+
+def _reject_unsupported(dropout, kwargs) -> None:
+    if dropout:
+        raise NotImplementedError(
+            f"attention dropout (dropout={dropout}) is not supported by sparse_attn; set the model's attention_dropout "
+            "to 0 for training"
+        )
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError(
+            "output_attentions=True is not supported by sparse_attn (no attention weights are formed); "
+            "use attn_implementation='eager' to inspect attention weights"
+        )
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux) are not supported by sparse_attn")
+
+
+def _align_padding_mask(mask, key, value):
+    """(key, value, keep (B, Skv) bool or None). A mask shorter than the keys marks a StaticCache's filled prefix."""
+    if mask is None:
+        return key, value, None
+    if mask.dim() != 2:
+        raise ValueError(f"expected a 2D (batch, keys) padding mask, got shape {tuple(mask.shape)}")
+    keep = mask.to(torch.bool)
+    if keep.shape[1] < key.shape[2]:
+        key, value = key[:, :, : keep.shape[1]], value[:, :, : keep.shape[1]]
+    elif keep.shape[1] > key.shape[2]:
+        keep = keep[:, -key.shape[2] :]
+    return key, value, None if bool(keep.all()) else keep
+
+
+# ---------------------------------------------------------------------------------- sequences
+@dataclass
+class _Pieces:
+    """Sequences to run separately: per piece, rows into the flattened (B * Sq) queries and (B * Skv) keys."""
+
+    q_rows: list
+    k_rows: list
+
+
+# One entry: the mask (or position ids) of the last call and its pieces. Every layer of a forward
+# pass receives the same tensor, so the host sync that splits it happens once per pass.
+_pieces_cache: list = [None]
+
+
+def _sequence_pieces(keep, batch, seq_q, seq_kv, kwargs, device) -> _Pieces | None:
+    """None when the batch runs as is; otherwise the unpadded (or unpacked) sequences."""
+    if keep is not None:
+        source, kind = keep, "mask"
+    elif kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None:
+        source, kind = kwargs["cu_seq_lens_q"], "cu"
+    elif (batch == 1 and seq_q == seq_kv > 1 and isinstance(kwargs.get("position_ids"), torch.Tensor)) and kwargs[
+        "position_ids"
+    ].shape[-1] == seq_q:
+        source, kind = kwargs["position_ids"], "positions"
+    else:
+        return None
+    cached = _pieces_cache[0]
+    signature = (kind, batch, seq_q, seq_kv, source._version)
+    if cached is not None and cached[0] is source and cached[1] == signature:
+        return cached[2]
+    if kind == "mask":
+        pieces = _pieces_from_mask(keep, seq_q, seq_kv, device)
+    elif kind == "cu":
+        pieces = _pieces_from_cu(kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], batch, seq_q, seq_kv, device)
+    else:
+        pieces = _pieces_from_positions(kwargs["position_ids"].reshape(-1), device)
+    _pieces_cache[0] = (source, signature, pieces)
+    return pieces
+
+
+def _pieces_from_mask(keep, seq_q, seq_kv, device) -> _Pieces:
+    # Queries are the last Sq key positions, so each sequence's real queries are the last of its real
+    # keys: unpadded, they are bottom-right aligned against its real keys, exactly as without padding.
+    keep = keep.cpu()
+    q_rows, k_rows = [], []
+    for b in range(keep.shape[0]):
+        k_pos = keep[b].nonzero().squeeze(1)
+        q_pos = keep[b, seq_kv - seq_q :].nonzero().squeeze(1)
+        q_rows.append((q_pos + b * seq_q).to(device))
+        k_rows.append((k_pos + b * seq_kv).to(device))
+    return _Pieces(q_rows, k_rows)
+
+
+def _pieces_from_cu(cu_q, cu_k, batch, seq_q, seq_kv, device) -> _Pieces:
+    if batch != 1:
+        raise ValueError(f"cu_seq_lens_q/k describe packed sequences in a batch of 1, got batch {batch}")
+    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    if len(cu_q) != len(cu_k) or cu_q[-1] != seq_q or cu_k[-1] != seq_kv:
+        raise ValueError(f"cu_seq_lens_q/k {cu_q}, {cu_k} do not match Sq={seq_q}, Skv={seq_kv}")
+    q_rows = [torch.arange(a, b, device=device) for a, b in zip(cu_q[:-1], cu_q[1:])]
+    k_rows = [torch.arange(a, b, device=device) for a, b in zip(cu_k[:-1], cu_k[1:])]
+    return _Pieces(q_rows, k_rows)
+
+
+def _pieces_from_positions(positions, device) -> _Pieces | None:
+    # As transformers does for flash attention: packed sequences restart at the smallest position id.
+    starts = (positions == positions.min()).nonzero().squeeze(1).tolist()
+    if starts[0] != 0 or len(starts) == 1:
+        return None
+    bounds = [*starts, positions.numel()]
+    rows = [torch.arange(a, b, device=device) for a, b in zip(bounds[:-1], bounds[1:])]
+    return _Pieces(rows, rows)
+
+
+def _run_pieces(attention, query, key, value, pieces: _Pieces | None):
+    """attention(q, k, v) -> (n, Hq, Lq, D) on the whole batch, or per piece with pieces of equal lengths batched."""
+    if pieces is None:
+        return attention(query, key, value)
+    batch, num_q_heads, seq_q, _ = query.shape
+    q_tokens = query.transpose(1, 2).reshape(batch * seq_q, num_q_heads, -1)
+    k_tokens, v_tokens = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (key, value))
+    groups: dict = {}
+    for q_rows, k_rows in zip(pieces.q_rows, pieces.k_rows):
+        if q_rows.numel():
+            groups.setdefault((q_rows.numel(), k_rows.numel()), []).append((q_rows, k_rows))
+    rows, outputs = [], []
+    for members in groups.values():
+        q = torch.stack([q_tokens[q_rows] for q_rows, _ in members]).transpose(1, 2)
+        k = torch.stack([k_tokens[k_rows] for _, k_rows in members]).transpose(1, 2)
+        v = torch.stack([v_tokens[k_rows] for _, k_rows in members]).transpose(1, 2)
+        out = attention(q, k, v)  # (n, Hq, Lq, Dv)
+        rows += [q_rows for q_rows, _ in members]
+        outputs.append(out.transpose(1, 2).reshape(-1, num_q_heads, out.shape[-1]))
+    # Query rows of padding stay zero; index_copy keeps the assembly differentiable.
+    flat = query.new_zeros(batch * seq_q, num_q_heads, value.shape[-1])
+    if rows:
+        flat = flat.index_copy(0, torch.cat(rows), torch.cat(outputs))
+    return flat.view(batch, seq_q, num_q_heads, -1).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------- dense path
+@dataclass(frozen=True)
+class _DenseArgs:
+    causal: bool
+    scale: float | None
+    window: int | None
+    softcap: float | None
+
+
+def _dense_attention(query, key, value, args: _DenseArgs, *, keep=None, custom_mask=None):
+    """SDPA (eager when softcapping) with native GQA; causal bottom-right, sliding window, padding keep-mask."""
+    seq_q, seq_kv = query.shape[2], key.shape[2]
+    allowed, is_causal = custom_mask, False
+    if custom_mask is None:
+        # SDPA's is_causal is top-left aligned: only right for Sq == Skv. Sq == 1 sees every key.
+        need_positions = args.window is not None or (args.causal and 1 < seq_q < seq_kv)
+        if need_positions:
+            q_pos = torch.arange(seq_q, device=query.device)[:, None] + (seq_kv - seq_q)
+            k_pos = torch.arange(seq_kv, device=query.device)[None, :]
+            allowed = causal_token_mask(seq_q, seq_kv, query.device) if args.causal else None
+            if args.window is not None:
+                in_window = (q_pos - k_pos < args.window) & (k_pos - q_pos < args.window)
+                allowed = in_window if allowed is None else allowed & in_window
+        if keep is not None:
+            padding = keep[:, None, None, :]
+            allowed = padding if allowed is None else allowed & padding
+            if args.causal and seq_q > 1 and not need_positions:
+                allowed = allowed & causal_token_mask(seq_q, seq_kv, query.device)
+        if allowed is not None:
+            # Rows with no visible key (padding queries) attend everywhere, so they stay finite.
+            allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+        else:
+            is_causal = args.causal and seq_q > 1
+    if args.softcap is not None:
+        return _softcapped_attention(query, key, value, allowed, is_causal, args.scale, args.softcap)
+    return F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=allowed,
+        is_causal=is_causal,
+        scale=args.scale,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+
+
+def _softcapped_attention(query, key, value, allowed, is_causal, scale, softcap):
+    """softmax(softcap * tanh(scale q k^T / softcap)) v in fp32, GQA by a group axis (no K/V copies)."""
+    batch, num_q_heads, seq_q, dim = query.shape
+    num_kv_heads, seq_kv = key.shape[1], key.shape[2]
+    scale = dim**-0.5 if scale is None else scale
+    q = query.reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, seq_q, dim).float()
+    logits = q @ key.float()[:, :, None].transpose(-1, -2) * scale
+    logits = (softcap * torch.tanh(logits / softcap)).reshape(batch, num_q_heads, seq_q, seq_kv)
+    if is_causal:
+        allowed = causal_token_mask(seq_q, seq_kv, query.device)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else logits + allowed
+    probs = logits.softmax(dim=-1).reshape(batch, num_kv_heads, -1, seq_q, seq_kv)
+    return (probs @ value.float()[:, :, None]).reshape(batch, num_q_heads, seq_q, -1).to(query.dtype)
+
+
+# ---------------------------------------------------------------------------------- methods
+def _layer_threshold(threshold, layer_idx):
+    if isinstance(threshold, torch.Tensor) and threshold.dim() == 2:
+        if layer_idx is None or not 0 <= layer_idx < threshold.shape[0]:
+            raise ValueError(f"the [layers, Hq] threshold table has {threshold.shape[0]} rows; no row for {layer_idx}")
+        return threshold[layer_idx]
+    return threshold
+
+
+def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats: AttentionStats):
+    options = plan.options
+    if plan.method == "xattention":
+        out = xattention_attn(
+            q,
+            k,
+            v,
+            stride=options["stride"],
+            threshold=_layer_threshold(options["threshold"], layer_idx),
+            block_size=options["block_size"],
+            causal=causal,
+            chunk_size=options["chunk_size"],
+            softmax_scale=scale,
+            return_layout=stats.track_density,
+        )
+        if stats.track_density:
+            out, layout = out
+            stats.densities.append((layer_idx, layout.density(causal=causal)))
+        return out
+    if plan.method == "moba":
+        block_size, topk = options["block_size"], options["topk"]
+        out = moba_attn(q, k, v, block_size=block_size, topk=topk, causal=causal, softmax_scale=scale)
+        if stats.track_density:
+            stats.densities.append((layer_idx, _moba_density(q, k, block_size, topk, causal)))
+        return out
+    raise AssertionError(f"no sparse path for method {plan.method!r}")
+
+
+def _moba_density(q, k, block_size, topk, causal) -> float:
+    """Mean over query rows of routed blocks / causally visible blocks."""
+    routes = moba_route(q.detach(), k.detach(), block_size=block_size, topk=topk, causal=causal)
+    chosen = (routes >= 0).sum(dim=-1).double()
+    num_blocks = -(-k.shape[2] // block_size)
+    if causal:
+        position = torch.arange(q.shape[2], device=q.device) + (k.shape[2] - q.shape[2])
+        visible = (position // block_size + 1).double()
+    else:
+        visible = torch.full((q.shape[2],), float(num_blocks), device=q.device, dtype=torch.float64)
+    return float((chosen / visible).mean())

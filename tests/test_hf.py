@@ -1,0 +1,410 @@
+"""Hugging Face integration: tiny offline models (random weights, fp32 on the CPU) through sparse_attn.hf.
+
+Full budget (XAttention tau = 1, MoBA topk covering every block, the dense method) must reproduce
+SDPA; padding must not change a sequence's result; unpatch must restore the exact previous outputs.
+"""
+
+import os
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers", reason="the HF integration needs transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from sparse_attn import hf  # noqa: E402
+from sparse_attn.methods.moba import moba_attn  # noqa: E402
+from sparse_attn.methods.xattention import save_thresholds  # noqa: E402
+from sparse_attn.reference import masked_attention  # noqa: E402
+from sparse_attn.testing import TINY_CAUSAL_LM  # noqa: E402
+
+SEQ_LEN, BLOCK = 256, 64
+FULL_XATTN = {"threshold": 1.0, "block_size": BLOCK, "stride": 8}
+COMMON = {**TINY_CAUSAL_LM, "pad_token_id": 0}
+
+
+def _config(family: str):
+    if family == "llama":
+        return transformers.LlamaConfig(**COMMON)
+    if family == "qwen2":
+        # Layer 1 is a sliding-window layer with a window shorter than the prompt: it must stay dense.
+        config = transformers.Qwen2Config(use_sliding_window=True, sliding_window=128, max_window_layers=1, **COMMON)
+        if getattr(config, "layer_types", None) is not None:
+            assert config.layer_types == ["full_attention", "sliding_attention"]
+        return config
+    if family == "qwen3":
+        return transformers.Qwen3Config(**COMMON)
+    if family == "mistral":
+        return transformers.MistralConfig(sliding_window=None, **COMMON)
+    raise ValueError(family)
+
+
+def _model(family="llama", seed=0):
+    torch.manual_seed(seed)
+    config = _config(family)
+    config._attn_implementation = "sdpa"
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _ids(batch=1, length=SEQ_LEN, seed=1):
+    return torch.randint(1, 1000, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _greedy(model, ids, mask=None, new_tokens=6):
+    mask = torch.ones_like(ids) if mask is None else mask
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+    )
+    return out[:, ids.shape[1] :]
+
+
+@pytest.fixture
+def reference_engine(monkeypatch):
+    """Run the engine and the XAttention estimator through their PyTorch paths (the Triton interpreter is
+    exact but slow; the kernels have their own tests)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+# ---------------------------------------------------------------------------------- full budget = SDPA
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_full_budget_xattention_matches_sdpa(family):
+    model, ids = _model(family), _ids()
+    with torch.no_grad():
+        expected_logits, expected_tokens = model(ids).logits, _greedy(model, ids)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the one-time sliding-window note
+            with hf.patched(model, "xattention", **FULL_XATTN) as handle:
+                assert model.config._attn_implementation == "sparse_attn"
+                logits, tokens = model(ids).logits, _greedy(model, ids)
+    torch.testing.assert_close(logits, expected_logits, atol=2e-4, rtol=1e-4)
+    assert torch.equal(tokens, expected_tokens)
+    calls = handle.stats.calls
+    assert calls[(0, "prefill", "xattention")] == 2 and calls[(0, "decode", "dense")] == 5
+    # Qwen2's layer 1 slides a 128-token window over 256 tokens: it ran dense.
+    sliding = family == "qwen2"
+    assert calls[(1, "prefill", "dense" if sliding else "xattention")] == 2
+
+
+# topk covers every block of the prompt and of the generated tokens (MoBA routes the decode queries too).
+FULL_MOBA = {"block_size": BLOCK, "topk": SEQ_LEN // BLOCK + 1, "decode": "sparse"}
+
+
+@pytest.mark.parametrize("method, options", [("dense", {}), ("moba", FULL_MOBA)])
+def test_full_budget_dense_and_moba_match_sdpa(reference_engine, method, options):
+    model, ids = _model("llama"), _ids()
+    with torch.no_grad():
+        expected_logits, expected_tokens = model(ids).logits, _greedy(model, ids)
+        with hf.patched(model, method, **options) as handle:
+            logits, tokens = model(ids).logits, _greedy(model, ids)
+    torch.testing.assert_close(logits, expected_logits, atol=2e-4, rtol=1e-4)
+    assert torch.equal(tokens, expected_tokens)
+    assert handle.stats.calls[(0, "decode", method)] == 5  # MoBA routes the decode queries too
+
+
+def test_configure_for_from_config(reference_engine):
+    reference_model, ids = _model("llama"), _ids()
+    try:
+        config = hf.configure("xattention", **FULL_XATTN)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(_config("llama"), attn_implementation="sparse_attn")
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, reference_model(ids).logits, atol=2e-4, rtol=1e-4)
+        assert config.stats.calls[(1, "prefill", "xattention")] == 1
+    finally:
+        hf.configure(None)
+
+
+# ---------------------------------------------------------------------------------- padding
+def test_left_padded_batch_equals_unpadded_runs(reference_engine):
+    model = _model("llama")
+    long, short = _ids(length=SEQ_LEN, seed=2)[0], _ids(length=SEQ_LEN - 70, seed=3)[0]
+    batch = torch.zeros(2, SEQ_LEN, dtype=torch.long)
+    batch[0], batch[1, 70:] = long, short
+    mask = (torch.arange(SEQ_LEN) >= torch.tensor([[0], [70]])).long()
+    # A budget that drops blocks: the result depends on where each sequence's block grid starts.
+    with torch.no_grad(), hf.patched(model, "xattention", threshold=0.3, block_size=BLOCK, track_density=True) as h:
+        padded = _greedy(model, batch, mask)
+        alone = [_greedy(model, long[None]), _greedy(model, short[None])]
+        padded_logits = model(batch, attention_mask=mask).logits
+        alone_logits = [model(long[None]).logits[0], model(short[None]).logits[0]]
+    assert h.stats.mean_density() < 0.95
+    assert torch.equal(padded[0], alone[0][0]) and torch.equal(padded[1], alone[1][0])
+    torch.testing.assert_close(padded_logits[0], alone_logits[0], atol=2e-4, rtol=1e-4)
+    # The padded row's positions are shifted by 70 (no position_ids given): RoPE is relative, so only rounding moves.
+    torch.testing.assert_close(padded_logits[1, 70:], alone_logits[1], atol=5e-4, rtol=1e-4)
+
+
+def _module(config, layer_idx=0):
+    module = types.SimpleNamespace(layer_idx=layer_idx, is_causal=True)
+    setattr(module, hf._CONFIG_ATTR, config)
+    return module
+
+
+def _qkv(batch, seq_q, seq_kv, seed=0, heads=(4, 2)):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads[0], seq_q, 64, generator=gen)
+    k, v = (torch.randn(batch, heads[1], seq_kv, 64, generator=gen) for _ in range(2))
+    return q, k, v
+
+
+def _oracle(q, k, v, allowed):
+    return masked_attention(q, k, v, allowed, compute_dtype=torch.float64)[0].float().transpose(1, 2)
+
+
+def test_function_padding_and_packing_equal_separate_runs(reference_engine):
+    module = _module(hf.SparseAttnConfig("xattention", threshold=0.6, block_size=BLOCK))
+    q, k, v = _qkv(1, 300, 300)
+    alone = [
+        hf.sparse_attention_forward(module, *(t[:, :, s] for t in (q, k, v)), None)[0]
+        for s in (slice(0, 120), slice(120, 300))
+    ]
+    # Left padding: the 120-token sequence padded to 300 next to the 300-token one... as two rows of a batch.
+    padded_q, padded_k, padded_v = (torch.cat([t, t]) for t in (q, k, v))
+    for t, src in ((padded_q, q), (padded_k, k), (padded_v, v)):
+        t[1, :, 180:] = src[0, :, :120]
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[1, :180] = False
+    out, weights = hf.sparse_attention_forward(module, padded_q, padded_k, padded_v, mask)
+    full = hf.sparse_attention_forward(module, q, k, v, None)[0]
+    assert weights is None and out.shape == (2, 300, 4, 64) and out.is_contiguous()
+    torch.testing.assert_close(out[0], full[0])
+    torch.testing.assert_close(out[1, 180:], alone[0][0])
+    assert not out[1, :180].any()  # padding query rows stay zero
+    # Packed: one row holding both sequences, split by restarting position ids.
+    positions = torch.cat([torch.arange(120), torch.arange(180)])[None]
+    packed = hf.sparse_attention_forward(module, q, k, v, None, position_ids=positions)[0]
+    torch.testing.assert_close(packed[0, :120], alone[0][0])
+    torch.testing.assert_close(packed[0, 120:], alone[1][0])
+
+
+# ---------------------------------------------------------------------------------- phases
+@pytest.mark.parametrize("seq_q", [1, 4, 100])
+def test_function_bottom_right_causal(reference_engine, seq_q):
+    q, k, v = _qkv(2, seq_q, 256)
+    allowed = torch.arange(256)[None, :] <= torch.arange(seq_q)[:, None] + 256 - seq_q
+    for config in (hf.SparseAttnConfig("dense"), hf.SparseAttnConfig("xattention", **FULL_XATTN)):
+        out, _ = hf.sparse_attention_forward(_module(config), q, k, v, None, scaling=0.1)
+        expected = masked_attention(q, k, v, allowed, softmax_scale=0.1, compute_dtype=torch.float64)[0]
+        torch.testing.assert_close(out, expected.float().transpose(1, 2), atol=1e-5, rtol=1e-5)
+        path = "dense" if seq_q <= 16 or config.method == "dense" else "xattention"
+        assert config.stats.calls[(0, "decode" if seq_q <= 16 else "prefill", path)] == 1
+
+
+def test_function_decode_with_padding_and_sparse_decode(reference_engine):
+    q, k, v = _qkv(2, 1, 200)
+    mask = torch.ones(2, 200, dtype=torch.bool)
+    mask[1, :50] = False
+    dense, _ = hf.sparse_attention_forward(_module(hf.SparseAttnConfig("moba")), q, k, v, mask)
+    torch.testing.assert_close(dense, _oracle(q, k, v, mask[:, None, None, :]), atol=1e-5, rtol=1e-5)
+    routed = hf.SparseAttnConfig("moba", block_size=BLOCK, topk=2, decode="sparse")
+    out, _ = hf.sparse_attention_forward(_module(routed), q, k, v, mask)
+    torch.testing.assert_close(out[0], moba_attn(q[:1], k[:1], v[:1], block_size=BLOCK, topk=2)[0].transpose(0, 1))
+    sequence = [q[1:], k[1:, :, 50:], v[1:, :, 50:]]
+    torch.testing.assert_close(out[1], moba_attn(*sequence, block_size=BLOCK, topk=2)[0].transpose(0, 1))
+    assert routed.stats.calls[(0, "decode", "moba")] == 1
+
+
+def test_function_sliding_window_and_softcap_run_dense(reference_engine):
+    q, k, v = _qkv(1, 256, 256)
+    position = torch.arange(256)
+    window = (position[None, :] <= position[:, None]) & (position[:, None] - position[None, :] < 100)
+    config = hf.SparseAttnConfig("xattention", **FULL_XATTN)
+    hf._warned.discard("sliding-window")
+    with pytest.warns(UserWarning, match="sliding-window"):
+        out, _ = hf.sparse_attention_forward(_module(config), q, k, v, None, sliding_window=100)
+    torch.testing.assert_close(out, _oracle(q, k, v, window), atol=1e-5, rtol=1e-5)
+    assert config.stats.calls[(0, "prefill", "dense")] == 1
+
+    # Softcapping: the dense method applies it in an eager softmax; sparse methods refuse it.
+    out, _ = hf.sparse_attention_forward(_module(hf.SparseAttnConfig("dense")), q, k, v, None, softcap=5.0)
+    logits = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double().repeat_interleave(2, 1)) / 8
+    logits = (5.0 * torch.tanh(logits / 5.0)).masked_fill(~(position[None, :] <= position[:, None]), float("-inf"))
+    expected = (logits.softmax(-1) @ v.double().repeat_interleave(2, 1)).float().transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="softcap"):
+        hf.sparse_attention_forward(_module(config), q, k, v, None, softcap=5.0)
+
+
+def test_unsupported_features_raise():
+    q, k, v = _qkv(1, 64, 64)
+    module = _module(hf.SparseAttnConfig("xattention"))
+    with pytest.raises(NotImplementedError, match="dropout"):
+        hf.sparse_attention_forward(module, q, k, v, None, dropout=0.1)
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        hf.sparse_attention_forward(module, q, k, v, None, output_attentions=True)
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        hf.sparse_attention_forward(module, q, k, v, None, s_aux=torch.zeros(4))
+    with pytest.raises(NotImplementedError, match="4D attention mask"):
+        hf.sparse_attention_forward(module, q, k, v, torch.ones(1, 1, 64, 64, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="sparse decode"):
+        hf.SparseAttnConfig("xattention", decode="sparse")
+    with pytest.raises(ValueError, match="unknown sparse_attn method"):
+        hf.SparseAttnConfig("nope")
+    with pytest.raises(TypeError, match="topk"):
+        hf.SparseAttnConfig("xattention", topk=3)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        hf.SparseAttnConfig("xattention", threshold=1.5)
+
+
+def test_transformers_version_under_test():
+    """scripts/test.sh runs this file again against transformers 4.53.3: make sure that one was imported."""
+    expected = os.environ.get("SPARSE_ATTN_EXPECT_TRANSFORMERS")
+    assert hf._release(transformers.__version__) >= hf.MIN_TRANSFORMERS
+    if expected:
+        assert transformers.__version__ == expected
+
+
+def test_old_transformers_is_rejected(monkeypatch):
+    model = _model("llama")
+    # Loading model classes may replace transformers' lazy module in sys.modules: patch the current one.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.52.3")
+    with pytest.raises(ImportError, match=r"transformers >= 4\.53, found 4\.52\.3"):
+        hf.patch(model, "dense")
+    with pytest.raises(ImportError, match="4.53"):
+        hf.configure("dense")
+
+
+# ---------------------------------------------------------------------------------- patch lifecycle
+def test_unpatch_restores_bit_identical_outputs(reference_engine):
+    model, ids = _model("llama"), _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        handle = hf.patch(model, "xattention", threshold=0.5, block_size=BLOCK)
+        sparse = model(ids).logits
+        assert not torch.equal(sparse, before)
+        assert hf.unpatch(model) and not handle.active and not hf.unpatch(model)
+        assert model.config._attn_implementation == "sdpa"
+        assert not any(hf._CONFIG_ATTR in m.__dict__ for m in model.modules())
+        assert torch.equal(model(ids).logits, before)
+        with hf.patched(model, "moba", block_size=BLOCK, topk=1):
+            hf.patch(model, "dense")  # re-patching replaces the plan; the original name is still restored
+        assert torch.equal(model(ids).logits, before)
+    registered = transformers.AttentionInterface._global_mapping["sparse_attn"]
+    assert registered is hf.sparse_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    assert AttentionMaskInterface._global_mapping["sparse_attn"] is flash_attention_mask
+
+
+@pytest.mark.parametrize("method, options", [("xattention", FULL_XATTN), ("moba", {"block_size": BLOCK, "topk": 2})])
+def test_backward_matches_dense_at_full_budget(reference_engine, method, options):
+    model, ids = _model("llama"), _ids(length=128)
+    model.train()  # attention_dropout is 0: training mode must not trip the dropout check
+
+    def grads():
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected_loss, expected = grads()
+    with hf.patched(model, method, **options) as handle:
+        loss, got = grads()
+    assert handle.stats.calls[(1, "prefill", method)] == 1
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in got.items():
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, expected[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_from_pretrained_with_configure(reference_engine, tmp_path):
+    """The documented alternative: configure(), then from_pretrained(attn_implementation="sparse_attn")."""
+    reference_model, ids = _model("qwen3"), _ids()
+    reference_model.save_pretrained(tmp_path)
+    try:
+        config = hf.configure("moba", block_size=BLOCK, topk=SEQ_LEN // BLOCK)
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparse_attn").eval()
+        assert model.config._attn_implementation == "sparse_attn"
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, reference_model(ids).logits, atol=2e-4, rtol=1e-4)
+        assert config.stats.calls[(0, "prefill", "moba")] == 1
+    finally:
+        hf.configure(None)
+
+
+def test_top_level_api():
+    import sparse_attn
+
+    assert sparse_attn.patch is hf.patch and sparse_attn.unpatch is hf.unpatch
+    assert sparse_attn.patched is hf.patched and sparse_attn.configure is hf.configure
+
+
+def test_demo_command(reference_engine, capsys):
+    from sparse_attn.__main__ import main
+
+    assert main(["demo", "--prompt-len", "256", "--new-tokens", "3", "--block-size", "64", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {
+        line.split()[0]: line.split()
+        for line in lines
+        if line.split() and line.split()[0] in {"dense", "xattention", "moba"}
+    }
+    assert set(rows) == {"dense", "xattention", "moba"}
+    # Dense through the patcher is SDPA itself: density 1, full agreement, zero KL, identical tokens.
+    assert rows["dense"][2:] == ["1.000", "1.000", "0.00e+00", "1.000"]
+    for method in ("xattention", "moba"):
+        density = float(rows[method][2])
+        assert 0 < density <= 1 and 0 <= float(rows[method][3]) <= 1
+
+
+# ---------------------------------------------------------------------------------- per-layer plans
+def test_per_layer_configuration(reference_engine, monkeypatch, tmp_path):
+    calls = []
+
+    def spy(q, k, v, **options):
+        calls.append(options["threshold"])
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    monkeypatch.setattr(hf, "xattention_attn", spy)
+    model, ids = _model("llama"), _ids(length=128)
+    with torch.no_grad():
+        with hf.patched(model, "xattention", dense_layers=[0], threshold=0.8, block_size=BLOCK) as handle:
+            model(ids)
+        assert calls == [0.8]  # only layer 1 ran XAttention
+        assert handle.stats.calls[(0, "prefill", "dense")] == 1
+
+        calls.clear()
+        with hf.patched(model, "xattention", layers=[0], threshold=0.8, layer_config={0: {"threshold": 0.95}}):
+            model(ids)
+        assert calls == [0.95]
+
+        calls.clear()
+        table = torch.tensor([[0.5, 0.6, 0.7, 0.8], [0.9, 0.91, 0.92, 0.93]])
+        save_thresholds(tmp_path / "tau.json", table)
+        with hf.patched(model, "xattention", threshold=str(tmp_path / "tau.json"), block_size=BLOCK):
+            model(ids)
+        torch.testing.assert_close(torch.stack(calls), table)
+
+        with hf.patched(model, "xattention", layer_config={1: {"method": "moba", "topk": 1}}, block_size=BLOCK) as h:
+            model(ids)
+        assert h.stats.calls[(1, "prefill", "moba")] == 1 and h.config.plan(1).options == {"block_size": 512, "topk": 1}
+
+    with pytest.raises(ValueError, match="threshold table has 1 layers"):
+        hf.patch(model, "xattention", threshold=table[:1])
+
+
+# ---------------------------------------------------------------------------------- GPU (bf16, Triton engine)
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "method, options",
+    [("xattention", {"threshold": 1.0, "block_size": 128, "stride": 8}), ("moba", {"block_size": 128, "topk": 5})],
+)
+def test_gpu_full_budget_bf16_follows_flash_rule(method, options):
+    """At full budget the patched bf16 model is no further from the fp32 model than SDPA in bf16 is (2x rule)."""
+    model, ids = _model("llama"), _ids(length=512).cuda()
+    model = model.cuda()
+    with torch.no_grad():
+        exact = model(ids).logits.double()
+        model = model.to(torch.bfloat16)
+        sdpa = model(ids).logits.double()
+        with hf.patched(model, method, **options) as handle:
+            sparse = model(ids).logits.double()
+    assert handle.stats.calls[(0, "prefill", method)] == 1
+    sdpa_error = (sdpa - exact).abs().max().item()
+    sparse_error = (sparse - exact).abs().max().item()
+    assert sparse_error <= 2 * sdpa_error + 1e-3, (sparse_error, sdpa_error)
