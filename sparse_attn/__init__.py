@@ -11,7 +11,15 @@ from .decode import block_sparse_decode
 from .engine import block_sparse_attn, block_sparse_attn_varlen
 from .hf import configure, patch, patched, unpatch
 from .layout import BlockSparseLayout, causal_block_mask, validate_token_indices
-from .methods import KeyShortConv, moba_attn, moba_route
+from .methods import (
+    KeyShortConv,
+    MoBABlockMeans,
+    moba_attn,
+    moba_attn_varlen,
+    moba_attn_varlen_qk,
+    moba_decode,
+    moba_route,
+)
 from .methods.xattention import calibrate_xattention, xattention_attn, xattention_estimate, xattention_select
 from .selection import block_mean_pool, layout_transpose, threshold_select, topk_rows
 
@@ -21,6 +29,7 @@ __all__ = [
     "HAS_NATIVE",
     "BlockSparseLayout",
     "KeyShortConv",
+    "MoBABlockMeans",
     "backend_report",
     "block_mean_pool",
     "block_sparse_attn",
@@ -31,6 +40,9 @@ __all__ = [
     "configure",
     "layout_transpose",
     "moba_attn",
+    "moba_attn_varlen",
+    "moba_attn_varlen_qk",
+    "moba_decode",
     "moba_route",
     "native_available",
     "patch",

@@ -15,7 +15,7 @@ from ._native import HAS_NATIVE, _has_kernel
 from .engine import _check_qkv, _default_scale
 from .layout import BlockSparseLayout
 
-__all__ = ["block_sparse_decode", "decode_available", "MAX_DECODE_QUERIES"]
+__all__ = ["block_sparse_decode", "decode_available", "decode_kernel_accepts", "MAX_DECODE_QUERIES"]
 
 OP_NAME = "block_sparse_decode"
 MAX_DECODE_QUERIES = 16
@@ -27,6 +27,20 @@ _CUDA_HEAD_DIMS = (64, 96, 128, 256)
 def decode_available(device: str | torch.device = "cpu") -> bool:
     """Whether the native decode op runs on tensors of this device type ('cpu' or 'cuda')."""
     return _has_kernel(OP_NAME, "CUDA" if torch.device(device).type == "cuda" else "CPU")
+
+
+def decode_kernel_accepts(q, k, v) -> bool:
+    """Whether `block_sparse_decode` takes these tensors (native kernel, dtype, head dim, Sq, no gradient);
+    callers with another path (MoBA's routed decode) fall back to it otherwise."""
+    if q.shape[2] > MAX_DECODE_QUERIES or not decode_available(q.device):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return False
+    if any(t.shape[-1] > 1 and t.stride(-1) != 1 for t in (q, k, v)):
+        return False
+    if q.device.type == "cuda":
+        return q.dtype in _CUDA_DTYPES and q.shape[-1] in _CUDA_HEAD_DIMS
+    return q.dtype in _CPU_DTYPES
 
 
 def block_sparse_decode(

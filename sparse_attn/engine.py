@@ -163,12 +163,7 @@ def block_sparse_attn_varlen(
         out, lse = _reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, layout, causal, scale)
     else:
         _check_triton_shapes(q, layout, q.shape[-1])
-        # A packed tensor is one "batch" of length total with per-sequence offsets; batch strides are 0.
-        q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
-        out4, lse = _triton_attention(
-            q4, k4, v4, layout, causal, scale, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
-        )
-        out, lse = out4.transpose(1, 2).squeeze(0), lse.squeeze(0)
+        out, lse = _triton_varlen(q, k, v, layout, causal, scale, cu_seqlens_q, cu_seqlens_k)
     return (out, lse) if return_lse else out
 
 
@@ -224,6 +219,15 @@ def _reference_varlen(q, k, v, cu_q, cu_k, layout, causal, scale):
 
 
 # ---------------------------------------------------------------------------------- Triton path
+def _triton_varlen(q, k, v, layout, causal, scale, cu_q, cu_k, row_blocks=None):
+    """The Triton op on packed (total, H, D) tensors: (out (total_q, Hq, D), lse (Hq, total_q))."""
+    # A packed tensor is one "batch" of length total with per-sequence offsets.
+    q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
+    cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    out4, lse = _triton_attention(q4, k4, v4, layout, causal, scale, cu_q, cu_k, row_blocks=row_blocks)
+    return out4.transpose(1, 2).squeeze(0), lse.squeeze(0)
+
+
 def _triton_attention(q, k, v, layout, causal, scale, cu_q, cu_k, row_blocks=None):
     """The Triton op; `row_blocks` [B, Hq, Sq, K] (sorted block ids, -1 padded) further restricts each
     query to the blocks it chose itself (MoBA's per-token routing on top of the union layout)."""

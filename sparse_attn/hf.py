@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .decode import MAX_DECODE_QUERIES
-from .methods.moba import moba_attn, moba_route
+from .methods.moba import moba_attn, moba_decode, moba_route
 from .methods.xattention import load_thresholds, xattention_attn
 from .reference import causal_token_mask
 
@@ -698,7 +698,13 @@ def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats:
         return out
     if plan.method == "moba":
         block_size, topk = options["block_size"], options["topk"]
-        out = moba_attn(q, k, v, block_size=block_size, topk=topk, causal=causal, softmax_scale=scale)
+        if causal and q.shape[2] <= MAX_DECODE_QUERIES and q.shape[2] < k.shape[2]:
+            # Routed decode: the split-KV kernel over the routed blocks. Block means are pooled from the
+            # cache each step: transformers does not hand the cache object to attention functions, so an
+            # incremental MoBABlockMeans could not notice beam reordering or a new sequence.
+            out = moba_decode(q, k, v, block_size=block_size, topk=topk, softmax_scale=scale)
+        else:
+            out = moba_attn(q, k, v, block_size=block_size, topk=topk, causal=causal, softmax_scale=scale)
         if stats.track_density:
             stats.densities.append((layer_idx, _moba_density(q, k, block_size, topk, causal)))
         return out

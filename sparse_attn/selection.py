@@ -62,7 +62,7 @@ def topk_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
     if scores.dim() < 1:
         raise ValueError("scores must have at least one dimension")
     _check_int(k, "k", 0)
-    rows = scores.reshape(-1, scores.shape[-1])
+    rows = scores.reshape(scores.shape[:-1].numel(), scores.shape[-1])  # -1 is ambiguous with N == 0
     return _run("topk_rows", scores.device, rows, k).view(*scores.shape[:-1], k)
 
 

@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from sparse_attn.engine import triton_available
-from sparse_attn.methods.moba import moba_attention_reference, moba_attn, moba_route
+from sparse_attn.methods.moba import (
+    moba_attention_reference,
+    moba_attn,
+    moba_attn_varlen,
+    moba_attn_varlen_qk,
+    moba_route,
+)
 from sparse_attn.reference import causal_token_mask
 from sparse_attn.testing import assert_flash_rule, structured_qkv
 
@@ -78,12 +84,100 @@ def test_structured_inputs_route_to_planted_spans():
 
 def test_block_size_the_kernel_cannot_take(rng):
     q, k, v = (t.detach() for t in make_qkv(rng, 1, 2, 2, 64, 64, 32, torch.float32))
-    with pytest.raises(ValueError, match="kv_block_size=8"):
+    with pytest.raises(ValueError, match="^block_size=8 must be a multiple of 16"):
         moba_attn(q, k, v, block_size=8, topk=2, backend="triton")
     out = moba_attn(q, k, v, block_size=8, topk=2, backend="reference")
     assert out.shape == q.shape
     with pytest.raises(ValueError, match="topk"):
         moba_attn(q, k, v, block_size=16, topk=0)
+
+
+# ---------------------------------------------------------------------------------- varlen
+def packed_qkv(rng, lengths_q, lengths_k, hq, hkv, dim, dtype):
+    shapes = ((sum(lengths_q), hq, dim), (sum(lengths_k), hkv, dim), (sum(lengths_k), hkv, dim))
+    tensors = [torch.randn(s, generator=rng).to(DEVICE, dtype).requires_grad_() for s in shapes]
+    cu = [torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32) for lengths in (lengths_q, lengths_k)]
+    return tensors, cu
+
+
+def per_sequence_oracle(q, k, v, cu_q, cu_k, block_size, topk, compute_dtype):
+    """Each sequence on its own through the dense-mask oracle, packed again: (total_q, Hq, D)."""
+    outs = []
+    for i in range(cu_q.numel() - 1):
+        seq_q = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)[None]
+        seq_k, seq_v = (t[cu_k[i] : cu_k[i + 1]].transpose(0, 1)[None] for t in (k, v))
+        routes = moba_route(seq_q.detach(), seq_k.detach(), block_size=block_size, topk=topk)
+        out, _ = moba_attention_reference(
+            seq_q, seq_k, seq_v, routes, block_size=block_size, compute_dtype=compute_dtype
+        )
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+VARLEN_CASES = {
+    # name: (query lengths, key lengths, hq, hkv, block, topk)
+    "prefill_ragged_gqa": ([70, 0, 130, 33], [70, 0, 130, 33], 4, 2, 16, 3),
+    "chunked_and_decode": ([1, 20, 50], [147, 40, 64], 2, 1, 32, 2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(VARLEN_CASES))
+def test_varlen_matches_per_sequence_oracle(rng, case, dtype):
+    lengths_q, lengths_k, hq, hkv, block, topk = VARLEN_CASES[case]
+    (q, k, v), (cu_q, cu_k) = packed_qkv(rng, lengths_q, lengths_k, hq, hkv, 32, dtype)
+    if lengths_q == lengths_k:
+        out = moba_attn_varlen(q, k, v, cu_q, max(lengths_q), block, topk)
+    else:
+        out = moba_attn_varlen_qk(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), block, topk)
+    assert out.shape == q.shape and not torch.isnan(out).any()
+    ref = per_sequence_oracle(q, k, v, cu_q, cu_k, block, topk, torch.float64)
+    same = per_sequence_oracle(q, k, v, cu_q, cu_k, block, topk, q.dtype)
+    assert_flash_rule(out, ref, same, 2, "output")
+    grad = torch.randn_like(out)
+    for name, g, r, s in zip(
+        "qkv",
+        torch.autograd.grad(out, (q, k, v), grad),
+        torch.autograd.grad(ref, (q, k, v), grad.double()),
+        torch.autograd.grad(same, (q, k, v), grad.to(same.dtype)),
+    ):
+        assert_flash_rule(g, r, s, 3, f"d{name}")
+
+
+def test_varlen_full_budget_is_dense_causal_per_sequence(rng):
+    lengths = [96, 50, 128]
+    (q, k, v), (cu, _) = packed_qkv(rng, lengths, lengths, 4, 2, 32, torch.float32)
+    out, lse = moba_attn_varlen(q, k, v, cu, 128, 32, 4, return_lse=True)
+    assert lse.shape == (4, sum(lengths)) and lse.dtype == torch.float32
+    for i in range(len(lengths)):
+        rows = slice(int(cu[i]), int(cu[i + 1]))
+        seq_q, seq_k, seq_v = (t[rows].transpose(0, 1)[None] for t in (q, k, v))
+        dense = F.scaled_dot_product_attention(seq_q, seq_k, seq_v, is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(out[rows], dense[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_reference_backend_agrees(rng):
+    (q, k, v), (cu_q, cu_k) = packed_qkv(rng, [1, 20, 50], [147, 40, 64], 2, 1, 32, torch.float32)
+    args = (q, k, v, cu_q, cu_k, 50, 147, 32, 2)
+    out, lse = moba_attn_varlen_qk(*args, return_lse=True)
+    ref_out, ref_lse = moba_attn_varlen_qk(*args, return_lse=True, backend="reference")
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_bad_input(rng):
+    (q, k, v), (cu_q, cu_k) = packed_qkv(rng, [10, 30], [20, 20], 2, 1, 32, torch.float32)
+    q, k, v = (t.detach() for t in (q, k, v))
+    with pytest.raises(ValueError, match="moba_topk"):
+        moba_attn_varlen(q, k, v, cu_q, 30, 16, 0)
+    with pytest.raises(ValueError, match="moba_chunk_size=8"):
+        moba_attn_varlen(q, k, v, cu_q, 30, 8, 2, backend="triton")
+    with pytest.raises(ValueError, match="Lq <= Lk"):
+        moba_attn_varlen_qk(q, k, v, cu_q, cu_k, 30, 20, 16, 2)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        moba_attn_varlen_qk(q, k, v, cu_q, cu_k[:2], 30, 20, 16, 2)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        moba_attn_varlen(q, k, v, cu_q, 16, 16, 2)
 
 
 @pytest.mark.gpu
@@ -92,3 +186,14 @@ def test_block_size_the_kernel_cannot_take(rng):
 def test_gpu_real_sizes(rng, dtype, dim):
     q, k, v = make_qkv(rng, 2, 8, 2, 2048, 2048, dim, dtype)
     check(q, k, v, block_size=128, topk=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_varlen(rng, dtype):
+    lengths = [1000, 3000, 77, 2048]
+    (q, k, v), (cu, _) = packed_qkv(rng, lengths, lengths, 8, 2, 128, dtype)
+    out = moba_attn_varlen(q, k, v, cu, max(lengths), 128, 4)
+    ref = per_sequence_oracle(q, k, v, cu, cu, 128, 4, torch.float64)
+    same = per_sequence_oracle(q, k, v, cu, cu, 128, 4, dtype)
+    assert_flash_rule(out, ref, same, 2, "output")

@@ -80,6 +80,12 @@ def test_topk_rows_leading_dims_and_errors(rng):
         sparse_attn.topk_rows(scores, -1)
 
 
+def test_topk_rows_without_columns_or_rows():
+    # No candidates (a decode row before any block is complete): all padding, never a reshape error.
+    assert torch.equal(sparse_attn.topk_rows(torch.empty(2, 3, 0), 2), torch.full((2, 3, 2), -1, dtype=torch.int32))
+    assert sparse_attn.topk_rows(torch.empty(0, 5), 2).shape == (0, 2)
+
+
 # ------------------------------------------------------------------------------------- threshold
 def random_masses(rng, rows, cols):
     scores = torch.rand(rows, cols, generator=rng) ** 3

@@ -13,11 +13,12 @@ against Skv keys sits at t = r + Skv - Sq), with block means kbar[i] of its KV h
 Ties go to the lower block index; NaN and -inf scores are never selected. Routing yields indices
 only: no gradient flows through it.
 
-Attention (`moba_attn`): each query attends, with the token-level causal mask, to the keys of the
-blocks it selected. The Triton path runs the shared engine over the union of the selections of
-each 64-query tile and filters every block per query against its own routing list, so it is exact
-for any routing; it wastes work when neighbouring queries route apart (FlashMoBA's
-gather-and-densify kernels, which avoid that, are not built yet).
+Attention (`moba_attn`; packed sequences through `moba_attn_varlen`, MoonshotAI's signature, and
+`moba_attn_varlen_qk` with separate query and key sequences): each query attends, with the
+token-level causal mask, to the keys of the blocks it selected. The Triton path runs the shared
+engine over the union of the selections of each 64-query tile and filters every block per query
+against its own routing list, so it is exact for any routing; it wastes work when neighbouring
+queries route apart (FlashMoBA's gather-and-densify kernels, which avoid that, are not built yet).
 """
 
 from __future__ import annotations
@@ -27,9 +28,19 @@ from torch import nn
 
 from .. import reference
 from .._native import HAS_NATIVE, _has_kernel
-from ..selection import _FLOAT_TYPES, _check_int, _check_tensor
+from ..selection import _FLOAT_TYPES, _check_int, _check_tensor, block_mean_pool, topk_rows
 
-__all__ = ["KeyShortConv", "moba_attention_reference", "moba_attn", "moba_route", "moba_route_reference"]
+__all__ = [
+    "KeyShortConv",
+    "MoBABlockMeans",
+    "moba_attention_reference",
+    "moba_attn",
+    "moba_attn_varlen",
+    "moba_attn_varlen_qk",
+    "moba_decode",
+    "moba_route",
+    "moba_route_reference",
+]
 
 
 # ---------------------------------------------------------------------------------- routing
@@ -73,24 +84,29 @@ def moba_route_reference(
     q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk: int, causal: bool = True
 ) -> torch.Tensor:
     """The oracle of :func:`moba_route`, literally from the definition; materialises all [B, Hq, Sq, blocks] scores."""
-    batch, q_heads, q_len, _ = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
+    means = reference.block_mean_pool_reference(k, block_size)  # fp32 (fp64) [B, Hkv, N, D]
+    return _route_from_means(q, means, k.shape[2], block_size, topk, causal, reference.topk_rows_reference)
+
+
+def _route_from_means(q, means, kv_len, block_size, topk, causal, rank_rows):
+    """Routing of q (B, Hq, Sq, D) from block means [B, Hkv, N, D]; `rank_rows(scores [R, N], k)` is a top-k
+    with the package's tie rule. Causal routing needs only the complete blocks' means (N >= (kv_len - 1) // C)."""
+    batch, q_heads, q_len, dim = q.shape
+    kv_heads, num_blocks = means.shape[1], means.shape[2]
     if batch * q_heads * q_len == 0:
         return torch.full((batch, q_heads, q_len, topk), -1, dtype=torch.int32, device=q.device)
-    means = reference.block_mean_pool_reference(k, block_size)  # fp32 (fp64) [B, Hkv, N, D]
-    means = means.repeat_interleave(q_heads // kv_heads, dim=1)
-    scores = torch.einsum("bhsd,bhnd->bhsn", q.to(means.dtype), means)
-    num_blocks = means.shape[2]
+    # GQA without copies: the query heads of one KV head share its block means.
+    grouped = q.reshape(batch, kv_heads, q_heads // kv_heads * q_len, dim).to(means.dtype)
+    scores = (grouped @ means.transpose(-1, -2)).view(batch, q_heads, q_len, num_blocks)
     if not causal:
-        ranked = reference.topk_rows_reference(scores.reshape(-1, num_blocks), topk)
-        return _ascending_padded(ranked).view(batch, q_heads, q_len, topk)
+        return _ascending_padded(rank_rows(scores.reshape(-1, num_blocks), topk)).view(batch, q_heads, q_len, topk)
 
     position = torch.arange(q_len, device=q.device) + (kv_len - q_len)
     current = position // block_size
     block = torch.arange(num_blocks, device=q.device)
     in_past = (block[None, :] + 1) * block_size <= position[:, None]  # [Sq, N]
-    scores = scores.masked_fill(~in_past, float("-inf"))  # topk_rows never selects -inf
-    ranked = reference.topk_rows_reference(scores.reshape(-1, num_blocks), topk - 1)
+    scores = scores.masked_fill(~in_past, float("-inf"))  # top-k never selects -inf
+    ranked = rank_rows(scores.reshape(-1, num_blocks), topk - 1)
     current_column = current.to(torch.int32).expand(batch, q_heads, q_len).reshape(-1, 1)
     selected = torch.cat([ranked, current_column], dim=1)
     return _ascending_padded(selected).view(batch, q_heads, q_len, topk)
@@ -118,17 +134,124 @@ def moba_attn(q, k, v, *, block_size, topk, causal=True, softmax_scale=None, ret
     engine._check_qkv(q, k, v, packed=False)
     routes = moba_route(q.detach(), k.detach(), block_size=block_size, topk=topk, causal=causal)
     scale = engine._default_scale(softmax_scale, q.shape[-1])
-    if engine._resolve_backend(backend, q) == "reference":
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out, lse = moba_attention_reference(
-            q, k, v, routes, block_size=block_size, causal=causal, softmax_scale=scale, compute_dtype=compute
-        )
-        out, lse = out.to(q.dtype), lse.float()
-    else:
-        layout = _union_layout(routes, block_size, q.shape[2], k.shape[2])
-        engine._check_triton_shapes(q, layout, q.shape[-1])
-        out, lse = engine._triton_attention(q, k, v, layout, causal, scale, None, None, row_blocks=routes)
+    out, lse = _attend_routes(q, k, v, routes, block_size, causal, scale, backend)
     return (out, lse) if return_lse else out
+
+
+def _attend_routes(q, k, v, routes, block_size, causal, scale, backend="auto"):
+    """Each query over the blocks of its own routes [B, Hq, Sq, K]: (out in q's dtype, fp32 LSE)."""
+    from .. import engine
+
+    if engine._resolve_backend(backend, q) == "reference":
+        return _reference_in_dtype(q, k, v, routes, block_size, causal, scale)
+    _check_kernel_block_size(block_size, "block_size")
+    layout = _union_layout(routes, block_size, q.shape[2], k.shape[2])
+    engine._check_triton_shapes(q, layout, q.shape[-1])
+    return engine._triton_attention(q, k, v, layout, causal, scale, None, None, row_blocks=routes)
+
+
+def moba_attn_varlen(
+    q,
+    k,
+    v,
+    cu_seqlens,
+    max_seqlen,
+    moba_chunk_size,
+    moba_topk,
+    *,
+    causal=True,
+    softmax_scale=None,
+    return_lse=False,
+    backend="auto",
+):
+    """MoonshotAI's `moba_attn_varlen` signature: packed q (total, Hq, D), k and v (total, Hkv, D).
+
+    `cu_seqlens` (int32 [num_seqs + 1]) and `max_seqlen` describe the sequences, shared by queries
+    and keys; blocks of `moba_chunk_size` keys restart at every sequence start, and every query
+    keeps `moba_topk` blocks (its own included). GQA is native. Returns the output (total, Hq, D)
+    and, with `return_lse`, the fp32 LSE (Hq, total). Differentiable in q, k and v.
+    """
+    return moba_attn_varlen_qk(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, moba_chunk_size, moba_topk,
+        causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend,
+    )  # fmt: skip
+
+
+def moba_attn_varlen_qk(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    moba_chunk_size,
+    moba_topk,
+    *,
+    causal=True,
+    softmax_scale=None,
+    return_lse=False,
+    backend="auto",
+):
+    """`moba_attn_varlen` with separate query and key sequences (FlashMoBA's `flash_moba_varlen_func`
+    order): chunked prefill and decode, each sequence's queries bottom-right aligned to its keys."""
+    from .. import engine
+
+    engine._check_qkv(q, k, v, packed=True)
+    _check_int(moba_chunk_size, "moba_chunk_size", 1)
+    _check_int(moba_topk, "moba_topk", 1)
+    num_seqs = engine._check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
+    if engine._check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device) != num_seqs:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    bounds = list(zip(_pairs(cu_seqlens_q), _pairs(cu_seqlens_k)))
+    for i, ((q0, q1), (k0, k1)) in enumerate(bounds):
+        if q1 - q0 > k1 - k0:
+            raise ValueError(f"sequence {i} has {q1 - q0} queries but {k1 - k0} keys; MoBA needs Lq <= Lk")
+    scale = engine._default_scale(softmax_scale, q.shape[-1])
+    # Routing per sequence (each has its own bottom-right offset), into [num_seqs, Hq, max_seqlen_q, topk].
+    routes = torch.full((num_seqs, q.shape[1], max_seqlen_q, moba_topk), -1, dtype=torch.int32, device=q.device)
+    pieces = []
+    for i, ((q0, q1), (k0, k1)) in enumerate(bounds):
+        seq_q = q[q0:q1].transpose(0, 1)[None]
+        seq_k, seq_v = (t[k0:k1].transpose(0, 1)[None] for t in (k, v))
+        routes[i, :, : q1 - q0] = moba_route(
+            seq_q.detach(), seq_k.detach(), block_size=moba_chunk_size, topk=moba_topk, causal=causal
+        )[0]
+        pieces.append((seq_q, seq_k, seq_v))
+    if engine._resolve_backend(backend, q) == "reference":
+        parts = [
+            _reference_in_dtype(*piece, routes[i : i + 1, :, : piece[0].shape[2]], moba_chunk_size, causal, scale)
+            for i, piece in enumerate(pieces)
+        ]
+        out = torch.cat([o[0].transpose(0, 1) for o, _ in parts])
+        lse = torch.cat([lse[0] for _, lse in parts], dim=1)
+    else:
+        _check_kernel_block_size(moba_chunk_size, "moba_chunk_size")
+        layout = _union_layout(routes, moba_chunk_size, max_seqlen_q, max_seqlen_k)
+        engine._check_triton_shapes(q, layout, q.shape[-1])
+        out, lse = engine._triton_varlen(q, k, v, layout, causal, scale, cu_seqlens_q, cu_seqlens_k, routes)
+    return (out, lse) if return_lse else out
+
+
+def _check_kernel_block_size(block_size: int, name: str) -> None:
+    if block_size % 16:
+        raise ValueError(
+            f"{name}={block_size} must be a multiple of 16 for the Triton kernels (backend='reference' takes any size)"
+        )
+
+
+def _pairs(cu_seqlens) -> list:
+    bounds = cu_seqlens.tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _reference_in_dtype(q, k, v, routes, block_size, causal, scale):
+    """The oracle at the working precision of q's dtype (fp64 for fp64, else fp32): (out in q's dtype, fp32 LSE)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out, lse = moba_attention_reference(
+        q, k, v, routes, block_size=block_size, causal=causal, softmax_scale=scale, compute_dtype=compute
+    )
+    return out.to(q.dtype), lse.float()
 
 
 def _union_layout(routes, block_size, seq_len_q, seq_len_kv):
@@ -164,6 +287,78 @@ def moba_attention_reference(
     if causal:
         allowed = allowed & reference.causal_token_mask(q.shape[2], k.shape[2], q.device)
     return reference.masked_attention(q, k, v, allowed, softmax_scale=softmax_scale, compute_dtype=compute_dtype)
+
+
+# ---------------------------------------------------------------------------------- routed decode
+class MoBABlockMeans:
+    """The fp32 means of the complete key blocks of a growing KV cache, each block pooled once.
+
+    `update(k)` takes the whole cache k (B, Hkv, Skv, D), pools only the blocks completed since the
+    previous call (with :func:`block_mean_pool`, as routing does) and returns the means
+    [B, Hkv, Skv // block_size, D]. The partial last block is never needed: in causal routing it is
+    only ever the current block. A cache that shrank or changed shape starts over; a cache whose
+    rows were reordered (beam search) or rewritten needs `reset()`.
+    """
+
+    def __init__(self, block_size: int):
+        self.block_size = _check_int(block_size, "block_size", 1)
+        self.means = None
+
+    def reset(self) -> None:
+        self.means = None
+
+    def update(self, k: torch.Tensor) -> torch.Tensor:
+        _check_tensor(k, "k", dim=4, dtypes=_FLOAT_TYPES)
+        size = self.block_size
+        complete = k.shape[2] // size
+        means = self.means
+        stale = means is None or means.device != k.device or means.shape[2] > complete
+        if stale or (means.shape[0], means.shape[1], means.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+            means = block_mean_pool(k[:, :, : complete * size], size)
+        elif means.shape[2] < complete:
+            fresh = block_mean_pool(k[:, :, means.shape[2] * size : complete * size], size)
+            means = torch.cat([means, fresh], dim=2)
+        self.means = means
+        return means
+
+
+def moba_decode(q, k, v, *, block_size, topk, block_means=None, softmax_scale=None):
+    """Routed MoBA decode: q (B, Hq, Sq <= 16, D), the newest queries, against the cache k, v (B, Hkv, Skv, D).
+
+    Causal, bottom-right aligned: each query routes exactly as row t of a full prefill would (the
+    current block plus the top topk - 1 complete past blocks by q . block mean), then attends to
+    those blocks. `block_means`, a :class:`MoBABlockMeans` that follows this cache, saves pooling
+    the whole cache every step. One query per sequence runs the split-KV decode kernel; more, or
+    inputs it cannot take (gradients, dtypes), run the engine. Returns (B, Hq, Sq, D).
+    """
+    from .. import engine
+    from ..decode import MAX_DECODE_QUERIES, block_sparse_decode, decode_kernel_accepts
+    from ..layout import BlockSparseLayout
+
+    engine._check_qkv(q, k, v, packed=False)
+    _check_route_args(q, k, block_size, topk, True)
+    if q.shape[2] > MAX_DECODE_QUERIES:
+        raise ValueError(f"moba_decode takes at most {MAX_DECODE_QUERIES} queries, got Sq={q.shape[2]}; use moba_attn")
+    if block_means is None:
+        complete = k.shape[2] // block_size
+        means = block_mean_pool(k.detach()[:, :, : complete * block_size], block_size)
+    elif not isinstance(block_means, MoBABlockMeans) or block_means.block_size != block_size:
+        raise ValueError(f"block_means must be a MoBABlockMeans with block_size={block_size}")
+    else:
+        means = block_means.update(k.detach())
+    routes = _route_from_means(q.detach(), means, k.shape[2], block_size, topk, True, topk_rows)
+    scale = engine._default_scale(softmax_scale, q.shape[-1])
+    if q.shape[2] == 1 and decode_kernel_accepts(q, k, v):
+        layout = BlockSparseLayout.from_kv_blocks(
+            (routes >= 0).sum(dim=-1, dtype=torch.int32),
+            routes,
+            q_block_size=1,
+            kv_block_size=block_size,
+            seq_len_q=1,
+            seq_len_kv=k.shape[2],
+        )
+        return block_sparse_decode(q, k, v, layout, softmax_scale=scale)
+    return _attend_routes(q, k, v, routes, block_size, True, scale)[0]
 
 
 def _register_fake() -> None:
