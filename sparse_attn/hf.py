@@ -55,6 +55,7 @@ __all__ = [
     "PatchHandle",
     "SparseAttnConfig",
     "configure",
+    "observing",
     "patch",
     "patched",
     "sparse_attention_forward",
@@ -214,6 +215,8 @@ class SparseAttnConfig:
         self.layers = None if layers is None else _layer_ids(layers, "layers")
         self.dense_layers = _layer_ids(dense_layers or (), "dense_layers")
         self.stats = AttentionStats(track_density=bool(track_density))
+        # observer(layer_idx, query, key): called on every unpadded full prefill (calibration capture).
+        self.observer = None
         self._overrides = {}
         for idx, override in (layer_config or {}).items():
             if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
@@ -342,6 +345,8 @@ def patch(
     patched model replaces its plan. Raises ImportError for transformers < 4.53.
     """
     _require_transformers()
+    if not isinstance(model, torch.nn.Module) or not _model_configs(model):
+        raise TypeError(f"patch needs a transformers model (an nn.Module with a config), got {type(model).__name__}")
     config = SparseAttnConfig(
         method, layers=layers, dense_layers=dense_layers, decode=decode, layer_config=layer_config, **method_config
     )
@@ -391,6 +396,18 @@ def patched(model, method, **config):
         handle.unpatch()
 
 
+@contextlib.contextmanager
+def observing(model, observer):
+    """Dense attention, calling `observer(layer_idx, query, key)` (post-RoPE, detached) on every unpadded
+    full prefill: how `calibrate_xattention` reads a model's q and k without keeping them."""
+    handle = patch(model, "dense")
+    handle.config.observer = observer
+    try:
+        yield handle
+    finally:
+        handle.unpatch()
+
+
 def configure(method, **config) -> SparseAttnConfig | None:
     """Set the process-wide plan used by models loaded with `attn_implementation="sparse_attn"` (and by any
     module that was not patched); `configure(None)` clears it. Returns the config (its `stats` count calls).
@@ -429,6 +446,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     if not custom_mask:
         key, value, keep = _align_padding_mask(attention_mask, key, value)
     seq_q, seq_kv = query.shape[2], key.shape[2]
+    if config.observer is not None and keep is None and not custom_mask and seq_q == seq_kv:
+        config.observer(layer_idx, query.detach(), key.detach())
     if causal and seq_q > seq_kv:
         raise ValueError(f"causal attention needs Sq <= Skv, got query length {seq_q} and key length {seq_kv}")
     decoding = seq_q < seq_kv and seq_q <= MAX_DECODE_QUERIES

@@ -10,6 +10,18 @@ EXPECTED = {
     "engine": ("seq_len", "density", "pairs", "block_sparse_attn_ms", "block_sparse_attn_fwd_bwd_ms", "sdpa_cpu_ms"),
     "decode": ("seq_len_q", "density", "selected_kv_bytes", "block_sparse_decode_ms", "block_sparse_decode_gbps"),
     "moba": ("seq_len", "block", "topk", "routed_pairs", "moba_fwd_ms", "moba_fwd_bwd_ms", "speedup_over_sdpa_cpu"),
+    "xattention": (
+        "seq_len",
+        "stride",
+        "threshold",
+        "density",
+        "mass_recall",
+        "output_rel_error",
+        "estimate_ms",
+        "select_ms",
+        "xattention_ms",
+        "speedup_over_sdpa_cpu",
+    ),
 }
 
 

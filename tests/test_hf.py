@@ -66,6 +66,11 @@ def _greedy(model, ids, mask=None, new_tokens=6):
 def reference_engine(monkeypatch):
     """Run the engine and the XAttention estimator through their PyTorch paths (the Triton interpreter is
     exact but slow; the kernels have their own tests)."""
+    # Triton reads TRITON_INTERPRET when a kernel module is first imported: import them in the
+    # process's own mode first, so other tests still find interpreted kernels.
+    import sparse_attn.kernels.block_sparse_attn  # noqa: F401
+    import sparse_attn.kernels.xattention_estimate  # noqa: F401
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
@@ -325,6 +330,47 @@ def test_from_pretrained_with_configure(reference_engine, tmp_path):
         assert config.stats.calls[(0, "prefill", "moba")] == 1
     finally:
         hf.configure(None)
+
+
+def test_calibrate_xattention_from_a_model(reference_engine, tmp_path):
+    """Thresholds from the model equal thresholds from its q/k captured by an independent attention function."""
+    from sparse_attn.methods.xattention import calibrate_xattention
+
+    model, texts = _model("llama"), [_ids(length=256, seed=5), _ids(batch=2, length=192, seed=6)]
+    captured = [[], []]
+
+    def capture(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        captured[module.layer_idx].append((query.detach(), key.detach()))
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    def use(name):
+        if hasattr(model, "set_attn_implementation"):  # transformers 5
+            model.set_attn_implementation(name)
+        else:
+            model.config._attn_implementation = name
+
+    transformers.AttentionInterface.register("capture_for_test", capture)
+    use("capture_for_test")
+    with torch.no_grad():
+        for ids in texts:
+            model(ids)
+    use("sdpa")
+    expected = calibrate_xattention(captured, stride=8, block_size=BLOCK)
+
+    table = calibrate_xattention(model, inputs=texts, stride=8, block_size=BLOCK)
+    assert table.shape == (2, 4) and bool(((table >= 0) & (table <= 1)).all())
+    torch.testing.assert_close(table, expected, rtol=0, atol=1e-6)
+    assert model.config._attn_implementation == "sdpa"  # the observer patch is gone
+    # The table drives the patcher per (layer, head) straight from its JSON file.
+    save_thresholds(tmp_path / "calibrated.json", table, {"model": "tiny llama"})
+    with (
+        torch.no_grad(),
+        hf.patched(model, "xattention", threshold=str(tmp_path / "calibrated.json"), block_size=BLOCK),
+    ):
+        assert torch.isfinite(model(texts[0]).logits).all()
+    with pytest.raises(ValueError, match="inputs"):
+        calibrate_xattention(model, stride=8, block_size=BLOCK)
 
 
 def test_top_level_api():

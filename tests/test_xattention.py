@@ -307,8 +307,10 @@ def test_bad_selection_and_calibration_input_raises(rng, tmp_path):
         xattention_estimate(q, k[:, :, :32], stride=8, block_size=16)
     with pytest.raises(ValueError, match="stride"):
         xattention_estimate(q, k, stride=3, block_size=16)
-    with pytest.raises(NotImplementedError, match="HF"):
+    with pytest.raises(ValueError, match="inputs"):
         calibrate_xattention(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="inputs are token ids"):
+        calibrate_xattention([[(q, k)]], block_size=16, inputs=[torch.zeros(1, 4, dtype=torch.long)])
     with pytest.raises(ValueError, match="coverage"):
         calibrate_xattention([[(q, k)]], block_size=16, coverage=1.5)
     with pytest.raises(ValueError, match="\\[0, 1\\]"):

@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from . import decode, engine, moba
+from . import decode, engine, moba, xattention
 from .common import environment, print_table, write_json
 
-SUITES = {"engine": engine, "decode": decode, "moba": moba}
+SUITES = {"engine": engine, "decode": decode, "moba": moba, "xattention": xattention}
 
 
 def _shapes(config: dict) -> dict:

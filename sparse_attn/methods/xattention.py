@@ -369,12 +369,6 @@ def _sample_thresholds(q, k, *, stride, block_size, coverage, chunk_size):
 
 def _layer_samples(samples, num_layers) -> Iterable:
     """(layer index, iterable of (q, k) pairs) per layer, for nested lists or a callable."""
-    if isinstance(samples, torch.nn.Module):
-        raise NotImplementedError(
-            "calibrate_xattention needs the post-RoPE q and k of every attention layer; capturing them from a "
-            "model takes the HF attention patcher, which is not wired in here yet. Pass q/k samples instead: "
-            "samples[layer] = [(q, k), ...], or a callable layer_idx -> [(q, k), ...] with num_layers."
-        )
     if callable(samples):
         num_layers = _check_positive_int(num_layers, "num_layers")
         return ((layer, samples(layer)) for layer in range(num_layers))
@@ -386,20 +380,23 @@ def _layer_samples(samples, num_layers) -> Iterable:
 
 
 def calibrate_xattention(
-    samples: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]] | Callable,
+    samples: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]] | Callable | torch.nn.Module,
     *,
     stride=8,
     block_size=128,
     coverage=0.9,
     num_layers=None,
     chunk_size=None,
+    inputs=None,
 ) -> torch.Tensor:
     """Per-(layer, query head) thresholds by the repository's procedure (spec section 4): float32 [layers, Hq].
 
     samples: `samples[layer]` is a list of (q, k) pairs of full causal prefills of calibration texts,
         q (B, Hq, L, D) and k (B, Hkv, L, D) after RoPE (every batch row is a text); or a callable
         `samples(layer_idx)` returning such a list, with `num_layers`, so samples can be produced
-        lazily. Models are not accepted yet (NotImplementedError): capturing q/k needs the HF patcher.
+        lazily; or a Hugging Face causal LM, with `inputs` a list of unpadded token-id tensors (1, L)
+        or (B, L): each runs through the model with dense attention while every layer's post-RoPE
+        q and k are turned into thresholds on the fly (no q/k is kept).
     For each text and head: the true fp32 causal attention mass of every block; per query-block row
     the fewest true blocks (by descending mass) covering `coverage` of the row; the cutoff c_m, the
     smallest XAttention estimate among them; tau_text = sum of estimates >= c_m over all rows /
@@ -408,6 +405,11 @@ def calibrate_xattention(
     _check_stride(stride, block_size)
     if isinstance(coverage, bool) or not isinstance(coverage, (int, float)) or not 0 <= coverage <= 1:
         raise ValueError(f"coverage must be a float in [0, 1], got {coverage!r}")
+    options = dict(stride=stride, block_size=block_size, coverage=coverage, chunk_size=chunk_size)
+    if isinstance(samples, torch.nn.Module):
+        return _calibrate_model(samples, inputs, options)
+    if inputs is not None:
+        raise ValueError("inputs are token ids for calibrating a model; q/k samples need none")
     table = []
     for layer, pairs in _layer_samples(samples, num_layers):
         best = None
@@ -415,9 +417,7 @@ def calibrate_xattention(
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 raise ValueError(f"layer {layer}: each sample must be a (q, k) pair")
             q, k = (t.detach() for t in pair)
-            taus = _sample_thresholds(
-                q, k, stride=stride, block_size=block_size, coverage=coverage, chunk_size=chunk_size
-            ).amax(dim=0)
+            taus = _sample_thresholds(q, k, **options).amax(dim=0)
             if best is not None and best.shape != taus.shape:
                 raise ValueError(f"layer {layer}: samples disagree on the number of query heads")
             best = taus if best is None else torch.maximum(best, taus)
@@ -427,6 +427,39 @@ def calibrate_xattention(
             raise ValueError(f"layer {layer} has {best.numel()} query heads, layer 0 has {table[0].numel()}")
         table.append(best.cpu())
     return torch.stack(table).float()
+
+
+def _calibrate_model(model, inputs, options) -> torch.Tensor:
+    """Thresholds of a transformers model: its layers' q/k observed during dense prefills of `inputs`."""
+    from ..hf import observing
+
+    if isinstance(inputs, torch.Tensor):
+        inputs = [inputs]
+    if not inputs or not all(isinstance(ids, torch.Tensor) and ids.dim() == 2 for ids in inputs):
+        raise ValueError("calibrating a model needs inputs=[token ids (B, L), ...] (unpadded calibration texts)")
+    best: dict = {}
+
+    def observe(layer_idx, q, k):
+        if not isinstance(layer_idx, int):
+            return  # not a decoder layer (no layer index)
+        taus = _sample_thresholds(q, k, **options).amax(dim=0).cpu()
+        if layer_idx in best and best[layer_idx].shape != taus.shape:
+            raise ValueError(f"layer {layer_idx}: inputs disagree on the number of query heads")
+        best[layer_idx] = taus if layer_idx not in best else torch.maximum(best[layer_idx], taus)
+
+    device = next(model.parameters()).device
+    with torch.no_grad(), observing(model, observe):
+        for ids in inputs:
+            model(input_ids=ids.to(device))
+    if not best:
+        raise ValueError("no attention layer with a layer_idx ran a full prefill: nothing to calibrate")
+    missing = sorted(set(range(max(best) + 1)) - set(best))
+    if missing:
+        raise ValueError(f"layers {missing} never ran a full prefill, so they have no thresholds")
+    heads = {t.shape for t in best.values()}
+    if len(heads) != 1:
+        raise ValueError(f"layers disagree on the number of query heads: {sorted(h[0] for h in heads)}")
+    return torch.stack([best[i] for i in range(len(best))]).float()
 
 
 def _check_table(table) -> torch.Tensor:
