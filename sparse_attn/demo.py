@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -60,15 +61,17 @@ def _structured_prompt(vocab_size: int, length: int, seed: int) -> torch.Tensor:
 
 
 class _Progress:
-    """tqdm when installed, plain lines otherwise."""
+    """A tqdm bar on a terminal (when installed), plain lines otherwise (logs, CI)."""
 
     def __init__(self, total: int):
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self._bar = None
-        else:
-            self._bar = tqdm(total=total, desc="demo", leave=False)
+        self._bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self._bar = tqdm(total=total, desc="demo", leave=False)
         self._done, self._total = 0, total
 
     def step(self, label: str) -> None:
