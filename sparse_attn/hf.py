@@ -688,14 +688,6 @@ def _softcapped_attention(query, key, value, allowed, is_causal, scale, softcap)
 
 
 # ---------------------------------------------------------------------------------- methods
-def _layer_threshold(threshold, layer_idx):
-    if isinstance(threshold, torch.Tensor) and threshold.dim() == 2:
-        if layer_idx is None or not 0 <= layer_idx < threshold.shape[0]:
-            raise ValueError(f"the [layers, Hq] threshold table has {threshold.shape[0]} rows; no row for {layer_idx}")
-        return threshold[layer_idx]
-    return threshold
-
-
 def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats: AttentionStats):
     options = plan.options
     if plan.method == "xattention":
@@ -704,7 +696,8 @@ def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats:
             k,
             v,
             stride=options["stride"],
-            threshold=_layer_threshold(options["threshold"], layer_idx),
+            threshold=options["threshold"],
+            layer_idx=layer_idx,
             block_size=options["block_size"],
             causal=causal,
             chunk_size=options["chunk_size"],

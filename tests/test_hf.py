@@ -403,7 +403,10 @@ def test_per_layer_configuration(reference_engine, monkeypatch, tmp_path):
     calls = []
 
     def spy(q, k, v, **options):
-        calls.append(options["threshold"])
+        threshold = options["threshold"]
+        if isinstance(threshold, torch.Tensor) and threshold.dim() == 2:
+            threshold = threshold[options["layer_idx"]]  # the row xattention_select reads
+        calls.append(threshold)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
     monkeypatch.setattr(hf, "xattention_attn", spy)

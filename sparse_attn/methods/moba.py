@@ -340,12 +340,10 @@ def moba_decode(q, k, v, *, block_size, topk, block_means=None, softmax_scale=No
     if q.shape[2] > MAX_DECODE_QUERIES:
         raise ValueError(f"moba_decode takes at most {MAX_DECODE_QUERIES} queries, got Sq={q.shape[2]}; use moba_attn")
     if block_means is None:
-        complete = k.shape[2] // block_size
-        means = block_mean_pool(k.detach()[:, :, : complete * block_size], block_size)
+        block_means = MoBABlockMeans(block_size)  # a one-step cache: pools every complete block now
     elif not isinstance(block_means, MoBABlockMeans) or block_means.block_size != block_size:
         raise ValueError(f"block_means must be a MoBABlockMeans with block_size={block_size}")
-    else:
-        means = block_means.update(k.detach())
+    means = block_means.update(k.detach())
     routes = _route_from_means(q.detach(), means, k.shape[2], block_size, topk, True, topk_rows)
     scale = engine._default_scale(softmax_scale, q.shape[-1])
     if q.shape[2] == 1 and decode_kernel_accepts(q, k, v):

@@ -98,7 +98,8 @@ def _threshold_per_head(threshold, num_heads: int, layer_idx, device) -> torch.T
         if tau.dim() == 2:
             if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < tau.shape[0]:
                 raise ValueError(
-                    f"a [layers, Hq] threshold table needs layer_idx in [0, {tau.shape[0]}), got {layer_idx!r}"
+                    f"a [layers, Hq] threshold table is read by layer: it needs layer_idx in [0, {tau.shape[0]}), "
+                    f"got {layer_idx!r}"
                 )
             tau = tau[layer_idx]
         if tau.dim() == 0:
@@ -295,25 +296,30 @@ def xattention_attn(
     chunk_size=None,
     softmax_scale=None,
     return_layout=False,
+    layer_idx=None,
 ):
     """XAttention prefill: estimate, select, then block-sparse attention through the shared engine.
 
     q (B, Hq, Sq, D), k and v (B, Hkv, Skv, D); returns the output (B, Hq, Sq, D) in q's dtype and,
     with `return_layout`, the `BlockSparseLayout` used. Differentiable in q, k and v through the
-    engine (the selection itself is not). `threshold` is a float or a [Hq] tensor (index a
-    calibrated [layers, Hq] table by layer first); `softmax_scale` only affects the attention, the
+    engine (the selection itself is not). `threshold` is a float, a [Hq] tensor or a calibrated
+    [layers, Hq] table read at row `layer_idx`; `softmax_scale` only affects the attention, the
     estimate always uses 1 / (sqrt(D) S). The Triton engine needs `block_size` to be a multiple of 16.
     """
     _check_qkv(q, k, v, packed=False)
     _check_stride(stride, block_size)
-    if isinstance(threshold, torch.Tensor) and threshold.dim() == 2:
-        raise ValueError("xattention_attn takes a float or [Hq] threshold: index a [layers, Hq] table by layer first")
-    _threshold_per_head(threshold, q.shape[1], None, q.device)  # fail before the estimate's work
+    _threshold_per_head(threshold, q.shape[1], layer_idx, q.device)  # fail before the estimate's work
     scores = xattention_estimate(
         q.detach(), k.detach(), stride=stride, block_size=block_size, causal=causal, chunk_size=chunk_size
     )
     layout = xattention_select(
-        scores, threshold, causal=causal, seq_len_q=q.shape[2], seq_len_kv=k.shape[2], block_size=block_size
+        scores,
+        threshold,
+        causal=causal,
+        seq_len_q=q.shape[2],
+        seq_len_kv=k.shape[2],
+        block_size=block_size,
+        layer_idx=layer_idx,
     )
     out = block_sparse_attn(q, k, v, layout, causal=causal, softmax_scale=softmax_scale)
     return (out, layout) if return_layout else out
@@ -410,23 +416,34 @@ def calibrate_xattention(
         return _calibrate_model(samples, inputs, options)
     if inputs is not None:
         raise ValueError("inputs are token ids for calibrating a model; q/k samples need none")
-    table = []
+    best: dict = {}
     for layer, pairs in _layer_samples(samples, num_layers):
-        best = None
         for pair in pairs:
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 raise ValueError(f"layer {layer}: each sample must be a (q, k) pair")
-            q, k = (t.detach() for t in pair)
-            taus = _sample_thresholds(q, k, **options).amax(dim=0)
-            if best is not None and best.shape != taus.shape:
-                raise ValueError(f"layer {layer}: samples disagree on the number of query heads")
-            best = taus if best is None else torch.maximum(best, taus)
-        if best is None:
+            _keep_max(best, layer, _sample_thresholds(*(t.detach() for t in pair), **options))
+        if layer not in best:
             raise ValueError(f"layer {layer} has no (q, k) samples")
-        if table and table[0].shape != best.shape:
-            raise ValueError(f"layer {layer} has {best.numel()} query heads, layer 0 has {table[0].numel()}")
-        table.append(best.cpu())
-    return torch.stack(table).float()
+    return _stack_layers(best)
+
+
+def _keep_max(best: dict, layer: int, taus: torch.Tensor) -> None:
+    """Fold one sample's [B, Hq] thresholds into the running per-head maximum of `layer`."""
+    taus = taus.amax(dim=0).cpu()
+    if layer in best and best[layer].shape != taus.shape:
+        raise ValueError(f"layer {layer}: samples disagree on the number of query heads")
+    best[layer] = taus if layer not in best else torch.maximum(best[layer], taus)
+
+
+def _stack_layers(best: dict) -> torch.Tensor:
+    """float32 [layers, Hq] from per-layer thresholds covering layers 0..L-1."""
+    missing = sorted(set(range(max(best) + 1)) - set(best))
+    if missing:
+        raise ValueError(f"layers {missing} have no thresholds (no full prefill or sample reached them)")
+    heads = {t.shape for t in best.values()}
+    if len(heads) != 1:
+        raise ValueError(f"layers disagree on the number of query heads: {sorted(h[0] for h in heads)}")
+    return torch.stack([best[i] for i in range(len(best))]).float()
 
 
 def _calibrate_model(model, inputs, options) -> torch.Tensor:
@@ -440,12 +457,8 @@ def _calibrate_model(model, inputs, options) -> torch.Tensor:
     best: dict = {}
 
     def observe(layer_idx, q, k):
-        if not isinstance(layer_idx, int):
-            return  # not a decoder layer (no layer index)
-        taus = _sample_thresholds(q, k, **options).amax(dim=0).cpu()
-        if layer_idx in best and best[layer_idx].shape != taus.shape:
-            raise ValueError(f"layer {layer_idx}: inputs disagree on the number of query heads")
-        best[layer_idx] = taus if layer_idx not in best else torch.maximum(best[layer_idx], taus)
+        if isinstance(layer_idx, int):  # modules without a layer index are not decoder layers
+            _keep_max(best, layer_idx, _sample_thresholds(q, k, **options))
 
     device = next(model.parameters()).device
     with torch.no_grad(), observing(model, observe):
@@ -453,13 +466,7 @@ def _calibrate_model(model, inputs, options) -> torch.Tensor:
             model(input_ids=ids.to(device))
     if not best:
         raise ValueError("no attention layer with a layer_idx ran a full prefill: nothing to calibrate")
-    missing = sorted(set(range(max(best) + 1)) - set(best))
-    if missing:
-        raise ValueError(f"layers {missing} never ran a full prefill, so they have no thresholds")
-    heads = {t.shape for t in best.values()}
-    if len(heads) != 1:
-        raise ValueError(f"layers disagree on the number of query heads: {sorted(h[0] for h in heads)}")
-    return torch.stack([best[i] for i in range(len(best))]).float()
+    return _stack_layers(best)
 
 
 def _check_table(table) -> torch.Tensor:
