@@ -81,18 +81,6 @@ def _layout_strides(counts, indices, batch, varlen):
     return cb, ch, cm, ib, ih, im
 
 
-def _row_topk_pad(row_blocks) -> int:
-    """0 turns the per-query block filter off; else the padded width of the routing lists."""
-    return 0 if row_blocks is None else triton.next_power_of_2(max(row_blocks.shape[-1], 2))
-
-
-def _row_filter_args(row_blocks):
-    """Pointer, strides [B, Hq, Sq] and width of the per-query block lists (MoBA routing), or placeholders."""
-    if row_blocks is None:
-        return (None, 0, 0, 0, 0)
-    return (row_blocks, *row_blocks.stride()[:3], row_blocks.shape[-1])
-
-
 def _geometry(q, k, cu_seqlens_q):
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
@@ -112,7 +100,6 @@ def block_sparse_attn_fwd(
     v: torch.Tensor,
     kv_num_blocks: torch.Tensor,
     kv_indices: torch.Tensor,
-    row_blocks: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None,
     q_block_size: int,
@@ -145,7 +132,6 @@ def block_sparse_attn_fwd(
         *_batch_strides(out, varlen),
         *_batch_strides(lse.unsqueeze(-1), varlen),
         *_layout_strides(kv_num_blocks, kv_indices, batch, varlen),
-        *_row_filter_args(row_blocks),
         num_q_heads,
         num_q_heads // num_kv_heads,
         seq_len_q,
@@ -156,7 +142,6 @@ def block_sparse_attn_fwd(
         KV_BLOCK=kv_block_size,
         CAUSAL=causal,
         VARLEN=varlen,
-        ROW_TOPK_PAD=_row_topk_pad(row_blocks),
         **config,
     )
     return out, lse
@@ -174,7 +159,6 @@ def block_sparse_attn_bwd(
     kv_indices: torch.Tensor,
     q_num_blocks: torch.Tensor,
     q_indices: torch.Tensor,
-    row_blocks: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None,
     q_block_size: int,
@@ -197,7 +181,6 @@ def block_sparse_attn_bwd(
         KV_BLOCK=kv_block_size,
         CAUSAL=causal,
         VARLEN=varlen,
-        ROW_TOPK_PAD=_row_topk_pad(row_blocks),
     )
     dq_config = {**shared, **_launch_config("dq", q, q_block_size, kv_block_size)}
     dkdv_config = {**shared, **_launch_config("dkdv", q, q_block_size, kv_block_size)}
@@ -222,7 +205,6 @@ def block_sparse_attn_bwd(
         cu_seqlens_k,
         *common,
         *_layout_strides(kv_num_blocks, kv_indices, batch, varlen),
-        *_row_filter_args(row_blocks),
         num_q_heads,
         num_q_heads // num_kv_heads,
         seq_len_q,
@@ -245,7 +227,6 @@ def block_sparse_attn_bwd(
         cu_seqlens_k,
         *common,
         *_layout_strides(q_num_blocks, q_indices, batch, varlen),
-        *_row_filter_args(row_blocks),
         num_kv_heads,
         num_q_heads // num_kv_heads,
         seq_len_q,
@@ -262,7 +243,6 @@ _FWD_ARGS = (
     "v",
     "kv_num_blocks",
     "kv_indices",
-    "row_blocks",
     "cu_seqlens_q",
     "cu_seqlens_k",
     "q_block_size",
@@ -285,7 +265,6 @@ def _setup_context(ctx, inputs, output):
         output[1],
         args["kv_num_blocks"],
         args["kv_indices"],
-        args["row_blocks"],
         args["cu_seqlens_q"],
         args["cu_seqlens_k"],
     )
@@ -293,7 +272,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, kv_num_blocks, kv_indices, row_blocks, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, lse, kv_num_blocks, kv_indices, cu_q, cu_k = ctx.saved_tensors
     q_block_size, kv_block_size, seq_len_q, seq_len_kv = ctx.sizes[:4]
     # The dK/dV kernel walks KV blocks, so it reads the query-side (transposed) lists.
     q_num_blocks, q_indices = layout_transpose(kv_num_blocks, kv_indices, -(-seq_len_kv // kv_block_size))
@@ -308,7 +287,6 @@ def _backward(ctx, grad_out, _grad_lse):
         kv_indices,
         q_num_blocks,
         q_indices,
-        row_blocks,
         cu_q,
         cu_k,
         *ctx.sizes,

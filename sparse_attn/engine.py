@@ -74,11 +74,15 @@ def _largest_tile(block_size: int, cap: int) -> int:
     return tile
 
 
-def _check_triton_shapes(q, layout, head_dim):
+def _check_triton_inputs(q):
     if q.dtype not in _GPU_DTYPES:
         raise TypeError(f"q dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)")
-    if head_dim > _MAX_HEAD_DIM:
-        raise ValueError(f"head dim {head_dim} exceeds the kernels' maximum of {_MAX_HEAD_DIM}")
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        raise ValueError(f"head dim {q.shape[-1]} exceeds the kernels' maximum of {_MAX_HEAD_DIM}")
+
+
+def _check_triton_shapes(q, layout):
+    _check_triton_inputs(q)
     for name, size in (("q_block_size", layout.q_block_size), ("kv_block_size", layout.kv_block_size)):
         if size % 16:
             raise ValueError(f"layout {name}={size} must be a multiple of 16 for the Triton kernels")
@@ -119,7 +123,7 @@ def block_sparse_attn(
     if _resolve_backend(backend, q) == "reference":
         out, lse = _reference_attention(q, k, v, layout, causal, scale)
     else:
-        _check_triton_shapes(q, layout, q.shape[-1])
+        _check_triton_shapes(q, layout)
         out, lse = _triton_attention(q, k, v, layout, causal, scale, None, None)
     return (out, lse) if return_lse else out
 
@@ -162,8 +166,8 @@ def block_sparse_attn_varlen(
     if _resolve_backend(backend, q) == "reference":
         out, lse = _reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, layout, causal, scale)
     else:
-        _check_triton_shapes(q, layout, q.shape[-1])
-        out, lse = _triton_varlen(q, k, v, layout, causal, scale, cu_seqlens_q, cu_seqlens_k)
+        _check_triton_shapes(q, layout)
+        out, lse = _packed_call(_triton_attention, q, k, v, cu_seqlens_q, cu_seqlens_k, layout, causal, scale)
     return (out, lse) if return_lse else out
 
 
@@ -219,18 +223,16 @@ def _reference_varlen(q, k, v, cu_q, cu_k, layout, causal, scale):
 
 
 # ---------------------------------------------------------------------------------- Triton path
-def _triton_varlen(q, k, v, layout, causal, scale, cu_q, cu_k, row_blocks=None):
-    """The Triton op on packed (total, H, D) tensors: (out (total_q, Hq, D), lse (Hq, total_q))."""
-    # A packed tensor is one "batch" of length total with per-sequence offsets.
+def _packed_call(attention, q, k, v, cu_q, cu_k, *args):
+    """`attention(q4, k4, v4, *args, cu_q, cu_k)` on packed (total, H, D) tensors viewed as one batch
+    (1, H, total, D) with per-sequence offsets: (out (total_q, Hq, D), lse (Hq, total_q))."""
     q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
-    cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
-    out4, lse = _triton_attention(q4, k4, v4, layout, causal, scale, cu_q, cu_k, row_blocks=row_blocks)
+    out4, lse = attention(q4, k4, v4, *args, cu_q.to(torch.int32), cu_k.to(torch.int32))
     return out4.transpose(1, 2).squeeze(0), lse.squeeze(0)
 
 
-def _triton_attention(q, k, v, layout, causal, scale, cu_q, cu_k, row_blocks=None):
-    """The Triton op; `row_blocks` [B, Hq, Sq, K] (sorted block ids, -1 padded) further restricts each
-    query to the blocks it chose itself (MoBA's per-token routing on top of the union layout)."""
+def _triton_attention(q, k, v, layout, causal, scale, cu_q=None, cu_k=None):
+    """The Triton op over `layout`: (out, fp32 lse)."""
     from . import _engine_ops
 
     group = q.shape[1] // k.shape[1]
@@ -241,7 +243,6 @@ def _triton_attention(q, k, v, layout, causal, scale, cu_q, cu_k, row_blocks=Non
         v,
         layout.kv_num_blocks,
         layout.kv_indices,
-        row_blocks,
         cu_q,
         cu_k,
         layout.q_block_size,

@@ -137,7 +137,7 @@ def test_opcheck_triton_ops(rng):
     q, k, v = make_qkv(rng, 1, 2, 2, 32, 32, 16, torch.float32)
     from sparse_attn import _engine_ops
 
-    args = (q, k, v, layout.kv_num_blocks, layout.kv_indices, None, None, None, 16, 16, 32, 32, 1, True, 0.25)
+    args = (q, k, v, layout.kv_num_blocks, layout.kv_indices, None, None, 16, 16, 32, 32, 1, True, 0.25)
     # The Triton interpreter executes kernels even on fake tensors, so the fake-tensor and compile
     # checks run on the GPU only.
     utils = ("test_schema", "test_autograd_registration")

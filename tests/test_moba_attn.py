@@ -92,6 +92,86 @@ def test_block_size_the_kernel_cannot_take(rng):
         moba_attn(q, k, v, block_size=16, topk=0)
 
 
+# ---------------------------------------------------------------------------------- gathered kernels
+def random_routes(rng, batch, hq, seq_q, seq_kv, block, topk, causal):
+    """Random block choices per row (ascending, -1 padded), the own block always in when causal:
+    the attention kernels must be exact for any routing, not only for top-k routing."""
+    num_blocks = -(-seq_kv // block)
+    position = torch.arange(seq_q) + seq_kv - seq_q
+    scores = torch.rand(batch, hq, seq_q, num_blocks, generator=rng)
+    if causal:
+        block_ids = torch.arange(num_blocks)
+        eligible = (block_ids + 1) * block <= position[:, None]
+        scores = scores.masked_fill(~eligible, -1.0)
+        scores = torch.where(block_ids == (position // block)[:, None], 2.0, scores)
+    top = scores.topk(min(topk, num_blocks), dim=-1)
+    routes = torch.where(top.values >= 0, top.indices, -1).to(torch.int32)
+    routes = torch.where(routes < 0, torch.iinfo(torch.int32).max, routes).sort(-1).values
+    return torch.where(routes == torch.iinfo(torch.int32).max, -1, routes).to(DEVICE)
+
+
+GATHER_CASES = {
+    # name: (batch, hq, hkv, seq_q, seq_kv, dim, block, topk, causal); items > the interpreter's 3 programs
+    "gqa8_many_items": (2, 8, 1, 200, 200, 32, 16, 5, True),
+    "mqa_q_shorter": (1, 4, 1, 90, 230, 64, 32, 3, True),
+    "non_causal_ragged": (2, 2, 2, 130, 130, 32, 16, 4, False),
+}
+
+
+@pytest.mark.parametrize("case", list(GATHER_CASES))
+def test_gathered_kernels_exact_for_any_routing(rng, case):
+    from sparse_attn._moba_ops import routed_attention
+
+    batch, hq, hkv, seq_q, seq_kv, dim, block, topk, causal = GATHER_CASES[case]
+    q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, torch.float32)
+    routes = random_routes(rng, batch, hq, seq_q, seq_kv, block, topk, causal)
+    out, lse = routed_attention(q, k, v, routes, block, causal, dim**-0.5, seq_kv)
+    ref, ref_lse = moba_attention_reference(q, k, v, routes, block_size=block, causal=causal)
+    same, _ = moba_attention_reference(q, k, v, routes, block_size=block, causal=causal, compute_dtype=q.dtype)
+    assert_flash_rule(out, ref, same, 2, "output")
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    for name, g, r, s in zip(
+        "qkv",
+        torch.autograd.grad(out, (q, k, v), grad),
+        torch.autograd.grad(ref, (q, k, v), grad.double()),
+        torch.autograd.grad(same, (q, k, v), grad.to(same.dtype)),
+    ):
+        assert_flash_rule(g, r, s, 3, f"d{name}")
+
+
+def test_pair_lists_follow_their_definition(rng):
+    from sparse_attn._moba_ops import routed_pair_lists
+
+    batch, hq, hkv, seq_q, seq_kv, block, rows_per_item = 2, 4, 2, 50, 70, 16, 16
+    routes = random_routes(rng, batch, hq, seq_q, seq_kv, block, 3, True).cpu()
+    num_blocks, num_logical = -(-seq_kv // block), -(-seq_q // rows_per_item)
+    seg_start, pair_rows = routed_pair_lists(routes, hkv, num_blocks, rows_per_item)
+    expected = {}
+    for b, h, r, t in zip(*torch.nonzero(routes >= 0, as_tuple=True)):
+        segment = ((b * hkv + h // (hq // hkv)) * num_blocks + routes[b, h, r, t]) * num_logical + r // rows_per_item
+        expected.setdefault(int(segment), []).append(int(h * seq_q + r))
+    assert seg_start.dtype == pair_rows.dtype == torch.int32
+    assert seg_start.numel() == batch * hkv * num_blocks * num_logical + 1
+    for segment in range(seg_start.numel() - 1):
+        got = sorted(pair_rows[seg_start[segment] : seg_start[segment + 1]].tolist())
+        assert got == sorted(expected.get(segment, [])), f"segment {segment}"
+
+
+def test_opcheck_moba_ops(rng):
+    from sparse_attn import _moba_ops
+
+    q, k, v = make_qkv(rng, 1, 2, 1, 40, 40, 16, torch.float32)
+    routes = random_routes(rng, 1, 2, 40, 40, 16, 2, True)
+    seg_start, pair_rows = _moba_ops.routed_pair_lists(routes, 1, 3, 64)
+    args = (q, k, v, seg_start, pair_rows, None, None, 16, 64, 40, 40, True, 0.25)
+    # The interpreter executes kernels even on fake tensors: fake-tensor and compile checks need the GPU.
+    utils = ("test_schema", "test_autograd_registration")
+    if DEVICE.type == "cuda":
+        utils += ("test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(_moba_ops.moba_attn_fwd, args, test_utils=utils)
+
+
 # ---------------------------------------------------------------------------------- varlen
 def packed_qkv(rng, lengths_q, lengths_k, hq, hkv, dim, dtype):
     shapes = ((sum(lengths_q), hq, dim), (sum(lengths_k), hkv, dim), (sum(lengths_k), hkv, dim))

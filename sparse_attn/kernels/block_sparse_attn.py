@@ -40,24 +40,6 @@ def _pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _load_row_blocks(
-    ROW_BLOCKS, b, h, offs_m, len_q, stride_rb, stride_rh, stride_rs, row_topk, ROW_TOPK_PAD: tl.constexpr
-):
-    """Per-query block selections [BLOCK_M, ROW_TOPK_PAD] (MoBA routing), -1 where absent."""
-    offs_t = tl.arange(0, ROW_TOPK_PAD)
-    return tl.load(
-        ROW_BLOCKS + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rs + offs_t[None, :],
-        mask=(offs_m[:, None] < len_q) & (offs_t[None, :] < row_topk),
-        other=-1,
-    )
-
-
-@triton.jit
-def _rows_selecting(row_blocks, block):
-    return tl.sum((row_blocks == block).to(tl.int32), 1) > 0
-
-
-@triton.jit
 def _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
     """Keys [lo, hi) of the j-th selected block, cut at the last key the query tile may see."""
     kv_lo = tl.load(kv_list + j) * KV_BLOCK
@@ -99,11 +81,6 @@ def _block_sparse_fwd_kernel(
     stride_ib,
     stride_ih,
     stride_im,
-    ROW_BLOCKS,
-    stride_rb,
-    stride_rh,
-    stride_rs,
-    row_topk,
     num_q_heads,
     group_size,
     seq_len_q,
@@ -119,7 +96,6 @@ def _block_sparse_fwd_kernel(
     CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    ROW_TOPK_PAD: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -151,14 +127,8 @@ def _block_sparse_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    if ROW_TOPK_PAD > 0:
-        row_blocks = _load_row_blocks(
-            ROW_BLOCKS, b, h, offs_m, len_q, stride_rb, stride_rh, stride_rs, row_topk, ROW_TOPK_PAD
-        )
     for j in range(count):
         kv_lo, kv_hi = _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK, CAUSAL)
-        if ROW_TOPK_PAD > 0:
-            selecting = _rows_selecting(row_blocks, kv_lo // KV_BLOCK)
         for start_n in range(kv_lo, kv_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = tl.load(
@@ -169,12 +139,7 @@ def _block_sparse_fwd_kernel(
             needs_mask = start_n + BLOCK_N > len_k
             if CAUSAL:
                 needs_mask = needs_mask | (start_n + BLOCK_N - 1 > tile * BLOCK_M + causal_shift)
-            if ROW_TOPK_PAD > 0:
-                # Routed rows: only the queries that chose this block attend to it.
-                s = tl.where(
-                    _pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL) & selecting[:, None], s, float("-inf")
-                )
-            elif needs_mask:
+            if needs_mask:
                 s = tl.where(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -233,11 +198,6 @@ def _block_sparse_dq_kernel(
     stride_ib,
     stride_ih,
     stride_im,
-    ROW_BLOCKS,
-    stride_rb,
-    stride_rh,
-    stride_rs,
-    row_topk,
     num_q_heads,
     group_size,
     seq_len_q,
@@ -254,7 +214,6 @@ def _block_sparse_dq_kernel(
     CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    ROW_TOPK_PAD: tl.constexpr,
 ):
     """dQ = scale * sum over selected keys of P * (dP - delta) K; q, do and dq share strides (stride_q*)."""
     tile = tl.program_id(0)
@@ -291,14 +250,8 @@ def _block_sparse_dq_kernel(
     last_visible = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_q - 1) + causal_shift
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    if ROW_TOPK_PAD > 0:
-        row_blocks = _load_row_blocks(
-            ROW_BLOCKS, b, h, offs_m, len_q, stride_rb, stride_rh, stride_rs, row_topk, ROW_TOPK_PAD
-        )
     for j in range(count):
         kv_lo, kv_hi = _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK, CAUSAL)
-        if ROW_TOPK_PAD > 0:
-            selecting = _rows_selecting(row_blocks, kv_lo // KV_BLOCK)
         for start_n in range(kv_lo, kv_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kv_ok = (offs_n[:, None] < len_k) & d_ok
@@ -306,10 +259,7 @@ def _block_sparse_dq_kernel(
             v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
             p = tl.math.exp2(s - lse_log2[:, None])
-            pair_ok = _pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL)
-            if ROW_TOPK_PAD > 0:
-                pair_ok = pair_ok & selecting[:, None]
-            p = tl.where(pair_ok, p, 0.0)
+            p = tl.where(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL), p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -355,11 +305,6 @@ def _block_sparse_dkdv_kernel(
     stride_ib,
     stride_ih,
     stride_in,
-    ROW_BLOCKS,
-    stride_rb,
-    stride_rh,
-    stride_rs,
-    row_topk,
     num_kv_heads,
     group_size,
     seq_len_q,
@@ -376,7 +321,6 @@ def _block_sparse_dkdv_kernel(
     CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    ROW_TOPK_PAD: tl.constexpr,
 ):
     """dK, dV of one key tile, summed over the query heads of its GQA group and the query blocks
     that selected its layout block (the transposed lists); k, dk share strides, as do v, dv."""
@@ -429,11 +373,6 @@ def _block_sparse_dkdv_kernel(
                 s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
                 p_t = tl.math.exp2(s_t - lse_log2[None, :])
                 pair_ok = tl.trans(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL)) & row_ok[None, :]
-                if ROW_TOPK_PAD > 0:
-                    row_blocks = _load_row_blocks(
-                        ROW_BLOCKS, b, h, offs_m, len_q, stride_rb, stride_rh, stride_rs, row_topk, ROW_TOPK_PAD
-                    )
-                    pair_ok = pair_ok & _rows_selecting(row_blocks, kv_block)[None, :]
                 p_t = tl.where(pair_ok, p_t, 0.0)
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
                 dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)

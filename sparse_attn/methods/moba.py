@@ -15,10 +15,9 @@ only: no gradient flows through it.
 
 Attention (`moba_attn`; packed sequences through `moba_attn_varlen`, MoonshotAI's signature, and
 `moba_attn_varlen_qk` with separate query and key sequences): each query attends, with the
-token-level causal mask, to the keys of the blocks it selected. The Triton path runs the shared
-engine over the union of the selections of each 64-query tile and filters every block per query
-against its own routing list, so it is exact for any routing; it wastes work when neighbouring
-queries route apart (FlashMoBA's gather-and-densify kernels, which avoid that, are not built yet).
+token-level causal mask, to the keys of the blocks it selected. The Triton path is FlashMoBA's
+gather-and-densify (`sparse_attn/kernels/moba_attn.py`): the rows that chose a block are gathered
+into dense tiles, so its work follows the routed pairs, not the union of neighbouring rows' routes.
 """
 
 from __future__ import annotations
@@ -119,9 +118,6 @@ def _ascending_padded(indices: torch.Tensor) -> torch.Tensor:
     return torch.where(ascending == missing, -1, ascending)
 
 
-_UNION_Q_BLOCK = 64  # query tile over which selections are merged into one block list
-
-
 def moba_attn(q, k, v, *, block_size, topk, causal=True, softmax_scale=None, return_lse=False, backend="auto"):
     """MoBA attention: q (B, Hq, S, D), k and v (B, Hkv, S, D) (Sq <= Skv: bottom-right aligned).
 
@@ -144,10 +140,10 @@ def _attend_routes(q, k, v, routes, block_size, causal, scale, backend="auto"):
 
     if engine._resolve_backend(backend, q) == "reference":
         return _reference_in_dtype(q, k, v, routes, block_size, causal, scale)
-    _check_kernel_block_size(block_size, "block_size")
-    layout = _union_layout(routes, block_size, q.shape[2], k.shape[2])
-    engine._check_triton_shapes(q, layout, q.shape[-1])
-    return engine._triton_attention(q, k, v, layout, causal, scale, None, None, row_blocks=routes)
+    _check_kernel_inputs(q, block_size, "block_size")
+    from .._moba_ops import routed_attention
+
+    return routed_attention(q, k, v, routes, block_size, causal, scale, k.shape[2])
 
 
 def moba_attn_varlen(
@@ -226,14 +222,19 @@ def moba_attn_varlen_qk(
         out = torch.cat([o[0].transpose(0, 1) for o, _ in parts])
         lse = torch.cat([lse[0] for _, lse in parts], dim=1)
     else:
-        _check_kernel_block_size(moba_chunk_size, "moba_chunk_size")
-        layout = _union_layout(routes, moba_chunk_size, max_seqlen_q, max_seqlen_k)
-        engine._check_triton_shapes(q, layout, q.shape[-1])
-        out, lse = engine._triton_varlen(q, k, v, layout, causal, scale, cu_seqlens_q, cu_seqlens_k, routes)
+        _check_kernel_inputs(q, moba_chunk_size, "moba_chunk_size")
+        from .._moba_ops import routed_attention
+
+        out, lse = engine._packed_call(
+            routed_attention, q, k, v, cu_seqlens_q, cu_seqlens_k, routes, moba_chunk_size, causal, scale, max_seqlen_k
+        )
     return (out, lse) if return_lse else out
 
 
-def _check_kernel_block_size(block_size: int, name: str) -> None:
+def _check_kernel_inputs(q, block_size: int, name: str) -> None:
+    from .. import engine
+
+    engine._check_triton_inputs(q)
     if block_size % 16:
         raise ValueError(
             f"{name}={block_size} must be a multiple of 16 for the Triton kernels (backend='reference' takes any size)"
@@ -252,27 +253,6 @@ def _reference_in_dtype(q, k, v, routes, block_size, causal, scale):
         q, k, v, routes, block_size=block_size, causal=causal, softmax_scale=scale, compute_dtype=compute
     )
     return out.to(q.dtype), lse.float()
-
-
-def _union_layout(routes, block_size, seq_len_q, seq_len_kv):
-    """Per (batch, head, 64-query tile): every block any of its queries selected."""
-    from ..layout import BlockSparseLayout
-
-    batch, heads, _, topk = routes.shape
-    num_blocks = -(-seq_len_kv // block_size)
-    num_tiles = -(-seq_len_q // _UNION_Q_BLOCK)
-    tile_of_row = torch.arange(seq_len_q, device=routes.device) // _UNION_Q_BLOCK
-    slots = torch.where(routes < 0, num_blocks, routes).long() + (tile_of_row * (num_blocks + 1))[:, None]
-    union = torch.zeros(batch, heads, num_tiles * (num_blocks + 1), dtype=torch.bool, device=routes.device)
-    union.scatter_(2, slots.reshape(batch, heads, -1), True)
-    union = union.view(batch, heads, num_tiles, num_blocks + 1)[..., :num_blocks]
-    return BlockSparseLayout.from_dense_mask(
-        union.contiguous(),
-        q_block_size=_UNION_Q_BLOCK,
-        kv_block_size=block_size,
-        seq_len_q=seq_len_q,
-        seq_len_kv=seq_len_kv,
-    )
 
 
 def moba_attention_reference(
