@@ -14,7 +14,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from ._engine_ops import _batch_strides, _geometry, _poisoned, _tile, _unit_last_stride
-from .kernels.moba_attn import LOG2E, _moba_dkdv_kernel, _moba_dq_kernel, _moba_fwd_kernel
+from .kernels.moba_attn import LOG2E, _moba_dkdv_kernel, _moba_rows_kernel
 
 # (BLOCK_M gathered rows, BLOCK_N keys, num_warps, num_stages) per kernel and head-dim bound:
 # starting points, not yet tuned on a GPU. Forward and dQ share BLOCK_M (one logical-block size).
@@ -111,6 +111,33 @@ def _tensor_strides(varlen, *tensors):
     return tuple(s for t in tensors for s in _batch_strides(t, varlen))
 
 
+def _launch_rows(
+    q, k, v, o, lse, delta, dq, seg_start, pair_rows, cu_q, cu_k, block_size, rows_per_item, seq_len_q, seq_len_kv,
+    causal, softmax_scale,
+):  # fmt: skip
+    """The persistent query-major kernel: the forward (o, lse written) or, given delta and dq, dQ (o = dO)."""
+    backward = dq is not None
+    varlen, batch, num_kv_blocks, num_logical = _geometry_args(
+        q, k, block_size, rows_per_item, seq_len_q, seq_len_kv, cu_q
+    )
+    num_kv_heads = k.shape[1]
+    group = q.shape[1] // num_kv_heads
+    config = _launch_config("rows", q, block_size)
+    num_items = batch * num_kv_heads * num_logical
+    programs = max(min(num_items, _persistent_programs(q.device)), 1)
+    # Scratch per program, never per output row: the item's softmax state (forward) or dQ (backward).
+    slots = programs * group * rows_per_item
+    acc = torch.empty(slots, config["HEAD_DIM_PAD"], dtype=torch.float32, device=q.device)
+    row_max, row_sum = (None, None) if backward else torch.empty(2, slots, dtype=torch.float32, device=q.device)
+    wrap_triton(_moba_rows_kernel)[(programs,)](
+        q, k, v, o, lse, delta, dq, acc, row_max, row_sum, seg_start, pair_rows, cu_q, cu_k,
+        *_tensor_strides(varlen, q, k, v, o, lse.unsqueeze(-1)),
+        num_items, num_kv_heads, group, num_kv_blocks, num_logical, seq_len_q, seq_len_kv,
+        softmax_scale * LOG2E, softmax_scale,
+        KV_BLOCK=block_size, LOGICAL_ROWS=rows_per_item, CAUSAL=causal, VARLEN=varlen, BACKWARD=backward, **config,
+    )  # fmt: skip
+
+
 @triton_op("sparse_attn::moba_attn_fwd", mutates_args={})
 def moba_attn_fwd(
     q: torch.Tensor,
@@ -128,46 +155,10 @@ def moba_attn_fwd(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    varlen, batch, num_kv_blocks, num_logical = _geometry_args(
-        q, k, block_size, rows_per_item, seq_len_q, seq_len_kv, cu_seqlens_q
-    )
-    num_kv_heads = k.shape[1]
-    group = q.shape[1] // num_kv_heads
     out, lse = _poisoned(torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
-    config = _launch_config("rows", q, block_size)
-    num_items = batch * num_kv_heads * num_logical
-    programs = max(min(num_items, _persistent_programs(q.device)), 1)
-    slots = programs * group * rows_per_item
-    acc = torch.empty(slots, config["HEAD_DIM_PAD"], dtype=torch.float32, device=q.device)
-    row_max, row_sum = (torch.empty(slots, dtype=torch.float32, device=q.device) for _ in range(2))
-    wrap_triton(_moba_fwd_kernel)[(programs,)](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        acc,
-        row_max,
-        row_sum,
-        seg_start,
-        pair_rows,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        *_tensor_strides(varlen, q, k, v, out, lse.unsqueeze(-1)),
-        num_items,
-        num_kv_heads,
-        group,
-        num_kv_blocks,
-        num_logical,
-        seq_len_q,
-        seq_len_kv,
-        softmax_scale * LOG2E,
-        KV_BLOCK=block_size,
-        LOGICAL_ROWS=rows_per_item,
-        CAUSAL=causal,
-        VARLEN=varlen,
-        **config,
-    )
+    lists = (seg_start, pair_rows, cu_seqlens_q, cu_seqlens_k)
+    _launch_rows(q, k, v, out, lse, None, None, *lists, block_size, rows_per_item, seq_len_q, seq_len_kv,
+                 causal, softmax_scale)  # fmt: skip
     return out, lse
 
 
@@ -191,35 +182,22 @@ def moba_attn_bwd(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out = _unit_last_stride(grad_out)  # an expanded gradient (e.g. from .sum()) has stride 0
+    delta = (out.float() * grad_out.float()).sum(dim=-1).contiguous()  # [B, H, S] like lse
+    dq, dk, dv = _poisoned(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    lists = (seg_start, pair_rows, cu_seqlens_q, cu_seqlens_k)
+    _launch_rows(q, k, v, grad_out, lse, delta, dq, *lists, block_size, rows_per_item, seq_len_q, seq_len_kv,
+                 causal, softmax_scale)  # fmt: skip
+
     varlen, batch, num_kv_blocks, num_logical = _geometry_args(
         q, k, block_size, rows_per_item, seq_len_q, seq_len_kv, cu_seqlens_q
     )
-    num_kv_heads = k.shape[1]
-    group = q.shape[1] // num_kv_heads
-    delta = (out.float() * grad_out.float()).sum(dim=-1).contiguous()  # [B, H, S] like lse
-    dq, dk, dv = _poisoned(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    strides = _tensor_strides(varlen, q, k, v, grad_out, lse.unsqueeze(-1))
-    shared = (seg_start, pair_rows, cu_seqlens_q, cu_seqlens_k, *strides)
-    flags = dict(KV_BLOCK=block_size, CAUSAL=causal, VARLEN=varlen)
-    scales = (softmax_scale * LOG2E, softmax_scale)
-
-    rows_config = _launch_config("rows", q, block_size)
-    num_items = batch * num_kv_heads * num_logical
-    programs = max(min(num_items, _persistent_programs(q.device)), 1)
-    slots = programs * group * rows_per_item
-    dq_acc = torch.empty(slots, rows_config["HEAD_DIM_PAD"], dtype=torch.float32, device=q.device)
-    wrap_triton(_moba_dq_kernel)[(programs,)](
-        q, k, v, grad_out, lse, delta, dq, dq_acc, *shared,
-        num_items, num_kv_heads, group, num_kv_blocks, num_logical, seq_len_q, seq_len_kv, *scales,
-        LOGICAL_ROWS=rows_per_item, **flags, **rows_config,
-    )  # fmt: skip
-
-    dkdv_config = _launch_config("dkdv", q, block_size)
-    tiles = triton.cdiv(max(seq_len_kv, 1), dkdv_config["BLOCK_N"])
-    wrap_triton(_moba_dkdv_kernel)[(tiles, batch * num_kv_heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, *shared,
-        num_kv_heads, num_kv_blocks, num_logical, seq_len_q, seq_len_kv, *scales,
-        **flags, **dkdv_config,
+    config = _launch_config("dkdv", q, block_size)
+    tiles = triton.cdiv(max(seq_len_kv, 1), config["BLOCK_N"])
+    wrap_triton(_moba_dkdv_kernel)[(tiles, batch * k.shape[1])](
+        q, k, v, grad_out, lse, delta, dk, dv, *lists,
+        *_tensor_strides(varlen, q, k, v, grad_out, lse.unsqueeze(-1)),
+        k.shape[1], num_kv_blocks, num_logical, seq_len_q, seq_len_kv, softmax_scale * LOG2E, softmax_scale,
+        KV_BLOCK=block_size, CAUSAL=causal, VARLEN=varlen, **config,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -35,14 +35,21 @@ def check(q, k, v, *, block_size, topk, causal=True):
     ref, _ = moba_attention_reference(q, k, v, routes, block_size=block_size, causal=causal)
     same, _ = moba_attention_reference(q, k, v, routes, block_size=block_size, causal=causal, compute_dtype=q.dtype)
     assert not torch.isnan(out).any(), "unwritten (poisoned) output"
+    assert_output_and_grads(out, ref, same, (q, k, v))
+    return out
+
+
+def assert_output_and_grads(out, ref, same, inputs):
+    """FlashAttention's rule for the output (2x) and the gradients of `inputs` (3x) against the fp64 oracle."""
     assert_flash_rule(out, ref, same, 2, "output")
     grad = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad.double())
-    same_grads = torch.autograd.grad(same, (q, k, v), grad.to(same.dtype))
-    for name, g, r, s in zip("qkv", grads, ref_grads, same_grads):
+    for name, g, r, s in zip(
+        "qkv",
+        torch.autograd.grad(out, inputs, grad),
+        torch.autograd.grad(ref, inputs, grad.double()),
+        torch.autograd.grad(same, inputs, grad.to(same.dtype)),
+    ):
         assert_flash_rule(g, r, s, 3, f"d{name}")
-    return out
 
 
 CASES = {
@@ -128,16 +135,8 @@ def test_gathered_kernels_exact_for_any_routing(rng, case):
     out, lse = routed_attention(q, k, v, routes, block, causal, dim**-0.5, seq_kv)
     ref, ref_lse = moba_attention_reference(q, k, v, routes, block_size=block, causal=causal)
     same, _ = moba_attention_reference(q, k, v, routes, block_size=block, causal=causal, compute_dtype=q.dtype)
-    assert_flash_rule(out, ref, same, 2, "output")
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(out)
-    for name, g, r, s in zip(
-        "qkv",
-        torch.autograd.grad(out, (q, k, v), grad),
-        torch.autograd.grad(ref, (q, k, v), grad.double()),
-        torch.autograd.grad(same, (q, k, v), grad.to(same.dtype)),
-    ):
-        assert_flash_rule(g, r, s, 3, f"d{name}")
+    assert_output_and_grads(out, ref, same, (q, k, v))
 
 
 def test_pair_lists_follow_their_definition(rng):
@@ -213,15 +212,7 @@ def test_varlen_matches_per_sequence_oracle(rng, case, dtype):
     assert out.shape == q.shape and not torch.isnan(out).any()
     ref = per_sequence_oracle(q, k, v, cu_q, cu_k, block, topk, torch.float64)
     same = per_sequence_oracle(q, k, v, cu_q, cu_k, block, topk, q.dtype)
-    assert_flash_rule(out, ref, same, 2, "output")
-    grad = torch.randn_like(out)
-    for name, g, r, s in zip(
-        "qkv",
-        torch.autograd.grad(out, (q, k, v), grad),
-        torch.autograd.grad(ref, (q, k, v), grad.double()),
-        torch.autograd.grad(same, (q, k, v), grad.to(same.dtype)),
-    ):
-        assert_flash_rule(g, r, s, 3, f"d{name}")
+    assert_output_and_grads(out, ref, same, (q, k, v))
 
 
 def test_varlen_full_budget_is_dense_causal_per_sequence(rng):

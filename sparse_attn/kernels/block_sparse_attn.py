@@ -40,6 +40,25 @@ def _pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i):
+    """One online-softmax step over base-2 scores s: (p, rescale of the old state, new max, new sum)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays at p = 0
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _normalize(acc, m_i, l_i):
+    """(output, natural-log LSE) of a finished softmax state; a row without keys gives 0 and -inf."""
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    return out, lse
+
+
+@triton.jit
 def _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
     """Keys [lo, hi) of the j-th selected block, cut at the last key the query tile may see."""
     kv_lo = tl.load(kv_list + j) * KV_BLOCK
@@ -141,20 +160,13 @@ def _block_sparse_fwd_kernel(
                 needs_mask = needs_mask | (start_n + BLOCK_N - 1 > tile * BLOCK_M + causal_shift)
             if needs_mask:
                 s = tl.where(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
             v = tl.load(
                 v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=(offs_n[:, None] < len_k) & d_ok, other=0.0
             )
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
 
-    has_key = l_i > 0.0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    out, lse = _normalize(acc, m_i, l_i)
     row_ok = offs_m < len_q
     tl.store(
         O + b * stride_ob + h * stride_oh + (q_start + offs_m)[:, None] * stride_os + offs_d[None, :],

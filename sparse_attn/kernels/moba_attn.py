@@ -6,7 +6,8 @@ chose block j, stored contiguously (`PAIR_ROWS`, row id h * seq_len_q + r) with 
 `SEG_START` over (((b * Hkv + hk) * num_kv_blocks + j) * num_logical + lb). The rows of one GQA
 group share their KV head's lists, so K/V tiles are loaded once for all of the group's heads.
 
-* Forward and dQ are query-major and persistent: a program takes one (b, hk, lb) item at a time,
+* Forward and dQ (one kernel, `BACKWARD` picks the tile body) are query-major and persistent: a
+  program takes one (b, hk, lb) item at a time,
   i.e. the LOGICAL_ROWS rows of each of the group's heads, walks the KV blocks and, for each,
   gathers the item's rows that chose it into dense BLOCK_M tiles. Their running softmax state
   (or dQ) lives in a per-program fp32 scratch of group * LOGICAL_ROWS rows, so the scratch is sized
@@ -22,7 +23,7 @@ Softmax runs in base 2 with log2(e) folded into the scale; the LSE is stored in 
 import triton
 import triton.language as tl
 
-from .block_sparse_attn import _sequence_bounds
+from .block_sparse_attn import _normalize, _sequence_bounds, _softmax_step
 
 LOG2E = 1.4426950408889634
 
@@ -99,128 +100,76 @@ def _item_rows(start, hk, lb, group_size, len_q, LOGICAL_ROWS: tl.constexpr, BLO
 
 
 @triton.jit
-def _moba_fwd_kernel(
+def _forward_tile(
+    q, rows, ok, slot, ROW_MAX, ROW_SUM, ACC, k_base, v_base, stride_ks, stride_vs, j, len_k, causal_shift,
+    scale_log2, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Online softmax of gathered rows over block j, resumed from and saved to their scratch state."""
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    m_i = tl.load(ROW_MAX + slot, mask=ok, other=float("-inf"))
+    l_i = tl.load(ROW_SUM + slot, mask=ok, other=0.0)
+    acc_ptrs = _scratch_tile(ACC, slot, offs_d, HEAD_DIM_PAD)
+    acc = tl.load(acc_ptrs, mask=ok[:, None], other=0.0)
+    kv_lo, kv_hi, first_visible = _key_range(j, rows, ok, len_k, causal_shift, KV_BLOCK, CAUSAL)
+    for start_n in range(kv_lo, kv_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < len_k) & d_ok
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        # Past blocks are wholly visible: only the own block and the ragged end pay for a mask.
+        needs_mask = start_n + BLOCK_N > len_k
+        if CAUSAL:
+            needs_mask = needs_mask | (start_n + BLOCK_N - 1 > first_visible)
+        if needs_mask:
+            s = tl.where(_visible(rows, ok, offs_n, len_k, causal_shift, CAUSAL), s, float("-inf"))
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    tl.store(ROW_MAX + slot, m_i, mask=ok)
+    tl.store(ROW_SUM + slot, l_i, mask=ok)
+    tl.store(acc_ptrs, acc, mask=ok[:, None])
+
+
+@triton.jit
+def _dq_tile(
+    q, do, lse, delta, rows, ok, slot, ACC, k_base, v_base, stride_ks, stride_vs, j, len_k, causal_shift,
+    scale_log2, KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Adds block j's share of dQ / scale, sum of P * (dP - delta) K, to the gathered rows' scratch."""
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    kv_lo, kv_hi, _ = _key_range(j, rows, ok, len_k, causal_shift, KV_BLOCK, CAUSAL)
+    for start_n in range(kv_lo, kv_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < len_k) & d_ok
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.math.exp2(s - lse_log2[:, None])
+        p = tl.where(_visible(rows, ok, offs_n, len_k, causal_shift, CAUSAL), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        dq += tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, input_precision=DOT_PRECISION)
+    acc_ptrs = _scratch_tile(ACC, slot, offs_d, HEAD_DIM_PAD)
+    tl.store(acc_ptrs, tl.load(acc_ptrs, mask=ok[:, None], other=0.0) + dq, mask=ok[:, None])
+
+
+@triton.jit
+def _moba_rows_kernel(
     Q,
     K,
     V,
     O,
     LSE,
+    DELTA,
+    DQ,
     ACC,
     ROW_MAX,
     ROW_SUM,
-    SEG_START,
-    PAIR_ROWS,
-    CU_Q,
-    CU_K,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_ob,
-    stride_oh,
-    stride_os,
-    stride_lb,
-    stride_lh,
-    stride_ls,
-    num_items,
-    num_kv_heads,
-    group_size,
-    num_kv_blocks,
-    num_logical,
-    seq_len_q,
-    seq_len_kv,
-    scale_log2,
-    KV_BLOCK: tl.constexpr,
-    LOGICAL_ROWS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    scratch = pid * group_size * LOGICAL_ROWS
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d[None, :] < HEAD_DIM
-    for item in range(pid, num_items, tl.num_programs(0)):
-        b, hk, lb = _item_coords(item, num_logical, num_kv_heads)
-        q_start, k_start, len_q, len_k = _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN)
-        if lb * LOGICAL_ROWS < len_q:
-            causal_shift = len_k - len_q
-            for start in range(0, group_size * LOGICAL_ROWS, BLOCK_M):
-                slot = scratch + start + tl.arange(0, BLOCK_M)
-                tl.store(ROW_MAX + slot, tl.full([BLOCK_M], float("-inf"), tl.float32))
-                tl.store(ROW_SUM + slot, tl.zeros([BLOCK_M], tl.float32))
-                tl.store(_scratch_tile(ACC, slot, offs_d, HEAD_DIM_PAD), tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32))
-            tl.debug_barrier()
-            k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
-            v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
-            for j in range(0, num_kv_blocks):
-                seg = ((b * num_kv_heads + hk) * num_kv_blocks + j) * num_logical + lb
-                seg_end = tl.load(SEG_START + seg + 1)
-                for start in range(tl.load(SEG_START + seg), seg_end, BLOCK_M):
-                    ok, h, rows = _gathered_rows(PAIR_ROWS, start, seg_end, seq_len_q, BLOCK_M)
-                    q = _load_rows(Q, b, h, q_start + rows, ok, stride_qb, stride_qh, stride_qs, offs_d, HEAD_DIM)
-                    slot = scratch + _scratch_rows(h, rows, hk, lb, group_size, LOGICAL_ROWS)
-                    m_i = tl.load(ROW_MAX + slot, mask=ok, other=float("-inf"))
-                    l_i = tl.load(ROW_SUM + slot, mask=ok, other=0.0)
-                    acc_ptrs = _scratch_tile(ACC, slot, offs_d, HEAD_DIM_PAD)
-                    acc = tl.load(acc_ptrs, mask=ok[:, None], other=0.0)
-                    kv_lo, kv_hi, first_visible = _key_range(j, rows, ok, len_k, causal_shift, KV_BLOCK, CAUSAL)
-                    for start_n in range(kv_lo, kv_hi, BLOCK_N):
-                        offs_n = start_n + tl.arange(0, BLOCK_N)
-                        kv_ok = (offs_n[:, None] < len_k) & d_ok
-                        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
-                        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-                        # Past blocks are wholly visible: only the own block and the ragged end pay for a mask.
-                        needs_mask = start_n + BLOCK_N > len_k
-                        if CAUSAL:
-                            needs_mask = needs_mask | (start_n + BLOCK_N - 1 > first_visible)
-                        if needs_mask:
-                            s = tl.where(_visible(rows, ok, offs_n, len_k, causal_shift, CAUSAL), s, float("-inf"))
-                        m_new = tl.maximum(m_i, tl.max(s, 1))
-                        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                        p = tl.math.exp2(s - m_safe[:, None])
-                        alpha = tl.math.exp2(m_i - m_safe)
-                        l_i = l_i * alpha + tl.sum(p, 1)
-                        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
-                        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-                        m_i = m_new
-                    tl.store(ROW_MAX + slot, m_i, mask=ok)
-                    tl.store(ROW_SUM + slot, l_i, mask=ok)
-                    tl.store(acc_ptrs, acc, mask=ok[:, None])
-                    # The next tile may hold the same rows in other threads: make the stores visible.
-                    tl.debug_barrier()
-            for start in range(0, group_size * LOGICAL_ROWS, BLOCK_M):
-                slot, h, rows, ok = _item_rows(start, hk, lb, group_size, len_q, LOGICAL_ROWS, BLOCK_M)
-                m_i = tl.load(ROW_MAX + scratch + slot, mask=ok, other=float("-inf"))
-                l_i = tl.load(ROW_SUM + scratch + slot, mask=ok, other=0.0)
-                acc = tl.load(_scratch_tile(ACC, scratch + slot, offs_d, HEAD_DIM_PAD), mask=ok[:, None], other=0.0)
-                has_key = l_i > 0.0
-                out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-                lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) / LOG2E, float("-inf"))
-                _store_rows(O, out, b, h, q_start + rows, ok, stride_ob, stride_oh, stride_os, offs_d, HEAD_DIM)
-                tl.store(LSE + b * stride_lb + h * stride_lh + (q_start + rows) * stride_ls, lse, mask=ok)
-            tl.debug_barrier()  # the next item reuses the scratch
-
-
-@triton.jit
-def _moba_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    DQ_ACC,
     SEG_START,
     PAIR_ROWS,
     CU_Q,
@@ -258,20 +207,25 @@ def _moba_dq_kernel(
     CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BACKWARD: tl.constexpr,
 ):
-    """dQ = scale * sum over the routed keys of P * (dP - delta) K; q, do and dq share strides (stride_q*)."""
+    """The persistent query-major walk. Forward: O and LSE (written) from Q, K, V, with the softmax
+    state in ACC, ROW_MAX, ROW_SUM. BACKWARD: DQ from Q, K, V, O = dO, LSE and DELTA, with dQ in
+    ACC (DQ shares Q's strides; ROW_MAX, ROW_SUM unused)."""
     pid = tl.program_id(0)
     scratch = pid * group_size * LOGICAL_ROWS
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d[None, :] < HEAD_DIM
     for item in range(pid, num_items, tl.num_programs(0)):
         b, hk, lb = _item_coords(item, num_logical, num_kv_heads)
         q_start, k_start, len_q, len_k = _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN)
         if lb * LOGICAL_ROWS < len_q:
             causal_shift = len_k - len_q
             for start in range(0, group_size * LOGICAL_ROWS, BLOCK_M):
-                zeros = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-                tl.store(_scratch_tile(DQ_ACC, scratch + start + tl.arange(0, BLOCK_M), offs_d, HEAD_DIM_PAD), zeros)
+                slot = scratch + start + tl.arange(0, BLOCK_M)
+                tl.store(_scratch_tile(ACC, slot, offs_d, HEAD_DIM_PAD), tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32))
+                if not BACKWARD:
+                    tl.store(ROW_MAX + slot, tl.full([BLOCK_M], float("-inf"), tl.float32))
+                    tl.store(ROW_SUM + slot, tl.zeros([BLOCK_M], tl.float32))
             tl.debug_barrier()
             k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
             v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
@@ -281,33 +235,36 @@ def _moba_dq_kernel(
                 for start in range(tl.load(SEG_START + seg), seg_end, BLOCK_M):
                     ok, h, rows = _gathered_rows(PAIR_ROWS, start, seg_end, seq_len_q, BLOCK_M)
                     q = _load_rows(Q, b, h, q_start + rows, ok, stride_qb, stride_qh, stride_qs, offs_d, HEAD_DIM)
-                    do = _load_rows(DO, b, h, q_start + rows, ok, stride_ob, stride_oh, stride_os, offs_d, HEAD_DIM)
-                    stat = b * stride_lb + h * stride_lh + (q_start + rows) * stride_ls
-                    lse = tl.load(LSE + stat, mask=ok, other=0.0)
-                    lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-                    delta = tl.load(DELTA + stat, mask=ok, other=0.0)
-                    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-                    kv_lo, kv_hi, _ = _key_range(j, rows, ok, len_k, causal_shift, KV_BLOCK, CAUSAL)
-                    for start_n in range(kv_lo, kv_hi, BLOCK_N):
-                        offs_n = start_n + tl.arange(0, BLOCK_N)
-                        kv_ok = (offs_n[:, None] < len_k) & d_ok
-                        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
-                        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
-                        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-                        p = tl.math.exp2(s - lse_log2[:, None])
-                        p = tl.where(_visible(rows, ok, offs_n, len_k, causal_shift, CAUSAL), p, 0.0)
-                        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-                        ds = p * (dp - delta[:, None])
-                        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
                     slot = scratch + _scratch_rows(h, rows, hk, lb, group_size, LOGICAL_ROWS)
-                    acc_ptrs = _scratch_tile(DQ_ACC, slot, offs_d, HEAD_DIM_PAD)
-                    tl.store(acc_ptrs, tl.load(acc_ptrs, mask=ok[:, None], other=0.0) + dq, mask=ok[:, None])
+                    if BACKWARD:
+                        do = _load_rows(O, b, h, q_start + rows, ok, stride_ob, stride_oh, stride_os, offs_d, HEAD_DIM)
+                        stat = b * stride_lb + h * stride_lh + (q_start + rows) * stride_ls
+                        _dq_tile(
+                            q, do, tl.load(LSE + stat, mask=ok, other=0.0), tl.load(DELTA + stat, mask=ok, other=0.0),
+                            rows, ok, slot, ACC, k_base, v_base, stride_ks, stride_vs, j, len_k, causal_shift,
+                            scale_log2, KV_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, DOT_PRECISION,
+                        )  # fmt: skip
+                    else:
+                        _forward_tile(
+                            q, rows, ok, slot, ROW_MAX, ROW_SUM, ACC, k_base, v_base, stride_ks, stride_vs, j, len_k,
+                            causal_shift, scale_log2, KV_BLOCK, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, DOT_PRECISION,
+                        )  # fmt: skip
+                    # The next tile may hold the same rows in other threads: make the stores visible.
                     tl.debug_barrier()
             for start in range(0, group_size * LOGICAL_ROWS, BLOCK_M):
                 slot, h, rows, ok = _item_rows(start, hk, lb, group_size, len_q, LOGICAL_ROWS, BLOCK_M)
-                dq = tl.load(_scratch_tile(DQ_ACC, scratch + slot, offs_d, HEAD_DIM_PAD), mask=ok[:, None], other=0.0)
-                _store_rows(DQ, dq * scale, b, h, q_start + rows, ok, stride_qb, stride_qh, stride_qs, offs_d, HEAD_DIM)
-            tl.debug_barrier()
+                acc = tl.load(_scratch_tile(ACC, scratch + slot, offs_d, HEAD_DIM_PAD), mask=ok[:, None], other=0.0)
+                if BACKWARD:
+                    _store_rows(
+                        DQ, acc * scale, b, h, q_start + rows, ok, stride_qb, stride_qh, stride_qs, offs_d, HEAD_DIM
+                    )
+                else:
+                    m_i = tl.load(ROW_MAX + scratch + slot, mask=ok, other=float("-inf"))
+                    l_i = tl.load(ROW_SUM + scratch + slot, mask=ok, other=0.0)
+                    out, lse = _normalize(acc, m_i, l_i)
+                    _store_rows(O, out, b, h, q_start + rows, ok, stride_ob, stride_oh, stride_os, offs_d, HEAD_DIM)
+                    tl.store(LSE + b * stride_lb + h * stride_lh + (q_start + rows) * stride_ls, lse, mask=ok)
+            tl.debug_barrier()  # the next item reuses the scratch
 
 
 @triton.jit
