@@ -12,12 +12,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from .kernels.block_sparse_attn import (
-    LOG2E,
-    _block_sparse_dkdv_kernel,
-    _block_sparse_dq_kernel,
-    _block_sparse_fwd_kernel,
-)
+from .kernels.block_sparse_attn import LOG2E, _block_sparse_dkdv_kernel, _block_sparse_rows_kernel
 from .selection import layout_transpose
 
 
@@ -93,6 +88,24 @@ def _batch_strides(t, varlen):
     return (0, s[1], s[2]) if varlen else s
 
 
+def _launch(kernel, name, q, k, v, o, lse, outputs, lists, cu_q, cu_k, heads, sizes, causal, softmax_scale, **flags):
+    """One engine kernel: Q, K, V, O (dO in the backward), LSE, then `outputs` (DELTA and the
+    gradients), the block lists it walks, the strides, and the shared scalars; `heads` are the grid's
+    query heads (rows kernel) or KV heads (dK/dV kernel)."""
+    q_block_size, kv_block_size, seq_len_q, seq_len_kv, layout_head_div = sizes
+    varlen, batch = _geometry(q, k, cu_q)
+    config = _launch_config(name, q, q_block_size, kv_block_size)
+    tiles = triton.cdiv(seq_len_kv, config["BLOCK_N"]) if name == "dkdv" else triton.cdiv(seq_len_q, config["BLOCK_M"])
+    wrap_triton(kernel)[(tiles, batch * heads)](
+        q, k, v, o, lse, *outputs, *lists, cu_q, cu_k,
+        *(stride for t in (q, k, v, o, lse.unsqueeze(-1)) for stride in _batch_strides(t, varlen)),
+        *_layout_strides(*lists, batch, varlen),
+        heads, q.shape[1] // k.shape[1], seq_len_q, seq_len_kv, softmax_scale * LOG2E, softmax_scale,
+        LAYOUT_HEAD_DIV=layout_head_div, Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal,
+        VARLEN=varlen, **flags, **config,
+    )  # fmt: skip
+
+
 @triton_op("sparse_attn::block_sparse_attn_fwd", mutates_args={})
 def block_sparse_attn_fwd(
     q: torch.Tensor,
@@ -110,40 +123,13 @@ def block_sparse_attn_fwd(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    varlen, batch = _geometry(q, k, cu_seqlens_q)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
     out, lse = _poisoned(torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
-    config = _launch_config("fwd", q, q_block_size, kv_block_size)
-    grid = (triton.cdiv(seq_len_q, config["BLOCK_M"]), batch * num_q_heads)
-    wrap_triton(_block_sparse_fwd_kernel)[grid](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        kv_num_blocks,
-        kv_indices,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        *_batch_strides(q, varlen),
-        *_batch_strides(k, varlen),
-        *_batch_strides(v, varlen),
-        *_batch_strides(out, varlen),
-        *_batch_strides(lse.unsqueeze(-1), varlen),
-        *_layout_strides(kv_num_blocks, kv_indices, batch, varlen),
-        num_q_heads,
-        num_q_heads // num_kv_heads,
-        seq_len_q,
-        seq_len_kv,
-        softmax_scale * LOG2E,
-        LAYOUT_HEAD_DIV=layout_head_div,
-        Q_BLOCK=q_block_size,
-        KV_BLOCK=kv_block_size,
-        CAUSAL=causal,
-        VARLEN=varlen,
-        **config,
-    )
+    sizes = (q_block_size, kv_block_size, seq_len_q, seq_len_kv, layout_head_div)
+    _launch(
+        _block_sparse_rows_kernel, "fwd", q, k, v, out, lse, (None, None), (kv_num_blocks, kv_indices),
+        cu_seqlens_q, cu_seqlens_k, q.shape[1], sizes, causal, softmax_scale, BACKWARD=False,
+    )  # fmt: skip
     return out, lse
 
 
@@ -169,71 +155,20 @@ def block_sparse_attn_bwd(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    varlen, batch = _geometry(q, k, cu_seqlens_q)
-    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
     grad_out = _unit_last_stride(grad_out)  # an expanded gradient (e.g. from .sum()) has stride 0
-    delta = (out.float() * grad_out.float()).sum(dim=-1)  # [B, H, S], strided like lse
+    delta = (out.float() * grad_out.float()).sum(dim=-1).contiguous()  # [B, H, S] like lse
     dq, dk, dv = _poisoned(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    scale_args = (softmax_scale * LOG2E, softmax_scale)
-    shared = dict(
-        LAYOUT_HEAD_DIV=layout_head_div,
-        Q_BLOCK=q_block_size,
-        KV_BLOCK=kv_block_size,
-        CAUSAL=causal,
-        VARLEN=varlen,
-    )
-    dq_config = {**shared, **_launch_config("dq", q, q_block_size, kv_block_size)}
-    dkdv_config = {**shared, **_launch_config("dkdv", q, q_block_size, kv_block_size)}
-    common = (
-        *_batch_strides(q, varlen),
-        *_batch_strides(k, varlen),
-        *_batch_strides(v, varlen),
-        *_batch_strides(grad_out, varlen),
-        *_batch_strides(lse.unsqueeze(-1), varlen),
-    )
-    wrap_triton(_block_sparse_dq_kernel)[(triton.cdiv(seq_len_q, dq_config["BLOCK_M"]), batch * num_q_heads)](
-        q,
-        k,
-        v,
-        grad_out,
-        lse,
-        delta.contiguous(),
-        dq,
-        kv_num_blocks,
-        kv_indices,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        *common,
-        *_layout_strides(kv_num_blocks, kv_indices, batch, varlen),
-        num_q_heads,
-        num_q_heads // num_kv_heads,
-        seq_len_q,
-        seq_len_kv,
-        *scale_args,
-        **dq_config,
-    )
-    wrap_triton(_block_sparse_dkdv_kernel)[(triton.cdiv(seq_len_kv, dkdv_config["BLOCK_N"]), batch * num_kv_heads)](
-        q,
-        k,
-        v,
-        grad_out,
-        lse,
-        delta.contiguous(),
-        dk,
-        dv,
-        q_num_blocks,
-        q_indices,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        *common,
-        *_layout_strides(q_num_blocks, q_indices, batch, varlen),
-        num_kv_heads,
-        num_q_heads // num_kv_heads,
-        seq_len_q,
-        seq_len_kv,
-        *scale_args,
-        **dkdv_config,
-    )
+    sizes = (q_block_size, kv_block_size, seq_len_q, seq_len_kv, layout_head_div)
+    shared = (q, k, v, grad_out, lse)
+    _launch(
+        _block_sparse_rows_kernel, "dq", *shared, (delta, dq), (kv_num_blocks, kv_indices),
+        cu_seqlens_q, cu_seqlens_k, q.shape[1], sizes, causal, softmax_scale, BACKWARD=True,
+    )  # fmt: skip
+    # The dK/dV kernel walks KV blocks, so it reads the query-side (transposed) lists.
+    _launch(
+        _block_sparse_dkdv_kernel, "dkdv", *shared, (delta, dk, dv), (q_num_blocks, q_indices),
+        cu_seqlens_q, cu_seqlens_k, k.shape[1], sizes, causal, softmax_scale,
+    )  # fmt: skip
     return dq, dk, dv
 
 
@@ -274,7 +209,6 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, kv_num_blocks, kv_indices, cu_q, cu_k = ctx.saved_tensors
     q_block_size, kv_block_size, seq_len_q, seq_len_kv = ctx.sizes[:4]
-    # The dK/dV kernel walks KV blocks, so it reads the query-side (transposed) lists.
     q_num_blocks, q_indices = layout_transpose(kv_num_blocks, kv_indices, -(-seq_len_kv // kv_block_size))
     dq, dk, dv = block_sparse_attn_bwd(
         grad_out,

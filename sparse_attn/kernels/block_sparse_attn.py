@@ -1,5 +1,6 @@
-"""Triton kernels of the block-sparse attention engine: forward, dQ (row-parallel) and dK/dV
-(column-parallel over the transposed layout, with the GQA group reduced in-kernel).
+"""Triton kernels of the block-sparse attention engine: forward and dQ (one row-parallel kernel,
+`BACKWARD` picks the tile body) and dK/dV (column-parallel over the transposed layout, with the GQA
+group reduced in-kernel).
 
 Geometry shared by the three kernels. A program owns one tile of BLOCK_M queries (or BLOCK_N
 keys); tiles never straddle a layout block because the tile sizes divide the layout's block
@@ -69,119 +70,20 @@ def _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK: tl.constexpr,
 
 
 @triton.jit
-def _block_sparse_fwd_kernel(
+def _dq_step(q, do, k, v, lse_log2, delta, visible, scale_log2, DOT_PRECISION: tl.constexpr):
+    """One key tile's share of dQ / scale: P * (dP - delta) K, with P from the saved LSE (base 2)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    p = tl.where(visible, tl.math.exp2(s - lse_log2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    return tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _block_sparse_rows_kernel(
     Q,
     K,
     V,
     O,
-    LSE,
-    KV_COUNT,
-    KV_IDX,
-    CU_Q,
-    CU_K,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_ob,
-    stride_oh,
-    stride_os,
-    stride_lb,
-    stride_lh,
-    stride_ls,
-    stride_cb,
-    stride_ch,
-    stride_cm,
-    stride_ib,
-    stride_ih,
-    stride_im,
-    num_q_heads,
-    group_size,
-    seq_len_q,
-    seq_len_kv,
-    scale_log2,
-    LAYOUT_HEAD_DIV: tl.constexpr,
-    Q_BLOCK: tl.constexpr,
-    KV_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_q_heads
-    h = bh % num_q_heads
-    hk = h // group_size
-    q_start, k_start, len_q, len_k = _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN)
-    if tile * BLOCK_M >= len_q:
-        return
-    causal_shift = len_k - len_q
-    lh = h // LAYOUT_HEAD_DIV
-    q_block = tile * BLOCK_M // Q_BLOCK
-    count = tl.load(KV_COUNT + b * stride_cb + lh * stride_ch + q_block * stride_cm)
-    kv_list = KV_IDX + b * stride_ib + lh * stride_ih + q_block * stride_im
-
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d[None, :] < HEAD_DIM
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + (q_start + offs_m)[:, None] * stride_qs + offs_d[None, :],
-        mask=(offs_m[:, None] < len_q) & d_ok,
-        other=0.0,
-    )
-    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
-    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
-    # The last key any query of this tile may see; blocks wholly after it are skipped.
-    last_visible = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_q - 1) + causal_shift
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    for j in range(count):
-        kv_lo, kv_hi = _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK, CAUSAL)
-        for start_n in range(kv_lo, kv_hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = tl.load(
-                k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=(offs_n[:, None] < len_k) & d_ok, other=0.0
-            )
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            # Only partial tiles (the causal diagonal, the ragged end) pay for the mask.
-            needs_mask = start_n + BLOCK_N > len_k
-            if CAUSAL:
-                needs_mask = needs_mask | (start_n + BLOCK_N - 1 > tile * BLOCK_M + causal_shift)
-            if needs_mask:
-                s = tl.where(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL), s, float("-inf"))
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-            v = tl.load(
-                v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=(offs_n[:, None] < len_k) & d_ok, other=0.0
-            )
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-
-    out, lse = _normalize(acc, m_i, l_i)
-    row_ok = offs_m < len_q
-    tl.store(
-        O + b * stride_ob + h * stride_oh + (q_start + offs_m)[:, None] * stride_os + offs_d[None, :],
-        out.to(O.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok,
-    )
-    tl.store(LSE + b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls, lse, mask=row_ok)
-
-
-@triton.jit
-def _block_sparse_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
     LSE,
     DELTA,
     DQ,
@@ -226,8 +128,11 @@ def _block_sparse_dq_kernel(
     CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BACKWARD: tl.constexpr,
 ):
-    """dQ = scale * sum over selected keys of P * (dP - delta) K; q, do and dq share strides (stride_q*)."""
+    """One query tile over its selected blocks. Forward: O and LSE (written) from Q, K, V.
+    BACKWARD: DQ = scale * sum of P * (dP - delta) K from Q, K, V, O = dO, LSE and DELTA (DQ shares
+    Q's strides)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_q_heads
@@ -246,22 +151,30 @@ def _block_sparse_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
     row_ok = offs_m < len_q
-    row_offsets = (q_start + offs_m)[:, None] * stride_qs + offs_d[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + row_offsets, mask=row_ok[:, None] & d_ok, other=0.0)
-    do = tl.load(
-        DO + b * stride_ob + h * stride_oh + (q_start + offs_m)[:, None] * stride_os + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok,
-        other=0.0,
+    rows = (q_start + offs_m)[:, None]
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0
     )
-    lse_offsets = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
-    lse = tl.load(LSE + lse_offsets, mask=row_ok, other=0.0)
-    lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(DELTA + lse_offsets, mask=row_ok, other=0.0)
+    stats = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
+    if BACKWARD:
+        do = tl.load(
+            O + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :],
+            mask=row_ok[:, None] & d_ok,
+            other=0.0,
+        )
+        lse = tl.load(LSE + stats, mask=row_ok, other=0.0)
+        lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+        delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+    # The last key any query of this tile may see; blocks wholly after it are skipped.
     last_visible = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_q - 1) + causal_shift
 
-    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     for j in range(count):
         kv_lo, kv_hi = _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK, CAUSAL)
         for start_n in range(kv_lo, kv_hi, BLOCK_N):
@@ -269,17 +182,28 @@ def _block_sparse_dq_kernel(
             kv_ok = (offs_n[:, None] < len_k) & d_ok
             k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            p = tl.math.exp2(s - lse_log2[:, None])
-            p = tl.where(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL), p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(
-        DQ + b * stride_qb + h * stride_qh + row_offsets,
-        (dq * scale).to(DQ.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok,
-    )
+            if BACKWARD:
+                visible = _pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL)
+                dq += _dq_step(q, do, k, v, lse_log2, delta, visible, scale_log2, DOT_PRECISION)
+            else:
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+                # Only partial tiles (the causal diagonal, the ragged end) pay for the mask.
+                needs_mask = start_n + BLOCK_N > len_k
+                if CAUSAL:
+                    needs_mask = needs_mask | (start_n + BLOCK_N - 1 > tile * BLOCK_M + causal_shift)
+                if needs_mask:
+                    s = tl.where(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL), s, float("-inf"))
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+
+    if BACKWARD:
+        out_ptrs = DQ + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :]
+        tl.store(out_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    else:
+        out, lse = _normalize(acc, m_i, l_i)
+        out_ptrs = O + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :]
+        tl.store(out_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+        tl.store(LSE + stats, lse, mask=row_ok)
 
 
 @triton.jit

@@ -23,7 +23,7 @@ Softmax runs in base 2 with log2(e) folded into the scale; the LSE is stored in 
 import triton
 import triton.language as tl
 
-from .block_sparse_attn import _normalize, _sequence_bounds, _softmax_step
+from .block_sparse_attn import _dq_step, _normalize, _sequence_bounds, _softmax_step
 
 LOG2E = 1.4426950408889634
 
@@ -149,11 +149,8 @@ def _dq_tile(
         kv_ok = (offs_n[:, None] < len_k) & d_ok
         k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        p = tl.math.exp2(s - lse_log2[:, None])
-        p = tl.where(_visible(rows, ok, offs_n, len_k, causal_shift, CAUSAL), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        dq += tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, input_precision=DOT_PRECISION)
+        visible = _visible(rows, ok, offs_n, len_k, causal_shift, CAUSAL)
+        dq += _dq_step(q, do, k, v, lse_log2, delta, visible, scale_log2, DOT_PRECISION)
     acc_ptrs = _scratch_tile(ACC, slot, offs_d, HEAD_DIM_PAD)
     tl.store(acc_ptrs, tl.load(acc_ptrs, mask=ok[:, None], other=0.0) + dq, mask=ok[:, None])
 
