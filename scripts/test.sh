@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: install, compile-check the CUDA sources, run the C++ and Python tests.
+# The test command: install, compile-check the CUDA sources and the Triton kernels, run the C++ and Python tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -7,9 +7,11 @@ export PYTHON
 start=$SECONDS
 bash scripts/install.sh
 echo "[test] lint (ruff)"
-"$PYTHON" -m ruff check sparse_attn tests bench
+"$PYTHON" -m ruff check sparse_attn tests bench scripts
 echo "[test] CUDA compile check (no GPU needed)"
 bash scripts/check_cuda_compile.sh
+echo "[test] Triton compile check: every kernel launch built for sm_90a and sm_80 (no GPU needed)"
+env -u TRITON_INTERPRET "$PYTHON" scripts/triton_compile_check.py
 echo "[test] C++ unit tests (ctest)"
 bash scripts/run_ctest.sh
 echo "[test] Python tests (without a GPU, Triton kernels run under TRITON_INTERPRET=1)"

@@ -14,13 +14,15 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from ._engine_ops import _batch_strides, _geometry, _poisoned, _tile, _unit_last_stride
-from .kernels.moba_attn import LOG2E, _moba_dkdv_kernel, _moba_rows_kernel
+from .kernels.block_sparse_attn import LOG2E
+from .kernels.moba_attn import _moba_dkdv_kernel, _moba_rows_kernel
 
 # (BLOCK_M gathered rows, BLOCK_N keys, num_warps, num_stages) per kernel and head-dim bound:
-# starting points, not yet tuned on a GPU. Forward and dQ share BLOCK_M (one logical-block size).
+# starting points, not yet timed on a GPU (scripts/triton_compile_check.py: no spills in dK/dV at
+# head dim 128 with 32 keys a tile). Forward and dQ share BLOCK_M (one logical-block size).
 _TILES = {
     "rows": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 4, 1)},
-    "dkdv": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 4, 1)},
+    "dkdv": {64: (64, 64, 4, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 1)},
 }
 # Rows (over the GQA group's heads) of one forward/dQ work item: large enough that the rows
 # choosing a block fill dense tiles, small enough that the per-program scratch stays in L2.

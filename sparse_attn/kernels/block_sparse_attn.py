@@ -51,6 +51,12 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def _lse_log2(lse):
+    """A saved natural-log LSE in base 2, 0 for rows without keys (their P is masked to 0 anyway)."""
+    return tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+
+
+@triton.jit
 def _normalize(acc, m_i, l_i):
     """(output, natural-log LSE) of a finished softmax state; a row without keys gives 0 and -inf."""
     has_key = l_i > 0.0
@@ -162,8 +168,7 @@ def _block_sparse_rows_kernel(
             mask=row_ok[:, None] & d_ok,
             other=0.0,
         )
-        lse = tl.load(LSE + stats, mask=row_ok, other=0.0)
-        lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+        lse_log2 = _lse_log2(tl.load(LSE + stats, mask=row_ok, other=0.0))
         delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     else:
@@ -303,7 +308,7 @@ def _block_sparse_dkdv_kernel(
                 q = tl.load(Q + q_head + rows * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
                 do = tl.load(DO + o_head + rows * stride_os + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
                 lse = tl.load(LSE + l_head + (q_start + offs_m) * stride_ls, mask=row_ok, other=0.0)
-                lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+                lse_log2 = _lse_log2(lse)
                 delta = tl.load(DELTA + l_head + (q_start + offs_m) * stride_ls, mask=row_ok, other=0.0)
                 # Transposed scores [BLOCK_N, BLOCK_M] keep dK/dV rows in registers.
                 s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2

@@ -23,9 +23,7 @@ Softmax runs in base 2 with log2(e) folded into the scale; the LSE is stored in 
 import triton
 import triton.language as tl
 
-from .block_sparse_attn import _dq_step, _normalize, _sequence_bounds, _softmax_step
-
-LOG2E = 1.4426950408889634
+from .block_sparse_attn import _dq_step, _lse_log2, _normalize, _sequence_bounds, _softmax_step
 
 
 @triton.jit
@@ -141,7 +139,7 @@ def _dq_tile(
     """Adds block j's share of dQ / scale, sum of P * (dP - delta) K, to the gathered rows' scratch."""
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
-    lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    lse_log2 = _lse_log2(lse)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     kv_lo, kv_hi, _ = _key_range(j, rows, ok, len_k, causal_shift, KV_BLOCK, CAUSAL)
     for start_n in range(kv_lo, kv_hi, BLOCK_N):
@@ -340,7 +338,7 @@ def _moba_dkdv_kernel(
         do = _load_rows(DO, b, h, q_start + rows, ok, stride_ob, stride_oh, stride_os, offs_d, HEAD_DIM)
         stat = b * stride_lb + h * stride_lh + (q_start + rows) * stride_ls
         lse = tl.load(LSE + stat, mask=ok, other=0.0)
-        lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+        lse_log2 = _lse_log2(lse)
         delta = tl.load(DELTA + stat, mask=ok, other=0.0)
         # Transposed scores [BLOCK_N, BLOCK_M] keep dK/dV rows in registers.
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2

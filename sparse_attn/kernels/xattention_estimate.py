@@ -24,9 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .block_sparse_attn import _pair_mask
-
-LOG2E = 1.4426950408889634
+from .block_sparse_attn import LOG2E, _pair_mask
 
 
 @triton.jit
@@ -153,12 +151,12 @@ def _xattention_estimate_kernel(
 # dots run without tensor cores ("ieee"), and 64 x 64 fp32 tiles spill at head dim 128.
 # The interpreter (CPU tensors) has no registers to spill, and fewer programs run faster there.
 _TILE = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
-_INTERPRETER_TILE = 64
+_INTERPRETER_TILES = dict.fromkeys(_TILE, 64)
 
 
 def _launch_config(q, rows_per_block: int):
     head_dim = q.shape[-1]
-    tile = max(_INTERPRETER_TILE if q.device.type == "cpu" else _TILE[q.dtype], rows_per_block)
+    tile = max((_TILE if q.device.type == "cuda" else _INTERPRETER_TILES)[q.dtype], rows_per_block)
     return {
         "BLOCK_M": tile,
         "BLOCK_N": tile,

@@ -1,0 +1,222 @@
+"""Compiles every Triton kernel the package launches for sm_90a and sm_80, on a machine without a GPU.
+
+The interpreter (TRITON_INTERPRET=1) checks what the kernels compute but not that they compile:
+it accepts code the GPU compiler rejects, and it has no registers or shared memory. This script
+runs the real launch code of each op on CPU tensors with `wrap_triton` swapped for a recorder,
+then compiles each recorded launch (its argument types and constexprs) with Triton's ahead-of-time
+path and the bundled ptxas. It fails on a compile error or on shared memory over the architecture's
+limit (a launch would fail there), and prints registers, stack (spills) and shared memory per
+launch: the numbers to watch when tuning tiles, with or without a GPU.
+
+Run without TRITON_INTERPRET (the kernels must be JIT functions): python scripts/triton_compile_check.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("unset TRITON_INTERPRET: the compile check needs the JIT kernels, not the interpreter")
+
+# Triton 3.9 warns unless this is set; 1 keeps fused multiply-adds, the default of the GPU's triton.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sparse_attn import _engine_ops, _moba_ops
+from sparse_attn.kernels import xattention_estimate
+from sparse_attn.layout import BlockSparseLayout
+
+# Usable shared memory per block (bytes): H100 228 KB minus 1 KB reserved, A100 164 KB minus 1 KB.
+ARCHES = {"sm_90a": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}
+_POINTER_TYPES = {
+    torch.bfloat16: "*bf16",
+    torch.float16: "*fp16",
+    torch.float32: "*fp32",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+}
+
+
+class _Recorder:
+    """Stands in for `wrap_triton(kernel)[grid](*args, **kwargs)`: keeps the launch instead of running it."""
+
+    launches: list = []
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            _Recorder.launches.append((self.kernel, args, kwargs))
+
+        return launch
+
+
+def _arg_type(value) -> str:
+    if value is None:
+        return "constexpr"
+    if isinstance(value, torch.Tensor):
+        return _POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unexpected kernel argument {type(value).__name__}")
+
+
+def _source(kernel, args, kwargs):
+    names = kernel.arg_names
+    options = {key: kwargs[key] for key in ("num_warps", "num_stages") if key in kwargs}
+    signature = {name: _arg_type(value) for name, value in zip(names, args)}
+    constexprs = {(names.index(name),): None for name, value in zip(names, args) if value is None}
+    for name, value in kwargs.items():
+        if name not in options:
+            signature[name] = "constexpr"
+            constexprs[(names.index(name),)] = value
+    return ASTSource(kernel, signature, constexprs=constexprs), options
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes: spills and local arrays) of the compiled kernel, read by cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
+        handle.write(cubin)
+    try:
+        report = subprocess.run([tool, "-res-usage", handle.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(handle.name)
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    return (int(usage.group(1)), int(usage.group(2))) if usage else (0, 0)
+
+
+def _label(kernel, kwargs, args) -> str:
+    dtype = next(str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor))
+    flags = [f"D={kwargs['HEAD_DIM']}", dtype, f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}", f"w{kwargs['num_warps']}"]
+    flags += [name.lower() for name in ("CAUSAL", "VARLEN", "BACKWARD") if kwargs.get(name)]
+    return f"{kernel.fn.__name__}[{' '.join(flags)}]"
+
+
+# ---------------------------------------------------------------------------------- the launches
+def _qkv(dtype, dim, heads=(4, 2), seq=256):
+    q = torch.randn(1, heads[0], seq, dim, dtype=dtype)
+    k = torch.randn(1, heads[1], seq, dim, dtype=dtype)
+    return q, k, torch.randn_like(k)
+
+
+def _engine_launches(dtype, dim, varlen):
+    q, k, v = _qkv(dtype, dim)
+    layout = BlockSparseLayout.from_dense_mask(
+        torch.ones(1, 4, 2, 2, dtype=torch.bool), q_block_size=128, kv_block_size=128, seq_len_q=256, seq_len_kv=256
+    )
+    cu = torch.tensor([0, 100, 256], dtype=torch.int32) if varlen else None
+    args = (layout.kv_num_blocks, layout.kv_indices, cu, cu, 128, 128, 256, 256, 1, True, 0.1)
+    out, lse = q.clone(), torch.zeros(q.shape[:3])
+    _engine_ops.block_sparse_attn_fwd(q, k, v, *args)
+    q_lists = (layout.kv_num_blocks, layout.kv_indices)  # any int32 lists of the right rank
+    _engine_ops.block_sparse_attn_bwd(out, q, k, v, out, lse, *args[:2], *q_lists, *args[2:])
+
+
+def _moba_launches(dtype, dim, varlen):
+    q, k, v = _qkv(dtype, dim)
+    routes = torch.zeros(1, 4, 256, 4, dtype=torch.int32)
+    cu = torch.tensor([0, 100, 256], dtype=torch.int32) if varlen else None
+    if varlen:
+        routes = routes.expand(2, -1, -1, -1).contiguous()
+    _moba_ops.routed_attention(q, k, v, routes, 128, True, 0.1, 256, cu, cu)
+    rows = _moba_ops.logical_rows(q, 2, 256)
+    lists = (*_moba_ops.routed_pair_lists(routes, 2, 2, rows), cu, cu)
+    _moba_ops.moba_attn_bwd(q, q, k, v, q, torch.zeros(q.shape[:3]), *lists, 128, rows, 256, 256, True, 0.1)
+
+
+def _xattention_launches(dtype, dim, varlen):
+    if varlen:
+        return
+    q, k, _ = _qkv(dtype, dim)
+    xattention_estimate.xattention_estimate_op(q, k, 8, 128, True)
+
+
+FAMILIES = {"engine": _engine_launches, "moba": _moba_launches, "xattention": _xattention_launches}
+CASES = [  # (dtype, head dim, varlen)
+    (torch.bfloat16, 128, False),
+    (torch.bfloat16, 128, True),
+    (torch.float16, 64, False),
+    (torch.bfloat16, 256, False),
+    (torch.float32, 128, False),
+]
+
+
+@functools.cache
+def record(families: tuple) -> list:
+    for module in (_engine_ops, _moba_ops, xattention_estimate):
+        module.wrap_triton = _Recorder
+    # The launch code picks GPU or interpreter settings from the tensors' device: take the GPU's
+    # (and an H100's 132 SMs for persistent grids) for these CPU tensors.
+    _moba_ops._persistent_programs = lambda device: 132 * _moba_ops._PROGRAMS_PER_SM
+    _moba_ops._ITEM_ROWS_INTERPRETER = _moba_ops._ITEM_ROWS_CUDA
+    xattention_estimate._INTERPRETER_TILES = xattention_estimate._TILE
+    for dtype, dim, varlen in CASES:
+        for name in families:
+            FAMILIES[name](dtype, dim, varlen)
+    unique = {}
+    for kernel, args, kwargs in _Recorder.launches:
+        key = (kernel.fn.__name__, tuple(_arg_type(a) for a in args), tuple(sorted(kwargs.items())))
+        unique.setdefault(key, (kernel, args, kwargs))
+    return list(unique.values())
+
+
+def _compile(job) -> tuple[str, str, int, int, int, float, str]:
+    """Compiles launch `index` of the recorded list for `arch` (in a worker process, which records again)."""
+    index, arch, families = job
+    kernel, kargs, kwargs = record(families)[index]
+    capability, shared_limit = ARCHES[arch]
+    start = time.perf_counter()
+    registers = stack = shared = 0
+    try:
+        source, options = _source(kernel, kargs, kwargs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+        registers, stack = _resource_usage(compiled.asm["cubin"])
+        shared = compiled.metadata.shared
+        result = f"FAILED: shared memory {shared} B > {shared_limit} B" if shared > shared_limit else "ok"
+    except Exception as error:  # noqa: BLE001 - every compiler error is a finding
+        result = f"FAILED: {type(error).__name__}: {' '.join(str(error).split())[:300]}"
+    return _label(kernel, kwargs, kargs), arch, registers, stack, shared, time.perf_counter() - start, result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=sorted(ARCHES), action="append", help="default: all")
+    parser.add_argument("--family", choices=sorted(FAMILIES), action="append", help="default: all")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    families = tuple(args.family or sorted(FAMILIES))
+    jobs = [(i, arch, families) for i in range(len(record(families))) for arch in args.arch or sorted(ARCHES)]
+    print(f"triton {triton.__version__}: {len(jobs)} kernel builds ahead of time, no GPU used", flush=True)
+    print("| kernel | arch | registers | stack B (spills) | shared KB | seconds | result |")
+    print("|---|---|---|---|---|---|---|")
+    failures = 0
+    with ProcessPoolExecutor(max_workers=max(args.jobs, 1), mp_context=get_context("spawn")) as pool:
+        for label, arch, registers, stack, shared, seconds, result in pool.map(_compile, jobs):
+            failures += result != "ok"
+            cells = (label, arch, registers, stack, f"{shared / 1024:.0f}", f"{seconds:.1f}", result)
+            print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
