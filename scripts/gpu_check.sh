@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The H100 check, one device call: build with CUDA, report the backends, run the gpu tests and the
-# named benchmarks, print a short table last. Copy the JSON results into bench/results/ and commit them.
+# named benchmarks (--full, into bench/results/ and $OUT/bench-results/), print the benchmark report and
+# a short table last. Copy bench-results/ from $OUT into bench/results/ and commit it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} SPARSE_ATTN_FORCE_BUILD=${SPARSE_ATTN_FORCE_BUILD:-1}
@@ -28,12 +29,24 @@ status[pytest_gpu]=${PIPESTATUS[0]}
 python3 -m sparse_attn demo --prompt-len 4096 --new-tokens 32 2>&1 | tee "$OUT_DIR/demo.txt"
 status[demo]=${PIPESTATUS[0]}
 
-# Benchmarks named on the command line (e.g. `engine decode`); bench/*.py write JSON results.
+# Benchmarks named on the command line (e.g. `engine decode`), the --full setups, one process per
+# suite, into bench/results/ (the committed latest H100 run); a suite that fails leaves no stale JSON.
+# The report (report.md, speedup.png, pareto.png) is rendered from whatever JSON is there.
+RESULTS=bench/results
 for bench in "$@"; do
-  python3 "bench/$bench.py" --out "$OUT_DIR/$bench.json"
+  rm -f "$RESULTS/$bench.json"
+  python3 "bench/$bench.py" --full --out "$RESULTS/$bench.json"
   status[bench_$bench]=$?
 done
+if [ "$#" -gt 0 ]; then
+  rm -f "$RESULTS/report.md"
+  python3 -m sparse_attn.bench report "$RESULTS" >"$OUT_DIR/bench_report.log" 2>&1
+  status[bench_report]=$?
+  # Only $OUT comes back from the device machine: the results travel in it, to be copied to bench/results/.
+  mkdir -p "$OUT_DIR/bench-results" && cp -r "$RESULTS"/. "$OUT_DIR/bench-results/"
+fi
 
+[ -f "$RESULTS/report.md" ] && [ "$#" -gt 0 ] && { echo; cat "$RESULTS/report.md"; }
 echo
 echo "| step | exit | note |"
 echo "|---|---|---|"

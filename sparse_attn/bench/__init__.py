@@ -1,1 +1,1 @@
-"""Benchmarks: `python -m sparse_attn.bench SUITE [--quick | --full] [--out PATH]`."""
+"""Benchmarks: `python -m sparse_attn.bench {SUITE | all | report} ...` (see __main__ and bench/NOTES.md)."""

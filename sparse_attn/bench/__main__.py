@@ -1,49 +1,102 @@
-"""`python -m sparse_attn.bench SUITE [--quick | --full] [--out PATH]`: benchmarks with their peers in one process."""
+"""Benchmarks with their peers in one process.
+
+`python -m sparse_attn.bench SUITE [--quick | --full] [--out PATH]`: one suite, its JSON to PATH.
+`python -m sparse_attn.bench all [--quick | --full] [--out-dir DIR]`: every suite, DIR/<suite>.json,
+DIR/report.md and the plots. `python -m sparse_attn.bench report DIR`: re-render DIR's report.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+import traceback
+from pathlib import Path
 
 import torch
 
-from . import decode, engine, moba, xattention
-from .common import environment, print_table, write_json
-
-SUITES = {"engine": engine, "decode": decode, "moba": moba, "xattention": xattention}
-
-
-def _shapes(config: dict) -> dict:
-    return {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in config.items()}
+from . import report
+from .common import environment, error_text, write_json
+from .suites import SUITES
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparse_attn.bench", description=__doc__)
-    parser.add_argument("suite", choices=sorted(SUITES))
+def _mode_flags(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small shapes, runs on the CPU in seconds")
-    mode.add_argument("--full", action="store_true", help="the issue's GPU setup (default on a GPU)")
-    parser.add_argument("--out", help="write the results as JSON to this path")
-    args = parser.parse_args(argv)
-    suite = SUITES[args.suite]
+    mode.add_argument("--full", action="store_true", help="the issues' GPU setups (default on a GPU)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sparse_attn.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in SUITES:
+        single = commands.add_parser(name, help=f"the {name} suite")
+        _mode_flags(single)
+        single.add_argument("--out", help="write the results as JSON to this path")
+    every = commands.add_parser("all", help="every suite in one process, then the report")
+    _mode_flags(every)
+    every.add_argument("--out-dir", default="build/bench", help="where the JSON, report.md and plots go")
+    render = commands.add_parser("report", help="re-render report.md and the plots from DIR/<suite>.json")
+    render.add_argument("directory")
+    return parser
+
+
+def _resolve_mode(parser, args) -> tuple[torch.device, bool]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or (device.type == "cpu" and not args.full)
     if device.type == "cpu" and not quick:
         parser.error("--full needs a CUDA GPU")
+    return device, quick
+
+
+def run_suite(name: str, device: torch.device, quick: bool) -> dict:
+    """One suite's payload: environment, the whole config (shapes and error rule) and its rows."""
+    suite = SUITES[name]
     config = suite.QUICK if quick else suite.FULL
-    print(f"suite {args.suite} ({'quick' if quick else 'full'}) on {device}", flush=True)
+    print(f"suite {name} ({'quick' if quick else 'full'}) on {device}", flush=True)
+    start = time.perf_counter()
     rows = suite.run(config, device)
-    print_table(rows, suite.COLUMNS)
-    write_json(
-        args.out,
-        {
-            "suite": args.suite,
-            "mode": "quick" if quick else "full",
-            "environment": environment(),
-            "config": _shapes(config),
-            "results": rows,
-        },
-    )
+    print(report.markdown_table(rows, suite.COLUMNS), flush=True)
+    return {
+        "suite": name,
+        "mode": "quick" if quick else "full",
+        "environment": environment(),
+        "config": {**config, "error_rule": suite.ERROR_RULE},
+        "wall_s": time.perf_counter() - start,
+        "results": rows,
+    }
+
+
+def run_all(device: torch.device, quick: bool, out_dir: Path) -> int:
+    """Every suite; one that fails is recorded in its JSON and the report, and the others still run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start, failed = time.perf_counter(), []
+    for name in SUITES:
+        try:
+            payload = run_suite(name, device, quick)
+        except Exception as exc:
+            traceback.print_exc()
+            failed.append(name)
+            payload = {"suite": name, "mode": "quick" if quick else "full", "environment": environment()}
+            payload.update(error=error_text(exc), results=[])
+        write_json(out_dir / f"{name}.json", payload)
+    report.render(out_dir)
+    print(f"all suites in {time.perf_counter() - start:.1f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        print(report.render(args.directory), end="")
+        return 0
+    device, quick = _resolve_mode(parser, args)
+    if args.command == "all":
+        return run_all(device, quick, Path(args.out_dir))
+    write_json(args.out, run_suite(args.command, device, quick))
     return 0
 
 

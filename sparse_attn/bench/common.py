@@ -1,44 +1,71 @@
-"""Shared benchmark plumbing: timing, environment record, peers, JSON and the printed table."""
+"""Shared benchmark plumbing: environment record, timing, guarded peers, dense baselines, JSON."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import platform
 import statistics
 import subprocess
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
+from .._native import backend_report
+
 
 def environment() -> dict:
-    """Device, driver and library versions, recorded with every result file."""
-    info = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "host": platform.node(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-    }
+    """Device, driver and library versions and the backends in use, recorded with every result file."""
+    cuda = torch.cuda.is_available()
     try:
         import triton
 
-        info["triton"] = triton.__version__
+        triton_version = triton.__version__
     except ImportError:
-        info["triton"] = None
-    if torch.cuda.is_available():
-        try:
-            driver = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            ).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            driver = None
-        info["driver"] = driver
-    return info
+        triton_version = None
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": platform.node(),
+        "device": torch.cuda.get_device_name() if cuda else _cpu_name(),
+        "driver": _driver_version() if cuda else None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "backends": {key: _jsonable(value) for key, value in backend_report().items()},
+    }
+
+
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often just the ISA)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} CPUs)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _driver_version() -> str | None:
+    try:
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _jsonable(value):
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def median_ms(fn, device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
@@ -58,7 +85,10 @@ def median_ms(fn, device: torch.device, *, warmup_ms: float = 25, rep_ms: float 
 
 
 def first_call_ms(fn) -> float:
-    """Wall time of one call (compile and autotune included): reported apart from the medians."""
+    """Wall time of one call (compile and autotune included): reported apart from the medians.
+
+    It is the first call in this process: with `all`, a kernel an earlier suite compiled for the
+    same specialisation is not compiled again."""
     start = time.perf_counter()
     fn()
     if torch.cuda.is_available():
@@ -68,8 +98,10 @@ def first_call_ms(fn) -> float:
 
 @contextmanager
 def peak_memory(device: torch.device, record: dict, key: str):
-    """Records the peak allocated bytes (over the baseline at entry) of the enclosed region, on CUDA."""
+    """Records the peak allocated bytes (over the baseline at entry) of the enclosed region on CUDA;
+    None elsewhere, so every row has the same fields on every device."""
     if device.type != "cuda":
+        record[key] = None
         yield
         return
     torch.cuda.synchronize()
@@ -80,20 +112,94 @@ def peak_memory(device: torch.device, record: dict, key: str):
     record[key] = torch.cuda.max_memory_allocated() - base
 
 
-def sdpa_peers(device: torch.device):
-    """Dense causal SDPA backends to compare against: flash and cuDNN on CUDA, the default on the CPU."""
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+def timed(record: dict, name: str, fn, device: torch.device, *, peer: bool = True) -> float | None:
+    """First-call time, peak memory and median time of fn under `name`_*.
+
+    A failing peer (a backend this build lacks, an unsupported shape) records `name`_error and
+    returns None, so one peer never ends the run; our own failure raises."""
+    try:
+        record[f"{name}_first_call_ms"] = first_call_ms(fn)
+        with peak_memory(device, record, f"{name}_peak_bytes"):
+            fn()
+        ms = median_ms(fn, device)
+    except Exception as exc:
+        if not peer:
+            raise
+        record[f"{name}_error"] = error_text(exc)
+        print(f"  {name} failed: {record[f'{name}_error']}", flush=True)
+        return None
+    record[f"{name}_ms"] = ms
+    return ms
+
+
+def add_tflops(record: dict, name: str, flops: float) -> None:
+    """`name`_tflops from `name`_ms, when the timing succeeded."""
+    ms = record.get(f"{name}_ms")
+    if ms:
+        record[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
+
+
+def time_passes(record, fwd_name, fwd_bwd_name, fn, qkv, grad, device, pairs: int, *, peer: bool = True):
+    """The forward of fn(q, k, v) without autograd as `fwd_name`_*, and forward + backward as
+    `fwd_bwd_name`_* (None: skipped), each with TFLOP/s on `pairs` (query, key) pairs: 4*D FLOPs per
+    pair forward, 14*D forward + backward (FlashAttention's convention). Returns the forward ms."""
+    head_dim = qkv[0].shape[-1]
+
+    def forward():
+        with torch.no_grad():
+            return fn(*qkv)
+
+    ms = timed(record, fwd_name, forward, device, peer=peer)
+    add_tflops(record, fwd_name, 4 * head_dim * pairs)
+    if fwd_bwd_name:
+        inputs = [t.detach().requires_grad_() for t in qkv]
+        timed(record, fwd_bwd_name, lambda: torch.autograd.grad(fn(*inputs), inputs, grad), device, peer=peer)
+        add_tflops(record, fwd_bwd_name, 14 * head_dim * pairs)
+    return ms
+
+
+# ---------------------------------------------------------------------------------- peers
+def dense_peers(device: torch.device, *, causal: bool = True) -> dict:
+    """Dense attention baselines, name -> fn(q, k, v) on (B, H, S, D) tensors, GQA native.
+
+    CUDA: SDPA's flash and cuDNN backends, and flash-attn's `flash_attn_func` when it is installed
+    (bottom-right causal, as ours). CPU: SDPA's default. `causal=False` gives unmasked attention
+    (decode: every key is visible to a single query anyway)."""
     from torch.nn.attention import SDPBackend
 
-    if device.type == "cuda":
-        return {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
-    return {"sdpa_cpu": None}
+    if device.type != "cuda":
+        return {"sdpa_cpu": functools.partial(run_sdpa, None, causal=causal)}
+    peers = {
+        "sdpa_flash": functools.partial(run_sdpa, SDPBackend.FLASH_ATTENTION, causal=causal),
+        "sdpa_cudnn": functools.partial(run_sdpa, SDPBackend.CUDNN_ATTENTION, causal=causal),
+    }
+    flash = _flash_attn_func()
+    if flash is not None:
+        peers["flash_attn"] = functools.partial(run_flash_attn, flash, causal=causal)
+    return peers
 
 
-def run_sdpa(backend, q, k, v):
+DENSE_PEER_NAMES = ("sdpa_flash", "sdpa_cudnn", "flash_attn", "sdpa_cpu")
+
+
+@functools.cache
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:  # not installed, or built against another torch
+        return None
+    return flash_attn_func
+
+
+def run_sdpa(backend, q, k, v, *, causal: bool = True):
     from torch.nn.attention import sdpa_kernel
 
     def call():
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
 
     if backend is None:
         return call()
@@ -101,20 +207,53 @@ def run_sdpa(backend, q, k, v):
         return call()
 
 
-def write_json(path: str | None, payload: dict) -> None:
+def run_flash_attn(flash_attn_func, q, k, v, *, causal: bool = True):
+    """flash-attn takes (B, S, H, D): the transposes are views, and its output comes back as (B, H, S, D)."""
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+    return out.transpose(1, 2)
+
+
+@functools.cache
+def compiled_flex():
+    """FlexAttention compiled once per process (each suite's shapes and masks still specialise it)."""
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Every length, layout shape and MoBA mask_mod of a full run is a recompile; past dynamo's default
+    # limit of 8, flex_attention would silently run eagerly, materialising the whole score matrix.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(flex_attention)
+
+
+def best_dense(record: dict, suffix: str = "_ms") -> tuple[str | None, float | None]:
+    """The fastest dense peer of a row for the timings ending in `suffix`: (name, ms)."""
+    times = {name: record.get(f"{name}{suffix}") for name in DENSE_PEER_NAMES}
+    times = {name: ms for name, ms in times.items() if ms}
+    if not times:
+        return None, None
+    name = min(times, key=times.get)
+    return name, times[name]
+
+
+def add_speedup(record: dict, ours_key: str, dense_suffix: str) -> None:
+    """speedup_over_best_dense: the fastest dense peer's time over ours, for the same pass."""
+    name, dense_ms = best_dense(record, dense_suffix)
+    ours = record.get(ours_key)
+    record["best_dense_peer"] = name
+    record["speedup_over_best_dense"] = dense_ms / ours if dense_ms and ours else None
+
+
+# ---------------------------------------------------------------------------------- output
+def write_json(path: str | os.PathLike | None, payload: dict) -> None:
     if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as handle:
-            json.dump(payload, handle, indent=2)
+            json.dump(payload, handle, indent=2, default=_json_default)
         print(f"wrote {path}")
 
 
-def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
-    """Markdown table; columns are (header, key, format)."""
-    print("| " + " | ".join(h for h, _, _ in columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        cells = []
-        for _, key, fmt in columns:
-            value = row.get(key)
-            cells.append("-" if value is None else format(value, fmt))
-        print("| " + " | ".join(cells) + " |")
+def _json_default(value):
+    """dtypes in the configs are written by name."""
+    if isinstance(value, torch.dtype):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -1,13 +1,14 @@
 """Decode suite: block-sparse decode (few queries, long KV cache) against compiled FlexAttention on the
-identical layout and dense SDPA decode (flash, cuDNN) over the full cache.
+identical layout and dense decode (SDPA flash and cuDNN, flash-attn when installed) over the full cache.
 
 Setup: bf16, B=16, Hq=32, Hkv=8, D=128, a 128K-token cache, 128-key blocks, one random layout per
 KV head (the first and the last block always kept) at densities 5/10/25%, Sq = 1 and 4. Decode is
 memory-bound, so the figure of merit is bandwidth: the bytes of the selected K/V blocks (each block
 counted once per KV head, however many query heads read it) over the median time, and its fraction
-of the H100's 3.0 TB/s. The dense peers read the whole cache without a mask (flash and cuDNN take
-no bottom-right causal mask, and a decode reads every key anyway); their bandwidth counts the whole
-cache.
+of the H100's 3.0 TB/s. The dense peers read the whole cache without a mask (SDPA's flash and cuDNN
+take no bottom-right causal mask, and a decode reads every key anyway); their bandwidth counts the whole
+cache. Accuracy: all Sq rows against the fp64 oracle of the same layout (FlashAttention's rule).
+On the CPU the peers are SDPA and the package's reference on the same layout.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import torch
 
 from ..decode import block_sparse_decode
+from ..reference import block_sparse_attention_reference
 from ..testing import random_block_layout
-from .common import first_call_ms, median_ms, peak_memory, sdpa_peers
+from . import quality
+from .common import add_speedup, compiled_flex, dense_peers, timed
 
 PEAK_HBM_GBPS = 3000.0
 
@@ -42,12 +45,10 @@ QUICK = dict(
     block=64,
     dtype=torch.float32,
 )
-
-
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention)
+ERROR_RULE = (
+    "output vs the fp64 oracle of the same random layout on every query row: FlashAttention's rule "
+    "(2x the same-precision PyTorch error + one unit roundoff)"
+)
 
 
 def selected_kv_bytes(layout, num_q_heads: int, num_kv_heads: int, batch: int, head_dim: int, element_size: int):
@@ -62,42 +63,43 @@ def selected_kv_bytes(layout, num_q_heads: int, num_kv_heads: int, batch: int, h
     return 2 * keys * head_dim * element_size
 
 
-def _timed(record: dict, name: str, fn, device, nbytes: int | None, *, peer: bool = True):
-    """Median time of fn and, given the bytes it must read, its bandwidth. A failing peer (e.g. a
-    backend without GQA support on this build) is recorded and skipped; our own failure raises."""
-    try:
-        record[f"{name}_first_call_ms"] = first_call_ms(fn)
-        with peak_memory(device, record, f"{name}_peak_bytes"):
-            fn()
-        ms = median_ms(fn, device)
-    except Exception as exc:
-        if not peer:
-            raise
-        record[f"{name}_error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-        print(f"  {name} failed: {record[f'{name}_error']}", flush=True)
-        return None
-    record[f"{name}_ms"] = ms
-    if nbytes:
+def _timed(record: dict, name: str, fn, device, nbytes: int, *, peer: bool = True):
+    """`timed` of fn and, given the bytes it must read, its bandwidth and share of the H100's."""
+    ms = timed(record, name, fn, device, peer=peer)
+    if ms:
         gbps = nbytes / (ms * 1e-3) / 1e9
         record[f"{name}_gbps"] = gbps
         record[f"{name}_hbm_fraction"] = gbps / PEAK_HBM_GBPS
     return ms
 
 
-def _dense_decode(backend, q, k, v):
-    from torch.nn.attention import sdpa_kernel
+def _peers(device, layout, hq, hkv) -> dict:
+    """Peers on the identical layout: compiled Flex on CUDA, the reference (fp32 dense masks) on the CPU."""
+    if device.type == "cuda":
+        block_mask = layout.to_flex_block_mask(hq, hkv)
+        flex = compiled_flex()
+        return {"flex": lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True)}
+    return {
+        "reference": lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, compute_dtype=torch.float32)[0]
+    }
 
-    def call():
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
-    if backend is None:
-        return call()
-    with sdpa_kernel(backend):
-        return call()
+def _case(q, k, v, layout, device) -> dict:
+    b, hq, seq_q, d = q.shape
+    hkv = k.shape[1]
+    nbytes = selected_kv_bytes(layout, hq, hkv, b, d, k.element_size())
+    row = {"density": layout.density(), "selected_kv_bytes": nbytes, "selected_kv_mb": nbytes / 1e6}
+    _timed(row, "block_sparse_decode", lambda: block_sparse_decode(q, k, v, layout), device, nbytes, peer=False)
+    rows = torch.arange(seq_q, device=q.device)
+    selection = quality.reference(q, k, v, rows, quality.layout_rows(layout, rows, hq, hkv))
+    row.update(quality.selection_fields(block_sparse_decode(q, k, v, layout), selection))
+    for name, run in _peers(device, layout, hq, hkv).items():
+        if _timed(row, name, lambda run=run: run(q, k, v), device, nbytes) is not None:
+            row[f"{name}_output_rel_error"] = quality.rel_error(run(q, k, v), selection.out)
+    return row
 
 
 def run(config: dict, device: torch.device) -> list[dict]:
-    flex = _compiled_flex() if device.type == "cuda" else None
     b, hq, hkv, d, block = (config[key] for key in ("batch", "q_heads", "kv_heads", "head_dim", "block"))
     seq_kv, dtype = config["seq_len_kv"], config["dtype"]
     gen = torch.Generator(device=device).manual_seed(seq_kv)
@@ -105,47 +107,32 @@ def run(config: dict, device: torch.device) -> list[dict]:
     v = torch.randn(b, hkv, seq_kv, d, device=device, dtype=dtype, generator=gen)
     cache_bytes = 2 * k.numel() * k.element_size()
     rows = []
-    for seq_q in config["seq_lens_q"]:
-        q = torch.randn(b, hq, seq_q, d, device=device, dtype=dtype, generator=gen)
-        dense = {}
-        for name, backend in sdpa_peers(device).items():
-            _timed(dense, name, lambda backend=backend: _dense_decode(backend, q, k, v), device, cache_bytes)
-        for density in config["densities"]:
-            # One query block holds all Sq rows: the layout's q block is the KV block size (>= 16).
-            layout = random_block_layout(
-                b, hkv, seq_q, seq_kv, block, block, density, seed=seq_q * 1000 + int(density * 1000), device=device
-            )
-            nbytes = selected_kv_bytes(layout, hq, hkv, b, d, k.element_size())
-            row = {
-                "seq_len_q": seq_q,
-                "seq_len_kv": seq_kv,
-                "target_density": density,
-                "density": layout.density(),
-                "selected_kv_bytes": nbytes,
-                "selected_kv_mb": nbytes / 1e6,
-                **dense,
-            }
-            _timed(row, "block_sparse_decode", lambda: block_sparse_decode(q, k, v, layout), device, nbytes, peer=False)
-            if flex is not None:
-                block_mask = layout.to_flex_block_mask(hq, hkv)
-
-                def run_flex():
-                    return flex(q, k, v, block_mask=block_mask, enable_gqa=True)
-
-                if _timed(row, "flex", run_flex, device, nbytes) is not None:
-                    ours = block_sparse_decode(q, k, v, layout)
-                    row["max_abs_diff_vs_flex"] = (ours.float() - run_flex().float()).abs().max().item()
-            _add_ratios(row)
-            rows.append(row)
-            print(_summary(row), flush=True)
+    with torch.no_grad():
+        for seq_q in config["seq_lens_q"]:
+            q = torch.randn(b, hq, seq_q, d, device=device, dtype=dtype, generator=gen)
+            dense = {}
+            # No mask: flash and cuDNN take no bottom-right causal mask, and a decode reads every key anyway.
+            for name, peer in dense_peers(device, causal=False).items():
+                _timed(dense, name, lambda peer=peer: peer(q, k, v), device, cache_bytes)
+            for density in config["densities"]:
+                # One query block holds all Sq rows: the layout's q block is the KV block size (>= 16).
+                layout = random_block_layout(
+                    b, hkv, seq_q, seq_kv, block, block, density, seed=seq_q * 1000 + int(density * 1000), device=device
+                )
+                row = {"seq_len_q": seq_q, "seq_len_kv": seq_kv, "target_density": density, **dense}
+                row.update(_case(q, k, v, layout, device))
+                _add_ratios(row)
+                add_speedup(row, "block_sparse_decode_ms", "_ms")
+                rows.append(quality.finish(row))
+                print(_summary(row), flush=True)
     return rows
 
 
 def _add_ratios(row: dict) -> None:
     """Time relative to the peers (< 1 means faster than the peer)."""
     ours = row.get("block_sparse_decode_ms")
-    for peer in ("flex", "sdpa_flash", "sdpa_cudnn", "sdpa_cpu"):
-        if ours is not None and f"{peer}_ms" in row:
+    for peer in ("flex", "reference", "sdpa_flash", "sdpa_cudnn", "flash_attn", "sdpa_cpu"):
+        if ours and row.get(f"{peer}_ms"):
             row[f"ratio_over_{peer}"] = ours / row[f"{peer}_ms"]
 
 
@@ -157,6 +144,13 @@ def _summary(row: dict) -> str:
     return "  ".join(parts)
 
 
+def family(row: dict) -> str:
+    """The rows that form one line of the speedup plot."""
+    return f"Sq={row['seq_len_q']} density {row['target_density']:g}"
+
+
+SEQ_KEY = "seq_len_kv"
+SPEEDUP = "decode: block_sparse_decode_ms vs the fastest dense peer reading the whole cache"
 COLUMNS = [
     ("Sq", "seq_len_q", "d"),
     ("density", "density", ".3f"),
@@ -168,6 +162,10 @@ COLUMNS = [
     ("ours/Flex", "ratio_over_flex", ".2f"),
     ("flash ms", "sdpa_flash_ms", ".3f"),
     ("cuDNN ms", "sdpa_cudnn_ms", ".3f"),
-    ("ours/cuDNN", "ratio_over_sdpa_cudnn", ".2f"),
     ("CPU SDPA ms", "sdpa_cpu_ms", ".3f"),
+    ("ref ms", "reference_ms", ".3f"),
+    ("x best dense", "speedup_over_best_dense", ".2f"),
+    ("err", "output_rel_error", ".1e"),
+    ("bound", "error_bound", ".1e"),
+    ("check", "error_ok", "flag"),
 ]

@@ -1,10 +1,14 @@
 """Engine suite: block-sparse attention against compiled FlexAttention on the identical layout and
-dense causal SDPA (flash, cuDNN), forward and forward+backward.
+dense causal attention (SDPA flash and cuDNN, flash-attn when installed), forward and forward+backward.
 
 Setup of issue 3: bf16, B=1, Hq=32, Hkv=8, D=128, causal, 128x128 blocks, random causal layouts
 (one per query head) that keep the diagonal and the first block, densities 5/10/25/100% of the
 causal blocks, S = 32K and 128K. FLOPs count only the (query, key) pairs the selected blocks
 compute: 4*D per pair forward, 2.5x that backward (FlashAttention's convention).
+
+Accuracy: the layouts are random, so the output is checked against the fp64 oracle of the same
+layout (FlashAttention's rule, at every density) on sampled rows, and Flex's output likewise. On
+the CPU the peers are SDPA and the package's reference on the same layout.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import torch
 
 from ..engine import block_sparse_attn
+from ..reference import block_sparse_attention_reference
 from ..testing import random_block_layout
-from .common import first_call_ms, median_ms, peak_memory, run_sdpa, sdpa_peers
+from . import quality
+from .common import add_speedup, compiled_flex, dense_peers, time_passes
 
 FULL = dict(
     seq_lens=[32768, 131072],
@@ -25,9 +31,10 @@ FULL = dict(
     block=128,
     dtype=torch.bfloat16,
     backward=True,
+    error_rows=64,
 )
 QUICK = dict(
-    seq_lens=[256],
+    seq_lens=[256, 512],
     densities=[0.25, 1.0],
     batch=1,
     q_heads=4,
@@ -36,36 +43,59 @@ QUICK = dict(
     block=32,
     dtype=torch.float32,
     backward=True,
+    error_rows=64,
+)
+ERROR_RULE = (
+    "output vs the fp64 oracle of the same random layout on `error_rows` sampled query rows: "
+    "FlashAttention's rule (2x the same-precision PyTorch error + one unit roundoff) at every density"
 )
 
 
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
+def _peers(device, layout, hq, hkv) -> dict:
+    """Peers on the identical layout: compiled Flex on CUDA, the reference (fp32 dense masks) on the CPU."""
+    if device.type == "cuda":
+        block_mask = layout.to_flex_block_mask(hq, hkv)
+        flex = compiled_flex()
+        return {"flex": lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True)}
+    return {
+        "reference": lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, compute_dtype=torch.float32)[0]
+    }
 
-    return torch.compile(flex_attention)
+
+def _passes(config, name: str) -> tuple[str, str | None]:
+    return name, (f"{name}_fwd_bwd" if config["backward"] else None)
 
 
-def _timed(record: dict, name: str, fn, device, flops: float | None, backward_of=None):
-    """Median time (and TFLOP/s) of fn; with `backward_of`, of a forward plus backward."""
-    inputs, grad = backward_of or (None, None)
+def _dense(config, q, k, v, grad, device) -> dict:
+    """Dense causal peers' forward and forward+backward over all S*(S+1)/2 pairs per head."""
+    b, hq, seq, _ = q.shape
+    pairs = b * hq * seq * (seq + 1) // 2
+    dense = {}
+    for name, run in dense_peers(device).items():
+        time_passes(dense, *_passes(config, name), run, (q, k, v), grad, device, pairs)
+    return dense
 
-    def step():
-        out = fn()
-        if inputs is not None:
-            torch.autograd.grad(out, inputs, grad)
 
-    record[f"{name}_first_call_ms"] = first_call_ms(step)
-    with peak_memory(device, record, f"{name}_peak_bytes"):
-        step()
-    ms = median_ms(step, device)
-    record[f"{name}_ms"] = ms
-    if flops:
-        record[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
-    return ms
+def _case(config, q, k, v, grad, layout, rows, device) -> dict:
+    hq, hkv = q.shape[1], k.shape[1]
+    pairs = layout.computed_pairs(hq, hkv)
+    row = {"density": layout.density(), "pairs": pairs}
+
+    def ours(q, k, v):
+        return block_sparse_attn(q, k, v, layout)
+
+    time_passes(row, *_passes(config, "block_sparse_attn"), ours, (q, k, v), grad, device, pairs, peer=False)
+    with torch.no_grad():
+        selection = quality.reference(q, k, v, rows, quality.layout_rows(layout, rows, hq, hkv))
+        row.update(quality.selection_fields(ours(q, k, v)[:, :, rows], selection))
+    for name, run in _peers(device, layout, hq, hkv).items():
+        if time_passes(row, *_passes(config, name), run, (q, k, v), grad, device, pairs) is not None:
+            with torch.no_grad():
+                row[f"{name}_output_rel_error"] = quality.rel_error(run(q, k, v)[:, :, rows], selection.out)
+    return row
 
 
 def run(config: dict, device: torch.device) -> list[dict]:
-    flex = _compiled_flex() if device.type == "cuda" else None
     b, hq, hkv, d, block = (config[k] for k in ("batch", "q_heads", "kv_heads", "head_dim", "block"))
     rows = []
     for seq in config["seq_lens"]:
@@ -74,71 +104,30 @@ def run(config: dict, device: torch.device) -> list[dict]:
         k = torch.randn(b, hkv, seq, d, device=device, dtype=config["dtype"], generator=gen)
         v = torch.randn(b, hkv, seq, d, device=device, dtype=config["dtype"], generator=gen)
         grad = torch.randn_like(q)
-        dense = {}
-        dense_pairs = b * hq * seq * (seq + 1) // 2
-        for name, backend in sdpa_peers(device).items():
-            _timed(dense, name, lambda backend=backend: run_sdpa(backend, q, k, v), device, 4 * d * dense_pairs)
-            if config["backward"]:
-                qkv = [t.detach().requires_grad_() for t in (q, k, v)]
-                _timed(
-                    dense,
-                    f"{name}_fwd_bwd",
-                    lambda backend=backend, t=qkv: run_sdpa(backend, *t),
-                    device,
-                    14 * d * dense_pairs,
-                    backward_of=(qkv, grad),
-                )
+        sampled = quality.sample_rows(seq, config["error_rows"], device)
+        dense = _dense(config, q, k, v, grad, device)
         for density in config["densities"]:
             layout = random_block_layout(
                 b, hq, seq, seq, block, block, density, seed=seq + int(density * 1000), device=device
             )
-            pairs = layout.computed_pairs(hq, hkv)
-            row = {"seq_len": seq, "target_density": density, "density": layout.density(), "pairs": pairs, **dense}
-            row["block_sparse_attn"] = _timed(
-                row, "block_sparse_attn", lambda: block_sparse_attn(q, k, v, layout), device, 4 * d * pairs
-            )
-            if flex is not None:
-                block_mask = layout.to_flex_block_mask(hq, hkv)
-                reference_out = flex(q, k, v, block_mask=block_mask, enable_gqa=True)
-                ours = block_sparse_attn(q, k, v, layout)
-                row["max_abs_diff_vs_flex"] = (ours.float() - reference_out.float()).abs().max().item()
-                _timed(
-                    row, "flex", lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True), device, 4 * d * pairs
-                )
-            if config["backward"]:
-                qkv = [t.detach().requires_grad_() for t in (q, k, v)]
-                _timed(
-                    row,
-                    "block_sparse_attn_fwd_bwd",
-                    lambda t=qkv: block_sparse_attn(*t, layout),
-                    device,
-                    14 * d * pairs,
-                    backward_of=(qkv, grad),
-                )
-                if flex is not None:
-                    _timed(
-                        row,
-                        "flex_fwd_bwd",
-                        lambda t=qkv: flex(*t, block_mask=block_mask, enable_gqa=True),
-                        device,
-                        14 * d * pairs,
-                        backward_of=(qkv, grad),
-                    )
+            row = {"seq_len": seq, "target_density": density, **dense}
+            row.update(_case(config, q, k, v, grad, layout, sampled, device))
             _add_ratios(row)
-            rows.append(row)
+            add_speedup(row, "block_sparse_attn_ms", "_ms")
+            rows.append(quality.finish(row))
             print(_summary(row), flush=True)
     return rows
 
 
 def _add_ratios(row: dict) -> None:
-    """Speed relative to the peers (< 1 means faster than the peer)."""
+    """Time relative to the peers (< 1 means faster than the peer)."""
     for ours, peers in (
-        ("block_sparse_attn_ms", ("flex_ms", "sdpa_cudnn_ms", "sdpa_flash_ms")),
-        ("block_sparse_attn_fwd_bwd_ms", ("flex_fwd_bwd_ms", "sdpa_cudnn_fwd_bwd_ms")),
+        ("block_sparse_attn", ("flex", "reference", "sdpa_cudnn", "sdpa_flash", "flash_attn", "sdpa_cpu")),
+        ("block_sparse_attn_fwd_bwd", ("flex_fwd_bwd", "reference_fwd_bwd", "sdpa_cudnn_fwd_bwd")),
     ):
         for peer in peers:
-            if ours in row and peer in row:
-                row[f"ratio_{ours[:-3]}_over_{peer[:-3]}"] = row[ours] / row[peer]
+            if row.get(f"{ours}_ms") and row.get(f"{peer}_ms"):
+                row[f"ratio_{ours}_over_{peer}"] = row[f"{ours}_ms"] / row[f"{peer}_ms"]
 
 
 def _summary(row: dict) -> str:
@@ -149,15 +138,27 @@ def _summary(row: dict) -> str:
     return "  ".join(parts)
 
 
+def family(row: dict) -> str:
+    """The rows that form one line of the speedup plot."""
+    return f"density {row['target_density']:g}"
+
+
+SEQ_KEY = "seq_len"
+SPEEDUP = "forward: block_sparse_attn_ms vs the fastest dense causal peer"
 COLUMNS = [
     ("S", "seq_len", "d"),
     ("density", "density", ".3f"),
     ("ours fwd ms", "block_sparse_attn_ms", ".3f"),
-    ("TFLOP/s", "block_sparse_attn_tflops", ".0f"),
+    ("TFLOP/s", "block_sparse_attn_tflops", ".3g"),
     ("Flex fwd ms", "flex_ms", ".3f"),
     ("ours/Flex", "ratio_block_sparse_attn_over_flex", ".2f"),
     ("ours/cuDNN", "ratio_block_sparse_attn_over_sdpa_cudnn", ".2f"),
+    ("ref ms", "reference_ms", ".3f"),
+    ("x best dense", "speedup_over_best_dense", ".2f"),
     ("ours f+b ms", "block_sparse_attn_fwd_bwd_ms", ".3f"),
-    ("Flex f+b ms", "flex_fwd_bwd_ms", ".3f"),
     ("f+b ours/Flex", "ratio_block_sparse_attn_fwd_bwd_over_flex_fwd_bwd", ".2f"),
+    ("compile ms", "block_sparse_attn_first_call_ms", ".0f"),
+    ("err", "output_rel_error", ".1e"),
+    ("bound", "error_bound", ".1e"),
+    ("check", "error_ok", "flag"),
 ]

@@ -1,0 +1,8 @@
+"""The benchmark suites by name. Each module has FULL and QUICK configs, ERROR_RULE, run(config, device),
+and for the report COLUMNS, SEQ_KEY, SPEEDUP and family(row)."""
+
+from __future__ import annotations
+
+from . import decode, engine, moba, xattention
+
+SUITES = {"engine": engine, "decode": decode, "moba": moba, "xattention": xattention}
