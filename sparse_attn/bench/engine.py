@@ -22,7 +22,7 @@ from . import quality
 from .common import add_speedup, compiled_flex, dense_peers, time_passes
 
 FULL = dict(
-    seq_lens=[32768, 131072],
+    seq_lens=[8192, 32768, 131072],  # the 8K..128K sweep
     densities=[0.05, 0.10, 0.25, 1.0],
     batch=1,
     q_heads=32,
