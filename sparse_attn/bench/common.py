@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .._native import backend_report
+from ..reference import block_sparse_attention_reference
 
 
 def environment() -> dict:
@@ -223,6 +224,17 @@ def compiled_flex():
     # limit of 8, flex_attention would silently run eagerly, materialising the whole score matrix.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention)
+
+
+def layout_peers(device, layout, hq, hkv) -> dict:
+    """Peers on the identical layout: compiled Flex on CUDA, the reference (fp32 dense masks) on the CPU."""
+    if device.type == "cuda":
+        block_mask = layout.to_flex_block_mask(hq, hkv)
+        flex = compiled_flex()
+        return {"flex": lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True)}
+    return {
+        "reference": lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, compute_dtype=torch.float32)[0]
+    }
 
 
 def best_dense(record: dict, suffix: str = "_ms") -> tuple[str | None, float | None]:

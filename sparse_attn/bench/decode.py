@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 
 from ..decode import block_sparse_decode
-from ..reference import block_sparse_attention_reference
 from ..testing import random_block_layout
 from . import quality
-from .common import add_speedup, compiled_flex, dense_peers, timed
+from .common import add_speedup, dense_peers, layout_peers, timed
 
 PEAK_HBM_GBPS = 3000.0
 
@@ -73,17 +72,6 @@ def _timed(record: dict, name: str, fn, device, nbytes: int, *, peer: bool = Tru
     return ms
 
 
-def _peers(device, layout, hq, hkv) -> dict:
-    """Peers on the identical layout: compiled Flex on CUDA, the reference (fp32 dense masks) on the CPU."""
-    if device.type == "cuda":
-        block_mask = layout.to_flex_block_mask(hq, hkv)
-        flex = compiled_flex()
-        return {"flex": lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True)}
-    return {
-        "reference": lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, compute_dtype=torch.float32)[0]
-    }
-
-
 def _case(q, k, v, layout, device) -> dict:
     b, hq, seq_q, d = q.shape
     hkv = k.shape[1]
@@ -93,7 +81,7 @@ def _case(q, k, v, layout, device) -> dict:
     rows = torch.arange(seq_q, device=q.device)
     selection = quality.reference(q, k, v, rows, quality.layout_rows(layout, rows, hq, hkv))
     row.update(quality.selection_fields(block_sparse_decode(q, k, v, layout), selection))
-    for name, run in _peers(device, layout, hq, hkv).items():
+    for name, run in layout_peers(device, layout, hq, hkv).items():
         if _timed(row, name, lambda run=run: run(q, k, v), device, nbytes) is not None:
             row[f"{name}_output_rel_error"] = quality.rel_error(run(q, k, v), selection.out)
     return row

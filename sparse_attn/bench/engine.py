@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 
 from ..engine import block_sparse_attn
-from ..reference import block_sparse_attention_reference
 from ..testing import random_block_layout
 from . import quality
-from .common import add_speedup, compiled_flex, dense_peers, time_passes
+from .common import add_speedup, dense_peers, layout_peers, time_passes
 
 FULL = dict(
     seq_lens=[8192, 32768, 131072],  # the issue's 8K..128K sweep
@@ -51,17 +50,6 @@ ERROR_RULE = (
 )
 
 
-def _peers(device, layout, hq, hkv) -> dict:
-    """Peers on the identical layout: compiled Flex on CUDA, the reference (fp32 dense masks) on the CPU."""
-    if device.type == "cuda":
-        block_mask = layout.to_flex_block_mask(hq, hkv)
-        flex = compiled_flex()
-        return {"flex": lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True)}
-    return {
-        "reference": lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, compute_dtype=torch.float32)[0]
-    }
-
-
 def _passes(config, name: str) -> tuple[str, str | None]:
     return name, (f"{name}_fwd_bwd" if config["backward"] else None)
 
@@ -88,7 +76,7 @@ def _case(config, q, k, v, grad, layout, rows, device) -> dict:
     with torch.no_grad():
         selection = quality.reference(q, k, v, rows, quality.layout_rows(layout, rows, hq, hkv))
         row.update(quality.selection_fields(ours(q, k, v)[:, :, rows], selection))
-    for name, run in _peers(device, layout, hq, hkv).items():
+    for name, run in layout_peers(device, layout, hq, hkv).items():
         if time_passes(row, *_passes(config, name), run, (q, k, v), grad, device, pairs) is not None:
             with torch.no_grad():
                 row[f"{name}_output_rel_error"] = quality.rel_error(run(q, k, v)[:, :, rows], selection.out)

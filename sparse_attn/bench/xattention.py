@@ -19,10 +19,9 @@ import torch
 
 from ..engine import block_sparse_attn
 from ..methods.xattention import xattention_attn, xattention_estimate, xattention_select
-from ..reference import block_sparse_attention_reference
 from ..testing import structured_qkv
 from . import quality
-from .common import add_speedup, best_dense, compiled_flex, dense_peers, time_passes, timed
+from .common import add_speedup, best_dense, dense_peers, layout_peers, time_passes, timed
 
 FULL = dict(
     seq_lens=[8192, 32768, 131072],
@@ -66,17 +65,6 @@ def _inputs(config, seq, device):
     return tuple(t.to(config["dtype"]) for t in (inputs.q, inputs.k, inputs.v))
 
 
-def _peers(device, layout, hq, hkv) -> dict:
-    """The selected layout's attention elsewhere: compiled Flex on CUDA, the fp32 reference on the CPU."""
-    if device.type == "cuda":
-        block_mask = layout.to_flex_block_mask(hq, hkv)
-        flex = compiled_flex()
-        return {"flex": lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True)}
-    return {
-        "reference": lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, compute_dtype=torch.float32)[0]
-    }
-
-
 def _layout_work(row, q, k, v, layout, rows, selection: quality.Reference, device):
     """Attention on the selected layout: ours and the same-layout peer, timed with TFLOP/s on its pairs,
     and the peer's error against the layout's oracle."""
@@ -88,7 +76,7 @@ def _layout_work(row, q, k, v, layout, rows, selection: quality.Reference, devic
         return block_sparse_attn(q, k, v, layout)
 
     time_passes(row, "attention", None, ours, (q, k, v), None, device, pairs, peer=False)
-    for name, run in _peers(device, layout, hq, hkv).items():
+    for name, run in layout_peers(device, layout, hq, hkv).items():
         if time_passes(row, name, None, run, (q, k, v), None, device, pairs) is not None:
             row[f"{name}_output_rel_error"] = quality.rel_error(run(q, k, v)[:, :, rows], selection.out)
 
