@@ -96,15 +96,19 @@ def routed_attention(q, k, v, routes, block_size, causal, scale, seq_len_kv, cu_
     max_seqlen_k. Differentiable in q, k and v."""
     seq_len_q = routes.shape[2]
     rows = logical_rows(q, k.shape[1], seq_len_q)
-    seg_start, pair_rows = routed_pair_lists(routes, k.shape[1], triton.cdiv(max(seq_len_kv, 1), block_size), rows)
+    seg_start, pair_rows = routed_pair_lists(routes, k.shape[1], _num_kv_blocks(seq_len_kv, block_size), rows)
     return moba_attn_fwd(
         q, k, v, seg_start, pair_rows, cu_q, cu_k, block_size, rows, seq_len_q, seq_len_kv, causal, scale
     )
 
 
+def _num_kv_blocks(seq_len_kv: int, block_size: int) -> int:
+    return triton.cdiv(max(seq_len_kv, 1), block_size)
+
+
 def _geometry_args(q, k, block_size, rows, seq_len_q, seq_len_kv, cu_q):
     varlen, batch = _geometry(q, k, cu_q)
-    num_kv_blocks = triton.cdiv(max(seq_len_kv, 1), block_size)
+    num_kv_blocks = _num_kv_blocks(seq_len_kv, block_size)
     num_logical = triton.cdiv(seq_len_q, rows)
     return varlen, batch, num_kv_blocks, num_logical
 
