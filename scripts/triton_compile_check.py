@@ -202,7 +202,11 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", choices=sorted(ARCHES), action="append", help="default: all")
     parser.add_argument("--family", choices=sorted(FAMILIES), action="append", help="default: all")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--expect-triton", help="fail unless this triton version is the one imported")
     args = parser.parse_args(argv)
+    if args.expect_triton and triton.__version__ != args.expect_triton:
+        print(f"expected triton {args.expect_triton}, imported {triton.__version__} from {triton.__file__}")
+        return 1
     families = tuple(args.family or sorted(FAMILIES))
     jobs = [(i, arch, families) for i in range(len(record(families))) for arch in args.arch or sorted(ARCHES)]
     print(f"triton {triton.__version__}: {len(jobs)} kernel builds ahead of time, no GPU used", flush=True)

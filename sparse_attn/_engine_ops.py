@@ -14,44 +14,7 @@ from torch.library import triton_op, wrap_triton
 
 from .kernels.block_sparse_attn import LOG2E, _block_sparse_dkdv_kernel, _block_sparse_rows_kernel
 from .selection import layout_transpose
-
-
-def _tile(block_size: int, cap: int) -> int:
-    """The largest power-of-two tile up to `cap` that divides the layout block (block sizes are multiples of 16)."""
-    tile = cap
-    while block_size % tile:
-        tile //= 2
-    return tile
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim bound: starting points for
-# Hopper (FlashAttention-2-style tiles), to be replaced by a pruned autotune space once measured.
-# scripts/triton_compile_check.py shows their registers, spills and shared memory without a GPU:
-# at head dim 128 (bf16, sm_90a) dQ at 4 warps and dK/dV with 64 keys spilled; these do not.
-# fp32 tiles take twice the shared memory: the bf16 forward's 128 rows x 3 stages overflow an A100's 163 KB.
-_FP32_MAX_ROWS, _FP32_MAX_STAGES = 64, 2
-_TILES = {
-    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
-    "dq": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 4, 1)},
-    "dkdv": {64: (64, 64, 4, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 1)},
-}
-
-
-def _launch_config(kernel: str, q, q_block_size, kv_block_size):
-    head_dim = q.shape[-1]
-    bound = min(b for b in (64, 128, 256) if head_dim <= b)
-    block_m, block_n, warps, stages = _TILES[kernel][bound]
-    if q.dtype == torch.float32:
-        block_m, stages = min(block_m, _FP32_MAX_ROWS), min(stages, _FP32_MAX_STAGES)
-    return {
-        "BLOCK_M": _tile(q_block_size, block_m),
-        "BLOCK_N": _tile(kv_block_size, block_n),
-        "HEAD_DIM": head_dim,
-        "HEAD_DIM_PAD": triton.next_power_of_2(max(head_dim, 16)),
-        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-        "num_warps": warps,
-        "num_stages": stages,
-    }
+from .tiles import launch_config
 
 
 def _poisoned(*tensors):
@@ -100,7 +63,7 @@ def _launch(kernel, name, q, k, v, o, lse, outputs, lists, cu_q, cu_k, heads, si
     query heads (rows kernel) or KV heads (dK/dV kernel)."""
     q_block_size, kv_block_size, seq_len_q, seq_len_kv, layout_head_div = sizes
     varlen, batch = _geometry(q, k, cu_q)
-    config = _launch_config(name, q, q_block_size, kv_block_size)
+    config = launch_config(f"engine_{name}", q, q_block_size, kv_block_size)
     tiles = triton.cdiv(seq_len_kv, config["BLOCK_N"]) if name == "dkdv" else triton.cdiv(seq_len_q, config["BLOCK_M"])
     wrap_triton(kernel)[(tiles, batch * heads)](
         q, k, v, o, lse, *outputs, *lists, cu_q, cu_k,

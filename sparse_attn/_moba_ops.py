@@ -13,17 +13,11 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from ._engine_ops import _batch_strides, _geometry, _poisoned, _tile, _unit_last_stride
+from ._engine_ops import _batch_strides, _geometry, _poisoned, _unit_last_stride
 from .kernels.block_sparse_attn import LOG2E
 from .kernels.moba_attn import _moba_dkdv_kernel, _moba_rows_kernel
+from .tiles import launch_config
 
-# (BLOCK_M gathered rows, BLOCK_N keys, num_warps, num_stages) per kernel and head-dim bound:
-# starting points, not yet timed on a GPU (scripts/triton_compile_check.py: no spills in dK/dV at
-# head dim 128 with 32 keys a tile). Forward and dQ share BLOCK_M (one logical-block size).
-_TILES = {
-    "rows": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 4, 1)},
-    "dkdv": {64: (64, 64, 4, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 1)},
-}
 # Rows (over the GQA group's heads) of one forward/dQ work item: large enough that the rows
 # choosing a block fill dense tiles, small enough that the per-program scratch stays in L2.
 _ITEM_ROWS_CUDA = 1024
@@ -32,24 +26,9 @@ _PROGRAMS_PER_SM = 2
 _INTERPRETER_PROGRAMS = 3  # fewer than the items of most test shapes, so the persistent loop is exercised
 
 
-def _launch_config(kernel: str, q, block_size: int) -> dict:
-    head_dim = q.shape[-1]
-    bound = min(b for b in (64, 128, 256) if head_dim <= b)
-    block_m, block_n, warps, stages = _TILES[kernel][bound]
-    return {
-        "BLOCK_M": block_m,
-        "BLOCK_N": _tile(block_size, block_n),
-        "HEAD_DIM": head_dim,
-        "HEAD_DIM_PAD": triton.next_power_of_2(max(head_dim, 16)),
-        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-        "num_warps": warps,
-        "num_stages": stages,
-    }
-
-
 def logical_rows(q, num_kv_heads: int, seq_len_q: int) -> int:
-    """Query rows per head of one work item: a multiple of the row tile, at most the sequence."""
-    block_m = _launch_config("rows", q, 16)["BLOCK_M"]
+    """Query rows per head of one work item: a multiple of the forward's and dQ's row tiles, at most the sequence."""
+    block_m = max(launch_config(kernel, q, None, 16)["BLOCK_M"] for kernel in ("moba_fwd", "moba_dq"))
     target = _ITEM_ROWS_CUDA if q.device.type == "cuda" else _ITEM_ROWS_INTERPRETER
     rows = max(target // (q.shape[1] // num_kv_heads), block_m)
     rows = min(rows, max(seq_len_q, 1))
@@ -57,10 +36,12 @@ def logical_rows(q, num_kv_heads: int, seq_len_q: int) -> int:
 
 
 @functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _persistent_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * _PROGRAMS_PER_SM
-    return _INTERPRETER_PROGRAMS
+    return _multiprocessors(device) * _PROGRAMS_PER_SM if device.type == "cuda" else _INTERPRETER_PROGRAMS
 
 
 def routed_pair_lists(routes, num_kv_heads: int, num_kv_blocks: int, rows_per_item: int):
@@ -128,7 +109,7 @@ def _launch_rows(
     )
     num_kv_heads = k.shape[1]
     group = q.shape[1] // num_kv_heads
-    config = _launch_config("rows", q, block_size)
+    config = launch_config("moba_dq" if backward else "moba_fwd", q, None, block_size)
     num_items = batch * num_kv_heads * num_logical
     programs = max(min(num_items, _persistent_programs(q.device)), 1)
     # Scratch per program, never per output row: the item's softmax state (forward) or dQ (backward).
@@ -197,7 +178,7 @@ def moba_attn_bwd(
     varlen, batch, num_kv_blocks, num_logical = _geometry_args(
         q, k, block_size, rows_per_item, seq_len_q, seq_len_kv, cu_seqlens_q
     )
-    config = _launch_config("dkdv", q, block_size)
+    config = launch_config("moba_dkdv", q, None, block_size)
     tiles = triton.cdiv(max(seq_len_kv, 1), config["BLOCK_N"])
     wrap_triton(_moba_dkdv_kernel)[(tiles, batch * k.shape[1])](
         q, k, v, grad_out, lse, delta, dk, dv, *lists,

@@ -67,13 +67,6 @@ def _check_qkv(q, k, v, packed: bool):
         raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of KV heads ({hkv})")
 
 
-def _largest_tile(block_size: int, cap: int) -> int:
-    tile = cap
-    while tile >= 16 and block_size % tile:
-        tile //= 2
-    return tile
-
-
 def _check_triton_inputs(q):
     if q.dtype not in _GPU_DTYPES:
         raise TypeError(f"q dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)")

@@ -68,8 +68,10 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=True)
     python = str(env_dir / "bin" / "python")
+    # Without PYTHONPATH: a checkout on it (with its egg-info) would pass for the installed package.
+    clean_env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     install = subprocess.run(
-        [python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], capture_output=True, text=True
+        [python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], capture_output=True, text=True, env=clean_env
     )
     assert install.returncode == 0, install.stderr
     check = subprocess.run(
@@ -81,6 +83,7 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=clean_env,
     )
     assert check.returncode == 0, check.stderr
     assert str(env_dir) in check.stdout

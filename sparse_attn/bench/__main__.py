@@ -3,6 +3,7 @@
 `python -m sparse_attn.bench SUITE [--quick | --full] [--out PATH]`: one suite, its JSON to PATH.
 `python -m sparse_attn.bench all [--quick | --full] [--out-dir DIR]`: every suite, DIR/<suite>.json,
 DIR/report.md and the plots. `python -m sparse_attn.bench report DIR`: re-render DIR's report.
+`python -m sparse_attn.bench tune [--quick | --full] [--out PATH]`: the kernels' tile sweep (not in `all`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import report
+from . import report, tune
 from .common import environment, error_text, write_json
 from .suites import SUITES
 
@@ -31,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m sparse_attn.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in SUITES:
-        single = commands.add_parser(name, help=f"the {name} suite")
+    for name in (*SUITES, "tune"):
+        single = commands.add_parser(name, help=f"the {name} {'sweep' if name == 'tune' else 'suite'}")
         _mode_flags(single)
         single.add_argument("--out", help="write the results as JSON to this path")
     every = commands.add_parser("all", help="every suite in one process, then the report")
@@ -53,7 +54,7 @@ def _resolve_mode(parser, args) -> tuple[torch.device, bool]:
 
 def run_suite(name: str, device: torch.device, quick: bool) -> dict:
     """One suite's payload: environment, the whole config (shapes and error rule) and its rows."""
-    suite = SUITES[name]
+    suite = tune if name == "tune" else SUITES[name]
     config = suite.QUICK if quick else suite.FULL
     print(f"suite {name} ({'quick' if quick else 'full'}) on {device}", flush=True)
     start = time.perf_counter()

@@ -1,0 +1,147 @@
+"""Launch configurations of the attention kernels: one table, overridable for tuning sweeps.
+
+Each entry is a :class:`Tile` (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) per kernel
+and head-dim bound (64, 128, 256). The values are starting points for Hopper chosen with
+`scripts/triton_compile_check.py` (registers, spills and shared memory without a GPU); on a GPU,
+`python -m sparse_attn.bench tune` times candidates around them and prints the winners.
+
+Two ways to try other tiles without editing this file:
+
+* ``with tiles.override("engine_fwd", 128, Tile(128, 128, 8, 2)): ...`` in Python;
+* ``SPARSE_ATTN_TILES='{"engine_fwd:128": [128, 128, 8, 2]}'`` in the environment.
+
+A block size that the tile does not divide gets the largest power-of-two tile that divides it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+import triton
+
+
+class Tile(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+HEAD_DIM_BOUNDS = (64, 128, 256)
+
+# At head dim 128 (bf16, sm_90a) the engine's dQ at 4 warps and dK/dV with 64 keys spilled; these
+# do not. MoBA's forward and dQ share the gathered-row tile height through the logical block size.
+TABLE: dict[str, dict[int, Tile]] = {
+    "engine_fwd": {64: Tile(128, 64, 4, 3), 128: Tile(128, 64, 8, 3), 256: Tile(64, 32, 4, 2)},
+    "engine_dq": {64: Tile(64, 64, 4, 2), 128: Tile(64, 64, 8, 2), 256: Tile(32, 32, 4, 1)},
+    "engine_dkdv": {64: Tile(64, 64, 4, 2), 128: Tile(64, 32, 8, 2), 256: Tile(32, 32, 4, 1)},
+    "moba_fwd": {64: Tile(64, 64, 4, 2), 128: Tile(64, 64, 8, 2), 256: Tile(32, 32, 4, 1)},
+    "moba_dq": {64: Tile(64, 64, 4, 2), 128: Tile(64, 64, 8, 2), 256: Tile(32, 32, 4, 1)},
+    "moba_dkdv": {64: Tile(64, 64, 4, 2), 128: Tile(64, 32, 8, 2), 256: Tile(32, 32, 4, 1)},
+}
+
+# fp32 tiles take twice the shared memory: the bf16 forward's 128 rows x 3 stages overflow an A100's 163 KB.
+FP32_MAX_ROWS, FP32_MAX_STAGES = 64, 2
+
+_ENV = "SPARSE_ATTN_TILES"
+_overrides: dict[tuple[str, int], Tile] = {}
+
+
+def head_dim_bound(head_dim: int) -> int:
+    for bound in HEAD_DIM_BOUNDS:
+        if head_dim <= bound:
+            return bound
+    raise ValueError(f"head dim {head_dim} is over the kernels' largest, {HEAD_DIM_BOUNDS[-1]}")
+
+
+def _check_tile(tile, where: str) -> Tile:
+    try:
+        tile = Tile(*(int(x) for x in tile))
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: a tile is [BLOCK_M, BLOCK_N, num_warps, num_stages], got {tile!r}") from None
+    powers = (tile.block_m, tile.block_n, tile.num_warps)
+    if any(x < 1 or x & (x - 1) for x in powers) or min(tile.block_m, tile.block_n) < 16 or tile.num_stages < 1:
+        raise ValueError(f"{where}: BLOCK_M, BLOCK_N >= 16 and num_warps must be powers of two, stages >= 1: {tile}")
+    return tile
+
+
+def _check_key(kernel: str, head_dim: int, where: str) -> tuple[str, int]:
+    if kernel not in TABLE:
+        raise ValueError(f"{where}: unknown kernel {kernel!r}; the kernels are {sorted(TABLE)}")
+    if head_dim not in HEAD_DIM_BOUNDS:
+        raise ValueError(f"{where}: head-dim bound must be one of {HEAD_DIM_BOUNDS}, got {head_dim}")
+    return kernel, head_dim
+
+
+@functools.cache
+def _from_environment(text: str) -> dict[tuple[str, int], Tile]:
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{_ENV} is not JSON: {exc}") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f'{_ENV} must be a JSON object like {{"engine_fwd:128": [128, 64, 8, 3]}}')
+    parsed = {}
+    for key, tile in entries.items():
+        kernel, _, bound = str(key).partition(":")
+        if not bound.isdigit():
+            raise ValueError(f"{_ENV}: key {key!r} must be 'kernel:head_dim_bound'")
+        parsed[_check_key(kernel, int(bound), _ENV)] = _check_tile(tile, f"{_ENV}[{key!r}]")
+    return parsed
+
+
+def lookup(kernel: str, head_dim: int) -> Tile:
+    """The tile of `kernel` at this head dim: an active override, else the environment's, else the table's."""
+    key = (kernel, head_dim_bound(head_dim))
+    if key in _overrides:
+        return _overrides[key]
+    environment = _from_environment(os.environ.get(_ENV, "{}"))
+    return environment.get(key, TABLE[kernel][key[1]])
+
+
+@contextmanager
+def override(kernel: str, head_dim: int, tile):
+    """Runs the block with `tile` for `kernel` at head dims up to the bound `head_dim` (64, 128 or 256)."""
+    key = _check_key(kernel, head_dim, "override")
+    tile = _check_tile(tile, "override")
+    previous = _overrides.get(key)
+    _overrides[key] = tile
+    try:
+        yield tile
+    finally:
+        if previous is None:
+            del _overrides[key]
+        else:
+            _overrides[key] = previous
+
+
+def largest_dividing(block_size: int, cap: int) -> int:
+    """The largest power-of-two tile up to `cap` that divides the block (block sizes are multiples of 16)."""
+    tile = cap
+    while block_size % tile:
+        tile //= 2
+    return tile
+
+
+def launch_config(kernel: str, q: torch.Tensor, q_block_size: int | None, kv_block_size: int) -> dict:
+    """Constexprs and launch options of `kernel` for q's head dim and dtype. BLOCK_M divides
+    `q_block_size` (None: rows are gathered, any height) and BLOCK_N divides `kv_block_size`."""
+    head_dim = q.shape[-1]
+    block_m, block_n, warps, stages = lookup(kernel, head_dim)
+    if q.dtype == torch.float32:
+        block_m, stages = min(block_m, FP32_MAX_ROWS), min(stages, FP32_MAX_STAGES)
+    return {
+        "BLOCK_M": block_m if q_block_size is None else largest_dividing(q_block_size, block_m),
+        "BLOCK_N": largest_dividing(kv_block_size, block_n),
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_PAD": triton.next_power_of_2(max(head_dim, 16)),
+        # fp32 inputs get exact fp32 products (no tensor cores); 16-bit inputs use them.
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "num_warps": warps,
+        "num_stages": stages,
+    }

@@ -1,0 +1,141 @@
+"""Launch-configuration table: lookup order (override, environment, table), validation, the launch
+it reaches, and the tile sweep (`python -m sparse_attn.bench tune`) on the CPU interpreter."""
+
+import json
+
+import pytest
+import torch
+
+from sparse_attn import _engine_ops, tiles
+from sparse_attn.bench import tune
+from sparse_attn.engine import block_sparse_attn, triton_available
+from sparse_attn.reference import block_sparse_attention_reference
+from sparse_attn.testing import assert_flash_rule, random_block_layout
+from sparse_attn.tiles import Tile
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def no_environment_tiles(monkeypatch):
+    monkeypatch.delenv("SPARSE_ATTN_TILES", raising=False)
+
+
+def test_lookup_is_the_table_by_head_dim_bound():
+    assert tiles.lookup("engine_fwd", 128) == tiles.TABLE["engine_fwd"][128]
+    assert tiles.lookup("engine_fwd", 96) == tiles.TABLE["engine_fwd"][128]
+    assert tiles.lookup("moba_dkdv", 32) == tiles.TABLE["moba_dkdv"][64]
+    with pytest.raises(ValueError, match="head dim 512"):
+        tiles.lookup("engine_fwd", 512)
+
+
+def test_override_nests_and_restores():
+    default = tiles.lookup("engine_dq", 128)
+    with tiles.override("engine_dq", 128, Tile(32, 32, 4, 1)):
+        assert tiles.lookup("engine_dq", 100) == Tile(32, 32, 4, 1)
+        assert tiles.lookup("engine_dq", 64) == tiles.TABLE["engine_dq"][64]  # other bounds untouched
+        with tiles.override("engine_dq", 128, (64, 32, 8, 2)):
+            assert tiles.lookup("engine_dq", 128) == Tile(64, 32, 8, 2)
+        assert tiles.lookup("engine_dq", 128) == Tile(32, 32, 4, 1)
+    assert tiles.lookup("engine_dq", 128) == default
+
+
+def test_environment_then_override(monkeypatch):
+    monkeypatch.setenv("SPARSE_ATTN_TILES", '{"moba_fwd:128": [32, 64, 4, 3]}')
+    assert tiles.lookup("moba_fwd", 128) == Tile(32, 64, 4, 3)
+    assert tiles.lookup("moba_dq", 128) == tiles.TABLE["moba_dq"][128]
+    with tiles.override("moba_fwd", 128, Tile(16, 16, 4, 1)):
+        assert tiles.lookup("moba_fwd", 128) == Tile(16, 16, 4, 1)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("not json", "not JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"engine_fwd": [64, 64, 4, 2]}', "kernel:head_dim_bound"),
+        ('{"nope:128": [64, 64, 4, 2]}', "unknown kernel"),
+        ('{"engine_fwd:96": [64, 64, 4, 2]}', "head-dim bound"),
+        ('{"engine_fwd:128": [48, 64, 4, 2]}', "powers of two"),
+        ('{"engine_fwd:128": [64, 64, 4]}', "BLOCK_M, BLOCK_N, num_warps, num_stages"),
+        ('{"engine_fwd:128": [8, 64, 4, 2]}', ">= 16"),
+    ],
+)
+def test_bad_environment_names_the_variable(monkeypatch, value, message):
+    monkeypatch.setenv("SPARSE_ATTN_TILES", value)
+    with pytest.raises(ValueError, match="SPARSE_ATTN_TILES") as error:
+        tiles.lookup("engine_fwd", 128)
+    assert message in str(error.value)
+
+
+def test_bad_override_raises_before_running():
+    with pytest.raises(ValueError, match="unknown kernel"):
+        with tiles.override("engine_fwdd", 128, Tile(64, 64, 4, 2)):
+            pass
+    with pytest.raises(ValueError, match="powers of two"):
+        with tiles.override("engine_fwd", 128, Tile(64, 64, 3, 2)):
+            pass
+
+
+def test_launch_config_divides_blocks_and_caps_fp32():
+    q16 = torch.empty(1, 1, 8, 128, dtype=torch.float16)
+    q32 = torch.empty(1, 1, 8, 128, dtype=torch.float32)
+    with tiles.override("engine_fwd", 128, Tile(128, 128, 8, 3)):
+        config = tiles.launch_config("engine_fwd", q16, 48, 80)
+        assert (config["BLOCK_M"], config["BLOCK_N"]) == (16, 16)  # largest powers of two dividing 48 and 80
+        assert (config["num_warps"], config["num_stages"], config["DOT_PRECISION"]) == (8, 3, "tf32")
+        config = tiles.launch_config("engine_fwd", q32, None, 128)  # gathered rows: no divisibility
+        assert (config["BLOCK_M"], config["num_stages"]) == (tiles.FP32_MAX_ROWS, tiles.FP32_MAX_STAGES)
+        assert config["DOT_PRECISION"] == "ieee"
+
+
+@pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
+def test_override_reaches_the_launch_and_stays_exact(monkeypatch, rng):
+    """A non-default tile reaches the kernel launch, and the result still meets FlashAttention's rule."""
+    launches = []
+    real_wrap = _engine_ops.wrap_triton
+
+    def recording_wrap(kernel):
+        launcher = real_wrap(kernel)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches.append((kernel.fn.__name__, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"]))
+                    return launcher[grid](*args, **kwargs)
+
+                return launch
+
+        return Grid()
+
+    monkeypatch.setattr(_engine_ops, "wrap_triton", recording_wrap)
+    q = torch.randn(1, 2, 96, 32, generator=rng).to(DEVICE, torch.float16)
+    k, v = (torch.randn(1, 1, 96, 32, generator=rng).to(DEVICE, torch.float16) for _ in range(2))
+    layout = random_block_layout(1, 2, 96, 96, 32, 32, 0.6, seed=3, device=DEVICE)
+    with tiles.override("engine_fwd", 64, Tile(16, 32, 2, 1)):
+        out = block_sparse_attn(q, k, v, layout)
+    assert launches == [("_block_sparse_rows_kernel", 16, 32, 2)]
+    ref, _ = block_sparse_attention_reference(q, k, v, layout)
+    same, _ = block_sparse_attention_reference(q, k, v, layout, compute_dtype=torch.float16)
+    assert_flash_rule(out, ref, same, 2, "output")
+
+
+@pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
+def test_tune_quick_sweeps_every_kernel_and_picks_a_matching_tile(monkeypatch):
+    rows = tune.run(tune.QUICK, torch.device("cpu"))
+    kernels = {row["kernel"] for row in rows}
+    assert kernels == {*tune.KERNELS, "moba_schedule"}
+    for kernel in kernels:
+        mine = [row for row in rows if row["kernel"] == kernel]
+        assert sum(row.get("pick") == "best" for row in mine) == 1
+        assert any(row["default"] for row in mine)
+        for row in mine:
+            assert row["ok"], row
+            assert row["ms"] > 0 and row["rel_diff_vs_default"] <= tune.QUICK["match_tolerance"]
+    # More than the default was tried: BLOCK_M 16 folds into no other tile at these block sizes.
+    assert len([row for row in rows if row["kernel"] == "engine_fwd"]) == 2
+    setting = tune.best_tiles_setting(rows)
+    monkeypatch.setenv("SPARSE_ATTN_TILES", setting)  # the printed value is a valid setting
+    for key, tile in json.loads(setting).items():
+        kernel, bound = key.split(":")
+        assert tiles.lookup(kernel, int(bound)) == Tile(*tile)
