@@ -9,6 +9,9 @@ Environment (flash-attn's conventions with the SPARSE_ATTN_ prefix):
 
 import glob
 import os
+import re
+import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -46,6 +49,29 @@ def default_max_jobs(nvcc_threads):
     return max(1, min(cpus // 2, int(free_gb / (5 * nvcc_threads))))
 
 
+def locate_cuda_home():
+    """Sets CUDA_HOME to the toolkit that `nvcc` runs, unless CUDA_HOME or CUDA_PATH is set.
+
+    torch guesses CUDA_HOME as the parent of `which nvcc`'s folder: for an `nvcc` that is a wrapper
+    script outside the toolkit (/usr/local/bin/nvcc on this project's machines) that is /usr/local,
+    and the glue's `#include <cuda_bf16.h>` fails. nvcc's dry run names its own toolkit (TOP=...).
+    Must run before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+    """
+    nvcc = shutil.which("nvcc")
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or nvcc is None:
+        return
+    try:
+        dry_run = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    match = re.search(r"^#\$ TOP=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
+    if match and os.path.isfile(os.path.join(match.group(1).strip(), "include", "cuda_runtime.h")):
+        os.environ["CUDA_HOME"] = os.path.realpath(match.group(1).strip())
+
+
 def want_cuda():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
@@ -62,6 +88,8 @@ def want_cuda():
 
 
 def extensions():
+    if not env_flag("SPARSE_ATTN_SKIP_CUDA_BUILD"):
+        locate_cuda_home()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     cxx_flags = ["-O3", "-std=c++17"]

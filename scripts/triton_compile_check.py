@@ -36,7 +36,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sparse_attn import _engine_ops, _moba_ops
-from sparse_attn.kernels import xattention_estimate
+from sparse_attn.kernels import launch, xattention_estimate
 from sparse_attn.layout import BlockSparseLayout
 
 # Usable shared memory per block (bytes): H100 228 KB minus 1 KB reserved, A100 164 KB minus 1 KB.
@@ -162,8 +162,7 @@ CASES = [  # (dtype, head dim, varlen)
 
 @functools.cache
 def record(families: tuple) -> list:
-    for module in (_engine_ops, _moba_ops, xattention_estimate):
-        module.wrap_triton = _Recorder
+    launch.wrap_triton = _Recorder
     # The launch code picks GPU or interpreter settings from the tensors' device: take the GPU's
     # (and an H100's 132 SMs for persistent grids) for these CPU tensors.
     _moba_ops._persistent_programs = lambda device: 132 * _moba_ops._PROGRAMS_PER_SM

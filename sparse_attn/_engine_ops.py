@@ -10,9 +10,10 @@ import os
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .kernels.block_sparse_attn import LOG2E, _block_sparse_dkdv_kernel, _block_sparse_rows_kernel
+from .kernels.launch import launcher
 from .selection import layout_transpose
 from .tiles import launch_config
 
@@ -65,7 +66,7 @@ def _launch(kernel, name, q, k, v, o, lse, outputs, lists, cu_q, cu_k, heads, si
     varlen, batch = _geometry(q, k, cu_q)
     config = launch_config(f"engine_{name}", q, q_block_size, kv_block_size)
     tiles = triton.cdiv(seq_len_kv, config["BLOCK_N"]) if name == "dkdv" else triton.cdiv(seq_len_q, config["BLOCK_M"])
-    wrap_triton(kernel)[(tiles, batch * heads)](
+    launcher(kernel)[(tiles, batch * heads)](
         q, k, v, o, lse, *outputs, *lists, cu_q, cu_k,
         *(stride for t in (q, k, v, o, lse.unsqueeze(-1)) for stride in _batch_strides(t, varlen)),
         *_layout_strides(*lists, batch, varlen),

@@ -11,10 +11,11 @@ import functools
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ._engine_ops import _batch_strides, _geometry, _poisoned, _unit_last_stride
 from .kernels.block_sparse_attn import LOG2E
+from .kernels.launch import launcher
 from .kernels.moba_attn import _moba_dkdv_kernel, _moba_rows_kernel
 from .tiles import launch_config
 
@@ -116,7 +117,7 @@ def _launch_rows(
     slots = programs * group * rows_per_item
     acc = torch.empty(slots, config["HEAD_DIM_PAD"], dtype=torch.float32, device=q.device)
     row_max, row_sum = (None, None) if backward else torch.empty(2, slots, dtype=torch.float32, device=q.device)
-    wrap_triton(_moba_rows_kernel)[(programs,)](
+    launcher(_moba_rows_kernel)[(programs,)](
         q, k, v, o, lse, delta, dq, acc, row_max, row_sum, seg_start, pair_rows, cu_q, cu_k,
         *_tensor_strides(varlen, q, k, v, o, lse.unsqueeze(-1)),
         num_items, num_kv_heads, group, num_kv_blocks, num_logical, seq_len_q, seq_len_kv,
@@ -180,7 +181,7 @@ def moba_attn_bwd(
     )
     config = launch_config("moba_dkdv", q, None, block_size)
     tiles = triton.cdiv(max(seq_len_kv, 1), config["BLOCK_N"])
-    wrap_triton(_moba_dkdv_kernel)[(tiles, batch * k.shape[1])](
+    launcher(_moba_dkdv_kernel)[(tiles, batch * k.shape[1])](
         q, k, v, grad_out, lse, delta, dk, dv, *lists,
         *_tensor_strides(varlen, q, k, v, grad_out, lse.unsqueeze(-1)),
         k.shape[1], num_kv_blocks, num_logical, seq_len_q, seq_len_kv, softmax_scale * LOG2E, softmax_scale,

@@ -9,6 +9,7 @@ import torch
 from sparse_attn import _engine_ops, tiles
 from sparse_attn.bench import tune
 from sparse_attn.engine import block_sparse_attn, triton_available
+from sparse_attn.kernels import launch
 from sparse_attn.reference import block_sparse_attention_reference
 from sparse_attn.testing import assert_flash_rule, random_block_layout
 from sparse_attn.tiles import Tile
@@ -93,22 +94,19 @@ def test_launch_config_divides_blocks_and_caps_fp32():
 def test_override_reaches_the_launch_and_stays_exact(monkeypatch, rng):
     """A non-default tile reaches the kernel launch, and the result still meets FlashAttention's rule."""
     launches = []
-    real_wrap = _engine_ops.wrap_triton
 
-    def recording_wrap(kernel):
-        launcher = real_wrap(kernel)
+    class RecordingLauncher:
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-        class Grid:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    launches.append((kernel.fn.__name__, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"]))
-                    return launcher[grid](*args, **kwargs)
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launches.append((self.kernel.fn.__name__, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"]))
+                return launch.launcher(self.kernel)[grid](*args, **kwargs)
 
-                return launch
+            return run
 
-        return Grid()
-
-    monkeypatch.setattr(_engine_ops, "wrap_triton", recording_wrap)
+    monkeypatch.setattr(_engine_ops, "launcher", RecordingLauncher)
     q = torch.randn(1, 2, 96, 32, generator=rng).to(DEVICE, torch.float16)
     k, v = (torch.randn(1, 1, 96, 32, generator=rng).to(DEVICE, torch.float16) for _ in range(2))
     layout = random_block_layout(1, 2, 96, 96, 32, 32, 0.6, seed=3, device=DEVICE)

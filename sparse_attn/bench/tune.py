@@ -43,7 +43,7 @@ FULL = dict(
     block_n=(32, 64, 128),
     num_warps=(4, 8),
     num_stages=(1, 2, 3, 4),
-    item_rows=(256, 512, 1024, 2048),
+    item_rows=(256, 512, 1024, 2048, 4096),
     programs_per_sm=(1, 2, 4),
     match_tolerance=1e-2,
 )

@@ -22,9 +22,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .block_sparse_attn import LOG2E, _pair_mask
+from .launch import launcher
 
 
 @triton.jit
@@ -188,7 +189,7 @@ def xattention_estimate_op(
     scores = torch.zeros(batch, num_q_heads, num_q_blocks, num_kv_blocks, dtype=torch.float32, device=q.device)
     config = _launch_config(q, rows_per_block)
     grid = (triton.cdiv(num_q_blocks * rows_per_block, config["BLOCK_M"]), batch * num_q_heads)
-    wrap_triton(_xattention_estimate_kernel)[grid](
+    launcher(_xattention_estimate_kernel)[grid](
         q,
         k,
         scores,
