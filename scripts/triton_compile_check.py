@@ -34,8 +34,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sparse_attn import _engine_ops, _moba_ops
+from sparse_attn import _engine_ops, _moba_ops, tiles
 from sparse_attn.kernels import launch, xattention_estimate
 from sparse_attn.layout import BlockSparseLayout
 
@@ -68,6 +70,8 @@ class _Recorder:
 def _arg_type(value) -> str:
     if value is None:
         return "constexpr"
+    if isinstance(value, TensorDescriptor):
+        return mangle_type(value)  # tensordesc<dtype[block shape]>
     if isinstance(value, torch.Tensor):
         return _POINTER_TYPES[value.dtype]
     if isinstance(value, bool):
@@ -85,7 +89,11 @@ def _source(kernel, args, kwargs):
     signature = {name: _arg_type(value) for name, value in zip(names, args)}
     constexprs = {(names.index(name),): None for name, value in zip(names, args) if value is None}
     for name, value in kwargs.items():
-        if name not in options:
+        if name in options:
+            continue
+        if isinstance(value, TensorDescriptor):  # a runtime argument passed by keyword
+            signature[name] = _arg_type(value)
+        else:
             signature[name] = "constexpr"
             constexprs[(names.index(name),)] = value
     return ASTSource(kernel, signature, constexprs=constexprs), options
@@ -108,6 +116,7 @@ def _label(kernel, kwargs, args) -> str:
     dtype = next(str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor))
     flags = [f"D={kwargs['HEAD_DIM']}", dtype, f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}", f"w{kwargs['num_warps']}"]
     flags += [name.lower() for name in ("CAUSAL", "VARLEN", "BACKWARD") if kwargs.get(name)]
+    flags += ["tma"] if kwargs.get("USE_TMA") else []
     return f"{kernel.fn.__name__}[{' '.join(flags)}]"
 
 
@@ -131,6 +140,14 @@ def _engine_launches(dtype, dim, varlen):
     _engine_ops.block_sparse_attn_bwd(out, q, k, v, out, lse, *args[:2], *q_lists, *args[2:])
 
 
+def _engine_tma_launches(dtype, dim, varlen):
+    """The engine's row kernels with K/V through tensor descriptors (a tile option the sweep tries)."""
+    bound = tiles.head_dim_bound(dim)
+    fwd, dq = (tiles.lookup(name, dim)._replace(tma=True) for name in ("engine_fwd", "engine_dq"))
+    with tiles.override("engine_fwd", bound, fwd), tiles.override("engine_dq", bound, dq):
+        _engine_launches(dtype, dim, varlen)
+
+
 def _moba_launches(dtype, dim, varlen):
     q, k, v = _qkv(dtype, dim)
     routes = torch.zeros(1, 4, 256, 4, dtype=torch.int32)
@@ -150,7 +167,12 @@ def _xattention_launches(dtype, dim, varlen):
     xattention_estimate.xattention_estimate_op(q, k, 8, 128, True)
 
 
-FAMILIES = {"engine": _engine_launches, "moba": _moba_launches, "xattention": _xattention_launches}
+FAMILIES = {
+    "engine": _engine_launches,
+    "engine_tma": _engine_tma_launches,
+    "moba": _moba_launches,
+    "xattention": _xattention_launches,
+}
 CASES = [  # (dtype, head dim, varlen)
     (torch.bfloat16, 128, False),
     (torch.bfloat16, 128, True),
@@ -173,7 +195,8 @@ def record(families: tuple) -> list:
             FAMILIES[name](dtype, dim, varlen)
     unique = {}
     for kernel, args, kwargs in _Recorder.launches:
-        key = (kernel.fn.__name__, tuple(_arg_type(a) for a in args), tuple(sorted(kwargs.items())))
+        constants = sorted((k, _arg_type(v) if isinstance(v, TensorDescriptor) else v) for k, v in kwargs.items())
+        key = (kernel.fn.__name__, tuple(_arg_type(a) for a in args), tuple(constants))
         unique.setdefault(key, (kernel, args, kwargs))
     return list(unique.values())
 

@@ -1,7 +1,8 @@
 """Launch configurations of the attention kernels: one table, overridable for tuning sweeps.
 
-Each entry is a :class:`Tile` (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) per kernel
-and head-dim bound (64, 128, 256). The values are starting points for Hopper chosen with
+Each entry is a :class:`Tile` (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages, and for the
+engine's row kernels `tma`: K/V tiles through tensor descriptors, TMA on Hopper) per kernel and
+head-dim bound (64, 128, 256). The values are starting points for Hopper chosen with
 `scripts/triton_compile_check.py` (registers, spills and shared memory without a GPU); on a GPU,
 `python -m sparse_attn.bench tune` times candidates around them and prints the winners.
 
@@ -30,6 +31,11 @@ class Tile(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False
+
+
+# Kernels that can load their K/V tiles through tensor descriptors (USE_TMA).
+TMA_KERNELS = ("engine_fwd", "engine_dq")
 
 
 HEAD_DIM_BOUNDS = (64, 128, 256)
@@ -59,14 +65,17 @@ def head_dim_bound(head_dim: int) -> int:
     raise ValueError(f"head dim {head_dim} is over the kernels' largest, {HEAD_DIM_BOUNDS[-1]}")
 
 
-def _check_tile(tile, where: str) -> Tile:
+def _check_tile(kernel: str, tile, where: str) -> Tile:
     try:
-        tile = Tile(*(int(x) for x in tile))
+        values = [int(x) for x in tile]
+        tile = Tile(*values[:4], *(bool(x) for x in values[4:]))
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: a tile is [BLOCK_M, BLOCK_N, num_warps, num_stages], got {tile!r}") from None
+        raise ValueError(f"{where}: a tile is [BLOCK_M, BLOCK_N, num_warps, num_stages(, tma)], got {tile!r}") from None
     powers = (tile.block_m, tile.block_n, tile.num_warps)
     if any(x < 1 or x & (x - 1) for x in powers) or min(tile.block_m, tile.block_n) < 16 or tile.num_stages < 1:
         raise ValueError(f"{where}: BLOCK_M, BLOCK_N >= 16 and num_warps must be powers of two, stages >= 1: {tile}")
+    if tile.tma and kernel not in TMA_KERNELS:
+        raise ValueError(f"{where}: {kernel} has no tensor-descriptor (tma) path; the kernels with one: {TMA_KERNELS}")
     return tile
 
 
@@ -91,7 +100,7 @@ def _from_environment(text: str) -> dict[tuple[str, int], Tile]:
         kernel, _, bound = str(key).partition(":")
         if not bound.isdigit():
             raise ValueError(f"{_ENV}: key {key!r} must be 'kernel:head_dim_bound'")
-        parsed[_check_key(kernel, int(bound), _ENV)] = _check_tile(tile, f"{_ENV}[{key!r}]")
+        parsed[_check_key(kernel, int(bound), _ENV)] = _check_tile(kernel, tile, f"{_ENV}[{key!r}]")
     return parsed
 
 
@@ -108,7 +117,7 @@ def lookup(kernel: str, head_dim: int) -> Tile:
 def override(kernel: str, head_dim: int, tile):
     """Runs the block with `tile` for `kernel` at head dims up to the bound `head_dim` (64, 128 or 256)."""
     key = _check_key(kernel, head_dim, "override")
-    tile = _check_tile(tile, "override")
+    tile = _check_tile(kernel, tile, "override")
     previous = _overrides.get(key)
     _overrides[key] = tile
     try:
@@ -132,10 +141,13 @@ def launch_config(kernel: str, q: torch.Tensor, q_block_size: int | None, kv_blo
     """Constexprs and launch options of `kernel` for q's head dim and dtype. BLOCK_M divides
     `q_block_size` (None: rows are gathered, any height) and BLOCK_N divides `kv_block_size`."""
     head_dim = q.shape[-1]
-    block_m, block_n, warps, stages = lookup(kernel, head_dim)
+    block_m, block_n, warps, stages, tma = lookup(kernel, head_dim)
     if q.dtype == torch.float32:
         block_m, stages = min(block_m, FP32_MAX_ROWS), min(stages, FP32_MAX_STAGES)
+    # fp32 is not a speed path, and its descriptor staging overflows an A100's shared memory in dQ.
+    tma_flag = {"USE_TMA": tma and q.dtype != torch.float32} if kernel in TMA_KERNELS else {}
     return {
+        **tma_flag,
         "BLOCK_M": block_m if q_block_size is None else largest_dividing(q_block_size, block_m),
         "BLOCK_N": largest_dividing(kv_block_size, block_n),
         "HEAD_DIM": head_dim,

@@ -4,6 +4,7 @@ On the CPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py) 
 shapes; the `gpu` tests run bf16/fp16 at real sizes on the H100.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -130,6 +131,79 @@ def test_varlen_matches_per_sequence_runs(rng):
     grad = torch.randn_like(out)
     for g, r in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref_out, (q, k, v), grad)):
         assert max_err(g, r) < 1e-4
+
+
+@pytest.fixture
+def engine_tma(monkeypatch):
+    """The engine's row kernels with K/V through tensor descriptors (the `tma` tile option, every
+    head-dim bound); yields, per launch that asked for them, whether descriptors were made."""
+    from sparse_attn import _engine_ops, tiles
+
+    made = []
+    real = _engine_ops._kv_descriptors
+
+    def spy(k, v, config):
+        descriptors = real(k, v, config)
+        made.append(descriptors is not None)
+        return descriptors
+
+    monkeypatch.setattr(_engine_ops, "_kv_descriptors", spy)
+    with contextlib.ExitStack() as stack:
+        for kernel in tiles.TMA_KERNELS:
+            for bound in tiles.HEAD_DIM_BOUNDS:
+                stack.enter_context(tiles.override(kernel, bound, tiles.TABLE[kernel][bound]._replace(tma=True)))
+        yield made
+
+
+# batch, Hq, Hkv, Sq, Skv, head dim, block, density. Head dim 40: descriptors zero-fill the padded
+# dims 40..63; ragged Skv: the last block's keys run past the sequence (zero-filled, masked).
+TMA_CASES = {
+    "gqa_ragged_q_shorter": (2, 4, 2, 40, 72, 40, 16, 0.6),
+    "mha_dense": (1, 2, 2, 64, 64, 32, 32, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(TMA_CASES))
+def test_tensor_descriptor_path_matches_reference(rng, engine_tma, case):
+    batch, hq, hkv, seq_q, seq_kv, dim, block, density = TMA_CASES[case]
+    layout = random_layout(rng, batch, hq, seq_q, seq_kv, block, block, density)
+    q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, torch.float16)
+    check_against_reference(q, k, v, layout)
+    assert engine_tma == [True, True]  # the forward and dQ launches both read K/V through descriptors
+
+
+def test_tensor_descriptor_varlen_equals_pointer_loads(rng, engine_tma):
+    """Packed sequences: a descriptor tile runs into the next sequence's keys, which the key mask
+    zeroes exactly, so the result is bit-identical to the masked pointer loads."""
+    from sparse_attn import tiles
+
+    lengths, hq, hkv, dim, block = [37, 64, 5], 4, 2, 32, 16
+    layout = random_layout(rng, len(lengths), hkv, max(lengths), max(lengths), block, block, 0.6)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(sum(lengths), h, dim, generator=rng).to(DEVICE, torch.float16) for h in (hq, hkv, hkv))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grad = torch.randn(q.shape, generator=rng).to(DEVICE, torch.float16)
+
+    def run():
+        out = block_sparse_attn_varlen(q, k, v, cu, cu, max(lengths), max(lengths), layout)
+        return out, torch.autograd.grad(out, (q,), grad)[0]
+
+    with_descriptors = run()
+    assert engine_tma == [True, True]
+    with contextlib.ExitStack() as stack:
+        for kernel in tiles.TMA_KERNELS:
+            stack.enter_context(tiles.override(kernel, 64, tiles.TABLE[kernel][64]))
+        pointer_loads = run()
+    for a, b in zip(with_descriptors, pointer_loads):
+        assert torch.equal(a, b)
+
+
+def test_tensor_descriptor_falls_back_when_tma_cannot_address(rng, engine_tma):
+    """Head dim 36 in fp16 gives 72-byte rows, not a multiple of 16: the pointer loads run instead."""
+    layout = random_layout(rng, 1, 2, 48, 48, 16, 16, 0.7)
+    q, k, v = make_qkv(rng, 1, 2, 1, 48, 48, 36, torch.float16)
+    check_against_reference(q, k, v, layout)
+    assert engine_tma == [False, False]
 
 
 def test_opcheck_triton_ops(rng):

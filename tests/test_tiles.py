@@ -42,8 +42,9 @@ def test_override_nests_and_restores():
 
 
 def test_environment_then_override(monkeypatch):
-    monkeypatch.setenv("SPARSE_ATTN_TILES", '{"moba_fwd:128": [32, 64, 4, 3]}')
+    monkeypatch.setenv("SPARSE_ATTN_TILES", '{"moba_fwd:128": [32, 64, 4, 3], "engine_dq:64": [64, 32, 4, 2, 1]}')
     assert tiles.lookup("moba_fwd", 128) == Tile(32, 64, 4, 3)
+    assert tiles.lookup("engine_dq", 64) == Tile(64, 32, 4, 2, tma=True)
     assert tiles.lookup("moba_dq", 128) == tiles.TABLE["moba_dq"][128]
     with tiles.override("moba_fwd", 128, Tile(16, 16, 4, 1)):
         assert tiles.lookup("moba_fwd", 128) == Tile(16, 16, 4, 1)
@@ -60,12 +61,14 @@ def test_environment_then_override(monkeypatch):
         ('{"engine_fwd:128": [48, 64, 4, 2]}', "powers of two"),
         ('{"engine_fwd:128": [64, 64, 4]}', "BLOCK_M, BLOCK_N, num_warps, num_stages"),
         ('{"engine_fwd:128": [8, 64, 4, 2]}', ">= 16"),
+        ('{"moba_fwd:128": [64, 64, 4, 2, 1]}', "no tensor-descriptor"),
+        ('{"engine_fwd:128": [64, 64, 4, 2, 1, 0]}', "BLOCK_M, BLOCK_N, num_warps, num_stages"),
     ],
 )
 def test_bad_environment_names_the_variable(monkeypatch, value, message):
     monkeypatch.setenv("SPARSE_ATTN_TILES", value)
     with pytest.raises(ValueError, match="SPARSE_ATTN_TILES") as error:
-        tiles.lookup("engine_fwd", 128)
+        tiles.lookup("moba_fwd" if "moba" in value else "engine_fwd", 128)
     assert message in str(error.value)
 
 
@@ -88,6 +91,10 @@ def test_launch_config_divides_blocks_and_caps_fp32():
         config = tiles.launch_config("engine_fwd", q32, None, 128)  # gathered rows: no divisibility
         assert (config["BLOCK_M"], config["num_stages"]) == (tiles.FP32_MAX_ROWS, tiles.FP32_MAX_STAGES)
         assert config["DOT_PRECISION"] == "ieee"
+    with tiles.override("engine_fwd", 128, Tile(128, 64, 8, 3, tma=True)):
+        assert tiles.launch_config("engine_fwd", q16, 128, 128)["USE_TMA"] is True
+        assert tiles.launch_config("engine_fwd", q32, 128, 128)["USE_TMA"] is False  # fp32: pointer loads
+    assert "USE_TMA" not in tiles.launch_config("moba_fwd", q16, None, 128)  # no descriptor path there
 
 
 @pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
@@ -130,8 +137,13 @@ def test_tune_quick_sweeps_every_kernel_and_picks_a_matching_tile(monkeypatch):
         for row in mine:
             assert row["ok"], row
             assert row["ms"] > 0 and row["rel_diff_vs_default"] <= tune.QUICK["match_tolerance"]
-    # More than the default was tried: BLOCK_M 16 folds into no other tile at these block sizes.
-    assert len([row for row in rows if row["kernel"] == "engine_fwd"]) == 2
+    # More than the default was tried: BLOCK_M 16 and tma fold into no other tile at these block sizes.
+    assert [row["tile_text"] for row in rows if row["kernel"] == "engine_fwd"] == [
+        "32x32 w4 s3",
+        "16x32 w4 s3",
+        "32x32 w4 s3 tma",
+    ]
+    assert not any(row["tile"][4] for row in rows if row["kernel"] not in tiles.TMA_KERNELS and "tile" in row)
     setting = tune.best_tiles_setting(rows)
     monkeypatch.setenv("SPARSE_ATTN_TILES", setting)  # the printed value is a valid setting
     for key, tile in json.loads(setting).items():

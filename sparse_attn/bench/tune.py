@@ -4,7 +4,8 @@ the fastest, with the `SPARSE_ATTN_TILES` value that applies them (`sparse_attn/
 `python -m sparse_attn.bench tune [--quick | --full] [--out bench/results/tune.json]`
 
 Coordinate search per kernel: every single-field change of the default tile (BLOCK_M, BLOCK_N,
-warps, stages), then the default with all improving changes combined. Each candidate runs under
+warps, stages, and for the engine's row kernels K/V through tensor descriptors, `tma`), then the
+default with all improving changes combined. Each candidate runs under
 `tiles.override`; its output (or gradients) must match the default tile's, the same computation
 in another summation order, within `match_tolerance` (relative), so a candidate that miscompiles is
 recorded and never chosen; one that fails to compile records the error. MoBA's persistent schedule
@@ -43,6 +44,7 @@ FULL = dict(
     block_n=(32, 64, 128),
     num_warps=(4, 8),
     num_stages=(1, 2, 3, 4),
+    tma=(False, True),  # the engine's row kernels only
     item_rows=(256, 512, 1024, 2048, 4096),
     programs_per_sm=(1, 2, 4),
     match_tolerance=1e-2,
@@ -56,6 +58,7 @@ QUICK = dict(  # the interpreter on the CPU: shows the sweep works (one change p
     block_n=(),
     num_warps=(),
     num_stages=(),
+    tma=(True,),
     item_rows=(32, 64),
     programs_per_sm=(2,),
     match_tolerance=1e-2,
@@ -124,11 +127,12 @@ def _try(row: dict, measure, baseline, tolerance: float) -> dict:
     return {**row, "ms": ms, "rel_diff_vs_default": diff, "ok": diff <= tolerance}
 
 
-def _single_changes(default: tiles.Tile, config) -> list[tiles.Tile]:
-    """Every tile that differs from the default in exactly one field."""
+def _single_changes(kernel: str, default: tiles.Tile, config) -> list[tiles.Tile]:
+    """Every tile that differs from the default in exactly one field (tma only where the kernel has it)."""
+    fields = [f for f in tiles.Tile._fields if f != "tma" or kernel in tiles.TMA_KERNELS]
     return [
         default._replace(**{field: value})
-        for field in tiles.Tile._fields
+        for field in fields
         for value in config[field]
         if value != getattr(default, field)
     ]
@@ -139,7 +143,7 @@ def _effective(kernel: str, work: _Workload, tile: tiles.Tile) -> tuple:
     bound = tiles.head_dim_bound(work.qkv[0].shape[-1])
     with tiles.override(kernel, bound, tile):
         config = tiles.launch_config(kernel, work.qkv[0], work.q_block, work.kv_block)
-    return tuple(config[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    return tuple(config.get(key, False) for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA"))
 
 
 def _sweep_kernel(kernel: str, work: _Workload, config, device) -> list[dict]:
@@ -161,7 +165,7 @@ def _sweep_kernel(kernel: str, work: _Workload, config, device) -> list[dict]:
 
     default_ms = run(default).get("ms", float("inf"))
     improving = {}
-    for tile in _single_changes(default, config):
+    for tile in _single_changes(kernel, default, config):
         row = run(tile)
         field = next(f for f in tiles.Tile._fields if getattr(tile, f) != getattr(default, f))
         if row and row["ok"] and row["ms"] < improving.get(field, (default_ms, None))[0]:
@@ -173,8 +177,8 @@ def _sweep_kernel(kernel: str, work: _Workload, config, device) -> list[dict]:
 
 
 def _text(effective: tuple) -> str:
-    block_m, block_n, warps, stages = effective
-    return f"{block_m}x{block_n} w{warps} s{stages}"
+    block_m, block_n, warps, stages, tma = effective
+    return f"{block_m}x{block_n} w{warps} s{stages}" + (" tma" if tma else "")
 
 
 @contextmanager

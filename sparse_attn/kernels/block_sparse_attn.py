@@ -124,6 +124,8 @@ def _block_sparse_rows_kernel(
     seq_len_kv,
     scale_log2,
     scale,
+    K_DESC,
+    V_DESC,
     LAYOUT_HEAD_DIV: tl.constexpr,
     Q_BLOCK: tl.constexpr,
     KV_BLOCK: tl.constexpr,
@@ -135,10 +137,13 @@ def _block_sparse_rows_kernel(
     VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BACKWARD: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """One query tile over its selected blocks. Forward: O and LSE (written) from Q, K, V.
     BACKWARD: DQ = scale * sum of P * (dP - delta) K from Q, K, V, O = dO, LSE and DELTA (DQ shares
-    Q's strides)."""
+    Q's strides). USE_TMA: K and V tiles come through the tensor descriptors K_DESC, V_DESC over
+    (batch, KV head, seq, dim) with [1, 1, BLOCK_N, HEAD_DIM_PAD] blocks (TMA on Hopper); keys past
+    the sequence are then the next sequence's or zeros, and the key mask covers them."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_q_heads
@@ -177,6 +182,7 @@ def _block_sparse_rows_kernel(
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+    desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by k_start
     # The last key any query of this tile may see; blocks wholly after it are skipped.
     last_visible = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_q - 1) + causal_shift
 
@@ -184,9 +190,13 @@ def _block_sparse_rows_kernel(
         kv_lo, kv_hi = _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK, CAUSAL)
         for start_n in range(kv_lo, kv_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            kv_ok = (offs_n[:, None] < len_k) & d_ok
-            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
+            if USE_TMA:
+                k = K_DESC.load([desc_batch, hk, k_start + start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+                v = V_DESC.load([desc_batch, hk, k_start + start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+            else:
+                kv_ok = (offs_n[:, None] < len_k) & d_ok
+                k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
             if BACKWARD:
                 visible = _pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL)
                 dq += _dq_step(q, do, k, v, lse_log2, delta, visible, scale_log2, DOT_PRECISION)
