@@ -14,6 +14,7 @@ Run without TRITON_INTERPRET (the kernels must be JIT functions): python scripts
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import re
@@ -140,12 +141,13 @@ def _engine_launches(dtype, dim, varlen):
     _engine_ops.block_sparse_attn_bwd(out, q, k, v, out, lse, *args[:2], *q_lists, *args[2:])
 
 
-def _engine_tma_launches(dtype, dim, varlen):
-    """The engine's row kernels with K/V through tensor descriptors (a tile option the sweep tries)."""
+def _with_tma(launches, dtype, dim, varlen):
+    """A family's launches with K/V through tensor descriptors in every kernel that has that path."""
     bound = tiles.head_dim_bound(dim)
-    fwd, dq = (tiles.lookup(name, dim)._replace(tma=True) for name in ("engine_fwd", "engine_dq"))
-    with tiles.override("engine_fwd", bound, fwd), tiles.override("engine_dq", bound, dq):
-        _engine_launches(dtype, dim, varlen)
+    with contextlib.ExitStack() as stack:
+        for kernel in tiles.TMA_KERNELS:
+            stack.enter_context(tiles.override(kernel, bound, tiles.lookup(kernel, dim)._replace(tma=True)))
+        launches(dtype, dim, varlen)
 
 
 def _moba_launches(dtype, dim, varlen):
@@ -169,8 +171,9 @@ def _xattention_launches(dtype, dim, varlen):
 
 FAMILIES = {
     "engine": _engine_launches,
-    "engine_tma": _engine_tma_launches,
+    "engine_tma": functools.partial(_with_tma, _engine_launches),
     "moba": _moba_launches,
+    "moba_tma": functools.partial(_with_tma, _moba_launches),
     "xattention": _xattention_launches,
 }
 CASES = [  # (dtype, head dim, varlen)

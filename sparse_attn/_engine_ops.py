@@ -13,7 +13,7 @@ import triton
 from torch.library import triton_op
 
 from .kernels.block_sparse_attn import LOG2E, _block_sparse_dkdv_kernel, _block_sparse_rows_kernel
-from .kernels.launch import launcher
+from .kernels.launch import kv_descriptor_args, launcher
 from .selection import layout_transpose
 from .tiles import launch_config
 
@@ -58,26 +58,6 @@ def _batch_strides(t, varlen):
     return (0, s[1], s[2]) if varlen else s
 
 
-def _descriptor(t, block_shape):
-    """A tensor descriptor over t (batch, head, seq, dim), or None where TMA cannot address it: its
-    strides must be positive multiples of 16 bytes (a size-1 axis may take any) and its base aligned."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    size = t.element_size()
-    strides = [stride if extent > 1 else 16 // size for stride, extent in zip(t.stride()[:-1], t.shape[:-1])]
-    traced = type(t).__name__ in ("FakeTensor", "FunctionalTensor")  # no storage while torch.compile traces
-    misaligned = not traced and t.data_ptr() % 16
-    if t.numel() == 0 or misaligned or any(stride * size % 16 or stride <= 0 for stride in strides):
-        return None
-    return TensorDescriptor(t, list(t.shape), [*strides, 1], block_shape)
-
-
-def _kv_descriptors(k, v, config):
-    block_shape = [1, 1, config["BLOCK_N"], config["HEAD_DIM_PAD"]]
-    descriptors = (_descriptor(k, block_shape), _descriptor(v, block_shape))
-    return None if None in descriptors else descriptors
-
-
 def _launch(kernel, name, q, k, v, o, lse, outputs, lists, cu_q, cu_k, heads, sizes, causal, softmax_scale, **flags):
     """One engine kernel: Q, K, V, O (dO in the backward), LSE, then `outputs` (DELTA and the
     gradients), the block lists it walks, the strides, and the shared scalars; `heads` are the grid's
@@ -85,10 +65,8 @@ def _launch(kernel, name, q, k, v, o, lse, outputs, lists, cu_q, cu_k, heads, si
     q_block_size, kv_block_size, seq_len_q, seq_len_kv, layout_head_div = sizes
     varlen, batch = _geometry(q, k, cu_q)
     config = launch_config(f"engine_{name}", q, q_block_size, kv_block_size)
-    if "USE_TMA" in config:  # the row kernel: K/V tiles through descriptors when the tile asks and TMA can
-        descriptors = _kv_descriptors(k, v, config) if config["USE_TMA"] else None
-        config["USE_TMA"] = descriptors is not None
-        flags = {**flags, **dict(zip(("K_DESC", "V_DESC"), descriptors or (None, None)))}
+    if "USE_TMA" in config:  # the row kernel
+        flags = {**flags, **kv_descriptor_args(k, v, config)}
     tiles = triton.cdiv(seq_len_kv, config["BLOCK_N"]) if name == "dkdv" else triton.cdiv(seq_len_q, config["BLOCK_M"])
     launcher(kernel)[(tiles, batch * heads)](
         q, k, v, o, lse, *outputs, *lists, cu_q, cu_k,

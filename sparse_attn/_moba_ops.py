@@ -15,7 +15,7 @@ from torch.library import triton_op
 
 from ._engine_ops import _batch_strides, _geometry, _poisoned, _unit_last_stride
 from .kernels.block_sparse_attn import LOG2E
-from .kernels.launch import launcher
+from .kernels.launch import kv_descriptor_args, launcher
 from .kernels.moba_attn import _moba_dkdv_kernel, _moba_rows_kernel
 from .tiles import launch_config
 
@@ -111,6 +111,7 @@ def _launch_rows(
     num_kv_heads = k.shape[1]
     group = q.shape[1] // num_kv_heads
     config = launch_config("moba_dq" if backward else "moba_fwd", q, None, block_size)
+    descriptors = kv_descriptor_args(k, v, config)
     num_items = batch * num_kv_heads * num_logical
     programs = max(min(num_items, _persistent_programs(q.device)), 1)
     # Scratch per program, never per output row: the item's softmax state (forward) or dQ (backward).
@@ -122,7 +123,8 @@ def _launch_rows(
         *_tensor_strides(varlen, q, k, v, o, lse.unsqueeze(-1)),
         num_items, num_kv_heads, group, num_kv_blocks, num_logical, seq_len_q, seq_len_kv,
         softmax_scale * LOG2E, softmax_scale,
-        KV_BLOCK=block_size, LOGICAL_ROWS=rows_per_item, CAUSAL=causal, VARLEN=varlen, BACKWARD=backward, **config,
+        KV_BLOCK=block_size, LOGICAL_ROWS=rows_per_item, CAUSAL=causal, VARLEN=varlen, BACKWARD=backward,
+        **descriptors, **config,
     )  # fmt: skip
 
 

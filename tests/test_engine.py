@@ -133,28 +133,6 @@ def test_varlen_matches_per_sequence_runs(rng):
         assert max_err(g, r) < 1e-4
 
 
-@pytest.fixture
-def engine_tma(monkeypatch):
-    """The engine's row kernels with K/V through tensor descriptors (the `tma` tile option, every
-    head-dim bound); yields, per launch that asked for them, whether descriptors were made."""
-    from sparse_attn import _engine_ops, tiles
-
-    made = []
-    real = _engine_ops._kv_descriptors
-
-    def spy(k, v, config):
-        descriptors = real(k, v, config)
-        made.append(descriptors is not None)
-        return descriptors
-
-    monkeypatch.setattr(_engine_ops, "_kv_descriptors", spy)
-    with contextlib.ExitStack() as stack:
-        for kernel in tiles.TMA_KERNELS:
-            for bound in tiles.HEAD_DIM_BOUNDS:
-                stack.enter_context(tiles.override(kernel, bound, tiles.TABLE[kernel][bound]._replace(tma=True)))
-        yield made
-
-
 # batch, Hq, Hkv, Sq, Skv, head dim, block, density. Head dim 40: descriptors zero-fill the padded
 # dims 40..63; ragged Skv: the last block's keys run past the sequence (zero-filled, masked).
 TMA_CASES = {
@@ -164,15 +142,15 @@ TMA_CASES = {
 
 
 @pytest.mark.parametrize("case", list(TMA_CASES))
-def test_tensor_descriptor_path_matches_reference(rng, engine_tma, case):
+def test_tensor_descriptor_path_matches_reference(rng, kernels_with_tma, case):
     batch, hq, hkv, seq_q, seq_kv, dim, block, density = TMA_CASES[case]
     layout = random_layout(rng, batch, hq, seq_q, seq_kv, block, block, density)
     q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, torch.float16)
     check_against_reference(q, k, v, layout)
-    assert engine_tma == [True, True]  # the forward and dQ launches both read K/V through descriptors
+    assert kernels_with_tma == [True, True]  # the forward and dQ launches both read K/V through descriptors
 
 
-def test_tensor_descriptor_varlen_equals_pointer_loads(rng, engine_tma):
+def test_tensor_descriptor_varlen_equals_pointer_loads(rng, kernels_with_tma):
     """Packed sequences: a descriptor tile runs into the next sequence's keys, which the key mask
     zeroes exactly, so the result is bit-identical to the masked pointer loads."""
     from sparse_attn import tiles
@@ -189,7 +167,7 @@ def test_tensor_descriptor_varlen_equals_pointer_loads(rng, engine_tma):
         return out, torch.autograd.grad(out, (q,), grad)[0]
 
     with_descriptors = run()
-    assert engine_tma == [True, True]
+    assert kernels_with_tma == [True, True]
     with contextlib.ExitStack() as stack:
         for kernel in tiles.TMA_KERNELS:
             stack.enter_context(tiles.override(kernel, 64, tiles.TABLE[kernel][64]))
@@ -198,12 +176,12 @@ def test_tensor_descriptor_varlen_equals_pointer_loads(rng, engine_tma):
         assert torch.equal(a, b)
 
 
-def test_tensor_descriptor_falls_back_when_tma_cannot_address(rng, engine_tma):
+def test_tensor_descriptor_falls_back_when_tma_cannot_address(rng, kernels_with_tma):
     """Head dim 36 in fp16 gives 72-byte rows, not a multiple of 16: the pointer loads run instead."""
     layout = random_layout(rng, 1, 2, 48, 48, 16, 16, 0.7)
     q, k, v = make_qkv(rng, 1, 2, 1, 48, 48, 36, torch.float16)
     check_against_reference(q, k, v, layout)
-    assert engine_tma == [False, False]
+    assert kernels_with_tma == [False, False]
 
 
 def test_opcheck_triton_ops(rng):
@@ -259,7 +237,10 @@ def test_layout_mismatch_and_block_size_errors(rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", [64, 128])
-def test_gpu_real_sizes(rng, dtype, dim):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_gpu_real_sizes(rng, request, dtype, dim, tma):
+    if tma:
+        request.getfixturevalue("kernels_with_tma")
     for batch, hq, hkv, seq_q, seq_kv, density in ((2, 8, 2, 1024, 1024, 0.3), (1, 8, 1, 700, 2100, 0.5)):
         layout = random_layout(rng, batch, hkv, seq_q, seq_kv, 128, 128, density)
         q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, dtype)

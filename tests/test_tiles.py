@@ -61,14 +61,14 @@ def test_environment_then_override(monkeypatch):
         ('{"engine_fwd:128": [48, 64, 4, 2]}', "powers of two"),
         ('{"engine_fwd:128": [64, 64, 4]}', "BLOCK_M, BLOCK_N, num_warps, num_stages"),
         ('{"engine_fwd:128": [8, 64, 4, 2]}', ">= 16"),
-        ('{"moba_fwd:128": [64, 64, 4, 2, 1]}', "no tensor-descriptor"),
+        ('{"moba_dkdv:128": [64, 64, 4, 2, 1]}', "no tensor-descriptor"),
         ('{"engine_fwd:128": [64, 64, 4, 2, 1, 0]}', "BLOCK_M, BLOCK_N, num_warps, num_stages"),
     ],
 )
 def test_bad_environment_names_the_variable(monkeypatch, value, message):
     monkeypatch.setenv("SPARSE_ATTN_TILES", value)
     with pytest.raises(ValueError, match="SPARSE_ATTN_TILES") as error:
-        tiles.lookup("moba_fwd" if "moba" in value else "engine_fwd", 128)
+        tiles.lookup("engine_fwd", 128)
     assert message in str(error.value)
 
 
@@ -94,7 +94,7 @@ def test_launch_config_divides_blocks_and_caps_fp32():
     with tiles.override("engine_fwd", 128, Tile(128, 64, 8, 3, tma=True)):
         assert tiles.launch_config("engine_fwd", q16, 128, 128)["USE_TMA"] is True
         assert tiles.launch_config("engine_fwd", q32, 128, 128)["USE_TMA"] is False  # fp32: pointer loads
-    assert "USE_TMA" not in tiles.launch_config("moba_fwd", q16, None, 128)  # no descriptor path there
+    assert "USE_TMA" not in tiles.launch_config("moba_dkdv", q16, None, 128)  # no descriptor path there
 
 
 @pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")

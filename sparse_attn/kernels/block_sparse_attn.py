@@ -32,6 +32,25 @@ def _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN: tl.constexpr)
 
 
 @triton.jit
+def _kv_tile(
+    DESC, base, stride_s, desc_batch, head, k_start, start_n, len_k,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, USE_TMA: tl.constexpr,
+):  # fmt: skip
+    """Keys (or values) start_n .. start_n + BLOCK_N of one sequence and KV head: [BLOCK_N, HEAD_DIM_PAD].
+    Pointer loads from `base` zero the rows past len_k. A descriptor (USE_TMA) over (batch, head,
+    seq, dim) reads the next sequence's rows there (zeros past the tensor and the head dim), so
+    callers mask keys past len_k in any case."""
+    if USE_TMA:
+        tile = DESC.load([desc_batch, head, k_start + start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+    else:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        ok = (offs_n[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
+        tile = tl.load(base + offs_n[:, None] * stride_s + offs_d[None, :], mask=ok, other=0.0)
+    return tile
+
+
+@triton.jit
 def _pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL: tl.constexpr):
     """Keys inside the sequence, and (causal) not after the query's bottom-right-aligned position."""
     valid = offs_n[None, :] < len_k
@@ -141,9 +160,8 @@ def _block_sparse_rows_kernel(
 ):
     """One query tile over its selected blocks. Forward: O and LSE (written) from Q, K, V.
     BACKWARD: DQ = scale * sum of P * (dP - delta) K from Q, K, V, O = dO, LSE and DELTA (DQ shares
-    Q's strides). USE_TMA: K and V tiles come through the tensor descriptors K_DESC, V_DESC over
-    (batch, KV head, seq, dim) with [1, 1, BLOCK_N, HEAD_DIM_PAD] blocks (TMA on Hopper); keys past
-    the sequence are then the next sequence's or zeros, and the key mask covers them."""
+    Q's strides). USE_TMA: K and V tiles come through the tensor descriptors K_DESC, V_DESC
+    (`_kv_tile`; TMA on Hopper)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_q_heads
@@ -190,13 +208,10 @@ def _block_sparse_rows_kernel(
         kv_lo, kv_hi = _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK, CAUSAL)
         for start_n in range(kv_lo, kv_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            if USE_TMA:
-                k = K_DESC.load([desc_batch, hk, k_start + start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
-                v = V_DESC.load([desc_batch, hk, k_start + start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
-            else:
-                kv_ok = (offs_n[:, None] < len_k) & d_ok
-                k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
+            k = _kv_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
+                         BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
+            v = _kv_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
+                         BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
             if BACKWARD:
                 visible = _pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL)
                 dq += _dq_step(q, do, k, v, lse_log2, delta, visible, scale_log2, DOT_PRECISION)

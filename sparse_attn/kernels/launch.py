@@ -1,4 +1,5 @@
-"""How the ops launch a Triton kernel: through `torch.library.wrap_triton`, so torch.compile traces it."""
+"""How the ops launch a Triton kernel: through `torch.library.wrap_triton`, so torch.compile traces
+it, with K/V tensor descriptors for the kernels whose tile asks for them (`tma`)."""
 
 import os
 
@@ -17,3 +18,31 @@ def launcher(kernel):
         if os.environ.get("TRITON_INTERPRET") == "1":
             return kernel
         raise
+
+
+def _descriptor(t, block_shape):
+    """A tensor descriptor over t (batch, head, seq, dim), or None where TMA cannot address it: its
+    strides must be positive multiples of 16 bytes (a size-1 axis may take any) and its base aligned."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    size = t.element_size()
+    strides = [stride if extent > 1 else 16 // size for stride, extent in zip(t.stride()[:-1], t.shape[:-1])]
+    traced = type(t).__name__ in ("FakeTensor", "FunctionalTensor")  # no storage while torch.compile traces
+    misaligned = not traced and t.data_ptr() % 16
+    if t.numel() == 0 or misaligned or any(stride * size % 16 or stride <= 0 for stride in strides):
+        return None
+    return TensorDescriptor(t, list(t.shape), [*strides, 1], block_shape)
+
+
+def _kv_descriptors(k, v, config):
+    block_shape = [1, 1, config["BLOCK_N"], config["HEAD_DIM_PAD"]]
+    descriptors = (_descriptor(k, block_shape), _descriptor(v, block_shape))
+    return None if None in descriptors else descriptors
+
+
+def kv_descriptor_args(k, v, config: dict) -> dict:
+    """K_DESC, V_DESC and USE_TMA for a kernel with a descriptor path; takes USE_TMA out of `config`.
+    Descriptors when the tile asks for them and TMA can address k and v, else pointer loads."""
+    descriptors = _kv_descriptors(k, v, config) if config.pop("USE_TMA") else None
+    k_desc, v_desc = descriptors or (None, None)
+    return {"K_DESC": k_desc, "V_DESC": v_desc, "USE_TMA": descriptors is not None}

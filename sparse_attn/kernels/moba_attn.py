@@ -23,7 +23,7 @@ Softmax runs in base 2 with log2(e) folded into the scale; the LSE is stored in 
 import triton
 import triton.language as tl
 
-from .block_sparse_attn import _dq_step, _lse_log2, _normalize, _sequence_bounds, _softmax_step
+from .block_sparse_attn import _dq_step, _kv_tile, _lse_log2, _normalize, _sequence_bounds, _softmax_step
 
 
 @triton.jit
@@ -99,13 +99,13 @@ def _item_rows(start, hk, lb, group_size, len_q, LOGICAL_ROWS: tl.constexpr, BLO
 
 @triton.jit
 def _forward_tile(
-    q, rows, ok, slot, ROW_MAX, ROW_SUM, ACC, k_base, v_base, stride_ks, stride_vs, j, len_k, causal_shift,
-    scale_log2, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q, rows, ok, slot, ROW_MAX, ROW_SUM, ACC, K_DESC, V_DESC, k_base, v_base, stride_ks, stride_vs, desc_batch, hk,
+    k_start, j, len_k, causal_shift, scale_log2, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of gathered rows over block j, resumed from and saved to their scratch state."""
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d[None, :] < HEAD_DIM
     m_i = tl.load(ROW_MAX + slot, mask=ok, other=float("-inf"))
     l_i = tl.load(ROW_SUM + slot, mask=ok, other=0.0)
     acc_ptrs = _scratch_tile(ACC, slot, offs_d, HEAD_DIM_PAD)
@@ -113,8 +113,8 @@ def _forward_tile(
     kv_lo, kv_hi, first_visible = _key_range(j, rows, ok, len_k, causal_shift, KV_BLOCK, CAUSAL)
     for start_n in range(kv_lo, kv_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < len_k) & d_ok
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = _kv_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
+                     BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         # Past blocks are wholly visible: only the own block and the ragged end pay for a mask.
         needs_mask = start_n + BLOCK_N > len_k
@@ -123,7 +123,8 @@ def _forward_tile(
         if needs_mask:
             s = tl.where(_visible(rows, ok, offs_n, len_k, causal_shift, CAUSAL), s, float("-inf"))
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = _kv_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
+                     BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     tl.store(ROW_MAX + slot, m_i, mask=ok)
     tl.store(ROW_SUM + slot, l_i, mask=ok)
@@ -132,21 +133,22 @@ def _forward_tile(
 
 @triton.jit
 def _dq_tile(
-    q, do, lse, delta, rows, ok, slot, ACC, k_base, v_base, stride_ks, stride_vs, j, len_k, causal_shift,
-    scale_log2, KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q, do, lse, delta, rows, ok, slot, ACC, K_DESC, V_DESC, k_base, v_base, stride_ks, stride_vs, desc_batch, hk,
+    k_start, j, len_k, causal_shift, scale_log2, KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Adds block j's share of dQ / scale, sum of P * (dP - delta) K, to the gathered rows' scratch."""
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d[None, :] < HEAD_DIM
     lse_log2 = _lse_log2(lse)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     kv_lo, kv_hi, _ = _key_range(j, rows, ok, len_k, causal_shift, KV_BLOCK, CAUSAL)
     for start_n in range(kv_lo, kv_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < len_k) & d_ok
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = _kv_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
+                     BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
+        v = _kv_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
+                     BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
         visible = _visible(rows, ok, offs_n, len_k, causal_shift, CAUSAL)
         dq += _dq_step(q, do, k, v, lse_log2, delta, visible, scale_log2, DOT_PRECISION)
     acc_ptrs = _scratch_tile(ACC, slot, offs_d, HEAD_DIM_PAD)
@@ -193,6 +195,8 @@ def _moba_rows_kernel(
     seq_len_kv,
     scale_log2,
     scale,
+    K_DESC,
+    V_DESC,
     KV_BLOCK: tl.constexpr,
     LOGICAL_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -203,10 +207,11 @@ def _moba_rows_kernel(
     VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BACKWARD: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """The persistent query-major walk. Forward: O and LSE (written) from Q, K, V, with the softmax
     state in ACC, ROW_MAX, ROW_SUM. BACKWARD: DQ from Q, K, V, O = dO, LSE and DELTA, with dQ in
-    ACC (DQ shares Q's strides; ROW_MAX, ROW_SUM unused)."""
+    ACC (DQ shares Q's strides; ROW_MAX, ROW_SUM unused). USE_TMA: K/V tiles through K_DESC, V_DESC."""
     pid = tl.program_id(0)
     scratch = pid * group_size * LOGICAL_ROWS
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -224,6 +229,7 @@ def _moba_rows_kernel(
             tl.debug_barrier()
             k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
             v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+            desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by k_start
             for j in range(0, num_kv_blocks):
                 seg = ((b * num_kv_heads + hk) * num_kv_blocks + j) * num_logical + lb
                 seg_end = tl.load(SEG_START + seg + 1)
@@ -236,13 +242,15 @@ def _moba_rows_kernel(
                         stat = b * stride_lb + h * stride_lh + (q_start + rows) * stride_ls
                         _dq_tile(
                             q, do, tl.load(LSE + stat, mask=ok, other=0.0), tl.load(DELTA + stat, mask=ok, other=0.0),
-                            rows, ok, slot, ACC, k_base, v_base, stride_ks, stride_vs, j, len_k, causal_shift,
-                            scale_log2, KV_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, DOT_PRECISION,
+                            rows, ok, slot, ACC, K_DESC, V_DESC, k_base, v_base, stride_ks, stride_vs, desc_batch,
+                            hk, k_start, j, len_k, causal_shift, scale_log2, KV_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM,
+                            HEAD_DIM_PAD, CAUSAL, DOT_PRECISION, USE_TMA,
                         )  # fmt: skip
                     else:
                         _forward_tile(
-                            q, rows, ok, slot, ROW_MAX, ROW_SUM, ACC, k_base, v_base, stride_ks, stride_vs, j, len_k,
-                            causal_shift, scale_log2, KV_BLOCK, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, DOT_PRECISION,
+                            q, rows, ok, slot, ROW_MAX, ROW_SUM, ACC, K_DESC, V_DESC, k_base, v_base, stride_ks,
+                            stride_vs, desc_batch, hk, k_start, j, len_k, causal_shift, scale_log2, KV_BLOCK, BLOCK_N,
+                            HEAD_DIM, HEAD_DIM_PAD, CAUSAL, DOT_PRECISION, USE_TMA,
                         )  # fmt: skip
                     # The next tile may hold the same rows in other threads: make the stores visible.
                     tl.debug_barrier()
