@@ -20,27 +20,50 @@ def rng(request):
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+class DescriptorProbe:
+    """`made`: per launch that asked for K/V tensor descriptors, whether it got them."""
+
+    def __init__(self):
+        self.made = []
+
+    @staticmethod
+    def _tiles(tma: bool):
+        from sparse_attn import tiles
+
+        stack = contextlib.ExitStack()
+        for kernel in tiles.TMA_KERNELS:
+            for bound in tiles.HEAD_DIM_BOUNDS:
+                stack.enter_context(tiles.override(kernel, bound, tiles.TABLE[kernel][bound]._replace(tma=tma)))
+        return stack
+
+    def assert_bit_identical_to_pointer_loads(self, run):
+        """run() through descriptors equals run() with masked pointer loads, bit for bit: on packed
+        sequences a descriptor tile runs into the next sequence's keys, which the key mask zeroes exactly."""
+        with_descriptors = run()
+        assert self.made and all(self.made), self.made
+        with self._tiles(tma=False):
+            pointer_loads = run()
+        for a, b in zip(with_descriptors, pointer_loads):
+            assert torch.equal(a, b)
+
+
 @pytest.fixture
 def kernels_with_tma(monkeypatch):
     """The query-major kernels with K/V through tensor descriptors (the `tma` tile option, every
-    head-dim bound); yields, per launch that asked for them, whether descriptors were made."""
-    from sparse_attn import tiles
+    head-dim bound); yields a DescriptorProbe."""
     from sparse_attn.kernels import launch
 
-    made = []
+    probe = DescriptorProbe()
     real = launch._kv_descriptors
 
     def spy(k, v, config):
         descriptors = real(k, v, config)
-        made.append(descriptors is not None)
+        probe.made.append(descriptors is not None)
         return descriptors
 
     monkeypatch.setattr(launch, "_kv_descriptors", spy)
-    with contextlib.ExitStack() as stack:
-        for kernel in tiles.TMA_KERNELS:
-            for bound in tiles.HEAD_DIM_BOUNDS:
-                stack.enter_context(tiles.override(kernel, bound, tiles.TABLE[kernel][bound]._replace(tma=True)))
-        yield made
+    with probe._tiles(tma=True):
+        yield probe
 
 
 # Triton kernels run under the interpreter where no GPU is present; this must precede importing triton.

@@ -4,7 +4,6 @@ On the CPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py) 
 shapes; the `gpu` tests run bf16/fp16 at real sizes on the H100.
 """
 
-import contextlib
 import os
 
 import pytest
@@ -147,33 +146,22 @@ def test_tensor_descriptor_path_matches_reference(rng, kernels_with_tma, case):
     layout = random_layout(rng, batch, hq, seq_q, seq_kv, block, block, density)
     q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, torch.float16)
     check_against_reference(q, k, v, layout)
-    assert kernels_with_tma == [True, True]  # the forward and dQ launches both read K/V through descriptors
+    assert kernels_with_tma.made == [True, True]  # the forward and dQ launches both read K/V through descriptors
 
 
 def test_tensor_descriptor_varlen_equals_pointer_loads(rng, kernels_with_tma):
-    """Packed sequences: a descriptor tile runs into the next sequence's keys, which the key mask
-    zeroes exactly, so the result is bit-identical to the masked pointer loads."""
-    from sparse_attn import tiles
-
     lengths, hq, hkv, dim, block = [37, 64, 5], 4, 2, 32, 16
     layout = random_layout(rng, len(lengths), hkv, max(lengths), max(lengths), block, block, 0.6)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     q, k, v = (torch.randn(sum(lengths), h, dim, generator=rng).to(DEVICE, torch.float16) for h in (hq, hkv, hkv))
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    q.requires_grad_()
     grad = torch.randn(q.shape, generator=rng).to(DEVICE, torch.float16)
 
     def run():
         out = block_sparse_attn_varlen(q, k, v, cu, cu, max(lengths), max(lengths), layout)
         return out, torch.autograd.grad(out, (q,), grad)[0]
 
-    with_descriptors = run()
-    assert kernels_with_tma == [True, True]
-    with contextlib.ExitStack() as stack:
-        for kernel in tiles.TMA_KERNELS:
-            stack.enter_context(tiles.override(kernel, 64, tiles.TABLE[kernel][64]))
-        pointer_loads = run()
-    for a, b in zip(with_descriptors, pointer_loads):
-        assert torch.equal(a, b)
+    kernels_with_tma.assert_bit_identical_to_pointer_loads(run)
 
 
 def test_tensor_descriptor_falls_back_when_tma_cannot_address(rng, kernels_with_tma):
@@ -181,7 +169,7 @@ def test_tensor_descriptor_falls_back_when_tma_cannot_address(rng, kernels_with_
     layout = random_layout(rng, 1, 2, 48, 48, 16, 16, 0.7)
     q, k, v = make_qkv(rng, 1, 2, 1, 48, 48, 36, torch.float16)
     check_against_reference(q, k, v, layout)
-    assert kernels_with_tma == [False, False]
+    assert kernels_with_tma.made == [False, False]
 
 
 def test_opcheck_triton_ops(rng):

@@ -1,7 +1,5 @@
 """MoBA attention: routed attention against the dense-mask oracle (FlashAttention's error rule)."""
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,12 +125,12 @@ GATHER_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(GATHER_CASES))
-def test_gathered_kernels_exact_for_any_routing(rng, case):
+def check_gathered(rng, case, dtype):
+    """routed_attention on random routes against the dense-mask oracle (FlashAttention's rule, LSE)."""
     from sparse_attn._moba_ops import routed_attention
 
     batch, hq, hkv, seq_q, seq_kv, dim, block, topk, causal = GATHER_CASES[case]
-    q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, torch.float32)
+    q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, dtype)
     routes = random_routes(rng, batch, hq, seq_q, seq_kv, block, topk, causal)
     out, lse = routed_attention(q, k, v, routes, block, causal, dim**-0.5, seq_kv)
     ref, ref_lse = moba_attention_reference(q, k, v, routes, block_size=block, causal=causal)
@@ -141,19 +139,16 @@ def test_gathered_kernels_exact_for_any_routing(rng, case):
     assert_output_and_grads(out, ref, same, (q, k, v))
 
 
+@pytest.mark.parametrize("case", list(GATHER_CASES))
+def test_gathered_kernels_exact_for_any_routing(rng, case):
+    check_gathered(rng, case, torch.float32)
+
+
 @pytest.mark.parametrize("case", ["gqa8_many_items", "mqa_q_shorter"])
 def test_gathered_kernels_through_descriptors(rng, kernels_with_tma, case):
     """The forward and dQ with K/V tiles through tensor descriptors (the `tma` tile option)."""
-    from sparse_attn._moba_ops import routed_attention
-
-    batch, hq, hkv, seq_q, seq_kv, dim, block, topk, causal = GATHER_CASES[case]
-    q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, torch.float16)
-    routes = random_routes(rng, batch, hq, seq_q, seq_kv, block, topk, causal)
-    out, _ = routed_attention(q, k, v, routes, block, causal, dim**-0.5, seq_kv)
-    ref, _ = moba_attention_reference(q, k, v, routes, block_size=block, causal=causal)
-    same, _ = moba_attention_reference(q, k, v, routes, block_size=block, causal=causal, compute_dtype=q.dtype)
-    assert_output_and_grads(out, ref, same, (q, k, v))
-    assert kernels_with_tma == [True, True]  # forward and dQ
+    check_gathered(rng, case, torch.float16)
+    assert kernels_with_tma.made == [True, True]  # forward and dQ
 
 
 def test_pair_lists_follow_their_definition(rng):
@@ -233,10 +228,6 @@ def test_varlen_matches_per_sequence_oracle(rng, case, dtype):
 
 
 def test_varlen_through_descriptors_equals_pointer_loads(rng, kernels_with_tma):
-    """Packed sequences: descriptor tiles run into the next sequence's keys, which the key mask
-    zeroes exactly, so the result is bit-identical to the masked pointer loads."""
-    from sparse_attn import tiles
-
     lengths_q, lengths_k, hq, hkv, block, topk = VARLEN_CASES["chunked_and_decode"]
     (q, k, v), (cu_q, cu_k) = packed_qkv(rng, lengths_q, lengths_k, hq, hkv, 32, torch.float16)
     grad = torch.randn(q.shape, generator=rng).to(DEVICE, q.dtype)
@@ -245,14 +236,7 @@ def test_varlen_through_descriptors_equals_pointer_loads(rng, kernels_with_tma):
         out = moba_attn_varlen_qk(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), block, topk)
         return out, *torch.autograd.grad(out, (q, k, v), grad)
 
-    with_descriptors = run()
-    assert kernels_with_tma == [True, True]
-    with contextlib.ExitStack() as stack:
-        for kernel in tiles.TMA_KERNELS:
-            stack.enter_context(tiles.override(kernel, 64, tiles.TABLE[kernel][64]))
-        pointer_loads = run()
-    for a, b in zip(with_descriptors, pointer_loads):
-        assert torch.equal(a, b)
+    kernels_with_tma.assert_bit_identical_to_pointer_loads(run)
 
 
 def test_varlen_full_budget_is_dense_causal_per_sequence(rng):
