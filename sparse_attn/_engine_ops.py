@@ -13,7 +13,7 @@ import triton
 from torch.library import triton_op
 
 from .kernels.block_sparse_attn import LOG2E, _block_sparse_dkdv_kernel, _block_sparse_rows_kernel
-from .kernels.launch import kv_descriptor_args, launcher
+from .kernels.launch import descriptor_args, launcher
 from .selection import layout_transpose
 from .tiles import launch_config
 
@@ -65,8 +65,10 @@ def _launch(kernel, name, q, k, v, o, lse, outputs, lists, cu_q, cu_k, heads, si
     q_block_size, kv_block_size, seq_len_q, seq_len_kv, layout_head_div = sizes
     varlen, batch = _geometry(q, k, cu_q)
     config = launch_config(f"engine_{name}", q, q_block_size, kv_block_size)
-    if "USE_TMA" in config:  # the row kernel
-        flags = {**flags, **kv_descriptor_args(k, v, config)}
+    if "USE_TMA" in config:
+        # The row kernels walk K/V tiles, the dK/dV kernel Q and dO tiles (`o` is dO in the backward).
+        tiled = dict(Q=q, DO=o) if name == "dkdv" else dict(K=k, V=v)
+        flags = {**flags, **descriptor_args(config, "BLOCK_M" if name == "dkdv" else "BLOCK_N", **tiled)}
     tiles = triton.cdiv(seq_len_kv, config["BLOCK_N"]) if name == "dkdv" else triton.cdiv(seq_len_q, config["BLOCK_M"])
     launcher(kernel)[(tiles, batch * heads)](
         q, k, v, o, lse, *outputs, *lists, cu_q, cu_k,

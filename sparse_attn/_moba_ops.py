@@ -15,7 +15,7 @@ from torch.library import triton_op
 
 from ._engine_ops import _batch_strides, _geometry, _poisoned, _unit_last_stride
 from .kernels.block_sparse_attn import LOG2E
-from .kernels.launch import kv_descriptor_args, launcher
+from .kernels.launch import descriptor_args, launcher
 from .kernels.moba_attn import _moba_dkdv_kernel, _moba_rows_kernel
 from .tiles import launch_config
 
@@ -111,7 +111,7 @@ def _launch_rows(
     num_kv_heads = k.shape[1]
     group = q.shape[1] // num_kv_heads
     config = launch_config("moba_dq" if backward else "moba_fwd", q, None, block_size)
-    descriptors = kv_descriptor_args(k, v, config)
+    descriptors = descriptor_args(config, "BLOCK_N", K=k, V=v)
     num_items = batch * num_kv_heads * num_logical
     programs = max(min(num_items, _persistent_programs(q.device)), 1)
     # Scratch per program, never per output row: the item's softmax state (forward) or dQ (backward).

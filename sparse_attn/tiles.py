@@ -1,7 +1,7 @@
 """Launch configurations of the attention kernels: one table, overridable for tuning sweeps.
 
 Each entry is a :class:`Tile` (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages, and for the
-query-major kernels `tma`: K/V tiles through tensor descriptors, TMA on Hopper) per kernel and
+kernels in TMA_KERNELS `tma`: tiles through tensor descriptors, TMA on Hopper) per kernel and
 head-dim bound (64, 128, 256). The values are starting points for Hopper chosen with
 `scripts/triton_compile_check.py` (registers, spills and shared memory without a GPU); on a GPU,
 `python -m sparse_attn.bench tune` times candidates around them and prints the winners.
@@ -34,8 +34,9 @@ class Tile(NamedTuple):
     tma: bool = False
 
 
-# Kernels that can load their K/V tiles through tensor descriptors (USE_TMA).
-TMA_KERNELS = ("engine_fwd", "engine_dq", "moba_fwd", "moba_dq")
+# Kernels that can load their contiguous tiles through tensor descriptors (USE_TMA): K/V in the
+# query-major kernels, Q/dO in the engine's dK/dV (MoBA's dK/dV gathers its rows: no TMA there).
+TMA_KERNELS = ("engine_fwd", "engine_dq", "engine_dkdv", "moba_fwd", "moba_dq")
 
 
 HEAD_DIM_BOUNDS = (64, 128, 256)

@@ -54,14 +54,14 @@ def kernels_with_tma(monkeypatch):
     from sparse_attn.kernels import launch
 
     probe = DescriptorProbe()
-    real = launch._kv_descriptors
+    real = launch._descriptors
 
-    def spy(k, v, config):
-        descriptors = real(k, v, config)
+    def spy(tensors, block_shape):
+        descriptors = real(tensors, block_shape)
         probe.made.append(descriptors is not None)
         return descriptors
 
-    monkeypatch.setattr(launch, "_kv_descriptors", spy)
+    monkeypatch.setattr(launch, "_descriptors", spy)
     with probe._tiles(tma=True):
         yield probe
 

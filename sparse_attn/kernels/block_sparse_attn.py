@@ -32,21 +32,21 @@ def _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN: tl.constexpr)
 
 
 @triton.jit
-def _kv_tile(
-    DESC, base, stride_s, desc_batch, head, k_start, start_n, len_k,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, USE_TMA: tl.constexpr,
+def _seq_tile(
+    DESC, base, stride_s, desc_batch, head, seq_start, start, seq_len,
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    """Keys (or values) start_n .. start_n + BLOCK_N of one sequence and KV head: [BLOCK_N, HEAD_DIM_PAD].
-    Pointer loads from `base` zero the rows past len_k. A descriptor (USE_TMA) over (batch, head,
-    seq, dim) reads the next sequence's rows there (zeros past the tensor and the head dim), so
-    callers mask keys past len_k in any case."""
+    """Rows start .. start + ROWS of one sequence and head (keys, values, queries or dO):
+    [ROWS, HEAD_DIM_PAD]. Pointer loads from `base` (the sequence's first row) zero the rows past
+    seq_len. A descriptor (USE_TMA) over (batch, head, seq, dim) reads the next sequence's rows
+    there (zeros past the tensor and the head dim), so callers mask rows past seq_len in any case."""
     if USE_TMA:
-        tile = DESC.load([desc_batch, head, k_start + start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+        tile = DESC.load([desc_batch, head, seq_start + start, 0]).reshape(ROWS, HEAD_DIM_PAD)
     else:
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs = start + tl.arange(0, ROWS)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
-        ok = (offs_n[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
-        tile = tl.load(base + offs_n[:, None] * stride_s + offs_d[None, :], mask=ok, other=0.0)
+        ok = (offs[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+        tile = tl.load(base + offs[:, None] * stride_s + offs_d[None, :], mask=ok, other=0.0)
     return tile
 
 
@@ -161,7 +161,7 @@ def _block_sparse_rows_kernel(
     """One query tile over its selected blocks. Forward: O and LSE (written) from Q, K, V.
     BACKWARD: DQ = scale * sum of P * (dP - delta) K from Q, K, V, O = dO, LSE and DELTA (DQ shares
     Q's strides). USE_TMA: K and V tiles come through the tensor descriptors K_DESC, V_DESC
-    (`_kv_tile`; TMA on Hopper)."""
+    (`_seq_tile`; TMA on Hopper)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_q_heads
@@ -208,9 +208,9 @@ def _block_sparse_rows_kernel(
         kv_lo, kv_hi = _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK, CAUSAL)
         for start_n in range(kv_lo, kv_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _kv_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
+            k = _seq_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
                          BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
-            v = _kv_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
+            v = _seq_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
                          BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
             if BACKWARD:
                 visible = _pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL)
@@ -277,6 +277,8 @@ def _block_sparse_dkdv_kernel(
     seq_len_kv,
     scale_log2,
     scale,
+    Q_DESC,
+    DO_DESC,
     LAYOUT_HEAD_DIV: tl.constexpr,
     Q_BLOCK: tl.constexpr,
     KV_BLOCK: tl.constexpr,
@@ -287,9 +289,11 @@ def _block_sparse_dkdv_kernel(
     CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """dK, dV of one key tile, summed over the query heads of its GQA group and the query blocks
-    that selected its layout block (the transposed lists); k, dk share strides, as do v, dv."""
+    that selected its layout block (the transposed lists); k, dk share strides, as do v, dv.
+    USE_TMA: Q and dO tiles through Q_DESC, DO_DESC (`_seq_tile`)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_kv_heads
@@ -307,6 +311,7 @@ def _block_sparse_dkdv_kernel(
     v_offsets = b * stride_vb + hk * stride_vh + (k_start + offs_n)[:, None] * stride_vs + offs_d[None, :]
     k = tl.load(K + k_offsets, mask=kv_ok, other=0.0)
     v = tl.load(V + v_offsets, mask=kv_ok, other=0.0)
+    desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by q_start
     # Under causality, queries before this key tile see none of it.
     first_query = 0
     if CAUSAL:
@@ -319,8 +324,8 @@ def _block_sparse_dkdv_kernel(
         lh = h // LAYOUT_HEAD_DIV
         count = tl.load(Q_COUNT + b * stride_cb + lh * stride_ch + kv_block * stride_cn)
         q_list = Q_IDX + b * stride_ib + lh * stride_ih + kv_block * stride_in
-        q_head = b * stride_qb + h * stride_qh
-        o_head = b * stride_ob + h * stride_oh
+        q_rows = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
+        o_rows = DO + b * stride_ob + h * stride_oh + q_start * stride_os
         l_head = b * stride_lb + h * stride_lh
         for j in range(count):
             q_lo = tl.load(q_list + j) * Q_BLOCK
@@ -329,9 +334,10 @@ def _block_sparse_dkdv_kernel(
             for start_m in range(q_lo, q_hi, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 row_ok = offs_m < len_q
-                rows = (q_start + offs_m)[:, None]
-                q = tl.load(Q + q_head + rows * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
-                do = tl.load(DO + o_head + rows * stride_os + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+                q = _seq_tile(Q_DESC, q_rows, stride_qs, desc_batch, h, q_start, start_m, len_q,
+                              BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
+                do = _seq_tile(DO_DESC, o_rows, stride_os, desc_batch, h, q_start, start_m, len_q,
+                               BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
                 lse = tl.load(LSE + l_head + (q_start + offs_m) * stride_ls, mask=row_ok, other=0.0)
                 lse_log2 = _lse_log2(lse)
                 delta = tl.load(DELTA + l_head + (q_start + offs_m) * stride_ls, mask=row_ok, other=0.0)

@@ -34,15 +34,17 @@ def _descriptor(t, block_shape):
     return TensorDescriptor(t, list(t.shape), [*strides, 1], block_shape)
 
 
-def _kv_descriptors(k, v, config):
-    block_shape = [1, 1, config["BLOCK_N"], config["HEAD_DIM_PAD"]]
-    descriptors = (_descriptor(k, block_shape), _descriptor(v, block_shape))
-    return None if None in descriptors else descriptors
+def _descriptors(tensors: dict, block_shape):
+    """name -> descriptor for every tensor, or None unless TMA can address them all."""
+    descriptors = {name: _descriptor(t, block_shape) for name, t in tensors.items()}
+    return None if None in descriptors.values() else descriptors
 
 
-def kv_descriptor_args(k, v, config: dict) -> dict:
-    """K_DESC, V_DESC and USE_TMA for a kernel with a descriptor path; takes USE_TMA out of `config`.
-    Descriptors when the tile asks for them and TMA can address k and v, else pointer loads."""
-    descriptors = _kv_descriptors(k, v, config) if config.pop("USE_TMA") else None
-    k_desc, v_desc = descriptors or (None, None)
-    return {"K_DESC": k_desc, "V_DESC": v_desc, "USE_TMA": descriptors is not None}
+def descriptor_args(config: dict, rows: str, **tensors) -> dict:
+    """NAME_DESC for each tensor (batch, head, seq, dim), with [1, 1, config[rows], HEAD_DIM_PAD]
+    boxes, and USE_TMA, for a kernel with a descriptor path; takes USE_TMA out of `config`.
+    Descriptors when the tile asks for them and TMA can address every tensor, else pointer loads."""
+    block_shape = [1, 1, config[rows], config["HEAD_DIM_PAD"]]
+    descriptors = _descriptors(tensors, block_shape) if config.pop("USE_TMA") else None
+    args = {f"{name}_DESC": (descriptors or {}).get(name) for name in tensors}
+    return {**args, "USE_TMA": descriptors is not None}

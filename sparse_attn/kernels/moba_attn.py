@@ -23,7 +23,7 @@ Softmax runs in base 2 with log2(e) folded into the scale; the LSE is stored in 
 import triton
 import triton.language as tl
 
-from .block_sparse_attn import _dq_step, _kv_tile, _lse_log2, _normalize, _sequence_bounds, _softmax_step
+from .block_sparse_attn import _dq_step, _lse_log2, _normalize, _seq_tile, _sequence_bounds, _softmax_step
 
 
 @triton.jit
@@ -113,7 +113,7 @@ def _forward_tile(
     kv_lo, kv_hi, first_visible = _key_range(j, rows, ok, len_k, causal_shift, KV_BLOCK, CAUSAL)
     for start_n in range(kv_lo, kv_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _kv_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
+        k = _seq_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
                      BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         # Past blocks are wholly visible: only the own block and the ragged end pay for a mask.
@@ -123,7 +123,7 @@ def _forward_tile(
         if needs_mask:
             s = tl.where(_visible(rows, ok, offs_n, len_k, causal_shift, CAUSAL), s, float("-inf"))
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-        v = _kv_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
+        v = _seq_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
                      BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     tl.store(ROW_MAX + slot, m_i, mask=ok)
@@ -145,9 +145,9 @@ def _dq_tile(
     kv_lo, kv_hi, _ = _key_range(j, rows, ok, len_k, causal_shift, KV_BLOCK, CAUSAL)
     for start_n in range(kv_lo, kv_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _kv_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
+        k = _seq_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
                      BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
-        v = _kv_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
+        v = _seq_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
                      BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
         visible = _visible(rows, ok, offs_n, len_k, causal_shift, CAUSAL)
         dq += _dq_step(q, do, k, v, lse_log2, delta, visible, scale_log2, DOT_PRECISION)
