@@ -26,6 +26,18 @@ def _poisoned(*tensors):
     return tensors
 
 
+def _forward_outputs(q):
+    """Fresh (out like q, fp32 lse [B, H, S]) of a forward."""
+    return _poisoned(torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
+
+
+def _backward_inputs(grad_out, out, q, k, v):
+    """(dO with a unit last stride, delta = rowsum(dO * O) in fp32 [B, H, S] like lse, fresh dq, dk, dv)."""
+    grad_out = _unit_last_stride(grad_out)  # an expanded gradient (e.g. from .sum()) has stride 0
+    delta = (out.float() * grad_out.float()).sum(dim=-1).contiguous()
+    return grad_out, delta, *_poisoned(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+
+
 def _unit_last_stride(t):
     """The kernels address the head dim contiguously; any other stride is fine."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -58,6 +70,10 @@ def _batch_strides(t, varlen):
     return (0, s[1], s[2]) if varlen else s
 
 
+def _tensor_strides(varlen, *tensors):
+    return tuple(stride for t in tensors for stride in _batch_strides(t, varlen))
+
+
 def _launch(kernel, name, q, k, v, o, lse, outputs, lists, cu_q, cu_k, heads, sizes, causal, softmax_scale, **flags):
     """One engine kernel: Q, K, V, O (dO in the backward), LSE, then `outputs` (DELTA and the
     gradients), the block lists it walks, the strides, and the shared scalars; `heads` are the grid's
@@ -72,7 +88,7 @@ def _launch(kernel, name, q, k, v, o, lse, outputs, lists, cu_q, cu_k, heads, si
     tiles = triton.cdiv(seq_len_kv, config["BLOCK_N"]) if name == "dkdv" else triton.cdiv(seq_len_q, config["BLOCK_M"])
     launcher(kernel)[(tiles, batch * heads)](
         q, k, v, o, lse, *outputs, *lists, cu_q, cu_k,
-        *(stride for t in (q, k, v, o, lse.unsqueeze(-1)) for stride in _batch_strides(t, varlen)),
+        *_tensor_strides(varlen, q, k, v, o, lse.unsqueeze(-1)),
         *_layout_strides(*lists, batch, varlen),
         heads, q.shape[1] // k.shape[1], seq_len_q, seq_len_kv, softmax_scale * LOG2E, softmax_scale,
         LAYOUT_HEAD_DIV=layout_head_div, Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal,
@@ -98,7 +114,7 @@ def block_sparse_attn_fwd(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    out, lse = _poisoned(torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
+    out, lse = _forward_outputs(q)
     sizes = (q_block_size, kv_block_size, seq_len_q, seq_len_kv, layout_head_div)
     _launch(
         _block_sparse_rows_kernel, "fwd", q, k, v, out, lse, (None, None), (kv_num_blocks, kv_indices),
@@ -129,9 +145,7 @@ def block_sparse_attn_bwd(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_out = _unit_last_stride(grad_out)  # an expanded gradient (e.g. from .sum()) has stride 0
-    delta = (out.float() * grad_out.float()).sum(dim=-1).contiguous()  # [B, H, S] like lse
-    dq, dk, dv = _poisoned(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    grad_out, delta, dq, dk, dv = _backward_inputs(grad_out, out, q, k, v)
     sizes = (q_block_size, kv_block_size, seq_len_q, seq_len_kv, layout_head_div)
     shared = (q, k, v, grad_out, lse)
     _launch(

@@ -13,7 +13,7 @@ import torch
 import triton
 from torch.library import triton_op
 
-from ._engine_ops import _batch_strides, _geometry, _poisoned, _unit_last_stride
+from ._engine_ops import _backward_inputs, _forward_outputs, _geometry, _tensor_strides, _unit_last_stride
 from .kernels.block_sparse_attn import LOG2E
 from .kernels.launch import descriptor_args, launcher
 from .kernels.moba_attn import _moba_dkdv_kernel, _moba_rows_kernel
@@ -95,10 +95,6 @@ def _geometry_args(q, k, block_size, rows, seq_len_q, seq_len_kv, cu_q):
     return varlen, batch, num_kv_blocks, num_logical
 
 
-def _tensor_strides(varlen, *tensors):
-    return tuple(s for t in tensors for s in _batch_strides(t, varlen))
-
-
 def _launch_rows(
     q, k, v, o, lse, delta, dq, seg_start, pair_rows, cu_q, cu_k, block_size, rows_per_item, seq_len_q, seq_len_kv,
     causal, softmax_scale,
@@ -145,7 +141,7 @@ def moba_attn_fwd(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    out, lse = _poisoned(torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
+    out, lse = _forward_outputs(q)
     lists = (seg_start, pair_rows, cu_seqlens_q, cu_seqlens_k)
     _launch_rows(q, k, v, out, lse, None, None, *lists, block_size, rows_per_item, seq_len_q, seq_len_kv,
                  causal, softmax_scale)  # fmt: skip
@@ -171,9 +167,7 @@ def moba_attn_bwd(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_out = _unit_last_stride(grad_out)  # an expanded gradient (e.g. from .sum()) has stride 0
-    delta = (out.float() * grad_out.float()).sum(dim=-1).contiguous()  # [B, H, S] like lse
-    dq, dk, dv = _poisoned(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    grad_out, delta, dq, dk, dv = _backward_inputs(grad_out, out, q, k, v)
     lists = (seg_start, pair_rows, cu_seqlens_q, cu_seqlens_k)
     _launch_rows(q, k, v, grad_out, lse, delta, dq, *lists, block_size, rows_per_item, seq_len_q, seq_len_kv,
                  causal, softmax_scale)  # fmt: skip

@@ -127,11 +127,12 @@ def _try(row: dict, measure, baseline, tolerance: float) -> dict:
     return {**row, "ms": ms, "rel_diff_vs_default": diff, "ok": diff <= tolerance}
 
 
-def _single_changes(kernel: str, default: tiles.Tile, config) -> list[tiles.Tile]:
-    """Every tile that differs from the default in exactly one field (tma only where the kernel has it)."""
+def _single_changes(kernel: str, default: tiles.Tile, config) -> list[tuple[str, tiles.Tile]]:
+    """(field, tile) for every tile that differs from the default in exactly that field (tma only
+    where the kernel has it)."""
     fields = [f for f in tiles.Tile._fields if f != "tma" or kernel in tiles.TMA_KERNELS]
     return [
-        default._replace(**{field: value})
+        (field, default._replace(**{field: value}))
         for field in fields
         for value in config[field]
         if value != getattr(default, field)
@@ -165,9 +166,8 @@ def _sweep_kernel(kernel: str, work: _Workload, config, device) -> list[dict]:
 
     default_ms = run(default).get("ms", float("inf"))
     improving = {}
-    for tile in _single_changes(kernel, default, config):
+    for field, tile in _single_changes(kernel, default, config):
         row = run(tile)
-        field = next(f for f in tiles.Tile._fields if getattr(tile, f) != getattr(default, f))
         if row and row["ok"] and row["ms"] < improving.get(field, (default_ms, None))[0]:
             improving[field] = (row["ms"], getattr(tile, field))
     if len(improving) > 1:
