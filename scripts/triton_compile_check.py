@@ -4,9 +4,12 @@ The interpreter (TRITON_INTERPRET=1) checks what the kernels compute but not tha
 it accepts code the GPU compiler rejects, and it has no registers or shared memory. This script
 runs the real launch code of each op on CPU tensors with `wrap_triton` swapped for a recorder,
 then compiles each recorded launch (its argument types and constexprs) with Triton's ahead-of-time
-path and the bundled ptxas. It fails on a compile error or on shared memory over the architecture's
-limit (a launch would fail there), and prints registers, stack (spills) and shared memory per
-launch: the numbers to watch when tuning tiles, with or without a GPU.
+path and the bundled ptxas, specialised as the JIT specialises a real launch. It fails on a compile
+error, on shared memory over the architecture's limit (a launch would fail there) and on register
+spills in a 16-bit sm_90a launch of the default tiles (pointer loads). It prints registers, stack
+(spills), shared memory, the tensor-core instructions (wgmma or mma.sync) and the number of
+asynchronous (pipelined) loads per launch: the numbers to watch when tuning tiles, with or
+without a GPU.
 
 Run without TRITON_INTERPRET (the kernels must be JIT functions): python scripts/triton_compile_check.py
 """
@@ -34,9 +37,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import mangle_type
-from triton.tools.tensor_descriptor import TensorDescriptor
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from sparse_attn import _engine_ops, _moba_ops, tiles
 from sparse_attn.kernels import launch, xattention_estimate
@@ -44,13 +46,6 @@ from sparse_attn.layout import BlockSparseLayout
 
 # Usable shared memory per block (bytes): H100 228 KB minus 1 KB reserved, A100 164 KB minus 1 KB.
 ARCHES = {"sm_90a": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}
-_POINTER_TYPES = {
-    torch.bfloat16: "*bf16",
-    torch.float16: "*fp16",
-    torch.float32: "*fp32",
-    torch.int32: "*i32",
-    torch.int64: "*i64",
-}
 
 
 class _Recorder:
@@ -68,36 +63,17 @@ class _Recorder:
         return launch
 
 
-def _arg_type(value) -> str:
-    if value is None:
-        return "constexpr"
-    if isinstance(value, TensorDescriptor):
-        return mangle_type(value)  # tensordesc<dtype[block shape]>
-    if isinstance(value, torch.Tensor):
-        return _POINTER_TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unexpected kernel argument {type(value).__name__}")
-
-
-def _source(kernel, args, kwargs):
-    names = kernel.arg_names
-    options = {key: kwargs[key] for key in ("num_warps", "num_stages") if key in kwargs}
-    signature = {name: _arg_type(value) for name, value in zip(names, args)}
-    constexprs = {(names.index(name),): None for name, value in zip(names, args) if value is None}
-    for name, value in kwargs.items():
-        if name in options:
-            continue
-        if isinstance(value, TensorDescriptor):  # a runtime argument passed by keyword
-            signature[name] = _arg_type(value)
-        else:
-            signature[name] = "constexpr"
-            constexprs[(names.index(name),)] = value
-    return ASTSource(kernel, signature, constexprs=constexprs), options
+def _specialize(kernel, args, kwargs, capability: int):
+    """The launch as the JIT would compile it for `capability`: its own binder gives the argument
+    types, the constexprs and the specializations (16-byte aligned pointers, integers divisible by 16
+    or equal to 1). Without those attributes the compiler cannot vectorise the loads, and neither
+    pipelines them nor reports the registers a real launch uses."""
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return target, ASTSource(kernel, signature, constexprs, attrs), options, specialization
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -113,8 +89,16 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return (int(usage.group(1)), int(usage.group(2))) if usage else (0, 0)
 
 
+def _input_dtype(args) -> torch.dtype:
+    return next(a.dtype for a in args if isinstance(a, torch.Tensor))
+
+
+def _is_16_bit(args) -> bool:
+    return _input_dtype(args) in (torch.float16, torch.bfloat16)
+
+
 def _label(kernel, kwargs, args) -> str:
-    dtype = next(str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor))
+    dtype = str(_input_dtype(args)).replace("torch.", "")
     flags = [f"D={kwargs['HEAD_DIM']}", dtype, f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}", f"w{kwargs['num_warps']}"]
     flags += [name.lower() for name in ("CAUSAL", "VARLEN", "BACKWARD") if kwargs.get(name)]
     flags += ["tma"] if kwargs.get("USE_TMA") else []
@@ -198,28 +182,40 @@ def record(families: tuple) -> list:
             FAMILIES[name](dtype, dim, varlen)
     unique = {}
     for kernel, args, kwargs in _Recorder.launches:
-        constants = sorted((k, _arg_type(v) if isinstance(v, TensorDescriptor) else v) for k, v in kwargs.items())
-        key = (kernel.fn.__name__, tuple(_arg_type(a) for a in args), tuple(constants))
+        *_, options, specialization = _specialize(kernel, args, kwargs, ARCHES["sm_90a"][0])
+        key = (kernel.fn.__name__, str(specialization), str(options))
         unique.setdefault(key, (kernel, args, kwargs))
     return list(unique.values())
 
 
-def _compile(job) -> tuple[str, str, int, int, int, float, str]:
+def _lowering(ttgir: str) -> tuple[str, int]:
+    """(the tensor-core instruction family the dots became, the number of asynchronous global loads:
+    cp.async or TMA, which appear when the pipeliner prefetched a loop's tiles)."""
+    mma = "wgmma" if "warp_group_dot " in ttgir else "mma" if "nvidia_mma" in ttgir else "none"
+    return mma, ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy")
+
+
+def _compile(job) -> tuple:
     """Compiles launch `index` of the recorded list for `arch` (in a worker process, which records again)."""
     index, arch, families = job
     kernel, kargs, kwargs = record(families)[index]
     capability, shared_limit = ARCHES[arch]
     start = time.perf_counter()
-    registers = stack = shared = 0
+    registers = stack = shared = async_loads = 0
+    mma = "-"
     try:
-        source, options = _source(kernel, kargs, kwargs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+        target, source, options, _ = _specialize(kernel, kargs, kwargs, capability)
+        compiled = triton.compile(source, target=target, options=options.__dict__)
         registers, stack = _resource_usage(compiled.asm["cubin"])
+        mma, async_loads = _lowering(compiled.asm["ttgir"])
         shared = compiled.metadata.shared
         result = f"FAILED: shared memory {shared} B > {shared_limit} B" if shared > shared_limit else "ok"
+        if stack and arch == "sm_90a" and not kwargs.get("USE_TMA") and _is_16_bit(kargs):
+            result = f"FAILED: {stack} B of register spills in a default 16-bit Hopper tile"
     except Exception as error:  # noqa: BLE001 - every compiler error is a finding
         result = f"FAILED: {type(error).__name__}: {' '.join(str(error).split())[:300]}"
-    return _label(kernel, kwargs, kargs), arch, registers, stack, shared, time.perf_counter() - start, result
+    label = _label(kernel, kwargs, kargs)
+    return label, arch, registers, stack, shared, mma, async_loads, time.perf_counter() - start, result
 
 
 def main(argv=None) -> int:
@@ -235,13 +231,13 @@ def main(argv=None) -> int:
     families = tuple(args.family or sorted(FAMILIES))
     jobs = [(i, arch, families) for i in range(len(record(families))) for arch in args.arch or sorted(ARCHES)]
     print(f"triton {triton.__version__}: {len(jobs)} kernel builds ahead of time, no GPU used", flush=True)
-    print("| kernel | arch | registers | stack B (spills) | shared KB | seconds | result |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | arch | registers | stack B (spills) | shared KB | MMA | async loads | seconds | result |")
+    print("|---|---|---|---|---|---|---|---|---|")
     failures = 0
     with ProcessPoolExecutor(max_workers=max(args.jobs, 1), mp_context=get_context("spawn")) as pool:
-        for label, arch, registers, stack, shared, seconds, result in pool.map(_compile, jobs):
+        for label, arch, registers, stack, shared, mma, async_loads, seconds, result in pool.map(_compile, jobs):
             failures += result != "ok"
-            cells = (label, arch, registers, stack, f"{shared / 1024:.0f}", f"{seconds:.1f}", result)
+            cells = (label, arch, registers, stack, f"{shared / 1024:.0f}", mma, async_loads, f"{seconds:.1f}", result)
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)
     print(f"{failures} failure(s)")
     return 1 if failures else 0

@@ -41,15 +41,17 @@ TMA_KERNELS = ("engine_fwd", "engine_dq", "engine_dkdv", "moba_fwd", "moba_dq")
 
 HEAD_DIM_BOUNDS = (64, 128, 256)
 
-# At head dim 128 (bf16, sm_90a) the engine's dQ at 4 warps and dK/dV with 64 keys spilled; these
-# do not. MoBA's forward and dQ share the gathered-row tile height through the logical block size.
+# Chosen with the compile check (bf16/fp16, sm_90a, triton 3.6 and 3.9): no register spills, and
+# Hopper's warpgroup MMA wherever a spill-free tile gets it (the key-major dK/dV kernels need at
+# least 64 keys a tile for it at head dim 64 and 128; at 256 no such tile fits the registers).
+# MoBA's forward and dQ share the gathered-row tile height through the logical block size.
 TABLE: dict[str, dict[int, Tile]] = {
     "engine_fwd": {64: Tile(128, 64, 4, 3), 128: Tile(128, 64, 8, 3), 256: Tile(64, 32, 4, 2)},
     "engine_dq": {64: Tile(64, 64, 4, 2), 128: Tile(64, 64, 8, 2), 256: Tile(32, 32, 4, 1)},
-    "engine_dkdv": {64: Tile(64, 64, 4, 2), 128: Tile(64, 32, 8, 2), 256: Tile(32, 32, 4, 1)},
+    "engine_dkdv": {64: Tile(64, 64, 8, 2), 128: Tile(16, 64, 8, 2), 256: Tile(64, 16, 8, 2)},
     "moba_fwd": {64: Tile(64, 64, 4, 2), 128: Tile(64, 64, 8, 2), 256: Tile(32, 32, 4, 1)},
-    "moba_dq": {64: Tile(64, 64, 4, 2), 128: Tile(64, 64, 8, 2), 256: Tile(32, 32, 4, 1)},
-    "moba_dkdv": {64: Tile(64, 64, 4, 2), 128: Tile(64, 32, 8, 2), 256: Tile(32, 32, 4, 1)},
+    "moba_dq": {64: Tile(64, 64, 4, 2), 128: Tile(64, 32, 8, 2), 256: Tile(32, 32, 4, 1)},
+    "moba_dkdv": {64: Tile(64, 64, 8, 2), 128: Tile(32, 64, 8, 3), 256: Tile(32, 32, 4, 1)},
 }
 
 # fp32 tiles take twice the shared memory: the bf16 forward's 128 rows x 3 stages overflow an A100's 163 KB.

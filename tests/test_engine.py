@@ -80,6 +80,31 @@ def test_matches_reference(rng, case, dtype):
     check_against_reference(q, k, v, layout)
 
 
+# Small tiles (16 x 16) under 64-wide blocks: every block spans several tiles, so the flat loop over
+# full blocks and the partial blocks (diagonal, ragged end) both run with more than one tile each.
+# batch, Hq, Hkv, Sq, Skv, q block, kv block, density, layout drawn causal
+MULTI_TILE_CASES = {
+    "causal_gqa_ragged": (2, 4, 2, 150, 150, 64, 64, 0.7, True),
+    "q_shorter_wide_kv_blocks": (1, 2, 1, 70, 200, 32, 64, 0.8, True),
+    # A layout with blocks past the diagonal under a causal mask: long runs of partial blocks at a
+    # list's end (rows) and start (columns), past the 4 entries that one probe of them reads.
+    "future_blocks_masked": (1, 2, 2, 256, 256, 32, 32, 1.0, False),
+}
+
+
+@pytest.mark.parametrize("case", list(MULTI_TILE_CASES))
+def test_blocks_spanning_several_tiles(rng, case):
+    from sparse_attn import tiles
+
+    batch, hq, hkv, seq_q, seq_kv, qb, kb, density, causal_layout = MULTI_TILE_CASES[case]
+    layout = random_layout(rng, batch, hq, seq_q, seq_kv, qb, kb, density, causal=causal_layout)
+    q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, 16, torch.float32)
+    small = tiles.Tile(16, 16, 4, 1)
+    with tiles.override("engine_fwd", 64, small), tiles.override("engine_dq", 64, small):
+        with tiles.override("engine_dkdv", 64, small):
+            check_against_reference(q, k, v, layout)
+
+
 def test_zero_density_gives_zero_and_neg_inf(rng):
     layout = random_layout(rng, 1, 2, 64, 64, 16, 16, 0.0)
     q, k, v = make_qkv(rng, 1, 2, 2, 64, 64, 16, torch.float32)

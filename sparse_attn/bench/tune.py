@@ -40,7 +40,7 @@ FULL = dict(
     moba=dict(seq_len=65536, batch=2, heads=16, head_dim=128, block=128, topk=8),
     engine_dtype=torch.bfloat16,
     moba_dtype=torch.float16,
-    block_m=(32, 64, 128),
+    block_m=(16, 32, 64, 128),
     block_n=(32, 64, 128),
     num_warps=(4, 8),
     num_stages=(1, 2, 3, 4),

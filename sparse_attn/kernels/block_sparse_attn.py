@@ -95,12 +95,53 @@ def _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK: tl.constexpr,
 
 
 @triton.jit
+def _count_below(indices, count, bound, FROM_END: tl.constexpr):
+    """How many of the ascending `indices[:count]` lie below `bound`. The answer is expected within
+    a few entries of the list's end (FROM_END) or start: one vector load of 4 entries there settles
+    it, and a scalar walk goes on only when all 4 fell on the far side of `bound`."""
+    if FROM_END:
+        slots = count - 1 - tl.arange(0, 4)
+        n = count - tl.sum((tl.load(indices + slots, mask=slots >= 0, other=-1) >= bound).to(tl.int32))
+        if n == count - 4:
+            while tl.load(indices + n - 1, mask=n > 0, other=-1) >= bound:
+                n -= 1
+    else:
+        slots = tl.arange(0, 4)
+        n = tl.sum((tl.load(indices + slots, mask=slots < count, other=bound) < bound).to(tl.int32))
+        if n == 4:
+            while tl.load(indices + n, mask=n < count, other=bound) < bound:
+                n += 1
+    return n
+
+
+@triton.jit
 def _dq_step(q, do, k, v, lse_log2, delta, visible, scale_log2, DOT_PRECISION: tl.constexpr):
     """One key tile's share of dQ / scale: P * (dP - delta) K, with P from the saved LSE (base 2)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     p = tl.where(visible, tl.math.exp2(s - lse_log2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     return tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _rows_step(acc, m_i, l_i, q, do, lse_log2, delta, k, v, offs_m, start_n, len_k, causal_shift, scale_log2,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BACKWARD: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One key tile of a query tile. Forward: the online-softmax state (acc, m_i, l_i) takes the tile
+    in. BACKWARD: acc (dQ / scale) adds the tile's share. MASKED applies the causal and sequence-end
+    mask, which only partial blocks need."""
+    visible = True
+    if MASKED:
+        visible = _pair_mask(offs_m, start_n + tl.arange(0, BLOCK_N), len_k, causal_shift, CAUSAL)
+    if BACKWARD:
+        acc += _dq_step(q, do, k, v, lse_log2, delta, visible, scale_log2, DOT_PRECISION)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        if MASKED:
+            s = tl.where(visible, s, float("-inf"))
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -185,6 +226,12 @@ def _block_sparse_rows_kernel(
         Q + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0
     )
     stats = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
+    # One accumulator: dQ / scale in the backward, the unnormalised output in the forward; the
+    # softmax state (m_i, l_i) and the backward's inputs (do, lse_log2, delta) stand in for each other.
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    do, lse_log2, delta = q, m_i, l_i
     if BACKWARD:
         do = tl.load(
             O + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :],
@@ -193,47 +240,75 @@ def _block_sparse_rows_kernel(
         )
         lse_log2 = _lse_log2(tl.load(LSE + stats, mask=row_ok, other=0.0))
         delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
-        dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by k_start
-    # The last key any query of this tile may see; blocks wholly after it are skipped.
-    last_visible = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_q - 1) + causal_shift
 
-    for j in range(count):
+    # Blocks below full_end lie inside the sequence and wholly before every row's position: no
+    # mask. The list ascends, so they are its first num_full entries, and the partial ones (the
+    # diagonal, the ragged end, any block past the tile) the rest.
+    full_end = len_k // KV_BLOCK
+    if CAUSAL:
+        full_end = tl.minimum(full_end, tl.maximum(tile * BLOCK_M + causal_shift + 1, 0) // KV_BLOCK)
+    num_full = _count_below(kv_list, count, full_end, True)
+    # Full blocks in one flat loop over their key tiles, so loads pipeline across blocks.
+    TILES: tl.constexpr = KV_BLOCK // BLOCK_N
+    for it in range(num_full * TILES):
+        start_n = tl.load(kv_list + it // TILES) * KV_BLOCK + (it % TILES) * BLOCK_N
+        k = _seq_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
+                      BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
+        v = _seq_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
+                      BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
+        acc, m_i, l_i = _rows_step(acc, m_i, l_i, q, do, lse_log2, delta, k, v, offs_m, start_n, len_k, causal_shift,
+                                   scale_log2, BLOCK_N, False, CAUSAL, BACKWARD, DOT_PRECISION)  # fmt: skip
+    # Partial blocks, cut at the last key any row of the tile may see (tiles wholly after it are skipped).
+    last_visible = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_q - 1) + causal_shift
+    for j in range(num_full, count):
         kv_lo, kv_hi = _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK, CAUSAL)
         for start_n in range(kv_lo, kv_hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _seq_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
-                         BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
+                          BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
             v = _seq_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
-                         BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
-            if BACKWARD:
-                visible = _pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL)
-                dq += _dq_step(q, do, k, v, lse_log2, delta, visible, scale_log2, DOT_PRECISION)
-            else:
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-                # Only partial tiles (the causal diagonal, the ragged end) pay for the mask.
-                needs_mask = start_n + BLOCK_N > len_k
-                if CAUSAL:
-                    needs_mask = needs_mask | (start_n + BLOCK_N - 1 > tile * BLOCK_M + causal_shift)
-                if needs_mask:
-                    s = tl.where(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL), s, float("-inf"))
-                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                          BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
+            acc, m_i, l_i = _rows_step(acc, m_i, l_i, q, do, lse_log2, delta, k, v, offs_m, start_n, len_k,
+                                       causal_shift, scale_log2, BLOCK_N, True, CAUSAL, BACKWARD,
+                                       DOT_PRECISION)  # fmt: skip
 
     if BACKWARD:
         out_ptrs = DQ + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :]
-        tl.store(out_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+        tl.store(out_ptrs, (acc * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     else:
         out, lse = _normalize(acc, m_i, l_i)
         out_ptrs = O + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :]
         tl.store(out_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
         tl.store(LSE + stats, lse, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, Q_DESC, q_rows, stride_qs, DO_DESC, o_rows, stride_os, l_head, d_head, stride_ls,
+               desc_batch, h, q_start, start_m, len_q, len_k, offs_n, causal_shift, scale_log2,
+               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One query tile's share of a key tile's dK / scale and dV. MASKED applies the causal mask and
+    drops rows past len_q, which only partial blocks need."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _seq_tile(Q_DESC, q_rows, stride_qs, desc_batch, h, q_start, start_m, len_q,
+                  BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
+    do = _seq_tile(DO_DESC, o_rows, stride_os, desc_batch, h, q_start, start_m, len_q,
+                   BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
+    row_ok = offs_m < len_q
+    lse_log2 = _lse_log2(tl.load(l_head + offs_m * stride_ls, mask=row_ok, other=0.0))
+    delta = tl.load(d_head + offs_m * stride_ls, mask=row_ok, other=0.0)
+    # Transposed scores [BLOCK_N, BLOCK_M] keep dK/dV rows in registers.
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+    p_t = tl.math.exp2(s_t - lse_log2[None, :])
+    if MASKED:
+        pair_ok = tl.trans(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL)) & row_ok[None, :]
+        p_t = tl.where(pair_ok, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dk += tl.dot((p_t * (dp_t - delta[None, :])).to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -312,10 +387,18 @@ def _block_sparse_dkdv_kernel(
     k = tl.load(K + k_offsets, mask=kv_ok, other=0.0)
     v = tl.load(V + v_offsets, mask=kv_ok, other=0.0)
     desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by q_start
+    # Query blocks from full_start on see every key of this tile; those from full_end on are ragged
+    # (rows past len_q). The lists ascend, so the blocks needing the mask are a prefix (the
+    # diagonal) and a suffix (the ragged end) of each list, and the full ones lie in between.
+    full_start = 0
+    if CAUSAL:
+        full_start = tl.cdiv(tl.maximum(tile * BLOCK_N + BLOCK_N - 1 - causal_shift, 0), Q_BLOCK)
+    full_end = len_q // Q_BLOCK
     # Under causality, queries before this key tile see none of it.
     first_query = 0
     if CAUSAL:
         first_query = tl.maximum(tile * BLOCK_N - causal_shift, 0)
+    TILES: tl.constexpr = Q_BLOCK // BLOCK_M
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
@@ -326,29 +409,26 @@ def _block_sparse_dkdv_kernel(
         q_list = Q_IDX + b * stride_ib + lh * stride_ih + kv_block * stride_in
         q_rows = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
         o_rows = DO + b * stride_ob + h * stride_oh + q_start * stride_os
-        l_head = b * stride_lb + h * stride_lh
-        for j in range(count):
-            q_lo = tl.load(q_list + j) * Q_BLOCK
-            q_hi = tl.minimum(q_lo + Q_BLOCK, len_q)
-            q_lo = tl.maximum(q_lo, first_query // BLOCK_M * BLOCK_M)
+        l_head = LSE + b * stride_lb + h * stride_lh + q_start * stride_ls
+        d_head = DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls
+        partial_head = _count_below(q_list, count, full_start, False)
+        partial_tail = tl.maximum(partial_head, _count_below(q_list, count, full_end, True))
+        # Full blocks in one flat loop over their query tiles, so loads pipeline across blocks.
+        for it in range((partial_tail - partial_head) * TILES):
+            start_m = tl.load(q_list + partial_head + it // TILES) * Q_BLOCK + (it % TILES) * BLOCK_M
+            dk, dv = _dkdv_step(dk, dv, k, v, Q_DESC, q_rows, stride_qs, DO_DESC, o_rows, stride_os, l_head, d_head,
+                                stride_ls, desc_batch, h, q_start, start_m, len_q, len_k, offs_n, causal_shift,
+                                scale_log2, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, USE_TMA,
+                                DOT_PRECISION)  # fmt: skip
+        # Partial blocks: the head of the list, then its tail; rows before first_query are skipped.
+        for t in range(partial_head + count - partial_tail):
+            j = tl.where(t < partial_head, t, t - partial_head + partial_tail)
+            q_lo = tl.maximum(tl.load(q_list + j) * Q_BLOCK, first_query // BLOCK_M * BLOCK_M)
+            q_hi = tl.minimum(tl.load(q_list + j) * Q_BLOCK + Q_BLOCK, len_q)
             for start_m in range(q_lo, q_hi, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                row_ok = offs_m < len_q
-                q = _seq_tile(Q_DESC, q_rows, stride_qs, desc_batch, h, q_start, start_m, len_q,
-                              BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
-                do = _seq_tile(DO_DESC, o_rows, stride_os, desc_batch, h, q_start, start_m, len_q,
-                               BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
-                lse = tl.load(LSE + l_head + (q_start + offs_m) * stride_ls, mask=row_ok, other=0.0)
-                lse_log2 = _lse_log2(lse)
-                delta = tl.load(DELTA + l_head + (q_start + offs_m) * stride_ls, mask=row_ok, other=0.0)
-                # Transposed scores [BLOCK_N, BLOCK_M] keep dK/dV rows in registers.
-                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
-                p_t = tl.math.exp2(s_t - lse_log2[None, :])
-                pair_ok = tl.trans(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL)) & row_ok[None, :]
-                p_t = tl.where(pair_ok, p_t, 0.0)
-                dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+                dk, dv = _dkdv_step(dk, dv, k, v, Q_DESC, q_rows, stride_qs, DO_DESC, o_rows, stride_os, l_head,
+                                    d_head, stride_ls, desc_batch, h, q_start, start_m, len_q, len_k, offs_n,
+                                    causal_shift, scale_log2, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL,
+                                    USE_TMA, DOT_PRECISION)  # fmt: skip
     tl.store(DK + k_offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + v_offsets, dv.to(DV.dtype.element_ty), mask=kv_ok)
