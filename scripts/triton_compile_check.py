@@ -5,8 +5,9 @@ it accepts code the GPU compiler rejects, and it has no registers or shared memo
 runs the real launch code of each op on CPU tensors with `wrap_triton` swapped for a recorder,
 then compiles each recorded launch (its argument types and constexprs) with Triton's ahead-of-time
 path and the bundled ptxas, specialised as the JIT specialises a real launch. It fails on a compile
-error, on shared memory over the architecture's limit (a launch would fail there) and on register
-spills in a 16-bit sm_90a launch of the default tiles (pointer loads). It prints registers, stack
+error, on shared memory over the architecture's limit (a launch would fail there), and in a
+16-bit sm_90a launch of the default tiles (pointer loads) on register spills or, up to head dim
+128, on dots that did not become Hopper's warpgroup MMA (wgmma). It prints registers, stack
 (spills), shared memory, the tensor-core instructions (wgmma or mma.sync) and the number of
 asynchronous (pipelined) loads per launch: the numbers to watch when tuning tiles, with or
 without a GPU.
@@ -210,8 +211,11 @@ def _compile(job) -> tuple:
         mma, async_loads = _lowering(compiled.asm["ttgir"])
         shared = compiled.metadata.shared
         result = f"FAILED: shared memory {shared} B > {shared_limit} B" if shared > shared_limit else "ok"
-        if stack and arch == "sm_90a" and not kwargs.get("USE_TMA") and _is_16_bit(kargs):
-            result = f"FAILED: {stack} B of register spills in a default 16-bit Hopper tile"
+        if arch == "sm_90a" and not kwargs.get("USE_TMA") and _is_16_bit(kargs):
+            if stack:
+                result = f"FAILED: {stack} B of register spills in a default 16-bit Hopper tile"
+            elif mma != "wgmma" and kwargs["HEAD_DIM"] <= 128:
+                result = f"FAILED: dots lowered to {mma}, not wgmma (a tile under 64 rows a warpgroup?)"
     except Exception as error:  # noqa: BLE001 - every compiler error is a finding
         result = f"FAILED: {type(error).__name__}: {' '.join(str(error).split())[:300]}"
     label = _label(kernel, kwargs, kargs)
