@@ -19,6 +19,7 @@ from .methods import (
     moba_attn_varlen_qk,
     moba_decode,
     moba_route,
+    moba_route_varlen,
 )
 from .methods.xattention import calibrate_xattention, xattention_attn, xattention_estimate, xattention_select
 from .selection import block_mean_pool, layout_transpose, threshold_select, topk_rows
@@ -44,6 +45,7 @@ __all__ = [
     "moba_attn_varlen_qk",
     "moba_decode",
     "moba_route",
+    "moba_route_varlen",
     "native_available",
     "patch",
     "patched",

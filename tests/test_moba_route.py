@@ -7,10 +7,19 @@ import torch.nn.functional as F
 import sparse_attn
 from sparse_attn import reference
 from sparse_attn._native import _has_kernel
-from sparse_attn.methods.moba import KeyShortConv, moba_route, moba_route_reference
+from sparse_attn.methods.moba import (
+    KeyShortConv,
+    moba_route,
+    moba_route_reference,
+    moba_route_varlen,
+    moba_route_varlen_reference,
+)
 
 NATIVE_CPU = _has_kernel("moba_route", "CPU")
 needs_native = pytest.mark.skipif(not NATIVE_CPU, reason="native CPU moba_route not built")
+needs_native_varlen = pytest.mark.skipif(
+    not _has_kernel("moba_route_varlen", "CPU"), reason="native CPU moba_route_varlen not built"
+)
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -233,6 +242,135 @@ def test_native_op_rejects_bad_arguments():
         torch.ops.sparse_attn.moba_route(torch.zeros(1, 2, 17, 4), k, 4, 2, True)
 
 
+# ---------------------------------------------------------------------------------- packed sequences
+# (query length, key length) per sequence: an empty sequence, Lq < Lk (chunked prefill), keys
+# without queries, a decode row, ragged last blocks, and one sequence longer than the rest. Every
+# ragged block of block sizes 2 to 16 has a power-of-two length, so block means are exact.
+PACKED_LENGTHS = [(5, 20), (0, 0), (17, 17), (40, 66), (0, 18), (1, 33), (2, 2)]
+
+
+def packed_int_qk(rng, lengths, q_heads, kv_heads, dim, dtype):
+    """Packed small-integer q (total_q, Hq, D), k (total_k, Hkv, D) and int32 offsets of `lengths`."""
+    q_lens, k_lens = zip(*lengths)
+    q = torch.randint(-3, 4, (sum(q_lens), q_heads, dim), generator=rng).to(dtype)
+    k = torch.randint(-3, 4, (sum(k_lens), kv_heads, dim), generator=rng).to(dtype)
+
+    def offsets(lens):
+        return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+
+    return q, k, offsets(q_lens), offsets(k_lens), max(q_lens)
+
+
+def test_varlen_reference_routes_each_sequence_alone(rng):
+    q, k, cu_q, cu_k, max_q = packed_int_qk(rng, PACKED_LENGTHS, 4, 2, 8, torch.float32)
+    routes = moba_route_varlen_reference(q, k, cu_q, cu_k, max_q + 2, block_size=4, topk=3)
+    assert routes.shape == (len(PACKED_LENGTHS), 4, max_q + 2, 3)
+    for i, (q_len, _) in enumerate(PACKED_LENGTHS):
+        seq_q = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)[None]
+        seq_k = k[cu_k[i] : cu_k[i + 1]].transpose(0, 1)[None]
+        if q_len:  # the checker needs at least one row
+            check_routing_rules(
+                seq_q, seq_k, routes[i : i + 1, :, :q_len], block_size=4, topk=3, causal=True, rel_eps=0
+            )
+        assert bool((routes[i, :, q_len:] == -1).all()), "rows past a sequence must be -1"
+
+
+@needs_native_varlen
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 4), (4, 1)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("block_size,topk", [(4, 3), (16, 2), (2, 20), (8, 1)])
+def test_varlen_native_matches_reference_exactly(rng, dtype, heads, causal, block_size, topk):
+    q, k, cu_q, cu_k, max_q = packed_int_qk(rng, PACKED_LENGTHS, *heads, 8, dtype)
+    expected = moba_route_varlen_reference(q, k, cu_q, cu_k, max_q, block_size=block_size, topk=topk, causal=causal)
+    poisoned = torch.ops.sparse_attn.moba_route_varlen(q, k, cu_q, cu_k, max_q, block_size, topk, causal)
+    torch.testing.assert_close(poisoned, expected, rtol=0, atol=0)
+    got = moba_route_varlen(q, k, cu_q.long(), cu_k.long(), max_q, block_size=block_size, topk=topk, causal=causal)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@needs_native_varlen
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_varlen_native_routes_as_the_batched_op_on_each_sequence(rng, causal):
+    # Block size 3: inexact means, so this also pins the summation order to the batched op's.
+    q, k, cu_q, cu_k, max_q = packed_int_qk(rng, [(7, 10), (0, 4), (29, 29), (2, 41)], 4, 2, 8, torch.float32)
+    got = torch.ops.sparse_attn.moba_route_varlen(q, k, cu_q, cu_k, max_q, 3, 4, causal)
+    for i in range(cu_q.numel() - 1):
+        seq_q = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)[None]
+        seq_k = k[cu_k[i] : cu_k[i + 1]].transpose(0, 1)[None]
+        batched = torch.ops.sparse_attn.moba_route(seq_q, seq_k, 3, 4, causal)[0]
+        torch.testing.assert_close(got[i, :, : seq_q.shape[2]], batched, rtol=0, atol=0)
+
+
+@needs_native_varlen
+def test_varlen_native_on_gaussian_inputs_and_many_sequences(rng):
+    # 300 sequences: more (sequence, head) tasks than threads, lengths from 0 to 64.
+    lengths = [(int(n) // 2, int(n)) for n in torch.randint(0, 65, (300,), generator=rng)]
+    q_lens, k_lens = zip(*lengths)
+    q = torch.randn(sum(q_lens), 4, 16, generator=rng).to(torch.bfloat16)
+    k = torch.randn(sum(k_lens), 2, 16, generator=rng).to(torch.bfloat16)
+    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32)
+    got = moba_route_varlen(q, k, cu_q, cu_k, 32, block_size=8, topk=3, causal=False)
+    expected = moba_route_varlen_reference(q, k, cu_q, cu_k, 32, block_size=8, topk=3, causal=False)
+    assert (got != expected).any(-1).float().mean().item() < 0.01
+
+
+@needs_native_varlen
+def test_varlen_opcheck(rng):
+    q, k, cu_q, cu_k, max_q = packed_int_qk(rng, PACKED_LENGTHS, 4, 2, 8, torch.float32)
+    for causal in (True, False):
+        torch.library.opcheck(torch.ops.sparse_attn.moba_route_varlen.default, (q, k, cu_q, cu_k, max_q, 4, 3, causal))
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"q": torch.zeros(1, 6, 8, 4)}, ValueError, "q"),
+        ({"k": torch.zeros(30, 4, 4)}, ValueError, "heads"),
+        (
+            {"cu_seqlens_q": torch.tensor([0, 11, 12], dtype=torch.int32), "max_seqlen_q": 11},
+            ValueError,
+            "more queries",
+        ),
+        ({"cu_seqlens_q": torch.tensor([0, 4, 11], dtype=torch.int32)}, ValueError, "cu_seqlens_q"),
+        ({"cu_seqlens_q": torch.tensor([0, 12], dtype=torch.int32), "max_seqlen_q": 12}, ValueError, "same number"),
+        ({"cu_seqlens_q": torch.tensor([0.0, 4.0, 12.0])}, TypeError, "cu_seqlens_q"),
+        ({"max_seqlen_q": 7}, ValueError, "max_seqlen"),
+        ({"max_seqlen_q": -1}, ValueError, "max_seqlen_q"),
+        ({"block_size": 0}, ValueError, "block_size"),
+    ],
+)
+def test_varlen_bad_arguments(change, error, match):
+    args = {
+        "q": torch.zeros(12, 6, 4),
+        "k": torch.zeros(30, 2, 4),
+        "cu_seqlens_q": torch.tensor([0, 4, 12], dtype=torch.int32),
+        "cu_seqlens_k": torch.tensor([0, 10, 30], dtype=torch.int32),
+        "max_seqlen_q": 8,
+        "block_size": 4,
+        "topk": 2,
+    }
+    args.update(change)
+    positional = [args.pop(name) for name in ("q", "k", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q")]
+    with pytest.raises(error, match=match):
+        moba_route_varlen(*positional, **args)
+
+
+@needs_native_varlen
+def test_varlen_native_op_rejects_bad_offsets():
+    q, k = torch.zeros(12, 4, 4), torch.zeros(30, 2, 4)
+    cu_k = torch.tensor([0, 10, 30], dtype=torch.int32)
+    for cu_q, match in (
+        (torch.tensor([0, 11, 12], dtype=torch.int32), "Lq <= Lk"),
+        (torch.tensor([0, 4, 13], dtype=torch.int32), "end at 12"),
+        (torch.tensor([0, 8, 4, 12], dtype=torch.int32), "same number"),
+        (torch.tensor([0, 4, 12]), "int32"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=match):
+            torch.ops.sparse_attn.moba_route_varlen(q, k, cu_q, cu_k, 8, 4, 2, True)
+
+
 # ---------------------------------------------------------------------------------- CUDA
 @pytest.mark.gpu
 def test_cuda_route_at_flashmoba_benchmark_shape(rng):
@@ -279,6 +417,21 @@ def test_cuda_matches_reference_on_odd_shapes(rng, dtype):
     for causal, topk in ((True, 66), (False, 65)):  # 65 ranked blocks
         with pytest.raises(RuntimeError, match="at most 64"):
             moba_route(q, k, block_size=1, topk=topk, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_varlen_matches_reference(rng, dtype):
+    assert _has_kernel("moba_route_varlen", "CUDA"), "the CUDA moba_route_varlen op was not built"
+    # Head dims across the 128-wide tile, sequences longer than a CTA's rows, empty sequences.
+    lengths = PACKED_LENGTHS + [(300, 520), (129, 129), (0, 4)]
+    for q_heads, kv_heads, dim, block_size, topk, causal in ((4, 2, 8, 4, 3, True), (3, 1, 200, 16, 9, False)):
+        q, k, cu_q, cu_k, max_q = packed_int_qk(rng, lengths, q_heads, kv_heads, dim, dtype)
+        expected = moba_route_varlen_reference(q, k, cu_q, cu_k, max_q, block_size=block_size, topk=topk, causal=causal)
+        dev = [t.cuda() for t in (q, k, cu_q, cu_k)]
+        got = moba_route_varlen(*dev, max_q, block_size=block_size, topk=topk, causal=causal).cpu()
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.sparse_attn.moba_route_varlen.default, (*dev, max_q, 16, 9, False))
 
 
 # ---------------------------------------------------------------------------------- KeyShortConv

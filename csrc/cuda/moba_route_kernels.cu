@@ -56,26 +56,59 @@ struct RouteShape {
   int64_t q_heads;
   int64_t kv_heads;
   int64_t group;  // q_heads / kv_heads
-  int64_t q_len;
+  int64_t max_q_len;  // rows per (sequence, query head) in out
   int64_t head_dim;
   int64_t block_size;
-  int64_t num_blocks;
   int64_t topk;
-  int64_t position_offset;  // kv_len - q_len: row r sits at position r + position_offset
-  int64_t tiles_per_head;   // ceil(q_len / blockDim.x)
-  int64_t num_tiles;        // batch * q_heads * tiles_per_head
-  int ranked;               // top-k list length per row (moba_ranked_blocks)
+  int64_t q_row_stride;       // elements between consecutive rows of one head
+  int64_t q_head_stride;      // elements between query heads
+  int64_t means_head_stride;  // elements between KV heads in block_means (blocks are head_dim apart)
+  // Batched layout (cu_seqlens_q == nullptr): every sequence has max_q_len rows and kv_len keys.
+  int64_t q_seq_stride;
+  int64_t means_seq_stride;
+  int64_t kv_len;
+  // Packed layout: sequence s holds query rows [cu_seqlens_q[s], cu_seqlens_q[s + 1]) and keys
+  // [cu_seqlens_k[s], cu_seqlens_k[s + 1]); its block means start at block block_begin[s].
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
+  const int64_t* block_begin;
+  int64_t tiles_per_head;   // ceil(max_q_len / blockDim.x)
+  int64_t num_tiles;        // num_seqs * q_heads * tiles_per_head
+  int ranked;               // top-k list length per row (moba_ranked_blocks of the longest sequence)
   bool causal;
 };
 
-__device__ __forceinline__ int64_t current_block(const RouteShape& shape, int64_t row) {
-  return (row + shape.position_offset) / shape.block_size;
+// One sequence: where its rows and block means start, and its lengths.
+struct RouteSequence {
+  int64_t q_offset;
+  int64_t means_offset;
+  int64_t q_len;
+  int64_t position_offset;  // kv_len - q_len: row r sits at position r + position_offset
+  int64_t num_blocks;
+};
+
+__device__ __forceinline__ RouteSequence route_sequence(const RouteShape& shape, int64_t seq) {
+  if (shape.cu_seqlens_q == nullptr) {
+    return {seq * shape.q_seq_stride, seq * shape.means_seq_stride, shape.max_q_len, shape.kv_len - shape.max_q_len,
+            (shape.kv_len + shape.block_size - 1) / shape.block_size};
+  }
+  const int64_t q_begin = shape.cu_seqlens_q[seq];
+  const int64_t q_len = shape.cu_seqlens_q[seq + 1] - q_begin;
+  const int64_t kv_len = shape.cu_seqlens_k[seq + 1] - shape.cu_seqlens_k[seq];
+  const int64_t first_block = shape.block_begin[seq];
+  // The host validated q_len <= max_q_len; min() keeps a bad offset from writing past out.
+  return {q_begin * shape.q_row_stride, first_block * shape.head_dim, min(q_len, shape.max_q_len), kv_len - q_len,
+          shape.block_begin[seq + 1] - first_block};
+}
+
+__device__ __forceinline__ int64_t current_block(const RouteShape& shape, const RouteSequence& seq, int64_t row) {
+  return (row + seq.position_offset) / shape.block_size;
 }
 
 // Blocks a row ranks by score: causal rows the blocks entirely before their position
 // ((i + 1) * block_size <= position  <=>  i < current block), others every block.
-__device__ __forceinline__ int64_t candidate_blocks(const RouteShape& shape, int64_t row) {
-  return shape.causal ? current_block(shape, row) : shape.num_blocks;
+__device__ __forceinline__ int64_t candidate_blocks(const RouteShape& shape, const RouteSequence& seq, int64_t row) {
+  return shape.causal ? current_block(shape, seq, row) : seq.num_blocks;
 }
 
 // One thread's top-k list in shared memory: entry j at [j * stride], in rank order.
@@ -128,17 +161,20 @@ __global__ void __launch_bounds__(kMaxRouteThreads)
   const int rows_per_cta = static_cast<int>(blockDim.x);
 
   for (int64_t work = blockIdx.x; work < shape.num_tiles; work += gridDim.x) {
-    const int64_t head = work / shape.tiles_per_head;  // batch * q_heads + query head
+    const int64_t head = work / shape.tiles_per_head;  // sequence * q_heads + query head
+    const RouteSequence seq = route_sequence(shape, head / shape.q_heads);
+    const int64_t q_head = head % shape.q_heads;
     const int64_t first_row = (work % shape.tiles_per_head) * rows_per_cta;
+    if (first_row >= seq.q_len) continue;  // uniform across the CTA: a short packed sequence
     const int64_t row = first_row + threadIdx.x;
-    const bool active = row < shape.q_len;
+    const bool active = row < seq.q_len;
     // Candidate counts grow with the row, so the CTA's last row bounds the tile loop.
-    const int64_t last_row = min(first_row + rows_per_cta, shape.q_len) - 1;
-    const int64_t cta_candidates = shape.ranked > 0 ? candidate_blocks(shape, last_row) : 0;
-    const int64_t row_candidates = active ? candidate_blocks(shape, row) : 0;
-    const int64_t kv_head = (head / shape.q_heads) * shape.kv_heads + (head % shape.q_heads) / shape.group;
-    const Accum* head_means = block_means + kv_head * shape.num_blocks * shape.head_dim;
-    const Scalar* q_row = q + (head * shape.q_len + (active ? row : first_row)) * shape.head_dim;
+    const int64_t last_row = min(first_row + rows_per_cta, seq.q_len) - 1;
+    const int64_t cta_candidates = shape.ranked > 0 ? candidate_blocks(shape, seq, last_row) : 0;
+    const int64_t row_candidates = active ? candidate_blocks(shape, seq, row) : 0;
+    const Accum* head_means = block_means + seq.means_offset + (q_head / shape.group) * shape.means_head_stride;
+    const Scalar* q_row =
+        q + seq.q_offset + q_head * shape.q_head_stride + (active ? row : first_row) * shape.q_row_stride;
     TopKList<Accum> best{list_scores + threadIdx.x, list_blocks + threadIdx.x, rows_per_cta, shape.ranked, 0};
 
     for (int64_t tile_start = 0; tile_start < cta_candidates; tile_start += kTileBlocks) {
@@ -172,10 +208,10 @@ __global__ void __launch_bounds__(kMaxRouteThreads)
 
     if (active) {
       best.sort_blocks_ascending();
-      int32_t* row_out = out + (head * shape.q_len + row) * shape.topk;
+      int32_t* row_out = out + (head * shape.max_q_len + row) * shape.topk;
       for (int i = 0; i < best.size; ++i) row_out[i] = best.blocks[i * best.stride];
       // Ranked blocks all precede the current one, so appending keeps the row ascending.
-      if (shape.causal) row_out[best.size] = static_cast<int32_t>(current_block(shape, row));
+      if (shape.causal) row_out[best.size] = static_cast<int32_t>(current_block(shape, seq, row));
     }
   }
 }
@@ -189,59 +225,108 @@ int route_threads(int64_t ranked, size_t bytes_per_entry) {
   return threads;
 }
 
-}  // namespace
-
+// Fills out with -1 and, when any block is ranked, launches the routing kernel over
+// shape.num_tiles work items; shape's launch fields (tiles, ranked) are set here.
 template <typename Scalar>
-cudaError_t moba_route(const Scalar* q, const Scalar* k, typename PooledType<Scalar>::type* block_means, int64_t batch,
-                       int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
-                       int64_t block_size, int64_t topk, bool causal, int32_t* out, cudaStream_t stream) {
+cudaError_t launch_route(const Scalar* q, const typename PooledType<Scalar>::type* block_means, RouteShape shape,
+                         int64_t num_seqs, int64_t ranked, int32_t* out, cudaStream_t stream) {
   using Accum = typename PooledType<Scalar>::type;
-  const bool valid_shape = batch >= 0 && q_heads >= 0 && kv_heads >= 1 && q_heads % kv_heads == 0 && q_len >= 0 &&
-                           q_len <= kv_len && head_dim >= 0 && block_size >= 1 && topk >= 1;
-  if (!valid_shape) return cudaErrorInvalidValue;
-  const int64_t num_blocks = ceil_div(kv_len, block_size);
-  const int64_t ranked = moba_ranked_blocks(num_blocks, topk, causal);
-  if (num_blocks > std::numeric_limits<int32_t>::max() || ranked > kMaxMobaRankedBlocks) return cudaErrorInvalidValue;
-  const int64_t rows = batch * q_heads * q_len;
-  if (rows == 0) return cudaSuccess;
-
-  cudaError_t status = cudaMemsetAsync(out, 0xff, static_cast<size_t>(rows * topk) * sizeof(int32_t), stream);
+  const int64_t out_rows = num_seqs * shape.q_heads * shape.max_q_len;
+  if (out_rows == 0) return cudaSuccess;
+  cudaError_t status = cudaMemsetAsync(out, 0xff, static_cast<size_t>(out_rows * shape.topk) * sizeof(int32_t), stream);
   if (status != cudaSuccess) return status;
-  if (ranked > 0) {  // otherwise every row selects only its current block: no scores needed
-    status = block_mean_pool(k, block_means, batch * kv_heads, kv_len, head_dim, block_size, stream);
-    if (status != cudaSuccess) return status;
-  }
-
   const size_t bytes_per_entry = sizeof(Accum) + sizeof(int32_t);
   const int threads = route_threads(ranked, bytes_per_entry);
-  RouteShape shape{};
-  shape.q_heads = q_heads;
-  shape.kv_heads = kv_heads;
-  shape.group = q_heads / kv_heads;
-  shape.q_len = q_len;
-  shape.head_dim = head_dim;
-  shape.block_size = block_size;
-  shape.num_blocks = num_blocks;
-  shape.topk = topk;
-  shape.position_offset = kv_len - q_len;
-  shape.tiles_per_head = ceil_div(q_len, threads);
-  shape.num_tiles = batch * q_heads * shape.tiles_per_head;
+  shape.tiles_per_head = ceil_div(shape.max_q_len, threads);
+  shape.num_tiles = num_seqs * shape.q_heads * shape.tiles_per_head;
   shape.ranked = static_cast<int>(ranked);
-  shape.causal = causal;
   const size_t smem_bytes = static_cast<size_t>(ranked) * threads * bytes_per_entry;
   const unsigned grid = static_cast<unsigned>(std::min(shape.num_tiles, kMaxGridBlocks));
   moba_route_kernel<Scalar><<<grid, threads, smem_bytes, stream>>>(q, block_means, shape, out);
   return cudaGetLastError();
 }
 
-template cudaError_t moba_route<__half>(const __half*, const __half*, float*, int64_t, int64_t, int64_t, int64_t,
-                                        int64_t, int64_t, int64_t, int64_t, bool, int32_t*, cudaStream_t);
-template cudaError_t moba_route<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*, float*, int64_t, int64_t,
-                                               int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int32_t*,
-                                               cudaStream_t);
-template cudaError_t moba_route<float>(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                       int64_t, int64_t, int64_t, bool, int32_t*, cudaStream_t);
-template cudaError_t moba_route<double>(const double*, const double*, double*, int64_t, int64_t, int64_t, int64_t,
-                                        int64_t, int64_t, int64_t, int64_t, bool, int32_t*, cudaStream_t);
+RouteShape route_shape(int64_t q_heads, int64_t kv_heads, int64_t max_q_len, int64_t head_dim, int64_t block_size,
+                       int64_t topk, bool causal) {
+  RouteShape shape{};
+  shape.q_heads = q_heads;
+  shape.kv_heads = kv_heads;
+  shape.group = q_heads / kv_heads;
+  shape.max_q_len = max_q_len;
+  shape.head_dim = head_dim;
+  shape.block_size = block_size;
+  shape.topk = topk;
+  shape.causal = causal;
+  return shape;
+}
+
+}  // namespace
+
+template <typename Scalar>
+cudaError_t moba_route(const Scalar* q, const Scalar* k, typename PooledType<Scalar>::type* block_means, int64_t batch,
+                       int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
+                       int64_t block_size, int64_t topk, bool causal, int32_t* out, cudaStream_t stream) {
+  const bool valid_shape = batch >= 0 && q_heads >= 0 && kv_heads >= 1 && q_heads % kv_heads == 0 && q_len >= 0 &&
+                           q_len <= kv_len && head_dim >= 0 && block_size >= 1 && topk >= 1;
+  if (!valid_shape) return cudaErrorInvalidValue;
+  const int64_t num_blocks = ceil_div(kv_len, block_size);
+  const int64_t ranked = moba_ranked_blocks(num_blocks, topk, causal);
+  if (num_blocks > std::numeric_limits<int32_t>::max() || ranked > kMaxMobaRankedBlocks) return cudaErrorInvalidValue;
+  if (batch * q_heads * q_len == 0) return cudaSuccess;
+  if (ranked > 0) {  // otherwise every row selects only its current block: no scores needed
+    const cudaError_t status = block_mean_pool(k, block_means, batch * kv_heads, kv_len, head_dim, block_size, stream);
+    if (status != cudaSuccess) return status;
+  }
+  RouteShape shape = route_shape(q_heads, kv_heads, q_len, head_dim, block_size, topk, causal);
+  shape.q_row_stride = head_dim;
+  shape.q_head_stride = q_len * head_dim;
+  shape.means_head_stride = num_blocks * head_dim;
+  shape.q_seq_stride = q_heads * q_len * head_dim;
+  shape.means_seq_stride = kv_heads * num_blocks * head_dim;
+  shape.kv_len = kv_len;
+  return launch_route(q, block_means, shape, batch, ranked, out, stream);
+}
+
+template <typename Scalar>
+cudaError_t moba_route_varlen(const Scalar* q, const Scalar* k, typename PooledType<Scalar>::type* block_means,
+                              const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k, const int64_t* block_begin,
+                              int64_t num_seqs, int64_t total_blocks, int64_t max_blocks, int64_t q_heads,
+                              int64_t kv_heads, int64_t max_q_len, int64_t head_dim, int64_t block_size, int64_t topk,
+                              bool causal, int32_t* out, cudaStream_t stream) {
+  const bool valid_shape = num_seqs >= 0 && total_blocks >= 0 && max_blocks >= 0 && q_heads >= 0 && kv_heads >= 1 &&
+                           q_heads % kv_heads == 0 && max_q_len >= 0 && head_dim >= 0 && block_size >= 1 && topk >= 1;
+  if (!valid_shape) return cudaErrorInvalidValue;
+  const int64_t ranked = moba_ranked_blocks(max_blocks, topk, causal);
+  if (max_blocks > std::numeric_limits<int32_t>::max() || ranked > kMaxMobaRankedBlocks) return cudaErrorInvalidValue;
+  if (num_seqs * q_heads * max_q_len == 0) return cudaSuccess;
+  if (ranked > 0) {
+    const cudaError_t status =
+        block_mean_pool_varlen(k, block_means, cu_seqlens_k, block_begin, num_seqs, total_blocks, kv_heads, head_dim,
+                               block_size, stream);
+    if (status != cudaSuccess) return status;
+  }
+  RouteShape shape = route_shape(q_heads, kv_heads, max_q_len, head_dim, block_size, topk, causal);
+  shape.q_row_stride = q_heads * head_dim;
+  shape.q_head_stride = head_dim;
+  shape.means_head_stride = total_blocks * head_dim;
+  shape.cu_seqlens_q = cu_seqlens_q;
+  shape.cu_seqlens_k = cu_seqlens_k;
+  shape.block_begin = block_begin;
+  return launch_route(q, block_means, shape, num_seqs, ranked, out, stream);
+}
+
+#define SPARSE_ATTN_INSTANTIATE_MOBA_ROUTE(Scalar)                                                                  \
+  template cudaError_t moba_route<Scalar>(const Scalar*, const Scalar*, PooledType<Scalar>::type*, int64_t, int64_t,  \
+                                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int32_t*,      \
+                                          cudaStream_t);                                                             \
+  template cudaError_t moba_route_varlen<Scalar>(const Scalar*, const Scalar*, PooledType<Scalar>::type*,            \
+                                                 const int32_t*, const int32_t*, const int64_t*, int64_t, int64_t,   \
+                                                 int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, \
+                                                 int32_t*, cudaStream_t);
+
+SPARSE_ATTN_INSTANTIATE_MOBA_ROUTE(__half)
+SPARSE_ATTN_INSTANTIATE_MOBA_ROUTE(__nv_bfloat16)
+SPARSE_ATTN_INSTANTIATE_MOBA_ROUTE(float)
+SPARSE_ATTN_INSTANTIATE_MOBA_ROUTE(double)
 
 }  // namespace sparse_attn::cuda

@@ -3,9 +3,10 @@
 // Plain CUDA, no torch headers; csrc/cuda/moba_route_cuda.cpp is the torch glue. The launcher
 // follows the conventions listed in selection_kernels.h.
 //
-// Pipeline: block_mean_pool (selection_kernels.h) writes the block means of every KV head into a
-// caller-provided workspace; one kernel then scores and ranks them, one thread per query row,
-// keeping an insertion-sorted top-k in shared memory. Scores never reach global memory.
+// Pipeline: block_mean_pool or block_mean_pool_varlen (selection_kernels.h) writes the block means
+// of every KV head into a caller-provided workspace; one kernel then scores and ranks them, one
+// thread per query row, keeping an insertion-sorted top-k in shared memory. Scores never reach
+// global memory.
 //
 // Limits: min(topk, num_blocks) - (causal ? 1 : 0) <= kMaxMobaRankedBlocks (the length of a row's
 // top-k list); the output may still be wider (topk > num_blocks pads with -1). Block indices
@@ -37,5 +38,20 @@ template <typename Scalar>
 cudaError_t moba_route(const Scalar* q, const Scalar* k, typename PooledType<Scalar>::type* block_means, int64_t batch,
                        int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
                        int64_t block_size, int64_t topk, bool causal, int32_t* out, cudaStream_t stream);
+
+// Packed sequences: q [total_q, q_heads, head_dim], k [total_k, kv_heads, head_dim] (contiguous);
+// sequence s holds query rows [cu_seqlens_q[s], cu_seqlens_q[s + 1]) and keys
+// [cu_seqlens_k[s], cu_seqlens_k[s + 1]), with Lq <= Lk and Lq <= max_q_len, and owns the blocks
+// [block_begin[s], block_begin[s + 1]) (int64 [num_seqs + 1], ceil(Lk / block_size) each; total_blocks
+// in all, at most max_blocks per sequence). -> out [num_seqs, q_heads, max_q_len, topk] int32: each
+// sequence routed as moba_route routes one batch entry, rows past Lq -1. block_means: workspace of
+// kv_heads * total_blocks * head_dim elements. The offsets are trusted (the glue validates them on
+// the host); the limits above apply with max_blocks.
+template <typename Scalar>
+cudaError_t moba_route_varlen(const Scalar* q, const Scalar* k, typename PooledType<Scalar>::type* block_means,
+                              const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k, const int64_t* block_begin,
+                              int64_t num_seqs, int64_t total_blocks, int64_t max_blocks, int64_t q_heads,
+                              int64_t kv_heads, int64_t max_q_len, int64_t head_dim, int64_t block_size, int64_t topk,
+                              bool causal, int32_t* out, cudaStream_t stream);
 
 }  // namespace sparse_attn::cuda

@@ -254,6 +254,52 @@ __device__ __forceinline__ float to_accumulator(__nv_bfloat16 x) { return __bflo
 __device__ __forceinline__ float to_accumulator(float x) { return x; }
 __device__ __forceinline__ double to_accumulator(double x) { return x; }
 
+// Where the keys of output row `out_row` (head * blocks_per_head + block) live. Batched keys are
+// [heads, seq_len, head_dim]. Packed keys (cu_seqlens != nullptr) are [total, heads, head_dim];
+// their blocks restart at every sequence start, sequence s owning the blocks
+// [block_begin[s], block_begin[s + 1]).
+struct KeyBlocks {
+  int64_t blocks_per_head;
+  int64_t heads;
+  int64_t head_dim;
+  int64_t block_size;
+  int64_t seq_len;  // batched only
+  const int32_t* cu_seqlens;
+  const int64_t* block_begin;
+  int64_t num_seqs;
+};
+
+struct KeyBlock {
+  int64_t offset;      // element offset of the block's first key
+  int64_t len;         // its real number of keys
+  int64_t row_stride;  // elements between consecutive keys
+};
+
+__device__ __forceinline__ KeyBlock key_block(const KeyBlocks& blocks, int64_t out_row) {
+  const int64_t head = out_row / blocks.blocks_per_head;
+  const int64_t block = out_row % blocks.blocks_per_head;
+  if (blocks.cu_seqlens == nullptr) {
+    const int64_t first = block * blocks.block_size;
+    return {(head * blocks.seq_len + first) * blocks.head_dim, min(blocks.block_size, blocks.seq_len - first),
+            blocks.head_dim};
+  }
+  // The sequence owning the block: the last s with block_begin[s] <= block (never an empty one,
+  // whose successor starts at the same block).
+  int64_t lo = 0, hi = blocks.num_seqs;  // block_begin[lo] <= block < block_begin[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (blocks.block_begin[mid] <= block) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const int64_t first = blocks.cu_seqlens[lo] + (block - blocks.block_begin[lo]) * blocks.block_size;
+  const int64_t row_stride = blocks.heads * blocks.head_dim;
+  return {first * row_stride + head * blocks.head_dim, min(blocks.block_size, blocks.cu_seqlens[lo + 1] - first),
+          row_stride};
+}
+
 // One block per output row (a key block of one head). threadIdx.x walks head_dim in vectors of
 // kVec elements (coalesced 16-byte loads when kVec > 1); threadIdx.y splits the block's keys so
 // that small head dims still use the whole block; a fixed-order shared-memory reduction over y
@@ -261,21 +307,19 @@ __device__ __forceinline__ double to_accumulator(double x) { return x; }
 template <typename Key, int kVec>
 __global__ void __launch_bounds__(kPoolThreads)
     block_mean_pool_kernel(const Key* __restrict__ keys, typename PooledType<Key>::type* __restrict__ out,
-                           int64_t out_rows, int64_t blocks_per_head, int64_t seq_len, int64_t head_dim,
-                           int64_t block_size) {
+                           int64_t out_rows, KeyBlocks blocks) {
   using Accum = typename PooledType<Key>::type;
   using Vector = AlignedVector<Key, kVec>;
   // Layout [y][element of vector][x]: consecutive x are consecutive words, free of bank conflicts.
   Accum* partial_sums = reinterpret_cast<Accum*>(dynamic_smem);
+  const int64_t head_dim = blocks.head_dim;
   const int64_t vectors_per_key = head_dim / kVec;
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
 
   for (int64_t out_row = blockIdx.x; out_row < out_rows; out_row += gridDim.x) {
-    const int64_t head = out_row / blocks_per_head;
-    const int64_t first_key = (out_row % blocks_per_head) * block_size;
-    const int64_t block_len = seq_len - first_key < block_size ? seq_len - first_key : block_size;
-    const Key* block_keys = keys + (head * seq_len + first_key) * head_dim;
+    const KeyBlock block = key_block(blocks, out_row);
+    const Key* block_keys = keys + block.offset;
     Accum* row_out = out + out_row * head_dim;
 
     for (int64_t vector_base = 0; vector_base < vectors_per_key; vector_base += blockDim.x) {
@@ -284,8 +328,9 @@ __global__ void __launch_bounds__(kPoolThreads)
 #pragma unroll
       for (int e = 0; e < kVec; ++e) sums[e] = Accum(0);
       if (vector < vectors_per_key) {
-        for (int64_t key = ty; key < block_len; key += blockDim.y) {
-          const Vector loaded = *reinterpret_cast<const Vector*>(block_keys + key * head_dim + vector * kVec);
+        for (int64_t key = ty; key < block.len; key += blockDim.y) {
+          const Vector loaded =
+              *reinterpret_cast<const Vector*>(block_keys + key * block.row_stride + vector * kVec);
 #pragma unroll
           for (int e = 0; e < kVec; ++e) sums[e] += to_accumulator(loaded.elements[e]);
         }
@@ -303,7 +348,7 @@ __global__ void __launch_bounds__(kPoolThreads)
         __syncthreads();  // the next vector chunk or row overwrites partial_sums
       }
       if (ty == 0 && vector < vectors_per_key) {
-        const Accum len = static_cast<Accum>(block_len);
+        const Accum len = static_cast<Accum>(block.len);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) row_out[vector * kVec + e] = sums[e] / len;
       }
@@ -313,17 +358,28 @@ __global__ void __launch_bounds__(kPoolThreads)
 
 template <typename Key, int kVec>
 cudaError_t launch_block_mean_pool(const Key* keys, typename PooledType<Key>::type* out, int64_t out_rows,
-                                   int64_t blocks_per_head, int64_t seq_len, int64_t head_dim, int64_t block_size,
-                                   cudaStream_t stream) {
+                                   const KeyBlocks& blocks, cudaStream_t stream) {
   using Accum = typename PooledType<Key>::type;
-  const int64_t vectors_per_key = head_dim / kVec;
+  const int64_t vectors_per_key = blocks.head_dim / kVec;
   const int threads_x = static_cast<int>(std::min<int64_t>(vectors_per_key, kPoolThreads));
   // More y threads than keys per block would only idle.
-  const int threads_y = static_cast<int>(std::clamp<int64_t>(kPoolThreads / threads_x, 1, block_size));
+  const int threads_y = static_cast<int>(std::clamp<int64_t>(kPoolThreads / threads_x, 1, blocks.block_size));
   const size_t smem_bytes = threads_y > 1 ? size_t(threads_x) * threads_y * kVec * sizeof(Accum) : 0;
   block_mean_pool_kernel<Key, kVec><<<grid_for(out_rows, 1), dim3(threads_x, threads_y), smem_bytes, stream>>>(
-      keys, out, out_rows, blocks_per_head, seq_len, head_dim, block_size);
+      keys, out, out_rows, blocks);
   return cudaGetLastError();
+}
+
+// 16-byte loads when every key row allows them (row strides are multiples of head_dim).
+template <typename Key>
+cudaError_t pool_key_blocks(const Key* keys, typename PooledType<Key>::type* out, int64_t out_rows,
+                            const KeyBlocks& blocks, cudaStream_t stream) {
+  if (out_rows == 0 || blocks.head_dim == 0) return cudaSuccess;
+  constexpr int kWideVec = 16 / sizeof(Key);
+  if (blocks.head_dim % kWideVec == 0 && reinterpret_cast<uintptr_t>(keys) % 16 == 0) {
+    return launch_block_mean_pool<Key, kWideVec>(keys, out, out_rows, blocks, stream);
+  }
+  return launch_block_mean_pool<Key, 1>(keys, out, out_rows, blocks, stream);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -542,17 +598,29 @@ template <typename Key>
 cudaError_t block_mean_pool(const Key* keys, typename PooledType<Key>::type* out, int64_t batch_heads,
                             int64_t seq_len, int64_t head_dim, int64_t block_size, cudaStream_t stream) {
   if (batch_heads < 0 || seq_len < 0 || head_dim < 0 || block_size <= 0) return cudaErrorInvalidValue;
-  const int64_t blocks_per_head = ceil_div(seq_len, block_size);
-  const int64_t out_rows = batch_heads * blocks_per_head;
-  if (out_rows == 0 || head_dim == 0) return cudaSuccess;
-  constexpr int kWideVec = 16 / sizeof(Key);  // 16-byte loads
-  const bool can_load_wide = head_dim % kWideVec == 0 && reinterpret_cast<uintptr_t>(keys) % 16 == 0;
-  if (can_load_wide) {
-    return launch_block_mean_pool<Key, kWideVec>(keys, out, out_rows, blocks_per_head, seq_len, head_dim,
-                                                 block_size, stream);
-  }
-  return launch_block_mean_pool<Key, 1>(keys, out, out_rows, blocks_per_head, seq_len, head_dim, block_size,
-                                        stream);
+  KeyBlocks blocks{};
+  blocks.blocks_per_head = ceil_div(seq_len, block_size);
+  blocks.heads = batch_heads;
+  blocks.head_dim = head_dim;
+  blocks.block_size = block_size;
+  blocks.seq_len = seq_len;
+  return pool_key_blocks(keys, out, batch_heads * blocks.blocks_per_head, blocks, stream);
+}
+
+template <typename Key>
+cudaError_t block_mean_pool_varlen(const Key* keys, typename PooledType<Key>::type* out, const int32_t* cu_seqlens,
+                                   const int64_t* block_begin, int64_t num_seqs, int64_t total_blocks, int64_t heads,
+                                   int64_t head_dim, int64_t block_size, cudaStream_t stream) {
+  if (num_seqs < 0 || total_blocks < 0 || heads < 0 || head_dim < 0 || block_size <= 0) return cudaErrorInvalidValue;
+  KeyBlocks blocks{};
+  blocks.blocks_per_head = total_blocks;
+  blocks.heads = heads;
+  blocks.head_dim = head_dim;
+  blocks.block_size = block_size;
+  blocks.cu_seqlens = cu_seqlens;
+  blocks.block_begin = block_begin;
+  blocks.num_seqs = num_seqs;
+  return pool_key_blocks(keys, out, heads * total_blocks, blocks, stream);
 }
 
 template <typename Score>
@@ -631,6 +699,15 @@ template cudaError_t block_mean_pool<__nv_bfloat16>(const __nv_bfloat16*, float*
                                                     cudaStream_t);
 template cudaError_t block_mean_pool<float>(const float*, float*, int64_t, int64_t, int64_t, int64_t, cudaStream_t);
 template cudaError_t block_mean_pool<double>(const double*, double*, int64_t, int64_t, int64_t, int64_t, cudaStream_t);
+template cudaError_t block_mean_pool_varlen<__half>(const __half*, float*, const int32_t*, const int64_t*, int64_t,
+                                                    int64_t, int64_t, int64_t, int64_t, cudaStream_t);
+template cudaError_t block_mean_pool_varlen<__nv_bfloat16>(const __nv_bfloat16*, float*, const int32_t*,
+                                                           const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                                           cudaStream_t);
+template cudaError_t block_mean_pool_varlen<float>(const float*, float*, const int32_t*, const int64_t*, int64_t,
+                                                   int64_t, int64_t, int64_t, int64_t, cudaStream_t);
+template cudaError_t block_mean_pool_varlen<double>(const double*, double*, const int32_t*, const int64_t*, int64_t,
+                                                    int64_t, int64_t, int64_t, int64_t, cudaStream_t);
 
 template cudaError_t topk_rows<float>(const float*, int64_t, int64_t, int64_t, int32_t*, cudaStream_t);
 template cudaError_t topk_rows<double>(const double*, int64_t, int64_t, int64_t, int32_t*, cudaStream_t);

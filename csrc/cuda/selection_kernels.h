@@ -47,6 +47,16 @@ template <typename Key>
 cudaError_t block_mean_pool(const Key* keys, typename PooledType<Key>::type* out, int64_t batch_heads,
                             int64_t seq_len, int64_t head_dim, int64_t block_size, cudaStream_t stream);
 
+// Packed keys [total, heads, head_dim] -> out [heads, total_blocks, head_dim]: the same means with
+// blocks restarting at every sequence start. Sequence s holds keys [cu_seqlens[s], cu_seqlens[s + 1])
+// and owns blocks [block_begin[s], block_begin[s + 1]) (block_begin [num_seqs + 1], int64,
+// block_begin[num_seqs] == total_blocks, each sequence's count ceil(len / block_size)). The
+// offsets are trusted: callers validate them.
+template <typename Key>
+cudaError_t block_mean_pool_varlen(const Key* keys, typename PooledType<Key>::type* out, const int32_t* cu_seqlens,
+                                   const int64_t* block_begin, int64_t num_seqs, int64_t total_blocks, int64_t heads,
+                                   int64_t head_dim, int64_t block_size, cudaStream_t stream);
+
 // scores [rows, row_len] -> out [rows, k]: per row, the indices of the up-to-k largest selectable
 // scores in rank order (descending score, ties to the lower index); -inf and NaN are never
 // selected; unused slots hold -1. k may exceed row_len. Score: float or double.

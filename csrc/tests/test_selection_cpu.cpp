@@ -443,6 +443,31 @@ void test_moba_route_errors() {
   CHECK_THROWS(sc::moba_route(floats(std::vector<double>(9, 1), {1, 1, 9, 1}), moba_keys(), 2, 2, true));
 }
 
+void test_moba_route_varlen_packed() {
+  // Two packed sequences of D = 1, block 2: keys [1, 1, 3, 3 | 2, 2, 5] (means [1, 3] and [2, 5],
+  // the second's last block ragged); queries [1, -1 | -1] (Lq 2 and 1, max_seqlen_q 2).
+  const at::Tensor keys = floats({1, 1, 3, 3, 2, 2, 5}, {7, 1, 1});
+  const at::Tensor q = floats({1, -1, -1}, {3, 1, 1});
+  const at::Tensor cu_q = ints({0, 2, 3}, {3}), cu_k = ints({0, 4, 7}, {3});
+  // Non-causal top-1: q = 1 takes the larger mean, q = -1 the smaller; seq 1's missing row is -1.
+  CHECK_INTS(sc::moba_route_varlen(q, keys, cu_q, cu_k, 2, 2, 1, false), SHAPE(2, 1, 2, 1), VALUES(1, 0, 0, -1));
+  // Causal top-2, bottom-right aligned per sequence: every row sits in its block 1 with block 0 past.
+  CHECK_INTS(sc::moba_route_varlen(q, keys, cu_q, cu_k, 2, 2, 2, true), SHAPE(2, 1, 2, 2),
+             VALUES(0, 1, 0, 1, 0, 1, -1, -1));
+}
+
+void test_moba_route_varlen_errors() {
+  const at::Tensor keys = floats({1, 1, 3, 3, 2, 2, 5}, {7, 1, 1});
+  const at::Tensor q = floats({1, -1, -1}, {3, 1, 1});
+  const at::Tensor cu_k = ints({0, 4, 7}, {3});
+  CHECK_THROWS(sc::moba_route_varlen(q, keys, ints({0, 3, 3}, {3}), cu_k, 2, 2, 1, true));  // max_seqlen_q
+  CHECK_THROWS(sc::moba_route_varlen(q, keys, ints({0, 2, 3}, {3}), ints({0, 1, 7}, {3}), 2, 2, 1, true));  // Lq > Lk
+  CHECK_THROWS(sc::moba_route_varlen(q, keys, ints({0, 2, 4}, {3}), cu_k, 2, 2, 1, true));  // past the end
+  CHECK_THROWS(sc::moba_route_varlen(q, keys, ints({0, 3}, {2}), cu_k, 3, 2, 1, true));     // sequence counts
+  CHECK_THROWS(sc::moba_route_varlen(q, keys, ints({0, 2, 3}, {3}).to(at::kLong), cu_k, 2, 2, 1, true));  // dtype
+  CHECK_THROWS(sc::moba_route_varlen(q, keys, ints({0, 2, 3}, {3}), cu_k, 2, 0, 1, true));  // block_size
+}
+
 // ---------------------------------------------------------------------------------------------
 
 struct Test {
@@ -474,6 +499,8 @@ const Test kTests[] = {
     {"moba_route_gqa_decode_row", test_moba_route_gqa_decode_row},
     {"moba_route_noncausal_ragged_and_ties", test_moba_route_noncausal_ragged_and_ties},
     {"moba_route_errors", test_moba_route_errors},
+    {"moba_route_varlen_packed", test_moba_route_varlen_packed},
+    {"moba_route_varlen_errors", test_moba_route_varlen_errors},
 };
 
 }  // namespace

@@ -8,6 +8,7 @@ from .moba import (
     moba_attn_varlen_qk,
     moba_decode,
     moba_route,
+    moba_route_varlen,
 )
 from .xattention import calibrate_xattention, xattention_attn, xattention_estimate, xattention_select
 
@@ -20,6 +21,7 @@ __all__ = [
     "moba_attn_varlen_qk",
     "moba_decode",
     "moba_route",
+    "moba_route_varlen",
     "xattention_attn",
     "xattention_estimate",
     "xattention_select",

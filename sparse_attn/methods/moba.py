@@ -11,7 +11,8 @@ against Skv keys sits at t = r + Skv - Sq), with block means kbar[i] of its KV h
   length).
 
 Ties go to the lower block index; NaN and -inf scores are never selected. Routing yields indices
-only: no gradient flows through it.
+only: no gradient flows through it. Packed sequences (`moba_route_varlen`) route each sequence as
+one batch entry, all in one native call.
 
 Attention (`moba_attn`; packed sequences through `moba_attn_varlen`, MoonshotAI's signature, and
 `moba_attn_varlen_qk` with separate query and key sequences): each query attends, with the
@@ -39,25 +40,28 @@ __all__ = [
     "moba_decode",
     "moba_route",
     "moba_route_reference",
+    "moba_route_varlen",
+    "moba_route_varlen_reference",
 ]
 
 
 # ---------------------------------------------------------------------------------- routing
-def _check_route_args(q, k, block_size, topk, causal) -> None:
-    _check_tensor(q, "q", dim=4, dtypes=_FLOAT_TYPES)
-    _check_tensor(k, "k", dim=4, dtypes=_FLOAT_TYPES)
+def _check_route_args(q, k, block_size, topk, causal, packed=False) -> None:
+    """Batched q (B, Hq, Sq, D), k (B, Hkv, Skv, D), or packed (total, H, D) when `packed`."""
+    _check_tensor(q, "q", dim=3 if packed else 4, dtypes=_FLOAT_TYPES)
+    _check_tensor(k, "k", dim=3 if packed else 4, dtypes=_FLOAT_TYPES)
     if k.dtype != q.dtype:
         raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}")
     if k.device != q.device:
         raise ValueError(f"k is on {k.device} but q is on {q.device}")
-    if k.shape[0] != q.shape[0]:
+    if not packed and k.shape[0] != q.shape[0]:
         raise ValueError(f"q batch {q.shape[0]} differs from k batch {k.shape[0]}")
-    if k.shape[3] != q.shape[3]:
-        raise ValueError(f"q head dim {q.shape[3]} differs from k head dim {k.shape[3]}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q head dim {q.shape[-1]} differs from k head dim {k.shape[-1]}")
     q_heads, kv_heads = q.shape[1], k.shape[1]
     if kv_heads == 0 or q_heads % kv_heads:
         raise ValueError(f"the number of q heads ({q_heads}) must be a multiple of the number of k heads ({kv_heads})")
-    if q.shape[2] > k.shape[2]:
+    if not packed and q.shape[2] > k.shape[2]:
         raise ValueError(f"q has more rows ({q.shape[2]}) than k ({k.shape[2]}); routing needs Sq <= Skv")
     _check_int(block_size, "block_size", 1)
     _check_int(topk, "topk", 1)
@@ -85,6 +89,45 @@ def moba_route_reference(
     """The oracle of :func:`moba_route`, literally from the definition; materialises all [B, Hq, Sq, blocks] scores."""
     means = reference.block_mean_pool_reference(k, block_size)  # fp32 (fp64) [B, Hkv, N, D]
     return _route_from_means(q, means, k.shape[2], block_size, topk, causal, reference.topk_rows_reference)
+
+
+def moba_route_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *, block_size, topk, causal=True):
+    """MoBA routing of packed sequences: int32 [num_seqs, Hq, max_seqlen_q, topk].
+
+    q (total_q, Hq, D), k (total_k, Hkv, D); `cu_seqlens_q` / `cu_seqlens_k` (int32 [num_seqs + 1],
+    on q's device) delimit each sequence's queries and keys (Lq <= Lk). Sequence s is routed as
+    :func:`moba_route` routes one batch entry: queries bottom-right aligned to its keys, blocks
+    restarting at its first key, indices relative to it. Rows past a sequence's Lq are -1. One
+    fused native op (C++ or CUDA) for all sequences when built, else
+    :func:`moba_route_varlen_reference`.
+    """
+    from .. import engine
+
+    _check_route_args(q, k, block_size, topk, causal, packed=True)
+    _check_int(max_seqlen_q, "max_seqlen_q", 0)
+    num_seqs = engine._check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
+    if engine._check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], k.shape[0], q.device) != num_seqs:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    longer = (cu_seqlens_q.diff() > cu_seqlens_k.diff()).nonzero()
+    if longer.numel():
+        i = int(longer[0])
+        raise ValueError(f"sequence {i} has more queries than keys; MoBA routing needs Lq <= Lk")
+    cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+    if _has_kernel("moba_route_varlen", "CUDA" if q.device.type == "cuda" else "CPU"):
+        return torch.ops.sparse_attn.moba_route_varlen(q, k, cu_q, cu_k, max_seqlen_q, block_size, topk, causal)
+    return moba_route_varlen_reference(q, k, cu_q, cu_k, max_seqlen_q, block_size=block_size, topk=topk, causal=causal)
+
+
+def moba_route_varlen_reference(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *, block_size, topk, causal=True):
+    """The oracle of :func:`moba_route_varlen`: :func:`moba_route_reference` on each sequence."""
+    num_seqs = cu_seqlens_q.numel() - 1
+    routes = torch.full((num_seqs, q.shape[1], max_seqlen_q, topk), -1, dtype=torch.int32, device=q.device)
+    for i, (q_span, k_span) in enumerate(zip(_pairs(cu_seqlens_q), _pairs(cu_seqlens_k))):
+        seq_q, seq_k = _sequence(q, q_span), _sequence(k, k_span)
+        routes[i, :, : q_span[1] - q_span[0]] = moba_route_reference(
+            seq_q, seq_k, block_size=block_size, topk=topk, causal=causal
+        )[0]
+    return routes
 
 
 def _route_from_means(q, means, kv_len, block_size, topk, causal, rank_rows):
@@ -199,25 +242,23 @@ def moba_attn_varlen_qk(
     num_seqs = engine._check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
     if engine._check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device) != num_seqs:
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
-    bounds = list(zip(_pairs(cu_seqlens_q), _pairs(cu_seqlens_k)))
-    for i, ((q0, q1), (k0, k1)) in enumerate(bounds):
-        if q1 - q0 > k1 - k0:
-            raise ValueError(f"sequence {i} has {q1 - q0} queries but {k1 - k0} keys; MoBA needs Lq <= Lk")
     scale = engine._default_scale(softmax_scale, q.shape[-1])
-    # Routing per sequence (each has its own bottom-right offset), into [num_seqs, Hq, max_seqlen_q, topk].
-    routes = torch.full((num_seqs, q.shape[1], max_seqlen_q, moba_topk), -1, dtype=torch.int32, device=q.device)
-    pieces = []
-    for i, ((q0, q1), (k0, k1)) in enumerate(bounds):
-        seq_q = q[q0:q1].transpose(0, 1)[None]
-        seq_k, seq_v = (t[k0:k1].transpose(0, 1)[None] for t in (k, v))
-        routes[i, :, : q1 - q0] = moba_route(
-            seq_q.detach(), seq_k.detach(), block_size=moba_chunk_size, topk=moba_topk, causal=causal
-        )[0]
-        pieces.append((seq_q, seq_k, seq_v))
+    routes = moba_route_varlen(
+        q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        block_size=moba_chunk_size, topk=moba_topk, causal=causal,
+    )  # fmt: skip
     if engine._resolve_backend(backend, q) == "reference":
         parts = [
-            _reference_in_dtype(*piece, routes[i : i + 1, :, : piece[0].shape[2]], moba_chunk_size, causal, scale)
-            for i, piece in enumerate(pieces)
+            _reference_in_dtype(
+                _sequence(q, q_span),
+                _sequence(k, k_span),
+                _sequence(v, k_span),
+                routes[i : i + 1, :, : q_span[1] - q_span[0]],
+                moba_chunk_size,
+                causal,
+                scale,
+            )  # fmt: skip
+            for i, (q_span, k_span) in enumerate(zip(_pairs(cu_seqlens_q), _pairs(cu_seqlens_k)))
         ]
         out = torch.cat([o[0].transpose(0, 1) for o, _ in parts])
         lse = torch.cat([lse[0] for _, lse in parts], dim=1)
@@ -244,6 +285,11 @@ def _check_kernel_inputs(q, block_size: int, name: str) -> None:
 def _pairs(cu_seqlens) -> list:
     bounds = cu_seqlens.tolist()
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _sequence(packed: torch.Tensor, span) -> torch.Tensor:
+    """Rows span[0]:span[1] of a packed (total, H, D) tensor as one batch entry (1, H, L, D)."""
+    return packed[span[0] : span[1]].transpose(0, 1)[None]
 
 
 def _reference_in_dtype(q, k, v, routes, block_size, causal, scale):
@@ -343,6 +389,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("sparse_attn::moba_route")
     def _(q, k, block_size, topk, causal):
         return q.new_empty((*q.shape[:3], topk), dtype=torch.int32)
+
+    @torch.library.register_fake("sparse_attn::moba_route_varlen")
+    def _(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_size, topk, causal):
+        return q.new_empty((cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, topk), dtype=torch.int32)
 
 
 if HAS_NATIVE and (_has_kernel("moba_route", "CPU") or _has_kernel("moba_route", "CUDA")):
