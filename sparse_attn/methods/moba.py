@@ -101,17 +101,26 @@ def moba_route_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *, block_s
     fused native op (C++ or CUDA) for all sequences when built, else
     :func:`moba_route_varlen_reference`.
     """
-    from .. import engine
-
     _check_route_args(q, k, block_size, topk, causal, packed=True)
     _check_int(max_seqlen_q, "max_seqlen_q", 0)
+    _check_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, k.shape[0])
+    return _route_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_size, topk, causal)
+
+
+def _check_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    """The offsets of packed q (total_q, ..) and k (total_k, ..): valid, as many of each, Lq <= Lk."""
+    from .. import engine
+
     num_seqs = engine._check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
-    if engine._check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], k.shape[0], q.device) != num_seqs:
+    if engine._check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device) != num_seqs:
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
     longer = (cu_seqlens_q.diff() > cu_seqlens_k.diff()).nonzero()
     if longer.numel():
-        i = int(longer[0])
-        raise ValueError(f"sequence {i} has more queries than keys; MoBA routing needs Lq <= Lk")
+        raise ValueError(f"sequence {int(longer[0])} has more queries than keys; MoBA routing needs Lq <= Lk")
+
+
+def _route_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_size, topk, causal):
+    """:func:`moba_route_varlen` on arguments already checked."""
     cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
     if _has_kernel("moba_route_varlen", "CUDA" if q.device.type == "cuda" else "CPU"):
         return torch.ops.sparse_attn.moba_route_varlen(q, k, cu_q, cu_k, max_seqlen_q, block_size, topk, causal)
@@ -239,14 +248,12 @@ def moba_attn_varlen_qk(
     engine._check_qkv(q, k, v, packed=True)
     _check_int(moba_chunk_size, "moba_chunk_size", 1)
     _check_int(moba_topk, "moba_topk", 1)
-    num_seqs = engine._check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
-    if engine._check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device) != num_seqs:
-        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    _check_route_args(q, k, moba_chunk_size, moba_topk, causal, packed=True)
+    _check_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = engine._default_scale(softmax_scale, q.shape[-1])
-    routes = moba_route_varlen(
-        q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        block_size=moba_chunk_size, topk=moba_topk, causal=causal,
-    )  # fmt: skip
+    routes = _route_packed(
+        q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, moba_chunk_size, moba_topk, causal
+    )
     if engine._resolve_backend(backend, q) == "reference":
         parts = [
             _reference_in_dtype(
