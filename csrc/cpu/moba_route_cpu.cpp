@@ -182,14 +182,8 @@ void pool_packed_blocks(const scalar_t* keys, const PackedSequences& packed, int
       const int64_t s = block_sequence[block];
       const int64_t first = packed.k_begin[s] + (block - packed.block_begin[s]) * block_size;
       const int64_t last = std::min(packed.k_begin[s] + packed.k_len[s], first + block_size);
-      acc_t* dst = means + job * head_dim;
-      std::fill(dst, dst + head_dim, acc_t(0));
-      for (int64_t t = first; t < last; ++t) {
-        const scalar_t* key = keys + (t * kv_heads + head) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) dst[d] += static_cast<acc_t>(key[d]);
-      }
-      const acc_t inv_len = acc_t(1) / static_cast<acc_t>(last - first);
-      for (int64_t d = 0; d < head_dim; ++d) dst[d] *= inv_len;
+      mean_of_rows(keys + (first * kv_heads + head) * head_dim, kv_heads * head_dim, last - first, head_dim,
+                   means + job * head_dim);
     }
   });
 }

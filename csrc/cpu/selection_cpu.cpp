@@ -52,14 +52,7 @@ at::Tensor block_mean_pool(const at::Tensor& keys, int64_t block_size) {
       for (int64_t job = begin; job < end; ++job) {
         const int64_t bh = job / num_blocks, blk = job % num_blocks;
         const int64_t start = blk * block_size, stop = std::min(S, start + block_size);
-        scalar_t* dst = o + job * D;
-        std::fill(dst, dst + D, scalar_t(0));
-        for (int64_t s = start; s < stop; ++s) {
-          const scalar_t* key = in + (bh * S + s) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] += key[d];
-        }
-        const scalar_t inv_len = scalar_t(1) / scalar_t(stop - start);
-        for (int64_t d = 0; d < D; ++d) dst[d] *= inv_len;
+        mean_of_rows(in + (bh * S + start) * D, D, stop - start, D, o + job * D);
       }
     });
   });

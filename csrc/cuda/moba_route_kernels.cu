@@ -54,7 +54,6 @@ __device__ __forceinline__ bool is_rankable(double x) {
 
 struct RouteShape {
   int64_t q_heads;
-  int64_t kv_heads;
   int64_t group;  // q_heads / kv_heads
   int64_t max_q_len;  // rows per (sequence, query head) in out
   int64_t head_dim;
@@ -225,8 +224,8 @@ int route_threads(int64_t ranked, size_t bytes_per_entry) {
   return threads;
 }
 
-// Fills out with -1 and, when any block is ranked, launches the routing kernel over
-// shape.num_tiles work items; shape's launch fields (tiles, ranked) are set here.
+// Fills out with -1 and launches the routing kernel (with ranked == 0 it writes only each row's
+// current block); shape's launch fields (tiles, ranked) are set here.
 template <typename Scalar>
 cudaError_t launch_route(const Scalar* q, const typename PooledType<Scalar>::type* block_means, RouteShape shape,
                          int64_t num_seqs, int64_t ranked, int32_t* out, cudaStream_t stream) {
@@ -250,7 +249,6 @@ RouteShape route_shape(int64_t q_heads, int64_t kv_heads, int64_t max_q_len, int
                        int64_t topk, bool causal) {
   RouteShape shape{};
   shape.q_heads = q_heads;
-  shape.kv_heads = kv_heads;
   shape.group = q_heads / kv_heads;
   shape.max_q_len = max_q_len;
   shape.head_dim = head_dim;
