@@ -423,8 +423,9 @@ def _block_sparse_dkdv_kernel(
         # Partial blocks: the head of the list, then its tail; rows before first_query are skipped.
         for t in range(partial_head + count - partial_tail):
             j = tl.where(t < partial_head, t, t - partial_head + partial_tail)
-            q_lo = tl.maximum(tl.load(q_list + j) * Q_BLOCK, first_query // BLOCK_M * BLOCK_M)
-            q_hi = tl.minimum(tl.load(q_list + j) * Q_BLOCK + Q_BLOCK, len_q)
+            block_start = tl.load(q_list + j) * Q_BLOCK
+            q_lo = tl.maximum(block_start, first_query // BLOCK_M * BLOCK_M)
+            q_hi = tl.minimum(block_start + Q_BLOCK, len_q)
             for start_m in range(q_lo, q_hi, BLOCK_M):
                 dk, dv = _dkdv_step(dk, dv, k, v, Q_DESC, q_rows, stride_qs, DO_DESC, o_rows, stride_os, l_head,
                                     d_head, stride_ls, desc_batch, h, q_start, start_m, len_q, len_k, offs_n,
