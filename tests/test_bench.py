@@ -71,6 +71,25 @@ EXPECTED = {
         "speedup_over_sdpa_cpu",
         "reference_fwd_bwd_ms",
     ),
+    "moba_varlen": (
+        "seq_len",
+        "documents",
+        "max_document_len",
+        "routed_pairs",
+        "mass_recall",
+        "kernel_rel_error",
+        "kernel_error_bound",
+        "error_document_len",
+        "route_fused_ms",
+        "route_per_document_ms",
+        "fused_route_speedup",
+        "moba_fwd_ms",
+        "moba_fwd_bwd_ms",
+        "moba_fwd_bwd_tflops",
+        "moba_fwd_bwd_peak_bytes",
+        "sdpa_cpu_fwd_bwd_ms",
+        "reference_fwd_bwd_ms",
+    ),
     "xattention": (
         "seq_len",
         "stride",
@@ -237,3 +256,33 @@ def test_all_records_a_failing_suite_and_goes_on(tmp_path, monkeypatch):
     text = (tmp_path / "report.md").read_text()
     assert "moba (suite failed)" in text and f"{report.FLAG}: the suite failed" in text
     assert json.loads((tmp_path / "decode.json").read_text())["results"]
+
+
+def test_document_offsets_cut_every_token_into_nonempty_documents():
+    from sparse_attn.bench.moba_varlen import document_offsets
+
+    for total, docs in ((512, 16), (100, 100), (7, 1)):
+        offsets = document_offsets(total, docs, seed=total, device="cpu")
+        assert offsets.dtype == torch.int32 and offsets.numel() == docs + 1
+        assert offsets[0] == 0 and offsets[-1] == total and bool((offsets.diff() > 0).all())
+    assert torch.equal(document_offsets(512, 16, seed=3, device="cpu"), document_offsets(512, 16, seed=3, device="cpu"))
+    with pytest.raises(ValueError, match="num_docs"):
+        document_offsets(8, 9, seed=0, device="cpu")
+
+
+def test_moba_varlen_flex_mask_is_document_causal():
+    from torch.nn.attention.flex_attention import create_mask
+
+    from sparse_attn.bench.moba_varlen import document_block_mask
+
+    offsets = torch.tensor([0, 5, 130, 131, 300], dtype=torch.int32)
+    block_mask = document_block_mask(offsets, 300, "cpu")
+    dense = create_mask(block_mask.mask_mod, None, None, 300, 300, device="cpu")[0, 0]
+    document = torch.repeat_interleave(torch.arange(4), offsets.diff().long())
+    expected = (document[:, None] == document[None, :]) & torch.ones(300, 300, dtype=torch.bool).tril()
+    assert torch.equal(dense, expected)
+    # The block lists cover every allowed pair (a block the mask needs is never skipped).
+    assert torch.equal(
+        block_mask.to_dense()[0, 0].repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :300] | ~expected,
+        torch.ones(300, 300, dtype=torch.bool),
+    )

@@ -3,6 +3,6 @@ and for the report COLUMNS, SEQ_KEY, SPEEDUP and family(row)."""
 
 from __future__ import annotations
 
-from . import decode, engine, moba, xattention
+from . import decode, engine, moba, moba_varlen, xattention
 
-SUITES = {"engine": engine, "decode": decode, "moba": moba, "xattention": xattention}
+SUITES = {"engine": engine, "decode": decode, "moba": moba, "moba_varlen": moba_varlen, "xattention": xattention}
