@@ -32,15 +32,34 @@ def _forward_outputs(q):
 
 
 def _backward_inputs(grad_out, out, q, k, v):
-    """(dO with a unit last stride, delta = rowsum(dO * O) in fp32 [B, H, S] like lse, fresh dq, dk, dv)."""
+    """(dO with a unit last stride, delta = rowsum(dO * O) in fp32 [B, H, S] like lse, q, k, v as the
+    kernels read them, and fresh dq, dk, dv with their strides)."""
     grad_out = _unit_last_stride(grad_out)  # an expanded gradient (e.g. from .sum()) has stride 0
     delta = (out.float() * grad_out.float()).sum(dim=-1).contiguous()
-    return grad_out, delta, *_poisoned(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    (q, dq), (k, dk), (v, dv) = (_with_gradient(t) for t in (q, k, v))
+    return grad_out, delta, q, k, v, *_poisoned(dq, dk, dv)
 
 
 def _unit_last_stride(t):
     """The kernels address the head dim contiguously; any other stride is fine."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _with_gradient(t):
+    """(t, an empty gradient buffer addressed by t's strides): the backward kernels write each
+    gradient with its input's strides. `empty_like` keeps the strides of a dense tensor (a packed
+    view included), not those of an expanded or sliced one: such an input is copied first."""
+    t = _unit_last_stride(t)
+    grad = torch.empty_like(t)
+    if any(a != b for a, b, size in zip(grad.stride(), t.stride(), t.shape) if size > 1):
+        t = t.contiguous()
+        grad = torch.empty_like(t)
+    return t, grad
+
+
+def _index_tensors(*tensors):
+    """Block lists and sequence offsets as the kernels read them: the last axis (or the only one) contiguous."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def _strides4(t):
@@ -114,6 +133,9 @@ def block_sparse_attn_fwd(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    kv_num_blocks, kv_indices, cu_seqlens_q, cu_seqlens_k = _index_tensors(
+        kv_num_blocks, kv_indices, cu_seqlens_q, cu_seqlens_k
+    )
     out, lse = _forward_outputs(q)
     sizes = (q_block_size, kv_block_size, seq_len_q, seq_len_kv, layout_head_div)
     _launch(
@@ -145,7 +167,10 @@ def block_sparse_attn_bwd(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_out, delta, dq, dk, dv = _backward_inputs(grad_out, out, q, k, v)
+    grad_out, delta, q, k, v, dq, dk, dv = _backward_inputs(grad_out, out, q, k, v)
+    kv_num_blocks, kv_indices, q_num_blocks, q_indices, cu_seqlens_q, cu_seqlens_k = _index_tensors(
+        kv_num_blocks, kv_indices, q_num_blocks, q_indices, cu_seqlens_q, cu_seqlens_k
+    )
     sizes = (q_block_size, kv_block_size, seq_len_q, seq_len_kv, layout_head_div)
     shared = (q, k, v, grad_out, lse)
     _launch(

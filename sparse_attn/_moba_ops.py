@@ -13,7 +13,14 @@ import torch
 import triton
 from torch.library import triton_op
 
-from ._engine_ops import _backward_inputs, _forward_outputs, _geometry, _tensor_strides, _unit_last_stride
+from ._engine_ops import (
+    _backward_inputs,
+    _forward_outputs,
+    _geometry,
+    _index_tensors,
+    _tensor_strides,
+    _unit_last_stride,
+)
 from .kernels.block_sparse_attn import LOG2E
 from .kernels.launch import descriptor_args, launcher
 from .kernels.moba_attn import _moba_dkdv_kernel, _moba_rows_kernel
@@ -142,7 +149,7 @@ def moba_attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     out, lse = _forward_outputs(q)
-    lists = (seg_start, pair_rows, cu_seqlens_q, cu_seqlens_k)
+    lists = _index_tensors(seg_start, pair_rows, cu_seqlens_q, cu_seqlens_k)
     _launch_rows(q, k, v, out, lse, None, None, *lists, block_size, rows_per_item, seq_len_q, seq_len_kv,
                  causal, softmax_scale)  # fmt: skip
     return out, lse
@@ -167,8 +174,8 @@ def moba_attn_bwd(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_out, delta, dq, dk, dv = _backward_inputs(grad_out, out, q, k, v)
-    lists = (seg_start, pair_rows, cu_seqlens_q, cu_seqlens_k)
+    grad_out, delta, q, k, v, dq, dk, dv = _backward_inputs(grad_out, out, q, k, v)
+    lists = _index_tensors(seg_start, pair_rows, cu_seqlens_q, cu_seqlens_k)
     _launch_rows(q, k, v, grad_out, lse, delta, dq, *lists, block_size, rows_per_item, seq_len_q, seq_len_kv,
                  causal, softmax_scale)  # fmt: skip
 

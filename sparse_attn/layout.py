@@ -44,7 +44,7 @@ def _as_int32(tensor, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"{name} must be an integer tensor (int32 preferred), got {tensor.dtype}")
-    return tensor.to(torch.int32)
+    return tensor.to(torch.int32).contiguous()  # the kernels read each list's last axis contiguously
 
 
 def _block_bounds(seq_len: int, block_size: int, device):

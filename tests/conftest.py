@@ -20,6 +20,21 @@ def rng(request):
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture
+def strided_views():
+    """views(q, k, v) -> (leaves, views): the same values as q, k, v through the strides callers hand
+    in, as fresh fp32 leaves: q a transposed view (head dim not contiguous), k expanded over the batch
+    (stride 0; k's batch rows must be equal), v a slice of a longer sequence."""
+
+    def views(q, k, v):
+        q_leaf = q.detach().transpose(-1, -2).contiguous().requires_grad_()
+        k_leaf = k.detach()[:1].clone().requires_grad_()
+        v_leaf = torch.cat([v.detach(), torch.zeros_like(v.detach())], dim=2).requires_grad_()
+        return (q_leaf, k_leaf, v_leaf), (q_leaf.transpose(-1, -2), k_leaf.expand_as(k), v_leaf[:, :, : v.shape[2]])
+
+    return views
+
+
 class DescriptorProbe:
     """`made`: per launch that asked for K/V tensor descriptors, whether it got them."""
 

@@ -157,6 +157,37 @@ def test_varlen_matches_per_sequence_runs(rng):
         assert max_err(g, r) < 1e-4
 
 
+def test_strided_inputs_and_index_tensors(rng, strided_views):
+    """Kernels address the head dim contiguously and write gradients with their input's strides: a
+    transposed, expanded or sliced input, non-contiguous block lists and strided offsets must give the
+    contiguous inputs' results (the wrong strides once gave NaN gradients and out-of-bounds writes)."""
+    q, k, v = make_qkv(rng, 2, 4, 2, 48, 48, 16, torch.float32)
+    k, v = (t.detach()[:1].expand_as(t).contiguous().requires_grad_() for t in (k, v))  # one batch row, as expanded
+    layout = random_layout(rng, 2, 4, 48, 48, 16, 16, 0.6)
+    indices = layout.kv_indices.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, last stride != 1
+    strided_layout = BlockSparseLayout(
+        layout.kv_num_blocks, indices, layout.q_block_size, layout.kv_block_size, layout.seq_len_q, layout.seq_len_kv
+    )
+    grad = torch.randn(q.shape, generator=rng).to(DEVICE)
+    expected = block_sparse_attn(q, k, v, layout)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    leaves, views = strided_views(q, k, v)
+    out = block_sparse_attn(*views, strided_layout)
+    grads = torch.autograd.grad(out, leaves, grad)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], expected_grads[0].transpose(-1, -2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], expected_grads[1].sum(0, keepdim=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[2][:, :, :48], expected_grads[2], rtol=1e-5, atol=1e-5)
+    assert bool((grads[2][:, :, 48:] == 0).all())
+
+    cu = torch.tensor([0, 99, 30, 99, 48], dtype=torch.int32, device=DEVICE)[::2]  # [0, 30, 48], stride 2
+    packed = [t.detach()[0].transpose(0, 1).contiguous() for t in (q, k, v)]
+    varlen_layout = random_layout(rng, 2, 4, 30, 30, 16, 16, 0.6)
+    strided = block_sparse_attn_varlen(*packed, cu, cu, 30, 30, varlen_layout)
+    contiguous = block_sparse_attn_varlen(*packed, cu.contiguous(), cu.contiguous(), 30, 30, varlen_layout)
+    assert torch.equal(strided, contiguous)
+
+
 # batch, Hq, Hkv, Sq, Skv, head dim, block, density. Head dim 40: descriptors zero-fill the padded
 # dims 40..63; ragged Skv: the last block's keys run past the sequence (zero-filled, masked).
 TMA_CASES = {

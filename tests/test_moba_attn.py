@@ -227,6 +227,29 @@ def test_varlen_matches_per_sequence_oracle(rng, case, dtype):
     assert_output_and_grads(out, ref, same, (q, k, v))
 
 
+def test_strided_inputs_and_offsets(rng, strided_views):
+    """A transposed, expanded or sliced q/k/v and strided offsets give the contiguous inputs' results."""
+    q, k, v = make_qkv(rng, 2, 4, 2, 96, 96, 16, torch.float32)
+    k, v = (t.detach()[:1].expand_as(t).contiguous().requires_grad_() for t in (k, v))
+    grad = torch.randn(q.shape, generator=rng).to(DEVICE)
+    expected = moba_attn(q, k, v, block_size=16, topk=3)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    leaves, views = strided_views(q, k, v)
+    out = moba_attn(*views, block_size=16, topk=3)
+    grads = torch.autograd.grad(out, leaves, grad)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], expected_grads[0].transpose(-1, -2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], expected_grads[1].sum(0, keepdim=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[2][:, :, :96], expected_grads[2], rtol=1e-5, atol=1e-5)
+
+    (pq, pk, pv), (cu, _) = packed_qkv(rng, [40, 56], [40, 56], 4, 2, 16, torch.float32)
+    strided_cu = torch.stack([cu, torch.full_like(cu, 999)], dim=1).view(-1)[::2]  # same values, stride 2
+    assert strided_cu.stride(0) == 2 and torch.equal(strided_cu, cu)
+    torch.testing.assert_close(
+        moba_attn_varlen(pq, pk, pv, strided_cu, 56, 16, 2), moba_attn_varlen(pq, pk, pv, cu, 56, 16, 2), rtol=0, atol=0
+    )
+
+
 def test_varlen_through_descriptors_equals_pointer_loads(rng, kernels_with_tma):
     lengths_q, lengths_k, hq, hkv, block, topk = VARLEN_CASES["chunked_and_decode"]
     (q, k, v), (cu_q, cu_k) = packed_qkv(rng, lengths_q, lengths_k, hq, hkv, 32, torch.float16)
