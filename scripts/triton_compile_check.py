@@ -123,7 +123,7 @@ def _engine_launches(dtype, dim, varlen):
     out, lse = q.clone(), torch.zeros(q.shape[:3])
     _engine_ops.block_sparse_attn_fwd(q, k, v, *args)
     q_lists = (layout.kv_num_blocks, layout.kv_indices)  # any int32 lists of the right rank
-    _engine_ops.block_sparse_attn_bwd(out, q, k, v, out, lse, *args[:2], *q_lists, *args[2:])
+    _engine_ops.block_sparse_attn_bwd(out, lse, q, k, v, out, lse, *args[:2], *q_lists, *args[2:])
 
 
 def _with_tma(launches, dtype, dim, varlen):
@@ -144,7 +144,8 @@ def _moba_launches(dtype, dim, varlen):
     _moba_ops.routed_attention(q, k, v, routes, 128, True, 0.1, 256, cu, cu)
     rows = _moba_ops.logical_rows(q, 2, 256)
     lists = (*_moba_ops.routed_pair_lists(routes, 2, 2, rows), cu, cu)
-    _moba_ops.moba_attn_bwd(q, q, k, v, q, torch.zeros(q.shape[:3]), *lists, 128, rows, 256, 256, True, 0.1)
+    lse = torch.zeros(q.shape[:3])
+    _moba_ops.moba_attn_bwd(q, lse, q, k, v, q, lse, *lists, 128, rows, 256, 256, True, 0.1)
 
 
 def _xattention_launches(dtype, dim, varlen):

@@ -31,11 +31,17 @@ def _forward_outputs(q):
     return _poisoned(torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
 
 
-def _backward_inputs(grad_out, out, q, k, v):
-    """(dO with a unit last stride, delta = rowsum(dO * O) in fp32 [B, H, S] like lse, q, k, v as the
-    kernels read them, and fresh dq, dk, dv with their strides)."""
+def _backward_inputs(grad_out, grad_lse, out, q, k, v):
+    """(dO with a unit last stride, delta in fp32 [B, H, S] like lse, q, k, v as the kernels read
+    them, and fresh dq, dk, dv with their strides).
+
+    delta = rowsum(dO * O) - dLSE: the score gradient is P * (dP - rowsum(dO * O)) from the output,
+    plus P * dLSE from the LSE (dLSE/dscore = P), so a gradient of the returned LSE costs nothing."""
     grad_out = _unit_last_stride(grad_out)  # an expanded gradient (e.g. from .sum()) has stride 0
-    delta = (out.float() * grad_out.float()).sum(dim=-1).contiguous()
+    delta = (out.float() * grad_out.float()).sum(dim=-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    delta = delta.contiguous()
     (q, dq), (k, dk), (v, dv) = (_with_gradient(t) for t in (q, k, v))
     return grad_out, delta, q, k, v, *_poisoned(dq, dk, dv)
 
@@ -148,6 +154,7 @@ def block_sparse_attn_fwd(
 @triton_op("sparse_attn::block_sparse_attn_bwd", mutates_args={})
 def block_sparse_attn_bwd(
     grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -167,7 +174,7 @@ def block_sparse_attn_bwd(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_out, delta, q, k, v, dq, dk, dv = _backward_inputs(grad_out, out, q, k, v)
+    grad_out, delta, q, k, v, dq, dk, dv = _backward_inputs(grad_out, grad_lse, out, q, k, v)
     kv_num_blocks, kv_indices, q_num_blocks, q_indices, cu_seqlens_q, cu_seqlens_k = _index_tensors(
         kv_num_blocks, kv_indices, q_num_blocks, q_indices, cu_seqlens_q, cu_seqlens_k
     )
@@ -219,12 +226,13 @@ def _setup_context(ctx, inputs, output):
     ctx.sizes = tuple(args[name] for name in _FWD_ARGS[_FWD_ARGS.index("q_block_size") :])
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, kv_num_blocks, kv_indices, cu_q, cu_k = ctx.saved_tensors
     q_block_size, kv_block_size, seq_len_q, seq_len_kv = ctx.sizes[:4]
     q_num_blocks, q_indices = layout_transpose(kv_num_blocks, kv_indices, -(-seq_len_kv // kv_block_size))
     dq, dk, dv = block_sparse_attn_bwd(
         grad_out,
+        grad_lse,
         q,
         k,
         v,

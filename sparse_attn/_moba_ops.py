@@ -158,6 +158,7 @@ def moba_attn_fwd(
 @triton_op("sparse_attn::moba_attn_bwd", mutates_args={})
 def moba_attn_bwd(
     grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -174,7 +175,7 @@ def moba_attn_bwd(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_out, delta, q, k, v, dq, dk, dv = _backward_inputs(grad_out, out, q, k, v)
+    grad_out, delta, q, k, v, dq, dk, dv = _backward_inputs(grad_out, grad_lse, out, q, k, v)
     lists = _index_tensors(seg_start, pair_rows, cu_seqlens_q, cu_seqlens_k)
     _launch_rows(q, k, v, grad_out, lse, delta, dq, *lists, block_size, rows_per_item, seq_len_q, seq_len_kv,
                  causal, softmax_scale)  # fmt: skip
@@ -217,9 +218,9 @@ def _setup_context(ctx, inputs, output):
     ctx.sizes = tuple(args[name] for name in _FWD_ARGS[len(tensors) :])
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _backward(ctx, grad_out, grad_lse):
     q, k, v, seg_start, pair_rows, cu_q, cu_k, out, lse = ctx.saved_tensors
-    dq, dk, dv = moba_attn_bwd(grad_out, q, k, v, out, lse, seg_start, pair_rows, cu_q, cu_k, *ctx.sizes)
+    dq, dk, dv = moba_attn_bwd(grad_out, grad_lse, q, k, v, out, lse, seg_start, pair_rows, cu_q, cu_k, *ctx.sizes)
     return (dq, dk, dv) + (None,) * (len(_FWD_ARGS) - 3)
 
 

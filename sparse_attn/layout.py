@@ -126,6 +126,14 @@ class BlockSparseLayout:
             raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
         if mask.dim() != 4:
             raise ValueError(f"mask must be 4-D [B, H, Mq, N], got shape {tuple(mask.shape)}")
+        num_kv_blocks = -(
+            -_check_positive_int(seq_len_kv, "seq_len_kv") // _check_positive_int(kv_block_size, "kv_block_size")
+        )
+        if mask.shape[3] != num_kv_blocks:
+            raise ValueError(
+                f"mask has {mask.shape[3]} KV-block columns, but seq_len_kv={seq_len_kv} with "
+                f"kv_block_size={kv_block_size} needs {num_kv_blocks}"
+            )
         kv_num_blocks, kv_indices = _mask_to_sorted_lists(mask)
         return cls.from_kv_blocks(
             kv_num_blocks,

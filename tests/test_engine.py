@@ -157,6 +157,28 @@ def test_varlen_matches_per_sequence_runs(rng):
         assert max_err(g, r) < 1e-4
 
 
+def test_lse_gradient(rng):
+    """The returned LSE is differentiable like the output (it once gave a zero gradient): GQA, empty rows."""
+    mask = torch.rand(2, 4, 3, 4, generator=rng) < 0.5
+    mask[:, :, 0] = False  # the first query block selects nothing
+    mask[:, :, 1:, -1] = True  # the others see at least their last KV block (bottom-right causal)
+    layout = BlockSparseLayout.from_dense_mask(
+        mask.to(DEVICE), q_block_size=16, kv_block_size=16, seq_len_q=40, seq_len_kv=64
+    )
+    q, k, v = make_qkv(rng, 2, 4, 2, 40, 64, 32, torch.float32)
+    out, lse = block_sparse_attn(q, k, v, layout, return_lse=True)
+    ref_out, ref_lse = block_sparse_attention_reference(q, k, v, layout)
+    empty = torch.isneginf(ref_lse)
+    assert bool(empty.any()) and bool((~empty).any()), "the layout should leave some rows empty"
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).where(~empty, 0).sum(), (q, k, v))
+    loss = (ref_out * grad_out.double()).sum() + (ref_lse * grad_lse.double()).where(~empty, 0).sum()
+    for name, g, r in zip("qkv", grads, torch.autograd.grad(loss, (q, k, v), retain_graph=True)):
+        assert max_err(g, r) < 1e-4, f"d{name}"
+    lse_only = torch.autograd.grad(block_sparse_attn(q, k, v, layout, return_lse=True)[1].where(~empty, 0).sum(), q)
+    assert max_err(lse_only[0], torch.autograd.grad(ref_lse.where(~empty, 0).sum(), q)[0]) < 1e-4
+
+
 def test_strided_inputs_and_index_tensors(rng, strided_views):
     """Kernels address the head dim contiguously and write gradients with their input's strides: a
     transposed, expanded or sliced input, non-contiguous block lists and strided offsets must give the

@@ -102,6 +102,20 @@ def test_bad_sizes_and_masks():
         BlockSparseLayout.from_dense_mask(
             torch.ones(1, 1, 2, 2), q_block_size=8, kv_block_size=8, seq_len_q=16, seq_len_kv=16
         )
+    # A mask wider than the KV blocks once passed and named blocks past the keys.
+    for columns in (1, 3, 5):
+        with pytest.raises(ValueError, match="KV-block columns"):
+            BlockSparseLayout.from_dense_mask(
+                torch.ones(1, 1, 2, columns, dtype=torch.bool),
+                q_block_size=8,
+                kv_block_size=8,
+                seq_len_q=16,
+                seq_len_kv=16,
+            )
+    with pytest.raises(ValueError, match="query blocks"):
+        BlockSparseLayout.from_dense_mask(
+            torch.ones(1, 1, 3, 2, dtype=torch.bool), q_block_size=8, kv_block_size=8, seq_len_q=16, seq_len_kv=16
+        )
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from sparse_attn.methods.moba import (
     moba_route,
 )
 from sparse_attn.reference import causal_token_mask
-from sparse_attn.testing import assert_flash_rule, structured_qkv
+from sparse_attn.testing import assert_flash_rule, max_err, structured_qkv
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
@@ -225,6 +225,28 @@ def test_varlen_matches_per_sequence_oracle(rng, case, dtype):
     ref = per_sequence_oracle(q, k, v, cu_q, cu_k, block, topk, torch.float64)
     same = per_sequence_oracle(q, k, v, cu_q, cu_k, block, topk, q.dtype)
     assert_output_and_grads(out, ref, same, (q, k, v))
+
+
+def test_lse_gradient(rng):
+    """The returned LSE is differentiable like the output, batched and packed."""
+    q, k, v = make_qkv(rng, 2, 4, 2, 70, 70, 16, torch.float32)
+    out, lse = moba_attn(q, k, v, block_size=16, topk=2, return_lse=True)
+    routes = moba_route(q.detach(), k.detach(), block_size=16, topk=2)
+    ref_out, ref_lse = moba_attention_reference(q, k, v, routes, block_size=16)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), (q, k, v))
+    loss = (ref_out * grad_out.double()).sum() + (ref_lse * grad_lse.double()).sum()
+    for name, g, r in zip("qkv", grads, torch.autograd.grad(loss, (q, k, v))):
+        assert max_err(g, r) < 1e-4, f"d{name}"
+
+    (pq, pk, pv), (cu, _) = packed_qkv(rng, [30, 50], [30, 50], 4, 2, 16, torch.float32)
+    lse = moba_attn_varlen(pq, pk, pv, cu, 50, 16, 2, return_lse=True)[1]
+    ref_lse = moba_attn_varlen(pq, pk, pv, cu, 50, 16, 2, return_lse=True, backend="reference")[1]
+    grad_lse = torch.randn_like(lse)
+    for g, r in zip(
+        torch.autograd.grad((lse * grad_lse).sum(), (pq, pk)), torch.autograd.grad((ref_lse * grad_lse).sum(), (pq, pk))
+    ):
+        assert max_err(g, r) < 1e-4
 
 
 def test_strided_inputs_and_offsets(rng, strided_views):
