@@ -40,7 +40,7 @@ def test_decode_routes_equal_prefill_rows(rng, num_queries, block_size, topk):
     q, k = small_int(rng, 2, 4, 150, 16), small_int(rng, 2, 2, 150, 16)
     prefill = moba_route(q, k, block_size=block_size, topk=topk)
     cache = MoBABlockMeans(block_size)
-    for length in (97, 128, 129, 150):  # a growing cache, crossing block boundaries
+    for length in (5, 15, 97, 128, 129, 150):  # a growing cache from below one block, crossing block boundaries
         rows = q[:, :, length - num_queries : length]
         means = cache.update(k[:, :, :length])
         routes = _route_from_means(rows, means, length, block_size, topk, True, topk_rows)
@@ -60,6 +60,16 @@ def test_moba_decode_equals_moba_attn_rows(rng, num_queries, use_cache):
     if num_queries == 1:
         assert decode_kernel_accepts(rows, k, v)  # the split-KV decode kernel (C++ twin on the CPU)
     out = moba_decode(rows, k, v, block_size=32, topk=3, block_means=cache)
+    torch.testing.assert_close(out, full[:, :, -num_queries:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_len, num_queries", [(10, 1), (10, 3), (31, 1), (32, 1)])
+def test_moba_decode_before_the_first_complete_block(rng, cache_len, num_queries):
+    """The first steps after a short prompt (once a reshape error): only the current block to attend."""
+    q = torch.randn(1, 2, cache_len, 16, generator=rng)
+    k, v = (torch.randn(1, 2, cache_len, 16, generator=rng) for _ in range(2))
+    full = moba_attn(q, k, v, block_size=32, topk=2, backend="reference")
+    out = moba_decode(q[:, :, -num_queries:], k, v, block_size=32, topk=2, block_means=MoBABlockMeans(32))
     torch.testing.assert_close(out, full[:, :, -num_queries:], rtol=1e-5, atol=1e-5)
 
 

@@ -149,15 +149,16 @@ def _route_from_means(q, means, kv_len, block_size, topk, causal, rank_rows):
     # GQA without copies: the query heads of one KV head share its block means.
     grouped = q.reshape(batch, kv_heads, q_heads // kv_heads * q_len, dim).to(means.dtype)
     scores = (grouped @ means.transpose(-1, -2)).view(batch, q_heads, q_len, num_blocks)
+    rows = batch * q_heads * q_len  # not -1: a cache shorter than one block has no complete block (N = 0)
     if not causal:
-        return _ascending_padded(rank_rows(scores.reshape(-1, num_blocks), topk)).view(batch, q_heads, q_len, topk)
+        return _ascending_padded(rank_rows(scores.reshape(rows, num_blocks), topk)).view(batch, q_heads, q_len, topk)
 
     position = torch.arange(q_len, device=q.device) + (kv_len - q_len)
     current = position // block_size
     block = torch.arange(num_blocks, device=q.device)
     in_past = (block[None, :] + 1) * block_size <= position[:, None]  # [Sq, N]
     scores = scores.masked_fill(~in_past, float("-inf"))  # top-k never selects -inf
-    ranked = rank_rows(scores.reshape(-1, num_blocks), topk - 1)
+    ranked = rank_rows(scores.reshape(rows, num_blocks), topk - 1)
     current_column = current.to(torch.int32).expand(batch, q_heads, q_len).reshape(-1, 1)
     selected = torch.cat([ranked, current_column], dim=1)
     return _ascending_padded(selected).view(batch, q_heads, q_len, topk)
