@@ -32,6 +32,15 @@ def test_block_mean_pool_matches_slices(rng, dtype, seq, block):
     torch.testing.assert_close(pooled, reference.block_mean_pool_reference(keys, block))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_block_mean_pool_divides_exact_sums_like_the_reference(rng, dtype):
+    """Integer keys sum exactly; the mean is then one correctly rounded division, bit-identical to the
+    reference's even where 1/len is inexact (blocks of 3 and 5, ragged last blocks)."""
+    for seq, block in ((70, 3), (73, 5), (31, 7)):
+        keys = torch.randint(-40, 41, (2, 3, seq, 8), generator=rng).to(dtype)
+        assert torch.equal(sparse_attn.block_mean_pool(keys, block), reference.block_mean_pool_reference(keys, block))
+
+
 def test_block_mean_pool_rejects_bad_input():
     with pytest.raises(ValueError, match="keys"):
         sparse_attn.block_mean_pool(torch.randn(3, 4, 5), 2)

@@ -21,8 +21,10 @@ void mean_of_rows(const scalar_t* first, int64_t row_stride, int64_t rows, int64
     const scalar_t* key = first + r * row_stride;
     for (int64_t d = 0; d < head_dim; ++d) dst[d] += static_cast<acc_t>(key[d]);
   }
-  const acc_t inv_len = acc_t(1) / static_cast<acc_t>(rows);
-  for (int64_t d = 0; d < head_dim; ++d) dst[d] *= inv_len;
+  // A true division, not a multiply by 1/rows (inexact for rows = 3, 5, ...): the means of exact
+  // sums are then bit-identical to the reference's and the CUDA kernel's, and so are the routes.
+  const acc_t len = static_cast<acc_t>(rows);
+  for (int64_t d = 0; d < head_dim; ++d) dst[d] /= len;
 }
 at::Tensor topk_rows(const at::Tensor& scores, int64_t k);
 std::tuple<at::Tensor, at::Tensor> threshold_select(const at::Tensor& scores, const at::Tensor& threshold,

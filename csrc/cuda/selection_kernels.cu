@@ -254,6 +254,10 @@ __device__ __forceinline__ float to_accumulator(__nv_bfloat16 x) { return __bflo
 __device__ __forceinline__ float to_accumulator(float x) { return x; }
 __device__ __forceinline__ double to_accumulator(double x) { return x; }
 
+// IEEE round-to-nearest division whatever --use_fast_math says, as the CPU op and the reference divide.
+__device__ __forceinline__ float divide_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double divide_rn(double a, double b) { return __ddiv_rn(a, b); }
+
 // Where the keys of output row `out_row` (head * blocks_per_head + block) live. Batched keys are
 // [heads, seq_len, head_dim]. Packed keys (cu_seqlens != nullptr) are [total, heads, head_dim];
 // their blocks restart at every sequence start, sequence s owning the blocks
@@ -350,7 +354,7 @@ __global__ void __launch_bounds__(kPoolThreads)
       if (ty == 0 && vector < vectors_per_key) {
         const Accum len = static_cast<Accum>(block.len);
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) row_out[vector * kVec + e] = sums[e] / len;
+        for (int e = 0; e < kVec; ++e) row_out[vector * kVec + e] = divide_rn(sums[e], len);
       }
     }
   }
