@@ -60,6 +60,8 @@ def _check_qkv(q, k, v, packed: bool):
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q head dim {q.shape[-1]} differs from k head dim {k.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError("the head dim (the last axis of q, k, v) must be positive, got 0")
     if not packed and q.shape[0] != k.shape[0]:
         raise ValueError(f"q batch {q.shape[0]} differs from k batch {k.shape[0]}")
     hq, hkv = q.shape[head_axis], k.shape[head_axis]
@@ -165,17 +167,20 @@ def block_sparse_attn_varlen(
 
 
 def _check_cu_seqlens(cu, name, total, max_seqlen, device) -> int:
+    max_name = name.replace("cu_seqlens", "max_seqlen")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"{max_name} must be an int, got {type(max_seqlen).__name__}")
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(f"{name} must be a 1-D tensor [num_seqs + 1]")
     if cu.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+        raise TypeError(f"{name} must be int32 (or int64), got {cu.dtype}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
     lengths = cu[1:] - cu[:-1]
     if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths < 0).any()):
         raise ValueError(f"{name} must start at 0, be non-decreasing and end at the packed length {total}")
     if int(lengths.max()) > max_seqlen:
-        raise ValueError(f"{name} holds a sequence longer than its max_seqlen ({max_seqlen})")
+        raise ValueError(f"{name} holds a sequence longer than {max_name}={max_seqlen}")
     return cu.numel() - 1
 
 

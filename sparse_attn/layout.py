@@ -39,12 +39,19 @@ def _check_positive_int(value, name: str) -> int:
     return value
 
 
-def _as_int32(tensor, name: str) -> torch.Tensor:
+def _as_int32(tensor, name: str, *, check_range: bool = True) -> torch.Tensor:
+    """`tensor` as contiguous int32; `check_range` (a device sync) rejects int64 values that int32 would wrap."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"{name} must be an integer tensor (int32 preferred), got {tensor.dtype}")
-    return tensor.to(torch.int32).contiguous()  # the kernels read each list's last axis contiguously
+    if check_range and tensor.dtype == torch.int64 and tensor.numel():
+        info = torch.iinfo(torch.int32)
+        if bool(((tensor < info.min) | (tensor > info.max)).any()):
+            raise ValueError(f"{name} holds values outside int32")
+    return (
+        tensor.to(torch.int32).contiguous()
+    )  # the kernels read each list's last axis contiguously  # the kernels read each list's last axis contiguously
 
 
 def _block_bounds(seq_len: int, block_size: int, device):
@@ -52,8 +59,16 @@ def _block_bounds(seq_len: int, block_size: int, device):
     return starts, torch.clamp(starts + block_size, max=seq_len) - 1
 
 
+def _check_block_geometry(seq_len_q, seq_len_kv, q_block_size, kv_block_size) -> None:
+    for name, value in (("seq_len_q", seq_len_q), ("seq_len_kv", seq_len_kv)):
+        selection._check_int(value, name, 0)
+    for name, value in (("q_block_size", q_block_size), ("kv_block_size", kv_block_size)):
+        _check_positive_int(value, name)
+
+
 def causal_block_mask(seq_len_q: int, seq_len_kv: int, q_block_size: int, kv_block_size: int, device=None):
     """Bool [Mq, N]: blocks holding at least one causally visible (query, key) pair, bottom-right aligned."""
+    _check_block_geometry(seq_len_q, seq_len_kv, q_block_size, kv_block_size)
     _, last_query = _block_bounds(seq_len_q, q_block_size, device)
     kv_starts, _ = _block_bounds(seq_len_kv, kv_block_size, device)
     return kv_starts[None, :] <= (last_query + seq_len_kv - seq_len_q)[:, None]
@@ -61,6 +76,7 @@ def causal_block_mask(seq_len_q: int, seq_len_kv: int, q_block_size: int, kv_blo
 
 def causal_full_block_mask(seq_len_q: int, seq_len_kv: int, q_block_size: int, kv_block_size: int, device=None):
     """Bool [Mq, N]: blocks whose every (query, key) pair is causally visible (no token mask needed)."""
+    _check_block_geometry(seq_len_q, seq_len_kv, q_block_size, kv_block_size)
     q_starts, _ = _block_bounds(seq_len_q, q_block_size, device)
     _, last_key = _block_bounds(seq_len_kv, kv_block_size, device)
     return last_key[None, :] <= (q_starts + seq_len_kv - seq_len_q)[:, None]
@@ -109,8 +125,8 @@ class BlockSparseLayout:
         kv_block_size = _check_positive_int(kv_block_size, "kv_block_size")
         seq_len_q = _check_positive_int(seq_len_q, "seq_len_q")
         seq_len_kv = _check_positive_int(seq_len_kv, "seq_len_kv")
-        kv_num_blocks = _as_int32(kv_num_blocks, "kv_num_blocks")
-        kv_indices = _as_int32(kv_indices, "kv_indices")
+        kv_num_blocks = _as_int32(kv_num_blocks, "kv_num_blocks", check_range=validate)
+        kv_indices = _as_int32(kv_indices, "kv_indices", check_range=validate)
         layout = cls(kv_num_blocks, kv_indices, q_block_size, kv_block_size, seq_len_q, seq_len_kv)
         layout._check_shapes()
         if validate:

@@ -97,8 +97,9 @@ def threshold_select(scores, threshold, *, forced=None, allowed=None):
         if mask.shape != scores.shape:
             raise ValueError(f"{name} must have the shape of scores {tuple(scores.shape)}, got {tuple(mask.shape)}")
         masks.append(mask.reshape(-1, n))
-    if bool((masks[1] & (scores.reshape(-1, n) < 0)).any()):
-        raise ValueError("scores must be non-negative masses where allowed")
+    # One reduction (one sync) for negative, NaN and infinite masses: no order or prefix sum is defined for them.
+    if bool((masks[1] & ~(torch.isfinite(scores) & (scores >= 0)).reshape(-1, n)).any()):
+        raise ValueError("scores must be finite, non-negative masses where allowed")
     count, indices = _run(
         "threshold_select", scores.device, scores.reshape(-1, n), tau.reshape(-1).contiguous(), *masks
     )

@@ -221,15 +221,15 @@ def test_native_op_checks(rng):
     q, k, v, layout = _small_inputs(rng)
     op = torch.ops.sparse_attn.block_sparse_decode
     counts, indices = layout.kv_num_blocks, layout.kv_indices
-    with pytest.raises(RuntimeError, match="single query block"):
+    with pytest.raises(ValueError, match="single query block"):
         op(q, k, v, counts.expand(1, 2, 2).contiguous(), indices.expand(1, 2, 2, -1).contiguous(), 16, True, 0.25, 0)
-    with pytest.raises(RuntimeError, match="int32"):
+    with pytest.raises(TypeError, match="int32"):
         op(q, k, v, counts.long(), indices, 16, True, 0.25, 0)
-    with pytest.raises(RuntimeError, match="kv_block_size"):
+    with pytest.raises(ValueError, match="kv_block_size"):
         op(q, k, v, counts, indices, 0, True, 0.25, 0)
     bad = indices.clone()
     bad[..., 0] = 99
-    with pytest.raises(RuntimeError, match="outside"):
+    with pytest.raises(ValueError, match="outside"):
         op(q, k, v, counts, bad, 16, True, 0.25, 1)
 
 

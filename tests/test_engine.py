@@ -272,6 +272,7 @@ def test_opcheck_triton_ops(rng):
         (lambda q, k, v: (q.double(), k, v), TypeError, "dtype"),
         (lambda q, k, v: (q[0], k, v), ValueError, "4-D"),
         (lambda q, k, v: (q, k, v[:, :, :16]), ValueError, "same shape"),
+        (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0]), ValueError, "head dim"),  # was 1/sqrt(0)
     ],
 )
 def test_bad_inputs_raise(rng, mutate, error, match):

@@ -112,6 +112,22 @@ def test_bad_sizes_and_masks():
                 seq_len_q=16,
                 seq_len_kv=16,
             )
+    with pytest.raises(ValueError, match="outside int32"):  # int64 lists once wrapped silently (2**32 + 1 -> 1)
+        BlockSparseLayout.from_kv_blocks(
+            torch.tensor([[[1, 1]]]),
+            torch.tensor([[[[2**32 + 1], [0]]]]),
+            q_block_size=8,
+            kv_block_size=8,
+            seq_len_q=16,
+            seq_len_kv=16,
+        )
+    for args, name in (
+        ((16, 16, 0, 8), "q_block_size"),
+        ((16, 16, 8, -1), "kv_block_size"),
+        ((-5, 16, 8, 8), "seq_len_q"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            causal_block_mask(*args)
     with pytest.raises(ValueError, match="query blocks"):
         BlockSparseLayout.from_dense_mask(
             torch.ones(1, 1, 3, 2, dtype=torch.bool), q_block_size=8, kv_block_size=8, seq_len_q=16, seq_len_kv=16

@@ -318,6 +318,11 @@ def test_varlen_bad_input(rng):
         moba_attn_varlen_qk(q, k, v, cu_q, cu_k[:2], 30, 20, 16, 2)
     with pytest.raises(ValueError, match="max_seqlen"):
         moba_attn_varlen(q, k, v, cu_q, 16, 16, 2)
+    for max_seqlen in (None, 30.0):
+        with pytest.raises(TypeError, match="max_seqlen"):
+            moba_attn_varlen(q, k, v, cu_q, max_seqlen, 16, 2)
+        with pytest.raises(TypeError, match="max_seqlen_k"):
+            moba_attn_varlen_qk(q, k, v, cu_q, cu_k, 30, max_seqlen, 16, 2)
 
 
 @pytest.mark.gpu

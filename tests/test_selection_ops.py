@@ -116,6 +116,17 @@ def test_threshold_select_matches_reference(rng, dtype):
     torch.testing.assert_close(indices, ref_indices, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_threshold_select_rejects_masses_without_an_order(bad):
+    scores = torch.rand(2, 5)
+    scores[1, 3] = bad
+    with pytest.raises(ValueError, match="finite, non-negative"):
+        sparse_attn.threshold_select(scores, 0.5)
+    allowed = torch.ones(2, 5, dtype=torch.bool)
+    allowed[1, 3] = False  # a masked-out entry may hold anything
+    sparse_attn.threshold_select(scores, 0.5, allowed=allowed)
+
+
 def test_threshold_select_rules(rng):
     scores, forced, allowed = random_masses(rng, 100, 20)
     scores = scores.double()
@@ -186,9 +197,9 @@ def test_layout_transpose_matches_reference_and_round_trips(rng, density):
 @needs_native
 def test_native_transpose_rejects_out_of_range():
     counts = torch.tensor([[[2]]], dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="outside"):
+    with pytest.raises(ValueError, match="outside"):
         torch.ops.sparse_attn.layout_transpose(counts, torch.tensor([[[[0, 9]]]], dtype=torch.int32), 4)
-    with pytest.raises(RuntimeError, match="unique"):
+    with pytest.raises(ValueError, match="unique"):
         torch.ops.sparse_attn.layout_transpose(counts, torch.tensor([[[[1, 1]]]], dtype=torch.int32), 4)
 
 

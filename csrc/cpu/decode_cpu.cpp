@@ -29,12 +29,12 @@ constexpr int64_t kWaves = 2;
 DecodeShape check_decode_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices, int64_t kv_block_size,
                               double softmax_scale) {
-  TORCH_CHECK(q.dim() == 4, "q must be 4-D [B, Hq, Sq, D], got ", q.dim(), " dims");
-  TORCH_CHECK(k.dim() == 4, "k must be 4-D [B, Hkv, Skv, D], got ", k.dim(), " dims");
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_VALUE(q.dim() == 4, "q must be 4-D [B, Hq, Sq, D], got ", q.dim(), " dims");
+  TORCH_CHECK_VALUE(k.dim() == 4, "k must be 4-D [B, Hkv, Skv, D], got ", k.dim(), " dims");
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   for (const auto& [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&kv_num_blocks, "kv_num_blocks"},
                                 {&kv_indices, "kv_indices"}}) {
-    TORCH_CHECK(t->device() == q.device(), name, " must be on ", q.device(), " like q, got ", t->device());
+    TORCH_CHECK_VALUE(t->device() == q.device(), name, " must be on ", q.device(), " like q, got ", t->device());
   }
   DecodeShape shape;
   shape.batch = q.size(0);
@@ -43,39 +43,41 @@ DecodeShape check_decode_args(const at::Tensor& q, const at::Tensor& k, const at
   shape.head_dim = q.size(3);
   shape.kv_heads = k.size(1);
   shape.seq_len_kv = k.size(2);
-  TORCH_CHECK(k.size(0) == shape.batch, "k batch ", k.size(0), " differs from q batch ", shape.batch);
-  TORCH_CHECK(k.size(3) == shape.head_dim, "k head dim ", k.size(3), " differs from q head dim ", shape.head_dim);
-  TORCH_CHECK(shape.kv_heads > 0 && shape.q_heads % shape.kv_heads == 0, "the number of query heads (",
-              shape.q_heads, ") must be a multiple of the number of KV heads (", shape.kv_heads, ")");
-  TORCH_CHECK(shape.seq_len_q <= kMaxQueryLen, "block_sparse_decode takes at most ", kMaxQueryLen,
-              " queries per row, got Sq=", shape.seq_len_q, " (use block_sparse_attn for prefill)");
-  TORCH_CHECK(shape.seq_len_kv <= std::numeric_limits<int32_t>::max(), "seq_len_kv must be below 2^31, got ",
-              shape.seq_len_kv);
+  TORCH_CHECK_VALUE(k.size(0) == shape.batch, "k batch ", k.size(0), " differs from q batch ", shape.batch);
+  TORCH_CHECK_VALUE(k.size(3) == shape.head_dim, "k head dim ", k.size(3), " differs from q head dim ", shape.head_dim);
+  TORCH_CHECK_VALUE(shape.kv_heads > 0 && shape.q_heads % shape.kv_heads == 0, "the number of query heads (",
+                    shape.q_heads, ") must be a multiple of the number of KV heads (", shape.kv_heads, ")");
+  TORCH_CHECK_VALUE(shape.seq_len_q <= kMaxQueryLen, "block_sparse_decode takes at most ", kMaxQueryLen,
+                    " queries per row, got Sq=", shape.seq_len_q, " (use block_sparse_attn for prefill)");
+  TORCH_CHECK_VALUE(shape.seq_len_kv <= std::numeric_limits<int32_t>::max(), "seq_len_kv must be below 2^31, got ",
+                    shape.seq_len_kv);
   for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
-    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, name, " must be contiguous in the last dim (stride 1), got stride ",
-                t->stride(3));
+    TORCH_CHECK_VALUE(t->size(3) <= 1 || t->stride(3) == 1, name,
+                      " must be contiguous in the last dim (stride 1), got stride ", t->stride(3));
   }
 
-  TORCH_CHECK(kv_num_blocks.dim() == 3 && kv_indices.dim() == 4,
-              "kv_num_blocks must be [B, H, Mq] and kv_indices [B, H, Mq, Nmax], got ", kv_num_blocks.sizes(), " and ",
-              kv_indices.sizes());
-  TORCH_CHECK(kv_num_blocks.scalar_type() == at::kInt && kv_indices.scalar_type() == at::kInt,
-              "kv_num_blocks and kv_indices must be int32, got ", kv_num_blocks.scalar_type(), " and ",
-              kv_indices.scalar_type());
-  TORCH_CHECK(kv_indices.sizes().slice(0, 3) == kv_num_blocks.sizes(), "kv_indices leading shape ", kv_indices.sizes(),
-              " must equal kv_num_blocks shape ", kv_num_blocks.sizes());
+  TORCH_CHECK_VALUE(kv_num_blocks.dim() == 3 && kv_indices.dim() == 4,
+                    "kv_num_blocks must be [B, H, Mq] and kv_indices [B, H, Mq, Nmax], got ", kv_num_blocks.sizes(),
+                    " and ", kv_indices.sizes());
+  TORCH_CHECK_TYPE(kv_num_blocks.scalar_type() == at::kInt && kv_indices.scalar_type() == at::kInt,
+                   "kv_num_blocks and kv_indices must be int32, got ", kv_num_blocks.scalar_type(), " and ",
+                   kv_indices.scalar_type());
+  TORCH_CHECK_VALUE(kv_indices.sizes().slice(0, 3) == kv_num_blocks.sizes(), "kv_indices leading shape ",
+                    kv_indices.sizes(), " must equal kv_num_blocks shape ", kv_num_blocks.sizes());
   shape.layout_batch = kv_num_blocks.size(0);
   shape.layout_heads = kv_num_blocks.size(1);
   shape.max_blocks = kv_indices.size(3);
-  TORCH_CHECK(shape.layout_batch == shape.batch || shape.layout_batch == 1, "layout batch ", shape.layout_batch,
-              " must be the batch (", shape.batch, ") or 1");
-  TORCH_CHECK(shape.layout_heads == shape.q_heads || shape.layout_heads == shape.kv_heads || shape.layout_heads == 1,
-              "layout has ", shape.layout_heads, " heads; expected the query heads (", shape.q_heads,
-              "), the KV heads (", shape.kv_heads, ") or 1");
-  TORCH_CHECK(kv_num_blocks.size(2) == 1, "block_sparse_decode needs a single query block (Mq == 1, Sq <= q_block_size),",
-              " got Mq=", kv_num_blocks.size(2));
-  TORCH_CHECK(kv_block_size > 0, "kv_block_size must be positive, got ", kv_block_size);
-  TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
+  TORCH_CHECK_VALUE(shape.layout_batch == shape.batch || shape.layout_batch == 1, "layout batch ", shape.layout_batch,
+                    " must be the batch (", shape.batch, ") or 1");
+  TORCH_CHECK_VALUE(
+      shape.layout_heads == shape.q_heads || shape.layout_heads == shape.kv_heads || shape.layout_heads == 1,
+      "layout has ", shape.layout_heads, " heads; expected the query heads (", shape.q_heads, "), the KV heads (",
+      shape.kv_heads, ") or 1");
+  TORCH_CHECK_VALUE(kv_num_blocks.size(2) == 1,
+                    "block_sparse_decode needs a single query block (Mq == 1, Sq <= q_block_size),",
+                    " got Mq=", kv_num_blocks.size(2));
+  TORCH_CHECK_VALUE(kv_block_size > 0, "kv_block_size must be positive, got ", kv_block_size);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
   return shape;
 }
 
@@ -123,8 +125,8 @@ void decode_one_split(const DecodeInputs<Acc>& in, const decode::DecodeShape& sh
   const int64_t list = (shape.layout_batch == 1 ? 0 : batch) * shape.layout_heads +
                        head / (shape.q_heads / shape.layout_heads);
   const int64_t count = in.counts[list];
-  TORCH_CHECK(count >= 0 && count <= shape.max_blocks, "kv_num_blocks entry ", count, " is outside [0, ",
-              shape.max_blocks, "]");
+  TORCH_CHECK_VALUE(count >= 0 && count <= shape.max_blocks, "kv_num_blocks entry ", count, " is outside [0, ",
+                    shape.max_blocks, "]");
   const int32_t* blocks = in.indices + list * shape.max_blocks;
   // The CUDA kernel's partition: shares differ by at most one block; a share may be empty.
   const int64_t first = split * count / num_splits, last = (split + 1) * count / num_splits;
@@ -132,9 +134,9 @@ void decode_one_split(const DecodeInputs<Acc>& in, const decode::DecodeShape& sh
   keys.clear();
   for (int64_t j = first; j < last; ++j) {
     const int64_t block = blocks[j];
-    TORCH_CHECK(block >= 0 && block < num_kv_blocks, "kv_indices entry ", block, " is outside [0, ", num_kv_blocks,
-                ")");
-    TORCH_CHECK(j == 0 || block > blocks[j - 1], "kv_indices rows must ascend strictly (no duplicates)");
+    TORCH_CHECK_VALUE(block >= 0 && block < num_kv_blocks, "kv_indices entry ", block, " is outside [0, ",
+                      num_kv_blocks, ")");
+    TORCH_CHECK_VALUE(j == 0 || block > blocks[j - 1], "kv_indices rows must ascend strictly (no duplicates)");
     for (int64_t key = block * kv_block_size; key < std::min((block + 1) * kv_block_size, Skv); ++key)
       keys.push_back(key);
   }
@@ -207,14 +209,14 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_decode(const at::Tensor& q, cons
                                                        const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
                                                        int64_t kv_block_size, bool causal, double softmax_scale,
                                                        int64_t num_splits) {
-  TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor, got ", q.device());
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "q must be a CPU tensor, got ", q.device());
   const decode::DecodeShape shape =
       decode::check_decode_args(q, k, v, kv_num_blocks, kv_indices, kv_block_size, softmax_scale);
   const at::ScalarType dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
-              "q must be float16, bfloat16, float32 or float64, got ", dtype);
-  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, "k and v must have q's dtype ", dtype, ", got ",
-              k.scalar_type(), " and ", v.scalar_type());
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+                   "q must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(k.scalar_type() == dtype && v.scalar_type() == dtype, "k and v must have q's dtype ", dtype,
+                   ", got ", k.scalar_type(), " and ", v.scalar_type());
   const int64_t splits = decode::resolve_num_splits(shape, num_splits);
 
   const int64_t B = shape.batch, Hq = shape.q_heads, Sq = shape.seq_len_q, D = shape.head_dim;

@@ -30,27 +30,27 @@ bool is_routable_dtype(at::ScalarType dtype) {
 // Checks shared by the batched (4-D) and packed (3-D) layouts; both hold heads in dim 1.
 void check_query_and_keys(const at::Tensor& q, const at::Tensor& k, int64_t dims, int64_t topk) {
   const char* layout = dims == 4 ? "[B, H, S, D]" : "[total, H, D]";
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "q and k must be CPU tensors, got ", q.device(), " and ",
-              k.device());
-  TORCH_CHECK(q.dim() == dims, "q must be ", dims, "-D ", layout, ", got ", q.dim(), " dims");
-  TORCH_CHECK(k.dim() == dims, "k must be ", dims, "-D ", layout, ", got ", k.dim(), " dims");
-  TORCH_CHECK(is_routable_dtype(q.scalar_type()), "q must be float16, bfloat16, float32 or float64, got ",
-              q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k dtype ", k.scalar_type(), " differs from q dtype ",
-              q.scalar_type());
-  TORCH_CHECK(k.size(-1) == q.size(-1), "k head dim ", k.size(-1), " differs from q head dim ", q.size(-1));
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "the number of query heads (", q.size(1),
-              ") must be a multiple of the number of KV heads (", k.size(1), ")");
-  TORCH_CHECK(topk > 0, "topk must be positive, got ", topk);
+  TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu(), "q and k must be CPU tensors, got ", q.device(),
+                    " and ", k.device());
+  TORCH_CHECK_VALUE(q.dim() == dims, "q must be ", dims, "-D ", layout, ", got ", q.dim(), " dims");
+  TORCH_CHECK_VALUE(k.dim() == dims, "k must be ", dims, "-D ", layout, ", got ", k.dim(), " dims");
+  TORCH_CHECK_TYPE(is_routable_dtype(q.scalar_type()), "q must be float16, bfloat16, float32 or float64, got ",
+                   q.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "k dtype ", k.scalar_type(), " differs from q dtype ",
+                   q.scalar_type());
+  TORCH_CHECK_VALUE(k.size(-1) == q.size(-1), "k head dim ", k.size(-1), " differs from q head dim ", q.size(-1));
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "the number of query heads (", q.size(1),
+                    ") must be a multiple of the number of KV heads (", k.size(1), ")");
+  TORCH_CHECK_VALUE(topk > 0, "topk must be positive, got ", topk);
 }
 
 void check_route_args(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t topk) {
   check_query_and_keys(q, k, 4, topk);
-  TORCH_CHECK(k.size(0) == q.size(0), "k batch ", k.size(0), " differs from q batch ", q.size(0));
-  TORCH_CHECK(q.size(2) <= k.size(2), "q has more rows (", q.size(2), ") than k (", k.size(2), ")");
-  TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
-  TORCH_CHECK((k.size(2) + block_size - 1) / block_size <= std::numeric_limits<int32_t>::max(),
-              "the number of KV blocks must fit in int32");
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k batch ", k.size(0), " differs from q batch ", q.size(0));
+  TORCH_CHECK_VALUE(q.size(2) <= k.size(2), "q has more rows (", q.size(2), ") than k (", k.size(2), ")");
+  TORCH_CHECK_VALUE(block_size > 0, "block_size must be positive, got ", block_size);
+  TORCH_CHECK_VALUE((k.size(2) + block_size - 1) / block_size <= std::numeric_limits<int32_t>::max(),
+                    "the number of KV blocks must fit in int32");
 }
 
 // The best `capacity` candidates offered so far, in rank order (descending score). Candidates

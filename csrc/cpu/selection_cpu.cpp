@@ -13,13 +13,13 @@ namespace sparse_attn::cpu {
 namespace {
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
 }
 
 void check_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2, name, " must be 2-D [rows, entries], got ", t.dim(), " dims");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D [rows, entries], got ", t.dim(), " dims");
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+                   " must be float32 or float64, got ", t.scalar_type());
 }
 
 template <typename T>
@@ -38,8 +38,8 @@ struct RankOrder {
 
 at::Tensor block_mean_pool(const at::Tensor& keys, int64_t block_size) {
   check_cpu(keys, "keys");
-  TORCH_CHECK(keys.dim() == 4, "keys must be 4-D [B, H, S, D], got ", keys.dim(), " dims");
-  TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
+  TORCH_CHECK_VALUE(keys.dim() == 4, "keys must be 4-D [B, H, S, D], got ", keys.dim(), " dims");
+  TORCH_CHECK_VALUE(block_size > 0, "block_size must be positive, got ", block_size);
   const auto acc_type = keys.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor src = keys.contiguous().to(acc_type);
   const int64_t BH = keys.size(0) * keys.size(1), S = keys.size(2), D = keys.size(3);
@@ -62,7 +62,7 @@ at::Tensor block_mean_pool(const at::Tensor& keys, int64_t block_size) {
 at::Tensor topk_rows(const at::Tensor& scores, int64_t k) {
   check_cpu(scores, "scores");
   check_rows(scores, "scores");
-  TORCH_CHECK(k >= 0, "k must be non-negative, got ", k);
+  TORCH_CHECK_VALUE(k >= 0, "k must be non-negative, got ", k);
   const at::Tensor src = scores.contiguous();
   const int64_t R = src.size(0), N = src.size(1);
   at::Tensor out = at::full({R, k}, -1, scores.options().dtype(at::kInt));
@@ -90,12 +90,12 @@ std::tuple<at::Tensor, at::Tensor> threshold_select(const at::Tensor& scores, co
   for (const auto* t : {&scores, &threshold, &forced, &allowed}) check_cpu(*t, "threshold_select inputs");
   check_rows(scores, "scores");
   const int64_t R = scores.size(0), N = scores.size(1);
-  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == R, "threshold must have shape [", R, "], got ",
-              threshold.sizes());
-  TORCH_CHECK(forced.sizes() == scores.sizes() && allowed.sizes() == scores.sizes(),
-              "forced and allowed must have the shape of scores");
-  TORCH_CHECK(forced.scalar_type() == at::kBool && allowed.scalar_type() == at::kBool,
-              "forced and allowed must be bool tensors");
+  TORCH_CHECK_VALUE(threshold.dim() == 1 && threshold.size(0) == R, "threshold must have shape [", R, "], got ",
+                    threshold.sizes());
+  TORCH_CHECK_VALUE(forced.sizes() == scores.sizes() && allowed.sizes() == scores.sizes(),
+                    "forced and allowed must have the shape of scores");
+  TORCH_CHECK_TYPE(forced.scalar_type() == at::kBool && allowed.scalar_type() == at::kBool,
+                   "forced and allowed must be bool tensors");
   const at::Tensor src = scores.contiguous();
   const at::Tensor tau = threshold.to(at::kDouble).contiguous();
   const at::Tensor is_forced = forced.contiguous(), is_allowed = allowed.contiguous();
@@ -145,12 +145,13 @@ std::tuple<at::Tensor, at::Tensor> layout_transpose(const at::Tensor& kv_num_blo
                                                     int64_t num_kv_blocks) {
   check_cpu(kv_num_blocks, "kv_num_blocks");
   check_cpu(kv_indices, "kv_indices");
-  TORCH_CHECK(kv_num_blocks.dim() == 3 && kv_indices.dim() == 4, "kv_num_blocks must be [B,H,Mq] and kv_indices [B,H,Mq,Nmax]");
-  TORCH_CHECK(kv_num_blocks.scalar_type() == at::kInt && kv_indices.scalar_type() == at::kInt,
-              "kv_num_blocks and kv_indices must be int32");
-  TORCH_CHECK(num_kv_blocks >= 0, "num_kv_blocks must be non-negative");
-  TORCH_CHECK(kv_indices.sizes().slice(0, 3) == kv_num_blocks.sizes(), "kv_indices leading shape ",
-              kv_indices.sizes(), " must equal kv_num_blocks shape ", kv_num_blocks.sizes());
+  TORCH_CHECK_VALUE(kv_num_blocks.dim() == 3 && kv_indices.dim() == 4,
+                    "kv_num_blocks must be [B,H,Mq] and kv_indices [B,H,Mq,Nmax]");
+  TORCH_CHECK_TYPE(kv_num_blocks.scalar_type() == at::kInt && kv_indices.scalar_type() == at::kInt,
+                   "kv_num_blocks and kv_indices must be int32");
+  TORCH_CHECK_VALUE(num_kv_blocks >= 0, "num_kv_blocks must be non-negative");
+  TORCH_CHECK_VALUE(kv_indices.sizes().slice(0, 3) == kv_num_blocks.sizes(), "kv_indices leading shape ",
+                    kv_indices.sizes(), " must equal kv_num_blocks shape ", kv_num_blocks.sizes());
   const at::Tensor counts = kv_num_blocks.contiguous(), rows = kv_indices.contiguous();
   const int64_t BH = counts.size(0) * counts.size(1), Mq = counts.size(2), Nmax = rows.size(3);
   const int64_t N = num_kv_blocks;
@@ -165,14 +166,14 @@ std::tuple<at::Tensor, at::Tensor> layout_transpose(const at::Tensor& kv_num_blo
     for (int64_t bh = begin; bh < end; ++bh) {
       for (int64_t m = 0; m < Mq; ++m) {
         const int32_t n_sel = cnt[bh * Mq + m];
-        TORCH_CHECK(n_sel >= 0 && n_sel <= Nmax, "kv_num_blocks entry ", n_sel, " is outside [0, ", Nmax, "]");
+        TORCH_CHECK_VALUE(n_sel >= 0 && n_sel <= Nmax, "kv_num_blocks entry ", n_sel, " is outside [0, ", Nmax, "]");
         for (int32_t j = 0; j < n_sel; ++j) {
           const int32_t n = ind[(bh * Mq + m) * Nmax + j];
-          TORCH_CHECK(n >= 0 && n < N, "kv_indices entry ", n, " is outside [0, ", N, ")");
+          TORCH_CHECK_VALUE(n >= 0 && n < N, "kv_indices entry ", n, " is outside [0, ", N, ")");
           const int32_t filled = qc[bh * N + n];
           // Rows arrive in ascending order, so a repeated index within row m shows up as m already last.
-          TORCH_CHECK(filled == 0 || qi[(bh * N + n) * Mq + filled - 1] != m,
-                      "kv_indices rows must hold unique block indices");
+          TORCH_CHECK_VALUE(filled == 0 || qi[(bh * N + n) * Mq + filled - 1] != m,
+                            "kv_indices rows must hold unique block indices");
           qi[(bh * N + n) * Mq + qc[bh * N + n]++] = static_cast<int32_t>(m);
         }
       }

@@ -72,21 +72,23 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_decode_cuda(const at::Tensor& q,
                                                             const at::Tensor& v, const at::Tensor& kv_num_blocks,
                                                             const at::Tensor& kv_indices, int64_t kv_block_size,
                                                             bool causal, double softmax_scale, int64_t num_splits) {
-  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
+  TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
   const decode::DecodeShape shape =
       decode::check_decode_args(q, k, v, kv_num_blocks, kv_indices, kv_block_size, softmax_scale);
   const at::ScalarType dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
-              "the CUDA block_sparse_decode takes float16 or bfloat16 q, k, v, got ", dtype);
-  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, "k and v must have q's dtype ", dtype, ", got ",
-              k.scalar_type(), " and ", v.scalar_type());
-  TORCH_CHECK(decode_supports_head_dim(shape.head_dim), "the CUDA block_sparse_decode supports head dims 64, 96, 128",
-              " and 256, got ", shape.head_dim);
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16,
+                   "the CUDA block_sparse_decode takes float16 or bfloat16 q, k, v, got ", dtype);
+  TORCH_CHECK_TYPE(k.scalar_type() == dtype && v.scalar_type() == dtype, "k and v must have q's dtype ", dtype,
+                   ", got ", k.scalar_type(), " and ", v.scalar_type());
+  TORCH_CHECK_VALUE(decode_supports_head_dim(shape.head_dim),
+                    "the CUDA block_sparse_decode supports head dims 64, 96, 128",
+                    " and 256, got ", shape.head_dim);
   const int64_t splits = decode::resolve_num_splits(shape, num_splits);
   const int64_t heads_per_cta = decode::heads_per_cta(shape);
   const int64_t ctas_per_split = shape.batch * shape.q_heads / heads_per_cta;
-  TORCH_CHECK(ctas_per_split == 0 || splits <= std::numeric_limits<int32_t>::max() / ctas_per_split, "num_splits=",
-              splits, " gives more than 2^31 CTAs");
+  TORCH_CHECK_VALUE(ctas_per_split == 0 || splits <= std::numeric_limits<int32_t>::max() / ctas_per_split,
+                    "num_splits=",
+                    splits, " gives more than 2^31 CTAs");
 
   const c10::DeviceGuard device_guard(q.device());
   const int64_t B = shape.batch, Hq = shape.q_heads, Sq = shape.seq_len_q, D = shape.head_dim;

@@ -23,27 +23,27 @@ cudaStream_t current_stream(const at::Device& device) {
 // Checks shared by the batched (4-D) and packed (3-D) layouts; both hold heads in dim 1.
 void check_query_and_keys(const at::Tensor& q, const at::Tensor& k, int64_t dims, int64_t topk) {
   const char* layout = dims == 4 ? "[B, H, S, D]" : "[total, H, D]";
-  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
-  TORCH_CHECK(k.device() == q.device(), "k must be on ", q.device(), ", got ", k.device());
-  TORCH_CHECK(q.dim() == dims, "q must be ", dims, "-D ", layout, ", got ", q.dim(), " dims");
-  TORCH_CHECK(k.dim() == dims, "k must be ", dims, "-D ", layout, ", got ", k.dim(), " dims");
+  TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
+  TORCH_CHECK_VALUE(k.device() == q.device(), "k must be on ", q.device(), ", got ", k.device());
+  TORCH_CHECK_VALUE(q.dim() == dims, "q must be ", dims, "-D ", layout, ", got ", q.dim(), " dims");
+  TORCH_CHECK_VALUE(k.dim() == dims, "k must be ", dims, "-D ", layout, ", got ", k.dim(), " dims");
   const at::ScalarType dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
-              "q must be float16, bfloat16, float32 or float64, got ", dtype);
-  TORCH_CHECK(k.scalar_type() == dtype, "k dtype ", k.scalar_type(), " differs from q dtype ", dtype);
-  TORCH_CHECK(k.size(-1) == q.size(-1), "k head dim ", k.size(-1), " differs from q head dim ", q.size(-1));
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "the number of query heads (", q.size(1),
-              ") must be a multiple of the number of KV heads (", k.size(1), ")");
-  TORCH_CHECK(topk > 0, "topk must be positive, got ", topk);
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+                   "q must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(k.scalar_type() == dtype, "k dtype ", k.scalar_type(), " differs from q dtype ", dtype);
+  TORCH_CHECK_VALUE(k.size(-1) == q.size(-1), "k head dim ", k.size(-1), " differs from q head dim ", q.size(-1));
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "the number of query heads (", q.size(1),
+                    ") must be a multiple of the number of KV heads (", k.size(1), ")");
+  TORCH_CHECK_VALUE(topk > 0, "topk must be positive, got ", topk);
 }
 
 void check_ranked_blocks(int64_t num_blocks, int64_t topk, bool causal) {
-  TORCH_CHECK(num_blocks <= std::numeric_limits<int32_t>::max(), "the number of KV blocks must fit in int32");
+  TORCH_CHECK_VALUE(num_blocks <= std::numeric_limits<int32_t>::max(), "the number of KV blocks must fit in int32");
   const int64_t ranked = moba_ranked_blocks(num_blocks, topk, causal);
-  TORCH_CHECK(ranked <= kMaxMobaRankedBlocks, "sparse_attn::moba_route: the CUDA kernel ranks at most ",
-              kMaxMobaRankedBlocks, " blocks per row (topk up to ", kMaxMobaRankedBlocks + (causal ? 1 : 0),
-              " with ", causal ? "causal" : "non-causal", " routing), got topk=", topk, " over ", num_blocks,
-              " blocks");
+  TORCH_CHECK_VALUE(ranked <= kMaxMobaRankedBlocks, "sparse_attn::moba_route: the CUDA kernel ranks at most ",
+                    kMaxMobaRankedBlocks, " blocks per row (topk up to ", kMaxMobaRankedBlocks + (causal ? 1 : 0),
+                    " with ", causal ? "causal" : "non-causal", " routing), got topk=", topk, " over ", num_blocks,
+                    " blocks");
 }
 
 at::ScalarType mean_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -83,9 +83,9 @@ const typename Tag::scalar* device_data(const at::Tensor& t) {
 
 at::Tensor moba_route_cuda(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t topk, bool causal) {
   check_query_and_keys(q, k, 4, topk);
-  TORCH_CHECK(k.size(0) == q.size(0), "k batch ", k.size(0), " differs from q batch ", q.size(0));
-  TORCH_CHECK(q.size(2) <= k.size(2), "q has more rows (", q.size(2), ") than k (", k.size(2), ")");
-  TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k batch ", k.size(0), " differs from q batch ", q.size(0));
+  TORCH_CHECK_VALUE(q.size(2) <= k.size(2), "q has more rows (", q.size(2), ") than k (", k.size(2), ")");
+  TORCH_CHECK_VALUE(block_size > 0, "block_size must be positive, got ", block_size);
   const int64_t num_blocks = (k.size(2) + block_size - 1) / block_size;
   check_ranked_blocks(num_blocks, topk, causal);
   const c10::DeviceGuard device_guard(q.device());
@@ -110,8 +110,8 @@ at::Tensor moba_route_varlen_cuda(const at::Tensor& q, const at::Tensor& k, cons
                                   const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t block_size,
                                   int64_t topk, bool causal) {
   check_query_and_keys(q, k, 3, topk);
-  TORCH_CHECK(cu_seqlens_q.device() == q.device() && cu_seqlens_k.device() == q.device(),
-              "cu_seqlens_q and cu_seqlens_k must be on ", q.device());
+  TORCH_CHECK_VALUE(cu_seqlens_q.device() == q.device() && cu_seqlens_k.device() == q.device(),
+                    "cu_seqlens_q and cu_seqlens_k must be on ", q.device());
   // One small device-to-host copy of the offsets: the kernels trust them, so they are checked here.
   const cpu::PackedSequences packed =
       cpu::packed_sequences(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0), max_seqlen_q, block_size);

@@ -31,18 +31,18 @@ void check_status(cudaError_t status, const char* op) {
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& reference, const char* name) {
-  TORCH_CHECK(t.device() == reference.device(), name, " must be on ", reference.device(), ", got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == reference.device(), name, " must be on ", reference.device(), ", got ", t.device());
 }
 
 void check_score_rows(const at::Tensor& scores) {
-  TORCH_CHECK(scores.dim() == 2, "scores must be 2-D [rows, entries], got ", scores.dim(), " dims");
-  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
-              "scores must be float32 or float64, got ", scores.scalar_type());
-  TORCH_CHECK(scores.size(1) <= kMaxIndexValue, "scores rows must have at most ", kMaxIndexValue, " entries");
+  TORCH_CHECK_VALUE(scores.dim() == 2, "scores must be 2-D [rows, entries], got ", scores.dim(), " dims");
+  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+                   "scores must be float32 or float64, got ", scores.scalar_type());
+  TORCH_CHECK_VALUE(scores.size(1) <= kMaxIndexValue, "scores rows must have at most ", kMaxIndexValue, " entries");
 }
 
 // The sort-based kernels hold a whole row in shared memory; say so clearly instead of failing
@@ -51,18 +51,19 @@ template <typename Score>
 void check_row_fits(int64_t row_len, const char* op) {
   int64_t max_row_len = 0;
   check_status(max_selection_row_length<Score>(&max_row_len), op);
-  TORCH_CHECK(row_len <= max_row_len, "sparse_attn::", op, ": rows of ", row_len, " entries exceed the CUDA kernel's",
-              " limit of ", max_row_len, " for ", sizeof(Score) == 8 ? "float64" : "float32",
-              " scores on this GPU (a row is sorted in shared memory)");
+  TORCH_CHECK_VALUE(row_len <= max_row_len, "sparse_attn::", op, ": rows of ", row_len,
+                    " entries exceed the CUDA kernel's",
+                    " limit of ", max_row_len, " for ", sizeof(Score) == 8 ? "float64" : "float32",
+                    " scores on this GPU (a row is sorted in shared memory)");
 }
 
 at::Tensor block_mean_pool_cuda(const at::Tensor& keys, int64_t block_size) {
   check_cuda(keys, "keys");
-  TORCH_CHECK(keys.dim() == 4, "keys must be 4-D [B, H, S, D], got ", keys.dim(), " dims");
-  TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
+  TORCH_CHECK_VALUE(keys.dim() == 4, "keys must be 4-D [B, H, S, D], got ", keys.dim(), " dims");
+  TORCH_CHECK_VALUE(block_size > 0, "block_size must be positive, got ", block_size);
   const at::ScalarType dtype = keys.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
-              "keys must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+                   "keys must be float16, bfloat16, float32 or float64, got ", dtype);
   const c10::DeviceGuard device_guard(keys.device());
   const at::Tensor src = keys.contiguous();
   const int64_t batch = keys.size(0), heads = keys.size(1), seq_len = keys.size(2), head_dim = keys.size(3);
@@ -99,7 +100,7 @@ at::Tensor block_mean_pool_cuda(const at::Tensor& keys, int64_t block_size) {
 at::Tensor topk_rows_cuda(const at::Tensor& scores, int64_t k) {
   check_cuda(scores, "scores");
   check_score_rows(scores);
-  TORCH_CHECK(k >= 0, "k must be non-negative, got ", k);
+  TORCH_CHECK_VALUE(k >= 0, "k must be non-negative, got ", k);
   const c10::DeviceGuard device_guard(scores.device());
   const at::Tensor src = scores.contiguous();
   const int64_t rows = src.size(0), row_len = src.size(1);
@@ -127,12 +128,12 @@ std::tuple<at::Tensor, at::Tensor> threshold_select_cuda(const at::Tensor& score
   check_same_device(allowed, scores, "allowed");
   check_score_rows(scores);
   const int64_t rows = scores.size(0), row_len = scores.size(1);
-  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == rows, "threshold must have shape [", rows, "], got ",
-              threshold.sizes());
-  TORCH_CHECK(forced.sizes() == scores.sizes() && allowed.sizes() == scores.sizes(),
-              "forced and allowed must have the shape of scores");
-  TORCH_CHECK(forced.scalar_type() == at::kBool && allowed.scalar_type() == at::kBool,
-              "forced and allowed must be bool tensors");
+  TORCH_CHECK_VALUE(threshold.dim() == 1 && threshold.size(0) == rows, "threshold must have shape [", rows, "], got ",
+                    threshold.sizes());
+  TORCH_CHECK_VALUE(forced.sizes() == scores.sizes() && allowed.sizes() == scores.sizes(),
+                    "forced and allowed must have the shape of scores");
+  TORCH_CHECK_TYPE(forced.scalar_type() == at::kBool && allowed.scalar_type() == at::kBool,
+                   "forced and allowed must be bool tensors");
   const c10::DeviceGuard device_guard(scores.device());
   const at::Tensor src = scores.contiguous();
   const at::Tensor tau = threshold.to(at::kDouble).contiguous();  // compared in double, like the CPU op
@@ -163,20 +164,21 @@ std::tuple<at::Tensor, at::Tensor> layout_transpose_cuda(const at::Tensor& kv_nu
                                                          int64_t num_kv_blocks) {
   check_cuda(kv_num_blocks, "kv_num_blocks");
   check_same_device(kv_indices, kv_num_blocks, "kv_indices");
-  TORCH_CHECK(kv_num_blocks.dim() == 3 && kv_indices.dim() == 4,
-              "kv_num_blocks must be [B,H,Mq] and kv_indices [B,H,Mq,Nmax]");
-  TORCH_CHECK(kv_indices.sizes().slice(0, 3) == kv_num_blocks.sizes(), "kv_indices ", kv_indices.sizes(),
-              " does not match kv_num_blocks ", kv_num_blocks.sizes());
-  TORCH_CHECK(kv_num_blocks.scalar_type() == at::kInt && kv_indices.scalar_type() == at::kInt,
-              "kv_num_blocks and kv_indices must be int32");
-  TORCH_CHECK(num_kv_blocks >= 0 && num_kv_blocks <= kMaxIndexValue, "num_kv_blocks must lie in [0, ", kMaxIndexValue,
-              "], got ", num_kv_blocks);
+  TORCH_CHECK_VALUE(kv_num_blocks.dim() == 3 && kv_indices.dim() == 4,
+                    "kv_num_blocks must be [B,H,Mq] and kv_indices [B,H,Mq,Nmax]");
+  TORCH_CHECK_VALUE(kv_indices.sizes().slice(0, 3) == kv_num_blocks.sizes(), "kv_indices ", kv_indices.sizes(),
+                    " does not match kv_num_blocks ", kv_num_blocks.sizes());
+  TORCH_CHECK_TYPE(kv_num_blocks.scalar_type() == at::kInt && kv_indices.scalar_type() == at::kInt,
+                   "kv_num_blocks and kv_indices must be int32");
+  TORCH_CHECK_VALUE(num_kv_blocks >= 0 && num_kv_blocks <= kMaxIndexValue, "num_kv_blocks must lie in [0, ",
+                    kMaxIndexValue,
+                    "], got ", num_kv_blocks);
   const c10::DeviceGuard device_guard(kv_num_blocks.device());
   const at::Tensor counts = kv_num_blocks.contiguous();
   const at::Tensor lists = kv_indices.contiguous();
   const int64_t batch = counts.size(0), heads = counts.size(1), num_q_blocks = counts.size(2);
   const int64_t max_kv_per_q = lists.size(3);
-  TORCH_CHECK(num_q_blocks <= kMaxIndexValue, "at most ", kMaxIndexValue, " query blocks are supported");
+  TORCH_CHECK_VALUE(num_q_blocks <= kMaxIndexValue, "at most ", kMaxIndexValue, " query blocks are supported");
   at::Tensor q_num_blocks = at::empty({batch, heads, num_kv_blocks}, counts.options());
   at::Tensor q_indices = at::empty({batch, heads, num_kv_blocks, num_q_blocks}, counts.options());
   if (q_num_blocks.numel() == 0) return {q_num_blocks, q_indices};

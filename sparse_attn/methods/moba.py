@@ -220,6 +220,7 @@ def moba_attn_varlen(
     keeps `moba_topk` blocks (its own included). GQA is native. Returns the output (total, Hq, D)
     and, with `return_lse`, the fp32 LSE (Hq, total). Differentiable in q, k and v.
     """
+    _check_int(max_seqlen, "max_seqlen", 0)
     return moba_attn_varlen_qk(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, moba_chunk_size, moba_topk,
         causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend,
