@@ -47,8 +47,8 @@ def _check(out, lse, refs, leaves, generator, what):
     grad_out = torch.randn(out.shape, generator=generator).to(DEVICE, out.dtype)
     grad_lse = torch.randn(lse.shape, generator=generator).to(DEVICE)
 
-    def grads(o, l, dtype):
-        loss = (o * grad_out.to(dtype)).sum() + (l.where(rows, 0) * grad_lse.to(l.dtype)).sum()
+    def grads(o, log_sum_exp, dtype):
+        loss = (o * grad_out.to(dtype)).sum() + (log_sum_exp.where(rows, 0) * grad_lse.to(log_sum_exp.dtype)).sum()
         return torch.autograd.grad(loss, leaves, retain_graph=True)
 
     for name, g, r, s in zip(
