@@ -49,9 +49,7 @@ def _as_int32(tensor, name: str, *, check_range: bool = True) -> torch.Tensor:
         info = torch.iinfo(torch.int32)
         if bool(((tensor < info.min) | (tensor > info.max)).any()):
             raise ValueError(f"{name} holds values outside int32")
-    return (
-        tensor.to(torch.int32).contiguous()
-    )  # the kernels read each list's last axis contiguously  # the kernels read each list's last axis contiguously
+    return tensor.to(torch.int32).contiguous()  # the kernels read each list's last axis contiguously
 
 
 def _block_bounds(seq_len: int, block_size: int, device):
