@@ -351,6 +351,12 @@ def patch(
         method, layers=layers, dense_layers=dense_layers, decode=decode, layer_config=layer_config, **method_config
     )
     layer_ids = [m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    named = set(config.layers or ()) | set(config.dense_layers) | set(config._overrides)
+    if layer_ids and named - set(layer_ids):
+        raise ValueError(
+            f"layers, dense_layers and layer_config name layer(s) {sorted(named - set(layer_ids))} that the model "
+            f"does not have (its layers: {min(layer_ids)}..{max(layer_ids)})"
+        )
     table_rows = config.max_table_layer()
     if table_rows is not None and layer_ids and max(layer_ids) >= table_rows:
         raise ValueError(f"the threshold table has {table_rows} layers, but the model has layer {max(layer_ids)}")

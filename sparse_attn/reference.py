@@ -33,11 +33,19 @@ def causal_token_mask(seq_len_q: int, seq_len_kv: int, device=None) -> torch.Ten
     return torch.arange(seq_len_kv, device=device)[None, :] <= q_pos
 
 
+# The oracles (and the CPU fallback paths built on them) always run eagerly: Inductor's CPU code for
+# `torch.arange(n) // c` is wrong in the vector tail when n is not a multiple of the vector width
+# (torch 2.13), which made every ragged block mask wrong under torch.compile (MoBA outputs off by
+# 70+, NaN gradients). An oracle must never be wrong; a graph break is the price.
+eager_under_compile = torch.compiler.disable
+
+
+@eager_under_compile
 def masked_attention(q, k, v, allowed, *, softmax_scale=None, compute_dtype=torch.float64):
     """softmax(scale * q k^T restricted to `allowed`) v, with GQA by head repetition.
 
     q (B, Hq, Sq, D); k, v (B, Hkv, Skv, D); allowed bool broadcastable to (B, Hq, Sq, Skv).
-    Returns (out (B, Hq, Sq, D), lse (B, Hq, Sq)) in `compute_dtype`.
+    Returns (out (B, Hq, Sq, D), lse (B, Hq, Sq)) in `compute_dtype`. torch.compile runs it eagerly.
     """
     group = q.shape[1] // k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -62,6 +70,7 @@ def _layout_token_mask(layout, num_q_heads: int, num_kv_heads: int) -> torch.Ten
     return token_mask[:, :, : layout.seq_len_q, : layout.seq_len_kv]
 
 
+@eager_under_compile
 def block_sparse_attention_reference(q, k, v, layout, *, causal=True, softmax_scale=None, compute_dtype=torch.float64):
     """Attention over the KV blocks that `layout` selects for each query block (and head)."""
     allowed = _layout_token_mask(layout, q.shape[1], k.shape[1])
@@ -70,6 +79,7 @@ def block_sparse_attention_reference(q, k, v, layout, *, causal=True, softmax_sc
     return masked_attention(q, k, v, allowed, softmax_scale=softmax_scale, compute_dtype=compute_dtype)
 
 
+@eager_under_compile
 def token_sparse_attention_reference(q, k, v, indices, *, causal=True, softmax_scale=None, compute_dtype=torch.float64):
     """Attention over per-query token selections.
 

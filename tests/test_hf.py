@@ -435,6 +435,10 @@ def test_per_layer_configuration(reference_engine, monkeypatch, tmp_path):
 
     with pytest.raises(ValueError, match="threshold table has 1 layers"):
         hf.patch(model, "xattention", threshold=table[:1])
+    # A layer the model lacks once left every layer dense without a word.
+    for options in ({"layers": [5]}, {"dense_layers": [7]}, {"layer_config": {9: {"topk": 1}}}):
+        with pytest.raises(ValueError, match="does not have"):
+            hf.patch(model, "moba", block_size=BLOCK, **options)
 
 
 # ---------------------------------------------------------------------------------- GPU (bf16, Triton engine)

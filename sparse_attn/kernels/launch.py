@@ -10,7 +10,9 @@ def launcher(kernel):
     """`wrap_triton(kernel)`, indexed by the grid like the kernel itself.
 
     torch releases before 2.13 reject the interpreter's kernels (TRITON_INTERPRET=1) there; an
-    eager launch runs them unwrapped (torch.compile of the interpreter's kernels needs torch 2.13).
+    eager launch runs them unwrapped. torch.compile does not trace the interpreter's kernels on any
+    release (2.13 hands them back unwrapped, so they run on fake tensors): compiling the Triton
+    path needs CUDA, and on the CPU `backend="reference"` compiles (the oracles run eagerly).
     """
     try:
         return wrap_triton(kernel)

@@ -139,6 +139,7 @@ def moba_route_varlen_reference(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     return routes
 
 
+@reference.eager_under_compile  # its block arithmetic on `arange` is what Inductor's CPU code gets wrong
 def _route_from_means(q, means, kv_len, block_size, topk, causal, rank_rows):
     """Routing of q (B, Hq, Sq, D) from block means [B, Hkv, N, D]; `rank_rows(scores [R, N], k)` is a top-k
     with the package's tie rule. Causal routing needs only the complete blocks' means (N >= (kv_len - 1) // C)."""
@@ -310,6 +311,7 @@ def _reference_in_dtype(q, k, v, routes, block_size, causal, scale):
     return out.to(q.dtype), lse.float()
 
 
+@reference.eager_under_compile
 def moba_attention_reference(
     q, k, v, routes, *, block_size, causal=True, softmax_scale=None, compute_dtype=torch.float64
 ):
