@@ -11,6 +11,7 @@ i + seq_len_kv - seq_len_q.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,7 +38,23 @@ def causal_token_mask(seq_len_q: int, seq_len_kv: int, device=None) -> torch.Ten
 # `torch.arange(n) // c` is wrong in the vector tail when n is not a multiple of the vector width
 # (torch 2.13), which made every ragged block mask wrong under torch.compile (MoBA outputs off by
 # 70+, NaN gradients). An oracle must never be wrong; a graph break is the price.
-eager_under_compile = torch.compiler.disable
+def eager_under_compile(fn):
+    """`fn`, run eagerly (a graph break) when torch.compile traces it. The `torch.compiler.disable`
+    wrapper is made on the first traced call, so importing the package never imports dynamo (which
+    imports triton before the self-check can select its interpreter)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return _disabled(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
+
+
+@functools.cache
+def _disabled(fn):
+    return torch.compiler.disable(fn)
 
 
 @eager_under_compile
