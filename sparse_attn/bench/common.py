@@ -178,7 +178,7 @@ def dense_peers(device: torch.device, *, causal: bool = True) -> dict:
         "sdpa_flash": functools.partial(run_sdpa, SDPBackend.FLASH_ATTENTION, causal=causal),
         "sdpa_cudnn": functools.partial(run_sdpa, SDPBackend.CUDNN_ATTENTION, causal=causal),
     }
-    flash = _flash_attn_func()
+    flash = flash_attn_function("flash_attn_func")
     if flash is not None:
         peers["flash_attn"] = functools.partial(run_flash_attn, flash, causal=causal)
     return peers
@@ -188,12 +188,13 @@ DENSE_PEER_NAMES = ("sdpa_flash", "sdpa_cudnn", "flash_attn", "sdpa_cpu")
 
 
 @functools.cache
-def _flash_attn_func():
+def flash_attn_function(name: str):
+    """flash-attn's function `name`, or None when flash-attn is not installed (or built against another torch)."""
     try:
-        from flash_attn import flash_attn_func
-    except Exception:  # not installed, or built against another torch
+        import flash_attn
+    except Exception:
         return None
-    return flash_attn_func
+    return getattr(flash_attn, name, None)
 
 
 def run_sdpa(backend, q, k, v, *, causal: bool = True):

@@ -25,10 +25,12 @@ import functools
 
 import torch
 
+from ..methods.moba import _pairs as _spans
+from ..methods.moba import _sequence as _document
 from ..methods.moba import moba_attn_varlen, moba_route, moba_route_varlen
 from ..testing import structured_qkv
 from . import quality
-from .common import add_speedup, compiled_flex, dense_peers, time_passes, timed
+from .common import add_speedup, compiled_flex, dense_peers, flash_attn_function, time_passes, timed
 from .moba import routed_pairs
 
 FULL = dict(
@@ -68,16 +70,6 @@ def document_offsets(total: int, num_docs: int, seed: int, device) -> torch.Tens
     return torch.cat([torch.tensor([0]), cuts, torch.tensor([total])]).to(torch.int32).to(device)
 
 
-def _spans(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
-    bounds = cu_seqlens.tolist()
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _document(packed: torch.Tensor, span) -> torch.Tensor:
-    """Document `span` of a packed (total, H, D) tensor as one batch entry (1, H, L, D), a view."""
-    return packed[span[0] : span[1]].transpose(0, 1)[None]
-
-
 def _per_document(attend, spans):
     """A dense peer fn(q, k, v) on (1, H, L, D) run over each document, outputs packed back to (total, H, D)."""
 
@@ -111,15 +103,6 @@ def _flex_document(cu_seqlens: torch.Tensor, total: int, device):
     return run
 
 
-@functools.cache
-def _flash_attn_varlen_func():
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except Exception:  # not installed, or built against another torch
-        return None
-    return flash_attn_varlen_func
-
-
 def _peers(device, cu_seqlens, max_len, config) -> dict:
     """Dense document-causal attention (and, on the CPU, the routed reference) on the packed tokens."""
     spans = _spans(cu_seqlens)
@@ -130,7 +113,7 @@ def _peers(device, cu_seqlens, max_len, config) -> dict:
         )
         return peers
     peers["flex_document"] = _flex_document(cu_seqlens, int(cu_seqlens[-1]), device)
-    flash_varlen = _flash_attn_varlen_func()
+    flash_varlen = flash_attn_function("flash_attn_varlen_func")
     if flash_varlen is not None:
         peers["flash_attn"] = lambda q, k, v: flash_varlen(
             q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True
