@@ -8,11 +8,12 @@ development, `SPARSE_ATTN_SWEEP_CASES=200 pytest tests/test_random_sweep.py` dra
 
 import os
 import random
+from contextlib import ExitStack
 
 import pytest
 import torch
 
-from sparse_attn import BlockSparseLayout, block_sparse_attn, moba_attn
+from sparse_attn import BlockSparseLayout, block_sparse_attn, moba_attn, tiles
 from sparse_attn.engine import triton_available
 from sparse_attn.methods.moba import moba_attention_reference, moba_route
 from sparse_attn.reference import block_sparse_attention_reference
@@ -112,12 +113,9 @@ def test_moba_random_sweep(case):
     _check(out, lse, refs, leaves, generator, what)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("scale", [1.0, 1.7, 3.0])
-def test_gpu_fp32_large_logits(scale):
-    """fp32 with logits of tens: under the interpreter dV's error is 3-4.7x a fp32 PyTorch
-    implementation's (s * scale * log2(e) is rounded before the LSE is subtracted); on the GPU the
-    multiply and subtract should fuse into one FMA. This holds the GPU to the 3x rule there."""
+def _check_large_logits(scale):
+    """fp32 with logits of tens, where a backward whose recomputed scores differ from the forward's
+    by one rounding misses the 3x rule: P = exp(s - lse) no longer cancels the scores' error."""
     generator = torch.Generator().manual_seed(165)
     q, k, v = (torch.randn(1, h, 91, 72, generator=generator).to(DEVICE) for h in (4, 1, 1))
     leaves = [t.requires_grad_() for t in (q, k, v)]
@@ -131,3 +129,24 @@ def test_gpu_fp32_large_logits(scale):
         for dtype in (torch.float64, torch.float32)
     ]
     _check(out, lse, refs, leaves, generator, f"fp32, softmax_scale={scale}")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's matmul is what the tiles must match")
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_fp32_large_logits_with_matching_tiles(scale):
+    """Under the interpreter a dot is numpy's matmul, whose rounding depends on the tile's shape, so
+    the default tiles (forward 64x32, dK/dV 16x32) put dV at 3-7x a PyTorch fp32 implementation's
+    error. With one tile for all three kernels the backward sees the forward's scores bit for bit
+    and the kernels must meet the rule. (A GPU's fp32 dot sums each product in order whatever the
+    tile; test_gpu_fp32_large_logits holds it to the rule with the tuned tiles.)"""
+    tile = tiles.Tile(64, 32, 4, 2, False)
+    with ExitStack() as stack:
+        for kernel in ("engine_fwd", "engine_dq", "engine_dkdv"):
+            stack.enter_context(tiles.override(kernel, 128, tile))
+        _check_large_logits(scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", [1.0, 1.7, 3.0])
+def test_gpu_fp32_large_logits(scale):
+    _check_large_logits(scale)
