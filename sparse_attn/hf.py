@@ -44,7 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from .decode import MAX_DECODE_QUERIES
+from .methods.moba import check_options as check_moba_options
 from .methods.moba import moba_attn, moba_decode, moba_route
+from .methods.xattention import check_options as check_xattention_options
 from .methods.xattention import load_thresholds, xattention_attn
 from .reference import causal_token_mask
 
@@ -150,6 +152,9 @@ def _method_options(method: str, options: dict, inherited: dict | None = None) -
     resolved = {**_METHOD_OPTIONS[method], **(inherited or {}), **options}
     if method == "xattention":
         resolved["threshold"] = _resolve_threshold(resolved["threshold"])
+        check_xattention_options(**{name: resolved[name] for name in ("stride", "block_size", "chunk_size")})
+    elif method == "moba":
+        check_moba_options(**resolved)
     return resolved
 
 

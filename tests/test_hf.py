@@ -256,6 +256,26 @@ def test_unsupported_features_raise():
         hf.SparseAttnConfig("xattention", threshold=1.5)
 
 
+@pytest.mark.parametrize(
+    "method, options, error, match",
+    [
+        ("moba", {"topk": 0}, ValueError, "topk"),
+        ("moba", {"block_size": 64.0}, TypeError, "block_size"),
+        ("xattention", {"stride": 3}, ValueError, "stride=3 must divide block_size=128"),
+        ("xattention", {"block_size": 0}, ValueError, "block_size"),
+        ("xattention", {"chunk_size": 100}, ValueError, "chunk_size=100 must be a multiple"),
+    ],
+)
+def test_bad_options_raise_when_configured(method, options, error, match):
+    """Option values are checked when the plan is made, not at the first forward (which may be far away)."""
+    with pytest.raises(error, match=match):
+        hf.SparseAttnConfig(method, **options)
+    with pytest.raises(error, match=match):
+        hf.SparseAttnConfig(method, layer_config={1: options})
+    with pytest.raises(error, match=match):
+        hf.patch(_model("llama"), method, **options)
+
+
 def test_transformers_version_under_test():
     """scripts/test.sh runs this file again against transformers 4.53.3: make sure that one was imported."""
     expected = os.environ.get("SPARSE_ATTN_EXPECT_TRANSFORMERS")

@@ -46,6 +46,12 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------- routing
+def check_options(*, block_size, topk) -> None:
+    """MoBA's scalar options, checked before any tensor is seen (the HF patcher checks at patch time)."""
+    _check_int(block_size, "block_size", 1)
+    _check_int(topk, "topk", 1)
+
+
 def _check_route_args(q, k, block_size, topk, causal, packed=False) -> None:
     """Batched q (B, Hq, Sq, D), k (B, Hkv, Skv, D), or packed (total, H, D) when `packed`."""
     _check_tensor(q, "q", dim=3 if packed else 4, dtypes=_FLOAT_TYPES)
@@ -63,8 +69,7 @@ def _check_route_args(q, k, block_size, topk, causal, packed=False) -> None:
         raise ValueError(f"the number of q heads ({q_heads}) must be a multiple of the number of k heads ({kv_heads})")
     if not packed and q.shape[2] > k.shape[2]:
         raise ValueError(f"q has more rows ({q.shape[2]}) than k ({k.shape[2]}); routing needs Sq <= Skv")
-    _check_int(block_size, "block_size", 1)
-    _check_int(topk, "topk", 1)
+    check_options(block_size=block_size, topk=topk)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
 

@@ -61,6 +61,13 @@ def _check_stride(stride, block_size) -> None:
         raise ValueError(f"stride={stride} must divide block_size={block_size}")
 
 
+def check_options(*, stride, block_size, chunk_size=None) -> None:
+    """XAttention's scalar options, checked before any tensor is seen (the HF patcher checks at patch time)."""
+    _check_stride(stride, block_size)
+    if chunk_size is not None:
+        _resolve_chunk_size(chunk_size, block_size, 0)
+
+
 def _check_qk(q, k, causal: bool) -> None:
     _check_qkv(q, k, k, packed=False)
     if causal and q.shape[2] > k.shape[2]:
