@@ -21,6 +21,7 @@ import torch
 
 from . import selection
 from .reference import _kv_lists_to_dense, _mask_to_sorted_lists
+from .selection import _check_int
 
 __all__ = [
     "BlockSparseLayout",
@@ -29,14 +30,6 @@ __all__ = [
     "causal_pair_counts",
     "validate_token_indices",
 ]
-
-
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
 
 
 def _as_int32(tensor, name: str, *, check_range: bool = True) -> torch.Tensor:
@@ -59,9 +52,9 @@ def _block_bounds(seq_len: int, block_size: int, device):
 
 def _check_block_geometry(seq_len_q, seq_len_kv, q_block_size, kv_block_size) -> None:
     for name, value in (("seq_len_q", seq_len_q), ("seq_len_kv", seq_len_kv)):
-        selection._check_int(value, name, 0)
+        _check_int(value, name, 0)
     for name, value in (("q_block_size", q_block_size), ("kv_block_size", kv_block_size)):
-        _check_positive_int(value, name)
+        _check_int(value, name, 1)
 
 
 def causal_block_mask(seq_len_q: int, seq_len_kv: int, q_block_size: int, kv_block_size: int, device=None):
@@ -119,10 +112,10 @@ class BlockSparseLayout:
         cls, kv_num_blocks, kv_indices, *, q_block_size, kv_block_size, seq_len_q, seq_len_kv, validate=True
     ):
         """Wrap FlexAttention-style KV block lists. `validate=False` skips the checks that sync the GPU."""
-        q_block_size = _check_positive_int(q_block_size, "q_block_size")
-        kv_block_size = _check_positive_int(kv_block_size, "kv_block_size")
-        seq_len_q = _check_positive_int(seq_len_q, "seq_len_q")
-        seq_len_kv = _check_positive_int(seq_len_kv, "seq_len_kv")
+        q_block_size = _check_int(q_block_size, "q_block_size", 1)
+        kv_block_size = _check_int(kv_block_size, "kv_block_size", 1)
+        seq_len_q = _check_int(seq_len_q, "seq_len_q", 1)
+        seq_len_kv = _check_int(seq_len_kv, "seq_len_kv", 1)
         kv_num_blocks = _as_int32(kv_num_blocks, "kv_num_blocks", check_range=validate)
         kv_indices = _as_int32(kv_indices, "kv_indices", check_range=validate)
         layout = cls(kv_num_blocks, kv_indices, q_block_size, kv_block_size, seq_len_q, seq_len_kv)
@@ -140,9 +133,7 @@ class BlockSparseLayout:
             raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
         if mask.dim() != 4:
             raise ValueError(f"mask must be 4-D [B, H, Mq, N], got shape {tuple(mask.shape)}")
-        num_kv_blocks = -(
-            -_check_positive_int(seq_len_kv, "seq_len_kv") // _check_positive_int(kv_block_size, "kv_block_size")
-        )
+        num_kv_blocks = -(-_check_int(seq_len_kv, "seq_len_kv", 1) // _check_int(kv_block_size, "kv_block_size", 1))
         if mask.shape[3] != num_kv_blocks:
             raise ValueError(
                 f"mask has {mask.shape[3]} KV-block columns, but seq_len_kv={seq_len_kv} with "

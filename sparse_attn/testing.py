@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .selection import _check_int
+
 __all__ = [
     "RetrievalSpan",
     "StructuredInputs",
@@ -125,14 +127,6 @@ def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     x2.mul_(cos).addcmul_(x1_old, sin)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def structured_qkv(
     batch: int = 1,
     num_q_heads: int = 4,
@@ -203,18 +197,18 @@ def structured_qkv(
     the late queries' mass does not fade as the context grows; earlier queries see fewer
     background keys and put even more of their mass on the planted structure.
     """
-    batch = _check_int("batch", batch, 1)
-    num_q_heads = _check_int("num_q_heads", num_q_heads, 1)
-    num_kv_heads = _check_int("num_kv_heads", num_kv_heads, 1)
-    seq_len = _check_int("seq_len", seq_len, 1)
-    head_dim = _check_int("head_dim", head_dim, 4)
+    batch = _check_int(batch, "batch", 1)
+    num_q_heads = _check_int(num_q_heads, "num_q_heads", 1)
+    num_kv_heads = _check_int(num_kv_heads, "num_kv_heads", 1)
+    seq_len = _check_int(seq_len, "seq_len", 1)
+    head_dim = _check_int(head_dim, "head_dim", 4)
     if head_dim % 2:
         raise ValueError(f"head_dim must be even (RoPE rotates pairs of dims), got {head_dim}")
     if num_q_heads % num_kv_heads:
         raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if seq_len_q is None:
         seq_len_q = seq_len
-    seq_len_q = _check_int("seq_len_q", seq_len_q, 1)
+    seq_len_q = _check_int(seq_len_q, "seq_len_q", 1)
     if seq_len_q > seq_len:
         raise ValueError(f"seq_len_q ({seq_len_q}) must be <= seq_len ({seq_len})")
     if not isinstance(dtype, torch.dtype):
@@ -237,11 +231,11 @@ def structured_qkv(
         raise TypeError(f"rope_base must be a number, got {type(rope_base).__name__}")
     if not (math.isfinite(rope_base) and rope_base > 1):
         raise ValueError(f"rope_base must be a finite number > 1, got {rope_base}")
-    num_sinks = _check_int("num_sinks", num_sinks, 0)
-    local_window = _check_int("local_window", local_window, 0)
-    num_heavy_hitters = _check_int("num_heavy_hitters", num_heavy_hitters, 0)
-    num_retrieval_spans = _check_int("num_retrieval_spans", num_retrieval_spans, 0)
-    retrieval_span_len = _check_int("retrieval_span_len", retrieval_span_len, 1)
+    num_sinks = _check_int(num_sinks, "num_sinks", 0)
+    local_window = _check_int(local_window, "local_window", 0)
+    num_heavy_hitters = _check_int(num_heavy_hitters, "num_heavy_hitters", 0)
+    num_retrieval_spans = _check_int(num_retrieval_spans, "num_retrieval_spans", 0)
+    retrieval_span_len = _check_int(retrieval_span_len, "retrieval_span_len", 1)
     if not isinstance(strength, (int, float)) or isinstance(strength, bool):
         raise TypeError(f"strength must be a number, got {type(strength).__name__}")
     if not (math.isfinite(strength) and strength >= 0):

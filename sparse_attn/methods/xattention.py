@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import _check_qkv, block_sparse_attn, triton_available
-from ..layout import BlockSparseLayout, _check_positive_int, causal_block_mask
-from ..selection import threshold_select
+from ..layout import BlockSparseLayout, causal_block_mask
+from ..selection import _check_int, threshold_select
 
 __all__ = [
     "calibrate_xattention",
@@ -55,8 +55,8 @@ _THRESHOLD_VERSION = 1
 
 # ---------------------------------------------------------------------------------- validation
 def _check_stride(stride, block_size) -> None:
-    block_size = _check_positive_int(block_size, "block_size")
-    stride = _check_positive_int(stride, "stride")
+    block_size = _check_int(block_size, "block_size", 1)
+    stride = _check_int(stride, "stride", 1)
     if block_size % stride:
         raise ValueError(f"stride={stride} must divide block_size={block_size}")
 
@@ -90,7 +90,7 @@ def default_chunk_size(seq_len_kv: int, block_size: int = 128) -> int:
 def _resolve_chunk_size(chunk_size, block_size: int, seq_len_kv: int) -> int:
     if chunk_size is None:
         return default_chunk_size(seq_len_kv, block_size)
-    chunk_size = _check_positive_int(chunk_size, "chunk_size")
+    chunk_size = _check_int(chunk_size, "chunk_size", 1)
     if chunk_size % block_size:
         raise ValueError(f"chunk_size={chunk_size} must be a multiple of block_size={block_size}")
     return chunk_size
@@ -230,8 +230,8 @@ def _check_scores_geometry(scores, seq_len_q, seq_len_kv, block_size: int, causa
     if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
         raise ValueError(f"scores must be a 4-D tensor [B, Hq, Mq, Nk], got {getattr(scores, 'shape', scores)!r}")
     num_q_blocks, num_kv_blocks = scores.shape[2:]
-    seq_len_q = num_q_blocks * block_size if seq_len_q is None else _check_positive_int(seq_len_q, "seq_len_q")
-    seq_len_kv = num_kv_blocks * block_size if seq_len_kv is None else _check_positive_int(seq_len_kv, "seq_len_kv")
+    seq_len_q = num_q_blocks * block_size if seq_len_q is None else _check_int(seq_len_q, "seq_len_q", 1)
+    seq_len_kv = num_kv_blocks * block_size if seq_len_kv is None else _check_int(seq_len_kv, "seq_len_kv", 1)
     if (-(-seq_len_q // block_size), -(-seq_len_kv // block_size)) != (num_q_blocks, num_kv_blocks):
         raise ValueError(
             f"scores have {num_q_blocks} x {num_kv_blocks} blocks, but seq_len_q={seq_len_q}, "
@@ -265,7 +265,7 @@ def xattention_select(
 
     Raises ValueError for a threshold out of [0, 1] or of the wrong shape, or inconsistent lengths.
     """
-    block_size = _check_positive_int(block_size, "block_size")
+    block_size = _check_int(block_size, "block_size", 1)
     seq_len_q, seq_len_kv = _check_scores_geometry(scores, seq_len_q, seq_len_kv, block_size, causal)
     if scores.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"scores must be float32 or float64, got {scores.dtype}")
@@ -383,7 +383,7 @@ def _sample_thresholds(q, k, *, stride, block_size, coverage, chunk_size):
 def _layer_samples(samples, num_layers) -> Iterable:
     """(layer index, iterable of (q, k) pairs) per layer, for nested lists or a callable."""
     if callable(samples):
-        num_layers = _check_positive_int(num_layers, "num_layers")
+        num_layers = _check_int(num_layers, "num_layers", 1)
         return ((layer, samples(layer)) for layer in range(num_layers))
     if not isinstance(samples, Sequence) or len(samples) == 0:
         raise ValueError("samples must be a non-empty list of per-layer lists of (q, k) pairs, or a callable")
