@@ -77,6 +77,21 @@ def test_cpu_matches_reference_fp32(rng, seq_q, gqa, layout_heads, num_splits):
     check_decode(q, k, v, layout, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_cpu_fp32_long_rows_follow_flash_rule(rng, num_splits):
+    """Thousands of keys per row, one key per block: the sums run long, and the twin must stay within
+    2x of a fp32 PyTorch implementation (float running sums missed it by up to 11x)."""
+    seq_kv = 4096
+    layout = make_layout(rng, 1, 1, 4, seq_kv, 1, 1.0)
+    q, k, v = make_qkv(rng, 1, 2, 1, 4, seq_kv, 16, torch.float32)
+    q = q * 3  # logits with a standard deviation of 3
+    out = block_sparse_decode(q, k, v, layout, num_splits=num_splits)
+    refs = [
+        block_sparse_attention_reference(q, k, v, layout, compute_dtype=dtype)[0] for dtype in (torch.float64, q.dtype)
+    ]
+    assert_flash_rule(out, *refs, 2, "output")
+
+
 @pytest.mark.parametrize("num_splits", [0, 1, 3, 1000])
 @pytest.mark.parametrize("seq_q", [1, 5, 16])
 def test_cpu_matches_reference_fp64(rng, seq_q, num_splits):

@@ -105,19 +105,24 @@ int64_t resolve_num_splits(const DecodeShape& shape, int64_t requested) {
 namespace cpu {
 namespace {
 
-template <typename Acc>
+// Scores, weights and sums accumulate in double whatever the input: a row may see thousands of
+// keys, and a float running sum's error grows with their number (the fp64 oracle's tolerance
+// comes from a fp32 PyTorch implementation, whose matmuls sum in blocks).
+using Acc = double;
+
+template <typename In>
 struct DecodeInputs {
-  const Acc* q;  // [B, Hq, Sq, D], contiguous
-  const Acc* k;  // [B, Hkv, Skv, D]
-  const Acc* v;
+  const In* q;  // [B, Hq, Sq, D], contiguous
+  const In* k;  // [B, Hkv, Skv, D]
+  const In* v;
   const int32_t* counts;   // [layout_batch, layout_heads]
   const int32_t* indices;  // [layout_batch, layout_heads, max_blocks]
 };
 
 // One (batch, query head, split) job: the normalised output and base-2 LSE of every query row over
 // this split's share of the row's selected blocks.
-template <typename Acc>
-void decode_one_split(const DecodeInputs<Acc>& in, const decode::DecodeShape& shape, int64_t kv_block_size,
+template <typename In>
+void decode_one_split(const DecodeInputs<In>& in, const decode::DecodeShape& shape, int64_t kv_block_size,
                       bool causal, Acc scale_log2, int64_t num_splits, int64_t batch, int64_t head, int64_t split,
                       Acc* partial_out, Acc* partial_lse, std::vector<int64_t>& keys, std::vector<Acc>& scores) {
   const int64_t D = shape.head_dim, Sq = shape.seq_len_q, Skv = shape.seq_len_kv;
@@ -141,10 +146,10 @@ void decode_one_split(const DecodeInputs<Acc>& in, const decode::DecodeShape& sh
       keys.push_back(key);
   }
 
-  const Acc* k_head = in.k + (batch * shape.kv_heads + head / (shape.q_heads / shape.kv_heads)) * Skv * D;
-  const Acc* v_head = in.v + (k_head - in.k);
+  const In* k_head = in.k + (batch * shape.kv_heads + head / (shape.q_heads / shape.kv_heads)) * Skv * D;
+  const In* v_head = in.v + (k_head - in.k);
   for (int64_t i = 0; i < Sq; ++i) {
-    const Acc* q_row = in.q + ((batch * shape.q_heads + head) * Sq + i) * D;
+    const In* q_row = in.q + ((batch * shape.q_heads + head) * Sq + i) * D;
     Acc* out_row = partial_out + ((batch * shape.q_heads + head) * Sq + i) * D;
     Acc& lse = partial_lse[(batch * shape.q_heads + head) * Sq + i];
     // Query i sits at key position i + Skv - Sq (bottom-right causal alignment).
@@ -153,9 +158,9 @@ void decode_one_split(const DecodeInputs<Acc>& in, const decode::DecodeShape& sh
     Acc max_score = -std::numeric_limits<Acc>::infinity();
     for (int64_t key : keys) {
       if (key > last_visible) break;  // keys ascend
-      const Acc* k_row = k_head + key * D;
+      const In* k_row = k_head + key * D;
       Acc dot = 0;
-      for (int64_t d = 0; d < D; ++d) dot += q_row[d] * k_row[d];
+      for (int64_t d = 0; d < D; ++d) dot += Acc(q_row[d]) * Acc(k_row[d]);
       scores.push_back(dot * scale_log2);
       max_score = std::max(max_score, scores.back());
     }
@@ -168,7 +173,7 @@ void decode_one_split(const DecodeInputs<Acc>& in, const decode::DecodeShape& sh
     for (size_t n = 0; n < scores.size(); ++n) {
       const Acc weight = std::exp2(scores[n] - max_score);
       denominator += weight;
-      const Acc* v_row = v_head + keys[n] * D;
+      const In* v_row = v_head + keys[n] * D;
       for (int64_t d = 0; d < D; ++d) out_row[d] += weight * v_row[d];
     }
     for (int64_t d = 0; d < D; ++d) out_row[d] /= denominator;
@@ -177,7 +182,6 @@ void decode_one_split(const DecodeInputs<Acc>& in, const decode::DecodeShape& sh
 }
 
 // Merges the splits of every row by their LSE: the CUDA combine kernel's math.
-template <typename Acc>
 void combine_splits(const Acc* partial_out, const Acc* partial_lse, int64_t num_splits, int64_t rows, int64_t D,
                     Acc* out, float* lse) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -220,20 +224,22 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_decode(const at::Tensor& q, cons
   const int64_t splits = decode::resolve_num_splits(shape, num_splits);
 
   const int64_t B = shape.batch, Hq = shape.q_heads, Sq = shape.seq_len_q, D = shape.head_dim;
-  const at::ScalarType acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType input_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
   if (B * Hq * Sq == 0) return {at::empty({B, Hq, Sq, D}, q.options()), lse};
 
-  const at::Tensor qa = q.to(acc_type).contiguous(), ka = k.to(acc_type).contiguous(), va = v.to(acc_type).contiguous();
+  // 16-bit caches are read as float (one copy); float and double ones are read in place when contiguous.
+  const at::Tensor qa = q.to(input_type).contiguous(), ka = k.to(input_type).contiguous(),
+                   va = v.to(input_type).contiguous();
   const at::Tensor counts = kv_num_blocks.contiguous(), lists = kv_indices.contiguous();
-  at::Tensor partial_out = at::empty({splits, B, Hq, Sq, D}, q.options().dtype(acc_type));
-  at::Tensor partial_lse = at::empty({splits, B, Hq, Sq}, q.options().dtype(acc_type));
-  at::Tensor out = at::empty({B, Hq, Sq, D}, q.options().dtype(acc_type));
+  at::Tensor partial_out = at::empty({splits, B, Hq, Sq, D}, q.options().dtype(at::kDouble));
+  at::Tensor partial_lse = at::empty({splits, B, Hq, Sq}, q.options().dtype(at::kDouble));
+  at::Tensor out = at::empty({B, Hq, Sq, D}, q.options().dtype(at::kDouble));
 
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "block_sparse_decode", [&] {
-    using Acc = scalar_t;
-    const DecodeInputs<Acc> inputs{qa.const_data_ptr<Acc>(), ka.const_data_ptr<Acc>(), va.const_data_ptr<Acc>(),
-                                   counts.const_data_ptr<int32_t>(), lists.const_data_ptr<int32_t>()};
+  AT_DISPATCH_FLOATING_TYPES(input_type, "block_sparse_decode", [&] {
+    const DecodeInputs<scalar_t> inputs{qa.const_data_ptr<scalar_t>(), ka.const_data_ptr<scalar_t>(),
+                                        va.const_data_ptr<scalar_t>(), counts.const_data_ptr<int32_t>(),
+                                        lists.const_data_ptr<int32_t>()};
     const Acc scale_log2 = static_cast<Acc>(softmax_scale) * static_cast<Acc>(M_LOG2E);
     Acc* partial_out_ptr = partial_out.mutable_data_ptr<Acc>();
     Acc* partial_lse_ptr = partial_lse.mutable_data_ptr<Acc>();

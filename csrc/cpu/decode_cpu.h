@@ -39,8 +39,8 @@ int64_t resolve_num_splits(const DecodeShape& shape, int64_t requested);
 
 namespace sparse_attn::cpu {
 
-// CPU twin of the CUDA op: same split partitioning and combine; accumulates in float (double for
-// float64 inputs). q, k, v: float16, bfloat16, float32 or float64.
+// CPU twin of the CUDA op: same split partitioning and combine; accumulates in double (the CUDA
+// kernel in float). q, k, v: float16, bfloat16, float32 or float64.
 std::tuple<at::Tensor, at::Tensor> block_sparse_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                        const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
                                                        int64_t kv_block_size, bool causal, double softmax_scale,
