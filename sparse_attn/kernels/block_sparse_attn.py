@@ -32,21 +32,30 @@ def _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN: tl.constexpr)
 
 
 @triton.jit
+def _wide(index):
+    """An index as int64 before it multiplies a stride: element offsets past 2^31 (a large batch,
+    a long packed sequence, a transposed view) would wrap in int32."""
+    return index.to(tl.int64)
+
+
+@triton.jit
 def _seq_tile(
     DESC, base, stride_s, desc_batch, head, seq_start, start, seq_len,
     ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Rows start .. start + ROWS of one sequence and head (keys, values, queries or dO):
-    [ROWS, HEAD_DIM_PAD]. Pointer loads from `base` (the sequence's first row) zero the rows past
-    seq_len. A descriptor (USE_TMA) over (batch, head, seq, dim) reads the next sequence's rows
-    there (zeros past the tensor and the head dim), so callers mask rows past seq_len in any case."""
+    [ROWS, HEAD_DIM_PAD]. Pointer loads from `base` (the head's row 0; the sequence starts at row
+    seq_start) zero the rows past seq_len. A descriptor (USE_TMA) over (batch, head, seq, dim)
+    reads the next sequence's rows there (zeros past the tensor and the head dim), so callers
+    mask rows past seq_len in any case."""
     if USE_TMA:
         tile = DESC.load([desc_batch, head, seq_start + start, 0]).reshape(ROWS, HEAD_DIM_PAD)
     else:
         offs = start + tl.arange(0, ROWS)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         ok = (offs[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
-        tile = tl.load(base + offs[:, None] * stride_s + offs_d[None, :], mask=ok, other=0.0)
+        rows = _wide(seq_start + offs)[:, None]
+        tile = tl.load(base + rows * stride_s + offs_d[None, :], mask=ok, other=0.0)
     return tile
 
 
@@ -208,24 +217,27 @@ def _block_sparse_rows_kernel(
     b = bh // num_q_heads
     h = bh % num_q_heads
     hk = h // group_size
+    b64, h64, hk64 = _wide(b), _wide(h), _wide(hk)
     q_start, k_start, len_q, len_k = _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN)
     if tile * BLOCK_M >= len_q:
         return
     causal_shift = len_k - len_q
     lh = h // LAYOUT_HEAD_DIV
     q_block = tile * BLOCK_M // Q_BLOCK
-    count = tl.load(KV_COUNT + b * stride_cb + lh * stride_ch + q_block * stride_cm)
-    kv_list = KV_IDX + b * stride_ib + lh * stride_ih + q_block * stride_im
+    count = tl.load(KV_COUNT + b64 * stride_cb + lh * stride_ch + q_block * stride_cm)
+    kv_list = KV_IDX + b64 * stride_ib + lh * stride_ih + q_block * stride_im
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
     row_ok = offs_m < len_q
-    rows = (q_start + offs_m)[:, None]
+    rows = _wide(q_start + offs_m)[:, None]
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0
+        Q + b64 * stride_qb + h64 * stride_qh + rows * stride_qs + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok,
+        other=0.0,
     )
-    stats = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
+    stats = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m) * stride_ls
     # One accumulator: dQ / scale in the backward, the unnormalised output in the forward; the
     # softmax state (m_i, l_i) and the backward's inputs (do, lse_log2, delta) stand in for each other.
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
@@ -234,14 +246,14 @@ def _block_sparse_rows_kernel(
     do, lse_log2, delta = q, m_i, l_i
     if BACKWARD:
         do = tl.load(
-            O + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :],
+            O + b64 * stride_ob + h64 * stride_oh + rows * stride_os + offs_d[None, :],
             mask=row_ok[:, None] & d_ok,
             other=0.0,
         )
         lse_log2 = _lse_log2(tl.load(LSE + stats, mask=row_ok, other=0.0))
         delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
-    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+    k_base = K + b64 * stride_kb + hk64 * stride_kh
+    v_base = V + b64 * stride_vb + hk64 * stride_vh
     desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by k_start
 
     # Blocks below full_end lie inside the sequence and wholly before every row's position: no
@@ -275,11 +287,11 @@ def _block_sparse_rows_kernel(
                                        DOT_PRECISION)  # fmt: skip
 
     if BACKWARD:
-        out_ptrs = DQ + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :]
+        out_ptrs = DQ + b64 * stride_qb + h64 * stride_qh + rows * stride_qs + offs_d[None, :]
         tl.store(out_ptrs, (acc * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     else:
         out, lse = _normalize(acc, m_i, l_i)
-        out_ptrs = O + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :]
+        out_ptrs = O + b64 * stride_ob + h64 * stride_oh + rows * stride_os + offs_d[None, :]
         tl.store(out_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
         tl.store(LSE + stats, lse, mask=row_ok)
 
@@ -373,6 +385,7 @@ def _block_sparse_dkdv_kernel(
     bh = tl.program_id(1)
     b = bh // num_kv_heads
     hk = bh % num_kv_heads
+    b64, hk64 = _wide(b), _wide(hk)
     q_start, k_start, len_q, len_k = _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN)
     if tile * BLOCK_N >= len_k:
         return
@@ -382,8 +395,9 @@ def _block_sparse_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
     kv_ok = (offs_n[:, None] < len_k) & d_ok
-    k_offsets = b * stride_kb + hk * stride_kh + (k_start + offs_n)[:, None] * stride_ks + offs_d[None, :]
-    v_offsets = b * stride_vb + hk * stride_vh + (k_start + offs_n)[:, None] * stride_vs + offs_d[None, :]
+    key_rows = _wide(k_start + offs_n)[:, None]
+    k_offsets = b64 * stride_kb + hk64 * stride_kh + key_rows * stride_ks + offs_d[None, :]
+    v_offsets = b64 * stride_vb + hk64 * stride_vh + key_rows * stride_vs + offs_d[None, :]
     k = tl.load(K + k_offsets, mask=kv_ok, other=0.0)
     v = tl.load(V + v_offsets, mask=kv_ok, other=0.0)
     desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by q_start
@@ -405,12 +419,12 @@ def _block_sparse_dkdv_kernel(
     for g in range(group_size):
         h = hk * group_size + g
         lh = h // LAYOUT_HEAD_DIV
-        count = tl.load(Q_COUNT + b * stride_cb + lh * stride_ch + kv_block * stride_cn)
-        q_list = Q_IDX + b * stride_ib + lh * stride_ih + kv_block * stride_in
-        q_rows = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
-        o_rows = DO + b * stride_ob + h * stride_oh + q_start * stride_os
-        l_head = LSE + b * stride_lb + h * stride_lh + q_start * stride_ls
-        d_head = DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls
+        count = tl.load(Q_COUNT + b64 * stride_cb + lh * stride_ch + kv_block * stride_cn)
+        q_list = Q_IDX + b64 * stride_ib + lh * stride_ih + kv_block * stride_in
+        q_rows = Q + b64 * stride_qb + _wide(h) * stride_qh
+        o_rows = DO + b64 * stride_ob + _wide(h) * stride_oh
+        l_head = LSE + b64 * stride_lb + h * stride_lh + q_start * stride_ls
+        d_head = DELTA + b64 * stride_lb + h * stride_lh + q_start * stride_ls
         partial_head = _count_below(q_list, count, full_start, False)
         partial_tail = tl.maximum(partial_head, _count_below(q_list, count, full_end, True))
         # Full blocks in one flat loop over their query tiles, so loads pipeline across blocks.

@@ -23,7 +23,15 @@ Softmax runs in base 2 with log2(e) folded into the scale; the LSE is stored in 
 import triton
 import triton.language as tl
 
-from .block_sparse_attn import _dq_step, _lse_log2, _normalize, _seq_tile, _sequence_bounds, _softmax_step
+from .block_sparse_attn import (
+    _dq_step,
+    _lse_log2,
+    _normalize,
+    _seq_tile,
+    _sequence_bounds,
+    _softmax_step,
+    _wide,
+)
 
 
 @triton.jit
@@ -46,13 +54,13 @@ def _gathered_rows(PAIR_ROWS, start, end, seq_len_q, BLOCK_M: tl.constexpr):
 @triton.jit
 def _load_rows(BASE, b, h, rows, ok, stride_b, stride_h, stride_s, offs_d, HEAD_DIM: tl.constexpr):
     """Gathered [BLOCK_M, HEAD_DIM_PAD] rows of a (batch, head, seq, dim) tensor, 0 outside."""
-    ptrs = BASE + b * stride_b + h[:, None] * stride_h + rows[:, None] * stride_s + offs_d[None, :]
+    ptrs = BASE + _wide(b) * stride_b + _wide(h)[:, None] * stride_h + _wide(rows)[:, None] * stride_s + offs_d[None, :]
     return tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
 
 @triton.jit
 def _store_rows(BASE, value, b, h, rows, ok, stride_b, stride_h, stride_s, offs_d, HEAD_DIM: tl.constexpr):
-    ptrs = BASE + b * stride_b + h[:, None] * stride_h + rows[:, None] * stride_s + offs_d[None, :]
+    ptrs = BASE + _wide(b) * stride_b + _wide(h)[:, None] * stride_h + _wide(rows)[:, None] * stride_s + offs_d[None, :]
     tl.store(ptrs, value.to(BASE.dtype.element_ty), mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
@@ -227,8 +235,8 @@ def _moba_rows_kernel(
                     tl.store(ROW_MAX + slot, tl.full([BLOCK_M], float("-inf"), tl.float32))
                     tl.store(ROW_SUM + slot, tl.zeros([BLOCK_M], tl.float32))
             tl.debug_barrier()
-            k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
-            v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+            k_base = K + _wide(b) * stride_kb + _wide(hk) * stride_kh  # the tiles add the sequence's k_start
+            v_base = V + _wide(b) * stride_vb + _wide(hk) * stride_vh
             desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by k_start
             for j in range(0, num_kv_blocks):
                 seg = ((b * num_kv_heads + hk) * num_kv_blocks + j) * num_logical + lb
@@ -330,8 +338,9 @@ def _moba_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
     kv_ok = (offs_n[:, None] < len_k) & d_ok
-    k_offsets = b * stride_kb + hk * stride_kh + (k_start + offs_n)[:, None] * stride_ks + offs_d[None, :]
-    v_offsets = b * stride_vb + hk * stride_vh + (k_start + offs_n)[:, None] * stride_vs + offs_d[None, :]
+    key_rows = _wide(k_start + offs_n)[:, None]
+    k_offsets = _wide(b) * stride_kb + _wide(hk) * stride_kh + key_rows * stride_ks + offs_d[None, :]
+    v_offsets = _wide(b) * stride_vb + _wide(hk) * stride_vh + key_rows * stride_vs + offs_d[None, :]
     k = tl.load(K + k_offsets, mask=kv_ok, other=0.0)
     v = tl.load(V + v_offsets, mask=kv_ok, other=0.0)
     # Every logical block's rows of block j are contiguous: one range over the whole sequence.
