@@ -8,10 +8,11 @@
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sparse_attn")
 
 How it plugs in (shared/specs/ecosystem.md section 1). One attention function is registered under
-the name "sparse_attn" with `AttentionInterface.register`, and transformers' `flash_attention_mask`
-with `AttentionMaskInterface.register`, so padding arrives as a 2D (B, Skv) keep-mask (or None) and
-never as an O(N^2) 4D mask. Switching the model's `config._attn_implementation` selects it; no
-`forward` method is replaced, so projections, RoPE and caches stay transformers' own.
+the name "sparse_attn" with `AttentionInterface.register`, and `keep_mask` (transformers'
+`flash_attention_mask`, plus a StaticCache's empty slots) with `AttentionMaskInterface.register`, so
+padding arrives as a 2D (B, Skv) keep-mask (or None) and never as an O(N^2) 4D mask. Switching the
+model's `config._attn_implementation` selects it; no `forward` method is replaced, so projections,
+RoPE and caches stay transformers' own.
 
 Where the configuration lives. `patch` stores one `SparseAttnConfig` as `_sparse_attn_config` on
 the model and on every one of its submodules (the same object). The attention function receives
@@ -99,11 +100,38 @@ def _require_transformers():
             "Upgrade with: pip install -U 'transformers>=4.53'"
         )
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION_NAME, sparse_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, flash_attention_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, keep_mask)
     return transformers
+
+
+def keep_mask(**kwargs):
+    """transformers' mask hook: flash attention's 2D keep-mask (None when no key is padding), except
+    that the empty slots of a StaticCache are marked too.
+
+    Flash attention's hook returns None for an all-ones mask, and generate() passes no mask at all
+    to implementations not named "flash" when nothing is padded; a StaticCache's keys are then its
+    whole preallocated length, filled only up to the tokens seen. This returns an all-ones mask of
+    the filled length instead, which `sparse_attention_forward` reads as "the keys past it are empty".
+    """
+    from transformers.masking_utils import flash_attention_mask
+
+    mask = flash_attention_mask(**kwargs)
+    if mask is not None:
+        return mask
+    if kwargs.get("q_length") is not None:  # transformers >= 5: the queries' positions and count
+        seen = kwargs.get("q_offset", 0) + kwargs["q_length"]
+    elif kwargs.get("cache_position") is not None:  # 4.53: the queries' positions
+        seen = kwargs["cache_position"][-1] + 1
+    else:
+        return None
+    filled = int(seen) - kwargs.get("kv_offset", 0)  # a tensor for static caches: one sync per mask
+    if filled >= kwargs["kv_length"]:
+        return None
+    device = kwargs.get("device") or getattr(kwargs.get("cache_position"), "device", None)
+    return torch.ones(kwargs["batch_size"], max(filled, 0), dtype=torch.bool, device=device)
 
 
 # ---------------------------------------------------------------------------------- configuration
@@ -228,6 +256,10 @@ class SparseAttnConfig:
                 raise ValueError(f"layer_config keys must be non-negative layer indices, got {idx!r}")
             if not isinstance(override, dict):
                 raise TypeError(f"layer_config[{idx}] must be a dict, got {type(override).__name__}")
+            if idx in self.dense_layers or (self.layers is not None and idx not in self.layers):
+                raise ValueError(
+                    f"layer_config names layer {idx}, which layers/dense_layers keep dense; drop one of the two"
+                )
             override = dict(override)
             method_here = _check_method(override.pop("method", self.method))
             decode_here = _check_decode(method_here, override.pop("decode", self.decode))
@@ -520,6 +552,11 @@ def _reject_unsupported(dropout, kwargs) -> None:
         )
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by sparse_attn")
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError(
+            "an additive position_bias (T5-style relative attention bias) is not supported by sparse_attn; "
+            "run such models with attn_implementation='sdpa'"
+        )
 
 
 def _align_padding_mask(mask, key, value):
@@ -563,7 +600,10 @@ def _sequence_pieces(keep, batch, seq_q, seq_kv, kwargs, device) -> _Pieces | No
     else:
         return None
     cached = _pieces_cache[0]
-    signature = (kind, batch, seq_q, seq_kv, source._version)
+    # Tensors made under torch.inference_mode() have no version counter (and are not mutated by
+    # transformers between passes): their identity and storage stand for them.
+    version = source.data_ptr() if source.is_inference() else source._version
+    signature = (kind, batch, seq_q, seq_kv, version)
     if cached is not None and cached[0] is source and cached[1] == signature:
         return cached[2]
     if kind == "mask":

@@ -54,10 +54,16 @@ def _ids(batch=1, length=SEQ_LEN, seed=1):
     return torch.randint(1, 1000, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _greedy(model, ids, mask=None, new_tokens=6):
+def _greedy(model, ids, mask=None, new_tokens=6, **generate_options):
     mask = torch.ones_like(ids) if mask is None else mask
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        **generate_options,
     )
     return out[:, ids.shape[1] :]
 
@@ -108,6 +114,48 @@ def test_full_budget_dense_and_moba_match_sdpa(reference_engine, method, options
     torch.testing.assert_close(logits, expected_logits, atol=2e-4, rtol=1e-4)
     assert torch.equal(tokens, expected_tokens)
     assert handle.stats.calls[(0, "decode", method)] == 5  # MoBA routes the decode queries too
+
+
+def _static_cache(model, length):
+    """A StaticCache of `length` slots (transformers 5 sizes it from the config, 4.53 takes more arguments)."""
+    try:
+        return transformers.StaticCache(config=model.config, max_cache_len=length)
+    except TypeError:
+        return transformers.StaticCache(config=model.config, max_batch_size=1, max_cache_len=length)
+
+
+@pytest.mark.parametrize("method, options", [("dense", {}), ("moba", FULL_MOBA)])
+def test_static_cache_without_padding_matches_sdpa(reference_engine, method, options):
+    """A StaticCache holds more slots than tokens. With nothing padded, transformers hands the attention
+    no mask (generate) or an all-ones one that flash attention's hook drops: the empty slots must not
+    be attended."""
+    model, ids = _model("llama"), _ids()
+    with torch.no_grad():
+        expected = model(ids, past_key_values=_static_cache(model, 2 * SEQ_LEN)).logits
+        expected_tokens = _greedy(model, ids, cache_implementation="static")
+        with hf.patched(model, method, **options):
+            for mask in (None, torch.ones_like(ids)):
+                cache = _static_cache(model, 2 * SEQ_LEN)
+                logits = model(ids, attention_mask=mask, past_key_values=cache).logits
+                torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+            tokens = _greedy(model, ids, cache_implementation="static")
+    assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.mark.parametrize("method, options", [("dense", {}), ("moba", FULL_MOBA)])
+def test_inference_mode(reference_engine, method, options):
+    """Tensors made under torch.inference_mode() have no version counter (the sequence-piece cache reads it)."""
+    model, ids = _model("llama"), _ids(batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding: the mask path as well as the position-id one
+    with torch.inference_mode():
+        expected_logits, expected_tokens = model(ids, attention_mask=mask).logits, _greedy(model, ids, mask)
+        with hf.patched(model, method, **options):
+            logits, tokens = model(ids, attention_mask=mask).logits, _greedy(model, ids, mask)
+            single = model(ids[:1]).logits
+    torch.testing.assert_close(logits[:, 5:], expected_logits[:, 5:], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(single, expected_logits[:1], atol=2e-4, rtol=1e-4)
+    assert torch.equal(tokens, expected_tokens)
 
 
 def test_configure_for_from_config(reference_engine):
@@ -244,6 +292,8 @@ def test_unsupported_features_raise():
         hf.sparse_attention_forward(module, q, k, v, None, output_attentions=True)
     with pytest.raises(NotImplementedError, match="s_aux"):
         hf.sparse_attention_forward(module, q, k, v, None, s_aux=torch.zeros(4))
+    with pytest.raises(NotImplementedError, match="position_bias"):
+        hf.sparse_attention_forward(module, q, k, v, None, position_bias=torch.zeros(1, 4, 64, 64))
     with pytest.raises(NotImplementedError, match="4D attention mask"):
         hf.sparse_attention_forward(module, q, k, v, torch.ones(1, 1, 64, 64, dtype=torch.bool))
     with pytest.raises(NotImplementedError, match="sparse decode"):
@@ -254,6 +304,9 @@ def test_unsupported_features_raise():
         hf.SparseAttnConfig("xattention", topk=3)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         hf.SparseAttnConfig("xattention", threshold=1.5)
+    for exclusion in ({"layers": [0]}, {"dense_layers": [1]}):
+        with pytest.raises(ValueError, match="layer_config names layer 1"):
+            hf.SparseAttnConfig("moba", layer_config={1: {"topk": 2}}, **exclusion)
 
 
 @pytest.mark.parametrize(
@@ -311,9 +364,9 @@ def test_unpatch_restores_bit_identical_outputs(reference_engine):
         assert torch.equal(model(ids).logits, before)
     registered = transformers.AttentionInterface._global_mapping["sparse_attn"]
     assert registered is hf.sparse_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
-    assert AttentionMaskInterface._global_mapping["sparse_attn"] is flash_attention_mask
+    assert AttentionMaskInterface._global_mapping["sparse_attn"] is hf.keep_mask
 
 
 @pytest.mark.parametrize("method, options", [("xattention", FULL_XATTN), ("moba", {"block_size": BLOCK, "topk": 2})])
