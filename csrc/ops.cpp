@@ -35,6 +35,10 @@
 //       Causal: block t / block_size always, plus the top topk-1 of the blocks entirely
 //       before t (fewer: all of them). Non-causal: top topk of all blocks. Ties to the lower
 //       index; NaN/-inf scores never selected. Indices ascend, -1 padded.
+//   moba_route_means(q [B,Hq,Sq,D], block_means [B,Hkv,N,D] fp32 (fp64), kv_len, block_size, topk,
+//                    causal) -> int32 [B,Hq,Sq,topk]
+//       moba_route of keys kv_len long whose block means are given (block_mean_pool's; N at least
+//       the blocks a row may rank): cached means route decode queries as the prefill would.
 //   moba_route_varlen(q [Tq,Hq,D], k [Tk,Hkv,D], cu_seqlens_q, cu_seqlens_k int32 [S+1],
 //                     max_seqlen_q, block_size, topk, causal) -> int32 [S,Hq,max_seqlen_q,topk]
 //       moba_route of each packed sequence s (queries cu_seqlens_q[s]:[s+1], keys
@@ -60,6 +64,7 @@ TORCH_LIBRARY(sparse_attn, m) {
       "block_sparse_decode(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, int kv_block_size, "
       "bool causal, float softmax_scale, int num_splits) -> (Tensor out, Tensor lse)");
   m.def("moba_route(Tensor q, Tensor k, int block_size, int topk, bool causal) -> Tensor");
+  m.def("moba_route_means(Tensor q, Tensor block_means, int kv_len, int block_size, int topk, bool causal) -> Tensor");
   m.def(
       "moba_route_varlen(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
       "int block_size, int topk, bool causal) -> Tensor");

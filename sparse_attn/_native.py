@@ -30,6 +30,7 @@ NATIVE_OPS = (
     "threshold_select",
     "layout_transpose",
     "moba_route",
+    "moba_route_means",
     "moba_route_varlen",
     "block_sparse_decode",
 )

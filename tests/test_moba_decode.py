@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from sparse_attn import block_mean_pool
+from sparse_attn._native import _has_kernel
 from sparse_attn.decode import decode_kernel_accepts
 from sparse_attn.methods.moba import (
     MoBABlockMeans,
     _route_from_means,
+    _route_with_means,
     moba_attn,
     moba_decode,
     moba_route,
@@ -47,6 +49,85 @@ def test_decode_routes_equal_prefill_rows(rng, num_queries, block_size, topk):
         expected = moba_route(q[:, :, :length], k[:, :, :length], block_size=block_size, topk=topk)
         assert torch.equal(routes, expected[:, :, -num_queries:]), length
     assert torch.equal(routes, prefill[:, :, -num_queries:])
+
+
+needs_native = pytest.mark.skipif(not _has_kernel("moba_route_means", "CPU"), reason="native op not built")
+
+
+@needs_native
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+def test_decode_routes_are_the_prefill_routes_bit_for_bit(rng, precision):
+    """Gaussian data, so scores round: decode must still rank exactly as the prefill router (spec 3),
+    whatever the matmul precision (a matmul at 'medium' sends dozens of rows elsewhere)."""
+    q, k = torch.randn(1, 4, 2048, 64, generator=rng), torch.randn(1, 2, 2048, 64, generator=rng)
+    prefill = moba_route(q, k, block_size=16, topk=4)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        cache = MoBABlockMeans(16)
+        for length in (1000, 2047, 2048):
+            routes = _route_with_means(q[:, :, length - 16 : length], cache.update(k[:, :, :length]), length, 16, 4)
+            expected = moba_route(q[:, :, :length], k[:, :, :length], block_size=16, topk=4)
+            assert torch.equal(routes, expected[:, :, -16:])
+        # All rows at once: the prefill's bottom-right rows are decode rows of the whole cache.
+        assert torch.equal(_route_with_means(q, cache.update(k), 2048, 16, 4), prefill)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@needs_native
+def test_decode_routes_break_exact_ties_as_the_prefill(rng):
+    """Blocks whose means are permutations of one vector score equally in exact arithmetic; rounding
+    decides, and it must decide as in the prefill."""
+    for _ in range(20):
+        base = torch.randn(64, generator=rng)
+        blocks = torch.stack([base[torch.randperm(64, generator=rng)] for _ in range(8)])
+        k = blocks.repeat_interleave(16, dim=0)[None, None]
+        q = torch.randn(1, 1, 128, 1, generator=rng).expand(1, 1, 128, 64).contiguous()
+        routes = _route_with_means(q[:, :, -1:], MoBABlockMeans(16).update(k), 128, 16, 3)
+        assert torch.equal(routes, moba_route(q, k, block_size=16, topk=3)[:, :, -1:])
+
+
+@needs_native
+def test_route_means_op(rng):
+    q, k = torch.randn(2, 4, 20, 8, generator=rng), torch.randn(2, 2, 45, 8, generator=rng)
+    all_means, complete = block_mean_pool(k, 8), block_mean_pool(k[:, :, :40], 8)
+    route_means = torch.ops.sparse_attn.moba_route_means
+    for causal, means in ((True, complete), (True, all_means), (False, all_means)):
+        expected = moba_route(q, k, block_size=8, topk=3, causal=causal)
+        assert torch.equal(route_means(q, means, 45, 8, 3, causal), expected)
+        torch.library.opcheck(route_means.default, (q, means, 45, 8, 3, causal))
+    with pytest.raises(ValueError, match="needs 6"):  # non-causal rows rank the partial last block too
+        route_means(q, complete, 45, 8, 3, False)
+    with pytest.raises(ValueError, match="needs 5"):
+        route_means(q, complete[:, :, :4], 45, 8, 3, True)
+    with pytest.raises(TypeError, match="block_means must be"):
+        route_means(q, complete.double(), 45, 8, 3, True)
+    with pytest.raises(ValueError, match="kv_len"):
+        route_means(q, complete, 10, 8, 3, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_decode_routes_are_the_prefill_routes_bit_for_bit(rng, dtype):
+    """The CUDA router from cached means against the fused CUDA router, on Gaussian data (rounded scores),
+    a growing cache and TF32 allowed for matmuls (which the routers must not use)."""
+    assert _has_kernel("moba_route_means", "CUDA"), "the CUDA moba_route_means op was not built"
+    q = torch.randn(2, 8, 4096, 128, generator=rng).to("cuda", dtype)
+    k = torch.randn(2, 2, 4096, 128, generator=rng).to("cuda", dtype)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        cache = MoBABlockMeans(64)
+        for length in (63, 64, 1000, 4095, 4096):
+            routes = _route_with_means(q[:, :, length - 16 : length], cache.update(k[:, :, :length]), length, 64, 8)
+            expected = moba_route(q[:, :, :length], k[:, :, :length], block_size=64, topk=8)
+            assert torch.equal(routes, expected[:, :, -16:]), length
+        torch.library.opcheck(
+            torch.ops.sparse_attn.moba_route_means.default, (q[:, :, -4:], cache.means, 4096, 64, 8, True)
+        )
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 @pytest.mark.parametrize("num_queries", [1, 4])

@@ -239,22 +239,25 @@ PackedSequences packed_sequences(const at::Tensor& cu_seqlens_q, const at::Tenso
   return packed;
 }
 
-at::Tensor moba_route(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t topk, bool causal) {
-  check_route_args(q, k, block_size, topk);
+namespace {
+
+// Routes q [B, Hq, Sq, D] against contiguous block means [B, Hkv, N, D] of keys kv_len long: the
+// scoring and ranking shared by moba_route (which pools the means) and moba_route_means (given them).
+at::Tensor route_batched(const at::Tensor& q, const at::Tensor& means, int64_t kv_len, int64_t block_size,
+                         int64_t topk, bool causal) {
   const int64_t batch = q.size(0), q_heads = q.size(1), q_len = q.size(2), head_dim = q.size(3);
-  const int64_t kv_heads = k.size(1), kv_len = k.size(2);
+  const int64_t kv_heads = means.size(1), num_means = means.size(2);
   const int64_t num_blocks = (kv_len + block_size - 1) / block_size;
   at::Tensor out = at::full({batch, q_heads, q_len, topk}, -1, q.options().dtype(at::kInt));
   if (out.numel() == 0) return out;
 
-  // [B, Hkv, N, D]: float32, float64 for float64 keys. Query heads index their KV head's means (no K copies).
-  const at::Tensor means = block_mean_pool(k, block_size);
+  // Query heads index their KV head's means (no K copies).
   const at::Tensor queries = q.contiguous();
   const RouteLayout layout{q_heads, kv_heads, head_dim, block_size, topk, q_len, head_dim, q_len * head_dim,
-                           num_blocks * head_dim, causal};
+                           num_means * head_dim, causal};
   std::vector<RouteSequence> sequences;
   for (int64_t b = 0; b < batch; ++b) {
-    sequences.push_back({b * q_heads * q_len * head_dim, b * kv_heads * num_blocks * head_dim, q_len, kv_len});
+    sequences.push_back({b * q_heads * q_len * head_dim, b * kv_heads * num_means * head_dim, q_len, kv_len});
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "moba_route", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -262,6 +265,50 @@ at::Tensor moba_route(const at::Tensor& q, const at::Tensor& k, int64_t block_si
                     ranked_capacity(topk, causal, num_blocks), out.mutable_data_ptr<int32_t>());
   });
   return out;
+}
+
+}  // namespace
+
+at::Tensor moba_route(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t topk, bool causal) {
+  check_route_args(q, k, block_size, topk);
+  // [B, Hkv, N, D]: float32, float64 for float64 keys.
+  return route_batched(q, block_mean_pool(k, block_size), k.size(2), block_size, topk, causal);
+}
+
+at::Tensor moba_route_means(const at::Tensor& q, const at::Tensor& block_means, int64_t kv_len, int64_t block_size,
+                            int64_t topk, bool causal) {
+  TORCH_CHECK_VALUE(q.device().is_cpu() && block_means.device().is_cpu(), "q and block_means must be CPU tensors, got ",
+                    q.device(), " and ", block_means.device());
+  check_route_means_args(q, block_means, kv_len, block_size, topk, causal);
+  return route_batched(q, block_means.contiguous(), kv_len, block_size, topk, causal);
+}
+
+void check_route_means_args(const at::Tensor& q, const at::Tensor& block_means, int64_t kv_len, int64_t block_size,
+                            int64_t topk, bool causal) {
+  TORCH_CHECK_VALUE(q.dim() == 4, "q must be 4-D [B, Hq, Sq, D], got ", q.dim(), " dims");
+  TORCH_CHECK_VALUE(block_means.dim() == 4, "block_means must be 4-D [B, Hkv, N, D], got ", block_means.dim(),
+                    " dims");
+  TORCH_CHECK_TYPE(is_routable_dtype(q.scalar_type()), "q must be float16, bfloat16, float32 or float64, got ",
+                   q.scalar_type());
+  const at::ScalarType mean_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_TYPE(block_means.scalar_type() == mean_type, "block_means must be ", mean_type, " for ",
+                   q.scalar_type(), " queries (block_mean_pool's dtype), got ", block_means.scalar_type());
+  TORCH_CHECK_VALUE(block_means.size(0) == q.size(0), "block_means batch ", block_means.size(0),
+                    " differs from q batch ", q.size(0));
+  TORCH_CHECK_VALUE(block_means.size(3) == q.size(3), "block_means head dim ", block_means.size(3),
+                    " differs from q head dim ", q.size(3));
+  TORCH_CHECK_VALUE(block_means.size(1) > 0 && q.size(1) % block_means.size(1) == 0, "the number of query heads (",
+                    q.size(1), ") must be a multiple of the number of KV heads (", block_means.size(1), ")");
+  TORCH_CHECK_VALUE(topk > 0, "topk must be positive, got ", topk);
+  TORCH_CHECK_VALUE(block_size > 0, "block_size must be positive, got ", block_size);
+  TORCH_CHECK_VALUE(q.size(2) <= kv_len, "q has more rows (", q.size(2), ") than kv_len (", kv_len, ")");
+  TORCH_CHECK_VALUE((kv_len + block_size - 1) / block_size <= std::numeric_limits<int32_t>::max(),
+                    "the number of KV blocks must fit in int32");
+  // Causal rows rank only the blocks before their own; non-causal rows rank every block.
+  const int64_t needed =
+      causal ? std::max<int64_t>(kv_len - 1, 0) / block_size : (kv_len + block_size - 1) / block_size;
+  TORCH_CHECK_VALUE(block_means.size(2) >= needed, "block_means holds ", block_means.size(2), " blocks; routing ",
+                    kv_len, " keys in blocks of ", block_size, (causal ? " causally" : ""), " needs ", needed);
 }
 
 at::Tensor moba_route_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
@@ -299,6 +346,7 @@ at::Tensor moba_route_varlen(const at::Tensor& q, const at::Tensor& k, const at:
 
 TORCH_LIBRARY_IMPL(sparse_attn, CPU, m) {
   m.impl("moba_route", &moba_route);
+  m.impl("moba_route_means", &moba_route_means);
   m.impl("moba_route_varlen", &moba_route_varlen);
 }
 

@@ -1,6 +1,7 @@
-// CUDA registration of sparse_attn::moba_route (semantics in csrc/ops.cpp): argument checks, the
-// block-mean workspace, output allocation and dtype dispatch around the raw launcher of
-// moba_route_kernels.h. Device-generic torch headers only, as in selection_cuda.cpp.
+// CUDA registration of sparse_attn::moba_route, moba_route_means and moba_route_varlen (semantics
+// in csrc/ops.cpp): argument checks, the block-mean workspace, output allocation and dtype dispatch
+// around the raw launchers of moba_route_kernels.h. Device-generic torch headers only, as in
+// selection_cuda.cpp.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -106,6 +107,28 @@ at::Tensor moba_route_cuda(const at::Tensor& q, const at::Tensor& k, int64_t blo
   return out;
 }
 
+at::Tensor moba_route_means_cuda(const at::Tensor& q, const at::Tensor& block_means, int64_t kv_len,
+                                 int64_t block_size, int64_t topk, bool causal) {
+  TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
+  TORCH_CHECK_VALUE(block_means.device() == q.device(), "block_means must be on ", q.device(), ", got ",
+                    block_means.device());
+  cpu::check_route_means_args(q, block_means, kv_len, block_size, topk, causal);
+  check_ranked_blocks((kv_len + block_size - 1) / block_size, topk, causal);
+  const c10::DeviceGuard device_guard(q.device());
+  const at::Tensor queries = q.contiguous();
+  const at::Tensor means = block_means.contiguous();
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), topk}, q.options().dtype(at::kInt));
+  if (out.numel() == 0) return out;
+  dispatch_route(q, [&](auto tag) {
+    using Tag = decltype(tag);
+    using Accum = typename PooledType<typename Tag::scalar>::type;
+    return moba_route_means(device_data<Tag>(queries), means.const_data_ptr<Accum>(), q.size(0), q.size(1),
+                            means.size(1), q.size(2), kv_len, means.size(2), q.size(3), block_size, topk, causal,
+                            out.mutable_data_ptr<int32_t>(), current_stream(q.device()));
+  });
+  return out;
+}
+
 at::Tensor moba_route_varlen_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
                                   const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t block_size,
                                   int64_t topk, bool causal) {
@@ -145,6 +168,7 @@ at::Tensor moba_route_varlen_cuda(const at::Tensor& q, const at::Tensor& k, cons
 
 TORCH_LIBRARY_IMPL(sparse_attn, CUDA, m) {
   m.impl("moba_route", &moba_route_cuda);
+  m.impl("moba_route_means", &moba_route_means_cuda);
   m.impl("moba_route_varlen", &moba_route_varlen_cuda);
 }
 

@@ -258,31 +258,66 @@ RouteShape route_shape(int64_t q_heads, int64_t kv_heads, int64_t max_q_len, int
   return shape;
 }
 
+// Whether a batched routing's sizes are valid, and the number of blocks each row ranks.
+bool batched_route_ranked(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t kv_len,
+                          int64_t head_dim, int64_t block_size, int64_t topk, bool causal, int64_t* ranked) {
+  const bool valid_shape = batch >= 0 && q_heads >= 0 && kv_heads >= 1 && q_heads % kv_heads == 0 && q_len >= 0 &&
+                           q_len <= kv_len && head_dim >= 0 && block_size >= 1 && topk >= 1;
+  if (!valid_shape) return false;
+  const int64_t num_blocks = ceil_div(kv_len, block_size);
+  *ranked = moba_ranked_blocks(num_blocks, topk, causal);
+  return num_blocks <= std::numeric_limits<int32_t>::max() && *ranked <= kMaxMobaRankedBlocks;
+}
+
+// Scores and ranks q [batch, q_heads, q_len, head_dim] against block means [batch, kv_heads, num_means, head_dim].
+template <typename Scalar>
+cudaError_t route_batched(const Scalar* q, const typename PooledType<Scalar>::type* block_means, int64_t batch,
+                          int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t kv_len, int64_t num_means,
+                          int64_t head_dim, int64_t block_size, int64_t topk, bool causal, int64_t ranked,
+                          int32_t* out, cudaStream_t stream) {
+  RouteShape shape = route_shape(q_heads, kv_heads, q_len, head_dim, block_size, topk, causal);
+  shape.q_row_stride = head_dim;
+  shape.q_head_stride = q_len * head_dim;
+  shape.means_head_stride = num_means * head_dim;
+  shape.q_seq_stride = q_heads * q_len * head_dim;
+  shape.means_seq_stride = kv_heads * num_means * head_dim;
+  shape.kv_len = kv_len;
+  return launch_route(q, block_means, shape, batch, ranked, out, stream);
+}
+
 }  // namespace
 
 template <typename Scalar>
 cudaError_t moba_route(const Scalar* q, const Scalar* k, typename PooledType<Scalar>::type* block_means, int64_t batch,
                        int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
                        int64_t block_size, int64_t topk, bool causal, int32_t* out, cudaStream_t stream) {
-  const bool valid_shape = batch >= 0 && q_heads >= 0 && kv_heads >= 1 && q_heads % kv_heads == 0 && q_len >= 0 &&
-                           q_len <= kv_len && head_dim >= 0 && block_size >= 1 && topk >= 1;
-  if (!valid_shape) return cudaErrorInvalidValue;
-  const int64_t num_blocks = ceil_div(kv_len, block_size);
-  const int64_t ranked = moba_ranked_blocks(num_blocks, topk, causal);
-  if (num_blocks > std::numeric_limits<int32_t>::max() || ranked > kMaxMobaRankedBlocks) return cudaErrorInvalidValue;
+  int64_t ranked = 0;
+  if (!batched_route_ranked(batch, q_heads, kv_heads, q_len, kv_len, head_dim, block_size, topk, causal, &ranked)) {
+    return cudaErrorInvalidValue;
+  }
   if (batch * q_heads * q_len == 0) return cudaSuccess;
   if (ranked > 0) {  // otherwise every row selects only its current block: no scores needed
     const cudaError_t status = block_mean_pool(k, block_means, batch * kv_heads, kv_len, head_dim, block_size, stream);
     if (status != cudaSuccess) return status;
   }
-  RouteShape shape = route_shape(q_heads, kv_heads, q_len, head_dim, block_size, topk, causal);
-  shape.q_row_stride = head_dim;
-  shape.q_head_stride = q_len * head_dim;
-  shape.means_head_stride = num_blocks * head_dim;
-  shape.q_seq_stride = q_heads * q_len * head_dim;
-  shape.means_seq_stride = kv_heads * num_blocks * head_dim;
-  shape.kv_len = kv_len;
-  return launch_route(q, block_means, shape, batch, ranked, out, stream);
+  return route_batched(q, static_cast<const typename PooledType<Scalar>::type*>(block_means), batch, q_heads, kv_heads,
+                       q_len, kv_len, ceil_div(kv_len, block_size), head_dim, block_size, topk, causal, ranked, out,
+                       stream);
+}
+
+template <typename Scalar>
+cudaError_t moba_route_means(const Scalar* q, const typename PooledType<Scalar>::type* block_means, int64_t batch,
+                             int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t kv_len, int64_t num_means,
+                             int64_t head_dim, int64_t block_size, int64_t topk, bool causal, int32_t* out,
+                             cudaStream_t stream) {
+  int64_t ranked = 0;
+  if (!batched_route_ranked(batch, q_heads, kv_heads, q_len, kv_len, head_dim, block_size, topk, causal, &ranked) ||
+      num_means < moba_needed_means(kv_len, block_size, causal)) {
+    return cudaErrorInvalidValue;
+  }
+  if (batch * q_heads * q_len == 0) return cudaSuccess;
+  return route_batched(q, block_means, batch, q_heads, kv_heads, q_len, kv_len, num_means, head_dim, block_size, topk,
+                       causal, ranked, out, stream);
 }
 
 template <typename Scalar>
@@ -317,6 +352,9 @@ cudaError_t moba_route_varlen(const Scalar* q, const Scalar* k, typename PooledT
   template cudaError_t moba_route<Scalar>(const Scalar*, const Scalar*, PooledType<Scalar>::type*, int64_t, int64_t,  \
                                           int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int32_t*,      \
                                           cudaStream_t);                                                             \
+  template cudaError_t moba_route_means<Scalar>(const Scalar*, const PooledType<Scalar>::type*, int64_t, int64_t,   \
+                                                int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, \
+                                                int32_t*, cudaStream_t);                                             \
   template cudaError_t moba_route_varlen<Scalar>(const Scalar*, const Scalar*, PooledType<Scalar>::type*,            \
                                                  const int32_t*, const int32_t*, const int64_t*, int64_t, int64_t,   \
                                                  int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, \

@@ -39,6 +39,22 @@ cudaError_t moba_route(const Scalar* q, const Scalar* k, typename PooledType<Sca
                        int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
                        int64_t block_size, int64_t topk, bool causal, int32_t* out, cudaStream_t stream);
 
+// The block means a routing of kv_len keys reads: causal rows rank only the blocks before their
+// own (the last row's own block is (kv_len - 1) / block_size), non-causal rows every block.
+inline int64_t moba_needed_means(int64_t kv_len, int64_t block_size, bool causal) {
+  if (causal) return kv_len > 0 ? (kv_len - 1) / block_size : 0;
+  return (kv_len + block_size - 1) / block_size;
+}
+
+// moba_route with the block means given: block_means [batch, kv_heads, num_means, head_dim]
+// (contiguous, as block_mean_pool writes them; num_means >= moba_needed_means), scored exactly as
+// moba_route scores the means it pools. Same limits and errors.
+template <typename Scalar>
+cudaError_t moba_route_means(const Scalar* q, const typename PooledType<Scalar>::type* block_means, int64_t batch,
+                             int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t kv_len, int64_t num_means,
+                             int64_t head_dim, int64_t block_size, int64_t topk, bool causal, int32_t* out,
+                             cudaStream_t stream);
+
 // Packed sequences: q [total_q, q_heads, head_dim], k [total_k, kv_heads, head_dim] (contiguous);
 // sequence s holds query rows [cu_seqlens_q[s], cu_seqlens_q[s + 1]) and keys
 // [cu_seqlens_k[s], cu_seqlens_k[s + 1]), with Lq <= Lk and Lq <= max_q_len, and owns the blocks

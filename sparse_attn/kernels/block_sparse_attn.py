@@ -39,6 +39,12 @@ def _wide(index):
 
 
 @triton.jit
+def _tile_ptrs(head, rows, stride_s, offs_d):
+    """[len(rows), HEAD_DIM_PAD] pointers to int64 `rows` of a head whose row 0 is at pointer `head`."""
+    return head + (rows * stride_s)[:, None] + offs_d[None, :]
+
+
+@triton.jit
 def _seq_tile(
     DESC, base, stride_s, desc_batch, head, seq_start, start, seq_len,
     ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, USE_TMA: tl.constexpr,
@@ -395,11 +401,12 @@ def _block_sparse_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
     kv_ok = (offs_n[:, None] < len_k) & d_ok
-    key_rows = _wide(k_start + offs_n)[:, None]
-    k_offsets = b64 * stride_kb + hk64 * stride_kh + key_rows * stride_ks + offs_d[None, :]
-    v_offsets = b64 * stride_vb + hk64 * stride_vh + key_rows * stride_vs + offs_d[None, :]
-    k = tl.load(K + k_offsets, mask=kv_ok, other=0.0)
-    v = tl.load(V + v_offsets, mask=kv_ok, other=0.0)
+    # Pointers, not int64 offsets, are what the loads and the final stores share: a [BLOCK_N, HEAD_DIM]
+    # offset tensor would stay live across the loop (DK, DV share K's, V's strides).
+    key_rows = _wide(k_start + offs_n)
+    k_head, v_head = b64 * stride_kb + hk64 * stride_kh, b64 * stride_vb + hk64 * stride_vh
+    k = tl.load(_tile_ptrs(K + k_head, key_rows, stride_ks, offs_d), mask=kv_ok, other=0.0)
+    v = tl.load(_tile_ptrs(V + v_head, key_rows, stride_vs, offs_d), mask=kv_ok, other=0.0)
     desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by q_start
     # Query blocks from full_start on see every key of this tile; those from full_end on are ragged
     # (rows past len_q). The lists ascend, so the blocks needing the mask are a prefix (the
@@ -445,5 +452,5 @@ def _block_sparse_dkdv_kernel(
                                     d_head, stride_ls, desc_batch, h, q_start, start_m, len_q, len_k, offs_n,
                                     causal_shift, scale_log2, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL,
                                     USE_TMA, DOT_PRECISION)  # fmt: skip
-    tl.store(DK + k_offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + v_offsets, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    tl.store(_tile_ptrs(DK + k_head, key_rows, stride_ks, offs_d), (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(_tile_ptrs(DV + v_head, key_rows, stride_vs, offs_d), dv.to(DV.dtype.element_ty), mask=kv_ok)

@@ -30,6 +30,7 @@ from .block_sparse_attn import (
     _seq_tile,
     _sequence_bounds,
     _softmax_step,
+    _tile_ptrs,
     _wide,
 )
 
@@ -52,15 +53,21 @@ def _gathered_rows(PAIR_ROWS, start, end, seq_len_q, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _row_offsets(b, h, rows, stride_b, stride_h, stride_s):
+    """int64 element offsets of gathered (head, row) pairs of batch b: [BLOCK_M]."""
+    return _wide(b) * stride_b + _wide(h) * stride_h + _wide(rows) * stride_s
+
+
+@triton.jit
 def _load_rows(BASE, b, h, rows, ok, stride_b, stride_h, stride_s, offs_d, HEAD_DIM: tl.constexpr):
     """Gathered [BLOCK_M, HEAD_DIM_PAD] rows of a (batch, head, seq, dim) tensor, 0 outside."""
-    ptrs = BASE + _wide(b) * stride_b + _wide(h)[:, None] * stride_h + _wide(rows)[:, None] * stride_s + offs_d[None, :]
+    ptrs = BASE + _row_offsets(b, h, rows, stride_b, stride_h, stride_s)[:, None] + offs_d[None, :]
     return tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
 
 @triton.jit
 def _store_rows(BASE, value, b, h, rows, ok, stride_b, stride_h, stride_s, offs_d, HEAD_DIM: tl.constexpr):
-    ptrs = BASE + _wide(b) * stride_b + _wide(h)[:, None] * stride_h + _wide(rows)[:, None] * stride_s + offs_d[None, :]
+    ptrs = BASE + _row_offsets(b, h, rows, stride_b, stride_h, stride_s)[:, None] + offs_d[None, :]
     tl.store(ptrs, value.to(BASE.dtype.element_ty), mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
@@ -338,11 +345,12 @@ def _moba_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
     kv_ok = (offs_n[:, None] < len_k) & d_ok
-    key_rows = _wide(k_start + offs_n)[:, None]
-    k_offsets = _wide(b) * stride_kb + _wide(hk) * stride_kh + key_rows * stride_ks + offs_d[None, :]
-    v_offsets = _wide(b) * stride_vb + _wide(hk) * stride_vh + key_rows * stride_vs + offs_d[None, :]
-    k = tl.load(K + k_offsets, mask=kv_ok, other=0.0)
-    v = tl.load(V + v_offsets, mask=kv_ok, other=0.0)
+    # Pointers, not int64 offsets, are what the loads and the final stores share: a [BLOCK_N, HEAD_DIM]
+    # offset tensor would stay live across the loop (DK, DV share K's, V's strides).
+    key_rows = _wide(k_start + offs_n)
+    k_head, v_head = _wide(b) * stride_kb + _wide(hk) * stride_kh, _wide(b) * stride_vb + _wide(hk) * stride_vh
+    k = tl.load(_tile_ptrs(K + k_head, key_rows, stride_ks, offs_d), mask=kv_ok, other=0.0)
+    v = tl.load(_tile_ptrs(V + v_head, key_rows, stride_vs, offs_d), mask=kv_ok, other=0.0)
     # Every logical block's rows of block j are contiguous: one range over the whole sequence.
     seg = (bhk * num_kv_blocks + j) * num_logical
     seg_end = tl.load(SEG_START + seg + num_logical)
@@ -365,5 +373,5 @@ def _moba_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    tl.store(DK + k_offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + v_offsets, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    tl.store(_tile_ptrs(DK + k_head, key_rows, stride_ks, offs_d), (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(_tile_ptrs(DV + v_head, key_rows, stride_vs, offs_d), dv.to(DV.dtype.element_ty), mask=kv_ok)

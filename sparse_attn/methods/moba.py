@@ -170,6 +170,15 @@ def _route_from_means(q, means, kv_len, block_size, topk, causal, rank_rows):
     return _ascending_padded(selected).view(batch, q_heads, q_len, topk)
 
 
+def _route_with_means(q, means, kv_len, block_size, topk):
+    """Causal routing of q (B, Hq, Sq, D) from block means, exactly as `moba_route` routes the same rows:
+    the native op scores the means with the fused router's own arithmetic (a matmul would follow the
+    matmul precision setting and sum in another order, so near-ties could go the other way)."""
+    if _has_kernel("moba_route_means", "CUDA" if q.device.type == "cuda" else "CPU"):
+        return torch.ops.sparse_attn.moba_route_means(q, means, kv_len, block_size, topk, True)
+    return _route_from_means(q, means, kv_len, block_size, topk, True, topk_rows)
+
+
 def _ascending_padded(indices: torch.Tensor) -> torch.Tensor:
     """Sorts each row's indices ascending with the -1 padding moved to the end."""
     missing = torch.iinfo(torch.int32).max
@@ -386,7 +395,7 @@ def moba_decode(q, k, v, *, block_size, topk, block_means=None, softmax_scale=No
     elif not isinstance(block_means, MoBABlockMeans) or block_means.block_size != block_size:
         raise ValueError(f"block_means must be a MoBABlockMeans with block_size={block_size}")
     means = block_means.update(k.detach())
-    routes = _route_from_means(q.detach(), means, k.shape[2], block_size, topk, True, topk_rows)
+    routes = _route_with_means(q.detach(), means, k.shape[2], block_size, topk)
     scale = engine._default_scale(softmax_scale, q.shape[-1])
     if q.shape[2] == 1 and decode_kernel_accepts(q, k, v):
         layout = BlockSparseLayout.from_kv_blocks(
@@ -404,6 +413,10 @@ def moba_decode(q, k, v, *, block_size, topk, block_means=None, softmax_scale=No
 def _register_fake() -> None:
     @torch.library.register_fake("sparse_attn::moba_route")
     def _(q, k, block_size, topk, causal):
+        return q.new_empty((*q.shape[:3], topk), dtype=torch.int32)
+
+    @torch.library.register_fake("sparse_attn::moba_route_means")
+    def _(q, block_means, kv_len, block_size, topk, causal):
         return q.new_empty((*q.shape[:3], topk), dtype=torch.int32)
 
     @torch.library.register_fake("sparse_attn::moba_route_varlen")
