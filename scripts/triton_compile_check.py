@@ -100,7 +100,8 @@ def _is_16_bit(args) -> bool:
 
 def _label(kernel, kwargs, args) -> str:
     dtype = str(_input_dtype(args)).replace("torch.", "")
-    flags = [f"D={kwargs['HEAD_DIM']}", dtype, f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}", f"w{kwargs['num_warps']}"]
+    tile = "x".join(str(kwargs[name]) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_R") if name in kwargs)
+    flags = [f"D={kwargs['HEAD_DIM']}", dtype, tile, f"w{kwargs.get('num_warps', 4)}"]  # triton's default warps
     flags += [name.lower() for name in ("CAUSAL", "VARLEN", "BACKWARD") if kwargs.get(name)]
     flags += ["tma"] if kwargs.get("USE_TMA") else []
     return f"{kernel.fn.__name__}[{' '.join(flags)}]"
@@ -209,13 +210,14 @@ def _compile(job) -> tuple:
         target, source, options, _ = _specialize(kernel, kargs, kwargs, capability)
         compiled = triton.compile(source, target=target, options=options.__dict__)
         registers, stack = _resource_usage(compiled.asm["cubin"])
-        mma, async_loads = _lowering(compiled.asm["ttgir"])
+        ttgir = compiled.asm["ttgir"]
+        mma, async_loads = _lowering(ttgir)
         shared = compiled.metadata.shared
         result = f"FAILED: shared memory {shared} B > {shared_limit} B" if shared > shared_limit else "ok"
         if arch == "sm_90a" and not kwargs.get("USE_TMA") and _is_16_bit(kargs):
             if stack:
                 result = f"FAILED: {stack} B of register spills in a default 16-bit Hopper tile"
-            elif mma != "wgmma" and kwargs["HEAD_DIM"] <= 128:
+            elif mma != "wgmma" and kwargs["HEAD_DIM"] <= 128 and re.search(r"tt\.dot\b|warp_group_dot", ttgir):
                 result = f"FAILED: dots lowered to {mma}, not wgmma (a tile under 64 rows a warpgroup?)"
     except Exception as error:  # noqa: BLE001 - every compiler error is a finding
         result = f"FAILED: {type(error).__name__}: {' '.join(str(error).split())[:300]}"

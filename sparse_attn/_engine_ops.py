@@ -12,7 +12,12 @@ import torch
 import triton
 from torch.library import triton_op
 
-from .kernels.block_sparse_attn import LOG2E, _block_sparse_dkdv_kernel, _block_sparse_rows_kernel
+from .kernels.block_sparse_attn import (
+    LOG2E,
+    _backward_delta_kernel,
+    _block_sparse_dkdv_kernel,
+    _block_sparse_rows_kernel,
+)
 from .kernels.launch import descriptor_args, launcher
 from .selection import layout_transpose
 from .tiles import launch_config
@@ -38,12 +43,30 @@ def _backward_inputs(grad_out, grad_lse, out, q, k, v):
     delta = rowsum(dO * O) - dLSE: the score gradient is P * (dP - rowsum(dO * O)) from the output,
     plus P * dLSE from the LSE (dLSE/dscore = P), so a gradient of the returned LSE costs nothing."""
     grad_out = _unit_last_stride(grad_out)  # an expanded gradient (e.g. from .sum()) has stride 0
-    delta = (out.float() * grad_out.float()).sum(dim=-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    delta = delta.contiguous()
+    delta = _row_delta(_unit_last_stride(out), grad_out, grad_lse)
     (q, dq), (k, dk), (v, dv) = (_with_gradient(t) for t in (q, k, v))
     return grad_out, delta, q, k, v, *_poisoned(dq, dk, dv)
+
+
+def _row_delta(out, grad_out, grad_lse):
+    """fp32 rowsum(out * grad_out) - grad_lse, shaped like out without its last dim: one kernel,
+    where the PyTorch expression would hold fp32 copies of out and grad_out (and their product)."""
+    delta = torch.empty(out.shape[:-1], dtype=torch.float32, device=out.device)
+    rows = (1,) * (4 - out.dim()) + tuple(out.shape[:-1])  # [n0, n1, n2] rows, leading 1s for packed
+    if delta.numel() == 0:
+        return delta
+
+    def row_strides(t):
+        return ((0,) * (4 - out.dim()) + tuple(t.stride()))[:3]
+
+    lse_strides = row_strides(grad_lse.unsqueeze(-1)) if grad_lse is not None else (0, 0, 0)
+    block_rows = 32
+    launcher(_backward_delta_kernel)[(triton.cdiv(rows[2], block_rows), rows[0] * rows[1])](
+        out, grad_out, grad_lse, delta, rows[1], rows[2], *row_strides(out), *row_strides(grad_out), *lse_strides,
+        HAS_DLSE=grad_lse is not None, HEAD_DIM=out.shape[-1],
+        HEAD_DIM_PAD=triton.next_power_of_2(max(out.shape[-1], 16)), BLOCK_R=block_rows,
+    )  # fmt: skip
+    return delta
 
 
 def _unit_last_stride(t):

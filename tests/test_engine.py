@@ -155,6 +155,28 @@ def test_varlen_matches_per_sequence_runs(rng):
         assert max_err(g, r) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_backward_delta_kernel(rng, dtype):
+    """The backward's row statistic rowsum(O * dO) - dLSE from one kernel, for strided, packed and
+    broadcast operands (the engine and MoBA backward tests cover it only through the gradients)."""
+    from sparse_attn._engine_ops import _row_delta
+
+    out = torch.randn(2, 37, 3, 24, generator=rng).to(dtype).transpose(1, 2)  # (B, H, S, D) view of (B, S, H, D)
+    grad_out = torch.randn(2, 3, 37, 24, generator=rng).to(dtype)
+    packed_out, packed_grad = (torch.randn(50, 3, 24, generator=rng).to(dtype) for _ in range(2))
+    cases = [
+        (out, grad_out, None),
+        (out, grad_out, torch.randn(2, 3, 37, generator=rng)),
+        (out, grad_out, torch.randn(1, 3, 1, generator=rng).expand(2, 3, 37)),
+        (packed_out, packed_grad, torch.randn(50, 3, generator=rng)),
+    ]
+    for o, do, dlse in cases:
+        expected = (o.double() * do.double()).sum(-1) - (0 if dlse is None else dlse.double())
+        got = _row_delta(o, do, dlse)
+        assert got.dtype == torch.float32 and got.shape == o.shape[:-1] and got.is_contiguous()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_lse_gradient(rng):
     """The returned LSE is differentiable like the output (it once gave a zero gradient): GQA, empty rows."""
     mask = torch.rand(2, 4, 3, 4, generator=rng) < 0.5

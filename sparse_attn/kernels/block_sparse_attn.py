@@ -454,3 +454,24 @@ def _block_sparse_dkdv_kernel(
                                     USE_TMA, DOT_PRECISION)  # fmt: skip
     tl.store(_tile_ptrs(DK + k_head, key_rows, stride_ks, offs_d), (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(_tile_ptrs(DV + v_head, key_rows, stride_vs, offs_d), dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _backward_delta_kernel(
+    O, DO, DLSE, DELTA, n1, n2, so0, so1, so2, sd0, sd1, sd2, sl0, sl1, sl2,
+    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """DELTA[i0, i1, i2] = sum_d O * dO - dLSE in fp32 for rows (i0, i1, i2) of [n0, n1, n2, D]
+    tensors with any strides; DELTA contiguous. Rows in tiles of BLOCK_R along i2."""
+    i01 = tl.program_id(1)
+    i0, i1 = _wide(i01 // n1), _wide(i01 % n1)
+    i2 = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    ok = i2 < n2
+    mask = ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(_tile_ptrs(O + i0 * so0 + i1 * so1, _wide(i2), so2, offs_d), mask=mask, other=0.0)
+    do = tl.load(_tile_ptrs(DO + i0 * sd0 + i1 * sd1, _wide(i2), sd2, offs_d), mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + i0 * sl0 + i1 * sl1 + _wide(i2) * sl2, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + _wide(i01) * n2 + i2, delta, mask=ok)
