@@ -22,7 +22,7 @@ from ._engine_ops import (
     _unit_last_stride,
 )
 from .kernels.block_sparse_attn import LOG2E
-from .kernels.launch import descriptor_args, launcher
+from .kernels.launch import descriptor_args, launcher, wide_index
 from .kernels.moba_attn import _moba_dkdv_kernel, _moba_rows_kernel
 from .tiles import launch_config
 
@@ -127,7 +127,7 @@ def _launch_rows(
         num_items, num_kv_heads, group, num_kv_blocks, num_logical, seq_len_q, seq_len_kv,
         softmax_scale * LOG2E, softmax_scale,
         KV_BLOCK=block_size, LOGICAL_ROWS=rows_per_item, CAUSAL=causal, VARLEN=varlen, BACKWARD=backward,
-        **descriptors, **config,
+        WIDE_INDEX=wide_index(q, k, v, o, lse, dq), **descriptors, **config,
     )  # fmt: skip
 
 
@@ -189,7 +189,8 @@ def moba_attn_bwd(
         q, k, v, grad_out, lse, delta, dk, dv, *lists,
         *_tensor_strides(varlen, q, k, v, grad_out, lse.unsqueeze(-1)),
         k.shape[1], num_kv_blocks, num_logical, seq_len_q, seq_len_kv, softmax_scale * LOG2E, softmax_scale,
-        KV_BLOCK=block_size, CAUSAL=causal, VARLEN=varlen, **config,
+        KV_BLOCK=block_size, CAUSAL=causal, VARLEN=varlen, WIDE_INDEX=wide_index(q, k, v, grad_out, lse, dk, dv),
+        **config,
     )  # fmt: skip
     return dq, dk, dv
 

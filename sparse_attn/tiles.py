@@ -51,7 +51,7 @@ TABLE: dict[str, dict[int, Tile]] = {
     "engine_dkdv": {64: Tile(64, 64, 8, 2), 128: Tile(16, 64, 8, 2), 256: Tile(64, 16, 8, 2)},
     "moba_fwd": {64: Tile(64, 64, 4, 2), 128: Tile(64, 64, 8, 2), 256: Tile(32, 32, 4, 1)},
     "moba_dq": {64: Tile(64, 64, 4, 2), 128: Tile(64, 32, 8, 2), 256: Tile(32, 32, 4, 1)},
-    "moba_dkdv": {64: Tile(64, 64, 8, 2), 128: Tile(32, 64, 8, 3), 256: Tile(32, 32, 8, 1)},
+    "moba_dkdv": {64: Tile(64, 64, 8, 2), 128: Tile(32, 64, 8, 3), 256: Tile(32, 32, 4, 1)},
 }
 
 # fp32 tiles take twice the shared memory: the bf16 forward's 128 rows x 3 stages overflow an A100's 163 KB.

@@ -77,6 +77,30 @@ def test_cpu_matches_reference_fp32(rng, seq_q, gqa, layout_heads, num_splits):
     check_decode(q, k, v, layout, num_splits=num_splits)
 
 
+def _nan_key_case(device):
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 1, 16, generator=generator)
+    k, v = (torch.randn(1, 1, 300, 16, generator=generator) for _ in range(2))
+    k[0, 0, 5] = float("nan")  # one key of the first block, which lands in the first split
+    layout = random_block_layout(1, 1, 1, 300, Q_BLOCK, 16, 1.0, causal=True, seed=1, device=device)
+    return q.to(device), k.to(device), v.to(device), layout
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_cpu_nan_scores_propagate(num_splits):
+    """A NaN score makes its row NaN in every split layout (not a finite answer from the other splits)."""
+    out, lse = block_sparse_decode(*_nan_key_case("cpu"), num_splits=num_splits, return_lse=True)
+    assert out.isnan().all() and lse.isnan().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_gpu_nan_scores_propagate(num_splits):
+    q, k, v, layout = _nan_key_case("cuda")
+    out, lse = block_sparse_decode(q.half(), k.half(), v.half(), layout, num_splits=num_splits, return_lse=True)
+    assert out.isnan().all() and lse.isnan().all()
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_cpu_fp32_long_rows_follow_flash_rule(rng, num_splits):
     """Thousands of keys per row, one key per block: the sums run long, and the twin must stay within

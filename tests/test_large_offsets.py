@@ -2,8 +2,9 @@
 
 Triton passes strides below 2^31 as int32, so `batch * stride` wraps once a tensor spans more than
 2^31 elements (a large batch, a long packed sequence, HF's transposed views at long context) unless
-the kernels widen their indices first. Here q, k and v are views three batch rows long whose batch
-stride is just above 2^30 elements, so the last row starts past 2^31. The storage is one lazy
+the kernels widen their strides first, which they do when the host sets WIDE_INDEX. Here q, k and
+v are views three batch rows long whose batch stride is just above 2^30 elements, so the last row
+starts past 2^31. The storage is one lazy
 allocation of 4.3 GB of which only the rows in use are ever written: the resident memory stays small.
 The kernels read the views in place (they copy only what they cannot address), so a wrapped offset
 reads the wrong memory (a crash, or a silently wrong row), which the comparison with the reference
@@ -15,6 +16,7 @@ import torch
 
 from sparse_attn import moba_attn
 from sparse_attn.engine import block_sparse_attn, triton_available
+from sparse_attn.kernels.launch import wide_index
 from sparse_attn.methods.moba import moba_attention_reference, moba_route
 from sparse_attn.methods.xattention import xattention_estimate, xattention_estimate_reference
 from sparse_attn.reference import block_sparse_attention_reference
@@ -53,6 +55,7 @@ def _assert_close(got, want, what):
 
 def test_engine_forward_reads_past_2_31(far_apart_qkv):
     (q, k, v), (qc, kc, vc) = far_apart_qkv
+    assert wide_index(q) and not wide_index(qc, None)  # the int64 kernel variant only where it is needed
     layout = random_block_layout(BATCH, HEADS, SEQ, SEQ, 16, 16, 0.6, causal=True, seed=3)
     out = block_sparse_attn(q, k, v, layout)
     ref, _ = block_sparse_attention_reference(qc, kc, vc, layout)

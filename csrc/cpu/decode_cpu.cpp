@@ -187,7 +187,11 @@ void combine_splits(const Acc* partial_out, const Acc* partial_lse, int64_t num_
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       Acc max_lse = -std::numeric_limits<Acc>::infinity();
-      for (int64_t s = 0; s < num_splits; ++s) max_lse = std::max(max_lse, partial_lse[s * rows + row]);
+      // A NaN split LSE (NaN scores) makes the row NaN, as the CUDA combine does; std::max would drop it.
+      for (int64_t s = 0; s < num_splits; ++s) {
+        const Acc split_lse = partial_lse[s * rows + row];
+        max_lse = std::isnan(split_lse) || std::isnan(max_lse) ? split_lse + max_lse : std::max(max_lse, split_lse);
+      }
       Acc* dst = out + row * D;
       std::fill(dst, dst + D, Acc(0));
       if (max_lse == -std::numeric_limits<Acc>::infinity()) {

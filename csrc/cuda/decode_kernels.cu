@@ -481,8 +481,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kRows>)
       numerator += reduce_acc[(l * kRows + r) * kHeadDim + d];
       denominator += reduce_sum[l * kRows + r];
     }
-    // A row that saw a key has denominator >= 1 (its maximum contributes exp2(0)).
-    partial_out[e] = denominator > 0.0f ? numerator / denominator : 0.0f;
+    // A row that saw a key has denominator >= 1 (its maximum contributes exp2(0)); a NaN score
+    // makes it NaN, which passes on (as in the CPU twin) rather than reading as "no key".
+    partial_out[e] = denominator != 0.0f ? numerator / denominator : 0.0f;
   }
   if (tid == 0) {
 #pragma unroll
@@ -490,7 +491,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kRows>)
       if (r < rows) {
         float denominator = 0.0f;
         for (int l = 0; l < Config::kPvKeyLanes; ++l) denominator += reduce_sum[l * kRows + r];
-        partial_lse[r] = denominator > 0.0f ? running_max[r] + log2f(denominator) : kNegInf;
+        partial_lse[r] = denominator != 0.0f ? running_max[r] + log2f(denominator) : kNegInf;
       }
     }
   }
@@ -499,6 +500,13 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kRows>)
 // ------------------------------------------------------------------------------------------------
 // Combine kernel: one warp per output row
 // ------------------------------------------------------------------------------------------------
+
+// fmaxf drops a NaN operand; a split whose LSE is NaN (NaN scores) must make the row NaN instead.
+// Bit tests, so that fast-math compilation cannot fold the NaN checks away.
+__device__ __forceinline__ bool is_nan_bits(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
+__device__ __forceinline__ float nan_max(float a, float b) {
+  return is_nan_bits(a) ? a : (is_nan_bits(b) ? b : fmaxf(a, b));
+}
 
 template <typename Element>
 __global__ void __launch_bounds__(kCombineWarps* kWarpSize)
@@ -511,10 +519,12 @@ __global__ void __launch_bounds__(kCombineWarps* kWarpSize)
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / kWarpSize; row < rows_total;
        row += warps_total) {
     float max_lse = kNegInf;
-    for (int64_t s = lane; s < num_splits; s += kWarpSize) max_lse = fmaxf(max_lse, partial_lse[s * rows_total + row]);
+    for (int64_t s = lane; s < num_splits; s += kWarpSize) {
+      max_lse = nan_max(max_lse, partial_lse[s * rows_total + row]);
+    }
 #pragma unroll
     for (int mask = kWarpSize / 2; mask > 0; mask >>= 1)
-      max_lse = fmaxf(max_lse, __shfl_xor_sync(kFullWarpMask, max_lse, mask));
+      max_lse = nan_max(max_lse, __shfl_xor_sync(kFullWarpMask, max_lse, mask));
 
     float acc[kDimsPerLane];
 #pragma unroll
@@ -533,13 +543,13 @@ __global__ void __launch_bounds__(kCombineWarps* kWarpSize)
         }
       }
     }
-    const float inv_total = total > 0.0f ? 1.0f / total : 0.0f;
+    const float inv_total = total != 0.0f ? 1.0f / total : 0.0f;  // NaN passes on
 #pragma unroll
     for (int j = 0; j < kDimsPerLane; ++j) {
       const int d = lane + j * kWarpSize;
       if (d < head_dim) out[row * head_dim + d] = ElementOps<Element>::from_float(acc[j] * inv_total);
     }
-    if (lane == 0) lse[row] = total > 0.0f ? (max_lse + log2f(total)) * kLn2 : kNegInf;
+    if (lane == 0) lse[row] = total != 0.0f ? (max_lse + log2f(total)) * kLn2 : kNegInf;
   }
 }
 

@@ -17,6 +17,16 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _widen(a, b, c, WIDE_INDEX: tl.constexpr):
+    """Three strides as int64 when WIDE_INDEX (the launch's tensors span 2^31 elements or more), so
+    that every index * stride product is int64 and cannot wrap; unchanged otherwise, where int32
+    offsets keep the registers the tuned tiles were chosen with."""
+    if WIDE_INDEX:
+        a, b, c = tl.cast(a, tl.int64), tl.cast(b, tl.int64), tl.cast(c, tl.int64)
+    return a, b, c
+
+
+@triton.jit
 def _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN: tl.constexpr):
     if VARLEN:
         q_start = tl.load(CU_Q + b)
@@ -32,36 +42,21 @@ def _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN: tl.constexpr)
 
 
 @triton.jit
-def _wide(index):
-    """An index as int64 before it multiplies a stride: element offsets past 2^31 (a large batch,
-    a long packed sequence, a transposed view) would wrap in int32."""
-    return index.to(tl.int64)
-
-
-@triton.jit
-def _tile_ptrs(head, rows, stride_s, offs_d):
-    """[len(rows), HEAD_DIM_PAD] pointers to int64 `rows` of a head whose row 0 is at pointer `head`."""
-    return head + (rows * stride_s)[:, None] + offs_d[None, :]
-
-
-@triton.jit
 def _seq_tile(
     DESC, base, stride_s, desc_batch, head, seq_start, start, seq_len,
     ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Rows start .. start + ROWS of one sequence and head (keys, values, queries or dO):
-    [ROWS, HEAD_DIM_PAD]. Pointer loads from `base` (the head's row 0; the sequence starts at row
-    seq_start) zero the rows past seq_len. A descriptor (USE_TMA) over (batch, head, seq, dim)
-    reads the next sequence's rows there (zeros past the tensor and the head dim), so callers
-    mask rows past seq_len in any case."""
+    [ROWS, HEAD_DIM_PAD]. Pointer loads from `base` (the sequence's first row) zero the rows past
+    seq_len. A descriptor (USE_TMA) over (batch, head, seq, dim) reads the next sequence's rows
+    there (zeros past the tensor and the head dim), so callers mask rows past seq_len in any case."""
     if USE_TMA:
         tile = DESC.load([desc_batch, head, seq_start + start, 0]).reshape(ROWS, HEAD_DIM_PAD)
     else:
         offs = start + tl.arange(0, ROWS)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         ok = (offs[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
-        rows = _wide(seq_start + offs)[:, None]
-        tile = tl.load(base + rows * stride_s + offs_d[None, :], mask=ok, other=0.0)
+        tile = tl.load(base + offs[:, None] * stride_s + offs_d[None, :], mask=ok, other=0.0)
     return tile
 
 
@@ -213,37 +208,42 @@ def _block_sparse_rows_kernel(
     DOT_PRECISION: tl.constexpr,
     BACKWARD: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
 ):
     """One query tile over its selected blocks. Forward: O and LSE (written) from Q, K, V.
     BACKWARD: DQ = scale * sum of P * (dP - delta) K from Q, K, V, O = dO, LSE and DELTA (DQ shares
     Q's strides). USE_TMA: K and V tiles come through the tensor descriptors K_DESC, V_DESC
     (`_seq_tile`; TMA on Hopper)."""
+    stride_qb, stride_qh, stride_qs = _widen(stride_qb, stride_qh, stride_qs, WIDE_INDEX)
+    stride_kb, stride_kh, stride_ks = _widen(stride_kb, stride_kh, stride_ks, WIDE_INDEX)
+    stride_vb, stride_vh, stride_vs = _widen(stride_vb, stride_vh, stride_vs, WIDE_INDEX)
+    stride_ob, stride_oh, stride_os = _widen(stride_ob, stride_oh, stride_os, WIDE_INDEX)
+    stride_lb, stride_lh, stride_ls = _widen(stride_lb, stride_lh, stride_ls, WIDE_INDEX)
+    stride_cb, stride_ch, stride_cm = _widen(stride_cb, stride_ch, stride_cm, WIDE_INDEX)
+    stride_ib, stride_ih, stride_im = _widen(stride_ib, stride_ih, stride_im, WIDE_INDEX)
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_q_heads
     h = bh % num_q_heads
     hk = h // group_size
-    b64, h64, hk64 = _wide(b), _wide(h), _wide(hk)
     q_start, k_start, len_q, len_k = _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN)
     if tile * BLOCK_M >= len_q:
         return
     causal_shift = len_k - len_q
     lh = h // LAYOUT_HEAD_DIV
     q_block = tile * BLOCK_M // Q_BLOCK
-    count = tl.load(KV_COUNT + b64 * stride_cb + lh * stride_ch + q_block * stride_cm)
-    kv_list = KV_IDX + b64 * stride_ib + lh * stride_ih + q_block * stride_im
+    count = tl.load(KV_COUNT + b * stride_cb + lh * stride_ch + q_block * stride_cm)
+    kv_list = KV_IDX + b * stride_ib + lh * stride_ih + q_block * stride_im
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
     row_ok = offs_m < len_q
-    rows = _wide(q_start + offs_m)[:, None]
+    rows = (q_start + offs_m)[:, None]
     q = tl.load(
-        Q + b64 * stride_qb + h64 * stride_qh + rows * stride_qs + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok,
-        other=0.0,
+        Q + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0
     )
-    stats = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m) * stride_ls
+    stats = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
     # One accumulator: dQ / scale in the backward, the unnormalised output in the forward; the
     # softmax state (m_i, l_i) and the backward's inputs (do, lse_log2, delta) stand in for each other.
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
@@ -252,14 +252,14 @@ def _block_sparse_rows_kernel(
     do, lse_log2, delta = q, m_i, l_i
     if BACKWARD:
         do = tl.load(
-            O + b64 * stride_ob + h64 * stride_oh + rows * stride_os + offs_d[None, :],
+            O + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :],
             mask=row_ok[:, None] & d_ok,
             other=0.0,
         )
         lse_log2 = _lse_log2(tl.load(LSE + stats, mask=row_ok, other=0.0))
         delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
-    k_base = K + b64 * stride_kb + hk64 * stride_kh
-    v_base = V + b64 * stride_vb + hk64 * stride_vh
+    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
+    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by k_start
 
     # Blocks below full_end lie inside the sequence and wholly before every row's position: no
@@ -293,11 +293,11 @@ def _block_sparse_rows_kernel(
                                        DOT_PRECISION)  # fmt: skip
 
     if BACKWARD:
-        out_ptrs = DQ + b64 * stride_qb + h64 * stride_qh + rows * stride_qs + offs_d[None, :]
+        out_ptrs = DQ + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :]
         tl.store(out_ptrs, (acc * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     else:
         out, lse = _normalize(acc, m_i, l_i)
-        out_ptrs = O + b64 * stride_ob + h64 * stride_oh + rows * stride_os + offs_d[None, :]
+        out_ptrs = O + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :]
         tl.store(out_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
         tl.store(LSE + stats, lse, mask=row_ok)
 
@@ -383,15 +383,22 @@ def _block_sparse_dkdv_kernel(
     VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
 ):
     """dK, dV of one key tile, summed over the query heads of its GQA group and the query blocks
     that selected its layout block (the transposed lists); k, dk share strides, as do v, dv.
     USE_TMA: Q and dO tiles through Q_DESC, DO_DESC (`_seq_tile`)."""
+    stride_qb, stride_qh, stride_qs = _widen(stride_qb, stride_qh, stride_qs, WIDE_INDEX)
+    stride_kb, stride_kh, stride_ks = _widen(stride_kb, stride_kh, stride_ks, WIDE_INDEX)
+    stride_vb, stride_vh, stride_vs = _widen(stride_vb, stride_vh, stride_vs, WIDE_INDEX)
+    stride_ob, stride_oh, stride_os = _widen(stride_ob, stride_oh, stride_os, WIDE_INDEX)
+    stride_lb, stride_lh, stride_ls = _widen(stride_lb, stride_lh, stride_ls, WIDE_INDEX)
+    stride_cb, stride_ch, stride_cn = _widen(stride_cb, stride_ch, stride_cn, WIDE_INDEX)
+    stride_ib, stride_ih, stride_in = _widen(stride_ib, stride_ih, stride_in, WIDE_INDEX)
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_kv_heads
     hk = bh % num_kv_heads
-    b64, hk64 = _wide(b), _wide(hk)
     q_start, k_start, len_q, len_k = _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN)
     if tile * BLOCK_N >= len_k:
         return
@@ -401,12 +408,10 @@ def _block_sparse_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
     kv_ok = (offs_n[:, None] < len_k) & d_ok
-    # Pointers, not int64 offsets, are what the loads and the final stores share: a [BLOCK_N, HEAD_DIM]
-    # offset tensor would stay live across the loop (DK, DV share K's, V's strides).
-    key_rows = _wide(k_start + offs_n)
-    k_head, v_head = b64 * stride_kb + hk64 * stride_kh, b64 * stride_vb + hk64 * stride_vh
-    k = tl.load(_tile_ptrs(K + k_head, key_rows, stride_ks, offs_d), mask=kv_ok, other=0.0)
-    v = tl.load(_tile_ptrs(V + v_head, key_rows, stride_vs, offs_d), mask=kv_ok, other=0.0)
+    k_offsets = b * stride_kb + hk * stride_kh + (k_start + offs_n)[:, None] * stride_ks + offs_d[None, :]
+    v_offsets = b * stride_vb + hk * stride_vh + (k_start + offs_n)[:, None] * stride_vs + offs_d[None, :]
+    k = tl.load(K + k_offsets, mask=kv_ok, other=0.0)
+    v = tl.load(V + v_offsets, mask=kv_ok, other=0.0)
     desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by q_start
     # Query blocks from full_start on see every key of this tile; those from full_end on are ragged
     # (rows past len_q). The lists ascend, so the blocks needing the mask are a prefix (the
@@ -426,12 +431,12 @@ def _block_sparse_dkdv_kernel(
     for g in range(group_size):
         h = hk * group_size + g
         lh = h // LAYOUT_HEAD_DIV
-        count = tl.load(Q_COUNT + b64 * stride_cb + lh * stride_ch + kv_block * stride_cn)
-        q_list = Q_IDX + b64 * stride_ib + lh * stride_ih + kv_block * stride_in
-        q_rows = Q + b64 * stride_qb + _wide(h) * stride_qh
-        o_rows = DO + b64 * stride_ob + _wide(h) * stride_oh
-        l_head = LSE + b64 * stride_lb + h * stride_lh + q_start * stride_ls
-        d_head = DELTA + b64 * stride_lb + h * stride_lh + q_start * stride_ls
+        count = tl.load(Q_COUNT + b * stride_cb + lh * stride_ch + kv_block * stride_cn)
+        q_list = Q_IDX + b * stride_ib + lh * stride_ih + kv_block * stride_in
+        q_rows = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
+        o_rows = DO + b * stride_ob + h * stride_oh + q_start * stride_os
+        l_head = LSE + b * stride_lb + h * stride_lh + q_start * stride_ls
+        d_head = DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls
         partial_head = _count_below(q_list, count, full_start, False)
         partial_tail = tl.maximum(partial_head, _count_below(q_list, count, full_end, True))
         # Full blocks in one flat loop over their query tiles, so loads pipeline across blocks.
@@ -452,26 +457,30 @@ def _block_sparse_dkdv_kernel(
                                     d_head, stride_ls, desc_batch, h, q_start, start_m, len_q, len_k, offs_n,
                                     causal_shift, scale_log2, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL,
                                     USE_TMA, DOT_PRECISION)  # fmt: skip
-    tl.store(_tile_ptrs(DK + k_head, key_rows, stride_ks, offs_d), (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(_tile_ptrs(DV + v_head, key_rows, stride_vs, offs_d), dv.to(DV.dtype.element_ty), mask=kv_ok)
+    tl.store(DK + k_offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + v_offsets, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
 def _backward_delta_kernel(
     O, DO, DLSE, DELTA, n1, n2, so0, so1, so2, sd0, sd1, sd2, sl0, sl1, sl2,
     HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
 ):  # fmt: skip
     """DELTA[i0, i1, i2] = sum_d O * dO - dLSE in fp32 for rows (i0, i1, i2) of [n0, n1, n2, D]
     tensors with any strides; DELTA contiguous. Rows in tiles of BLOCK_R along i2."""
+    so0, so1, so2 = _widen(so0, so1, so2, WIDE_INDEX)
+    sd0, sd1, sd2 = _widen(sd0, sd1, sd2, WIDE_INDEX)
+    sl0, sl1, sl2 = _widen(sl0, sl1, sl2, WIDE_INDEX)
     i01 = tl.program_id(1)
-    i0, i1 = _wide(i01 // n1), _wide(i01 % n1)
+    i0, i1 = i01 // n1, i01 % n1
     i2 = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     ok = i2 < n2
     mask = ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(_tile_ptrs(O + i0 * so0 + i1 * so1, _wide(i2), so2, offs_d), mask=mask, other=0.0)
-    do = tl.load(_tile_ptrs(DO + i0 * sd0 + i1 * sd1, _wide(i2), sd2, offs_d), mask=mask, other=0.0)
+    o = tl.load(O + i0 * so0 + i1 * so1 + i2[:, None] * so2 + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + i0 * sd0 + i1 * sd1 + i2[:, None] * sd2 + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + i0 * sl0 + i1 * sl1 + _wide(i2) * sl2, mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + _wide(i01) * n2 + i2, delta, mask=ok)
+        delta -= tl.load(DLSE + i0 * sl0 + i1 * sl1 + i2 * sl2, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + tl.cast(i01, tl.int64) * n2 + i2, delta, mask=ok)

@@ -22,6 +22,15 @@ def launcher(kernel):
         raise
 
 
+def wide_index(*tensors) -> bool:
+    """Whether any tensor spans 2^31 elements or more from its base (the largest element offset its
+    strides reach): the kernels then compute offsets in int64 (WIDE_INDEX), which costs registers."""
+    reach = (
+        sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) for t in tensors if t is not None
+    )
+    return any(offset >= 2**31 for offset in reach)
+
+
 def _descriptor(t, block_shape):
     """A tensor descriptor over t (batch, head, seq, dim), or None where TMA cannot address it: its
     strides must be positive multiples of 16 bytes (a size-1 axis may take any) and its base aligned."""

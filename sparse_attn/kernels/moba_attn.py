@@ -23,16 +23,7 @@ Softmax runs in base 2 with log2(e) folded into the scale; the LSE is stored in 
 import triton
 import triton.language as tl
 
-from .block_sparse_attn import (
-    _dq_step,
-    _lse_log2,
-    _normalize,
-    _seq_tile,
-    _sequence_bounds,
-    _softmax_step,
-    _tile_ptrs,
-    _wide,
-)
+from .block_sparse_attn import _dq_step, _lse_log2, _normalize, _seq_tile, _sequence_bounds, _softmax_step, _widen
 
 
 @triton.jit
@@ -53,21 +44,15 @@ def _gathered_rows(PAIR_ROWS, start, end, seq_len_q, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(b, h, rows, stride_b, stride_h, stride_s):
-    """int64 element offsets of gathered (head, row) pairs of batch b: [BLOCK_M]."""
-    return _wide(b) * stride_b + _wide(h) * stride_h + _wide(rows) * stride_s
-
-
-@triton.jit
 def _load_rows(BASE, b, h, rows, ok, stride_b, stride_h, stride_s, offs_d, HEAD_DIM: tl.constexpr):
     """Gathered [BLOCK_M, HEAD_DIM_PAD] rows of a (batch, head, seq, dim) tensor, 0 outside."""
-    ptrs = BASE + _row_offsets(b, h, rows, stride_b, stride_h, stride_s)[:, None] + offs_d[None, :]
+    ptrs = BASE + b * stride_b + h[:, None] * stride_h + rows[:, None] * stride_s + offs_d[None, :]
     return tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
 
 @triton.jit
 def _store_rows(BASE, value, b, h, rows, ok, stride_b, stride_h, stride_s, offs_d, HEAD_DIM: tl.constexpr):
-    ptrs = BASE + _row_offsets(b, h, rows, stride_b, stride_h, stride_s)[:, None] + offs_d[None, :]
+    ptrs = BASE + b * stride_b + h[:, None] * stride_h + rows[:, None] * stride_s + offs_d[None, :]
     tl.store(ptrs, value.to(BASE.dtype.element_ty), mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
@@ -223,10 +208,16 @@ def _moba_rows_kernel(
     DOT_PRECISION: tl.constexpr,
     BACKWARD: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
 ):
     """The persistent query-major walk. Forward: O and LSE (written) from Q, K, V, with the softmax
     state in ACC, ROW_MAX, ROW_SUM. BACKWARD: DQ from Q, K, V, O = dO, LSE and DELTA, with dQ in
     ACC (DQ shares Q's strides; ROW_MAX, ROW_SUM unused). USE_TMA: K/V tiles through K_DESC, V_DESC."""
+    stride_qb, stride_qh, stride_qs = _widen(stride_qb, stride_qh, stride_qs, WIDE_INDEX)
+    stride_kb, stride_kh, stride_ks = _widen(stride_kb, stride_kh, stride_ks, WIDE_INDEX)
+    stride_vb, stride_vh, stride_vs = _widen(stride_vb, stride_vh, stride_vs, WIDE_INDEX)
+    stride_ob, stride_oh, stride_os = _widen(stride_ob, stride_oh, stride_os, WIDE_INDEX)
+    stride_lb, stride_lh, stride_ls = _widen(stride_lb, stride_lh, stride_ls, WIDE_INDEX)
     pid = tl.program_id(0)
     scratch = pid * group_size * LOGICAL_ROWS
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -242,8 +233,8 @@ def _moba_rows_kernel(
                     tl.store(ROW_MAX + slot, tl.full([BLOCK_M], float("-inf"), tl.float32))
                     tl.store(ROW_SUM + slot, tl.zeros([BLOCK_M], tl.float32))
             tl.debug_barrier()
-            k_base = K + _wide(b) * stride_kb + _wide(hk) * stride_kh  # the tiles add the sequence's k_start
-            v_base = V + _wide(b) * stride_vb + _wide(hk) * stride_vh
+            k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
+            v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
             desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by k_start
             for j in range(0, num_kv_blocks):
                 seg = ((b * num_kv_heads + hk) * num_kv_blocks + j) * num_logical + lb
@@ -329,9 +320,15 @@ def _moba_dkdv_kernel(
     CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
 ):
     """dK, dV of one key tile over every row (all of the group's heads) that chose its block;
     k, dk share strides, as do v, dv."""
+    stride_qb, stride_qh, stride_qs = _widen(stride_qb, stride_qh, stride_qs, WIDE_INDEX)
+    stride_kb, stride_kh, stride_ks = _widen(stride_kb, stride_kh, stride_ks, WIDE_INDEX)
+    stride_vb, stride_vh, stride_vs = _widen(stride_vb, stride_vh, stride_vs, WIDE_INDEX)
+    stride_ob, stride_oh, stride_os = _widen(stride_ob, stride_oh, stride_os, WIDE_INDEX)
+    stride_lb, stride_lh, stride_ls = _widen(stride_lb, stride_lh, stride_ls, WIDE_INDEX)
     tile = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // num_kv_heads
@@ -345,12 +342,10 @@ def _moba_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
     kv_ok = (offs_n[:, None] < len_k) & d_ok
-    # Pointers, not int64 offsets, are what the loads and the final stores share: a [BLOCK_N, HEAD_DIM]
-    # offset tensor would stay live across the loop (DK, DV share K's, V's strides).
-    key_rows = _wide(k_start + offs_n)
-    k_head, v_head = _wide(b) * stride_kb + _wide(hk) * stride_kh, _wide(b) * stride_vb + _wide(hk) * stride_vh
-    k = tl.load(_tile_ptrs(K + k_head, key_rows, stride_ks, offs_d), mask=kv_ok, other=0.0)
-    v = tl.load(_tile_ptrs(V + v_head, key_rows, stride_vs, offs_d), mask=kv_ok, other=0.0)
+    k_offsets = b * stride_kb + hk * stride_kh + (k_start + offs_n)[:, None] * stride_ks + offs_d[None, :]
+    v_offsets = b * stride_vb + hk * stride_vh + (k_start + offs_n)[:, None] * stride_vs + offs_d[None, :]
+    k = tl.load(K + k_offsets, mask=kv_ok, other=0.0)
+    v = tl.load(V + v_offsets, mask=kv_ok, other=0.0)
     # Every logical block's rows of block j are contiguous: one range over the whole sequence.
     seg = (bhk * num_kv_blocks + j) * num_logical
     seg_end = tl.load(SEG_START + seg + num_logical)
@@ -373,5 +368,5 @@ def _moba_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    tl.store(_tile_ptrs(DK + k_head, key_rows, stride_ks, offs_d), (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(_tile_ptrs(DV + v_head, key_rows, stride_vs, offs_d), dv.to(DV.dtype.element_ty), mask=kv_ok)
+    tl.store(DK + k_offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + v_offsets, dv.to(DV.dtype.element_ty), mask=kv_ok)

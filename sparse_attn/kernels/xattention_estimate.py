@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .block_sparse_attn import LOG2E, _pair_mask, _wide
-from .launch import launcher
+from .block_sparse_attn import LOG2E, _pair_mask, _widen
+from .launch import launcher, wide_index
 
 
 @triton.jit
@@ -51,10 +51,12 @@ def _antidiagonal_logits(
     for t in range(STRIDE):
         q_pos = offs_m * STRIDE + (STRIDE - 1 - t)
         k_pos = offs_n * STRIDE + t
-        q_ptrs = q_base + _wide(q_pos)[:, None] * stride_qs + offs_d[None, :]
-        k_ptrs = k_base + _wide(k_pos)[:, None] * stride_ks + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=(q_pos[:, None] < seq_len_q) & d_ok, other=0.0)
-        k = tl.load(k_ptrs, mask=(k_pos[:, None] < seq_len_kv) & d_ok, other=0.0)
+        q = tl.load(
+            q_base + q_pos[:, None] * stride_qs + offs_d[None, :], mask=(q_pos[:, None] < seq_len_q) & d_ok, other=0.0
+        )
+        k = tl.load(
+            k_base + k_pos[:, None] * stride_ks + offs_d[None, :], mask=(k_pos[:, None] < seq_len_kv) & d_ok, other=0.0
+        )
         acc += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     return acc
 
@@ -91,14 +93,18 @@ def _xattention_estimate_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
 ):
+    stride_qb, stride_qh, stride_qs = _widen(stride_qb, stride_qh, stride_qs, WIDE_INDEX)
+    stride_kb, stride_kh, stride_ks = _widen(stride_kb, stride_kh, stride_ks, WIDE_INDEX)
+    stride_ab, stride_ah, stride_am = _widen(stride_ab, stride_ah, stride_am, WIDE_INDEX)
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_q_heads
     h = bh % num_q_heads
     hk = h // group_size
-    q_base = Q + _wide(b) * stride_qb + _wide(h) * stride_qh
-    k_base = K + _wide(b) * stride_kb + _wide(hk) * stride_kh
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + hk * stride_kh
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     row_ok = offs_m < num_rows
@@ -126,7 +132,7 @@ def _xattention_estimate_kernel(
     m_safe = tl.where(keep, m_i, 0.0)
     inv_l = tl.where(keep, 1.0 / tl.where(keep, l_i, 1.0), 0.0)
     offs_mb = tile * (BLOCK_M // ROWS_PER_BLOCK) + tl.arange(0, BLOCK_M // ROWS_PER_BLOCK)
-    a_rows = A + _wide(b) * stride_ab + _wide(h) * stride_ah + _wide(offs_mb)[:, None] * stride_am
+    a_rows = A + b * stride_ab + h * stride_ah + offs_mb[:, None] * stride_am
     for start_n in range(0, col_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         z = _antidiagonal_logits(
@@ -213,6 +219,7 @@ def xattention_estimate_op(
         STRIDE=stride,
         ROWS_PER_BLOCK=rows_per_block,
         CAUSAL=causal,
+        WIDE_INDEX=wide_index(q, k, scores),
         **config,
     )
     return scores
