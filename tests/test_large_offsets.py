@@ -28,20 +28,21 @@ BATCH, HEADS, SEQ, DIM = 3, 2, 64, 16
 BATCH_STRIDE = (1 << 30) + (1 << 20)  # below 2^31 (an int32 stride), but batch 2 starts past 2^31
 
 
-@pytest.fixture(scope="module")
-def far_apart_qkv():
-    """q, k, v (3, 2, 64, 16) float32 views into one storage, batch rows BATCH_STRIDE elements apart,
-    and their contiguous copies."""
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def far_apart_qkv(request):
+    """q, k, v (3, 2, 64, 16) float16 views into one storage, batch rows BATCH_STRIDE elements apart,
+    and their contiguous copies. On the GPU (`gpu` marker) the 4.3 GB are real device memory and the
+    kernels are the compiled WIDE_INDEX variants."""
     per_tensor = HEADS * SEQ * DIM
     try:
-        storage = torch.empty((BATCH - 1) * BATCH_STRIDE + 3 * per_tensor, dtype=torch.float16)
+        storage = torch.empty((BATCH - 1) * BATCH_STRIDE + 3 * per_tensor, dtype=torch.float16, device=request.param)
     except RuntimeError as exc:  # an address space too small for the lazy allocation
         pytest.skip(f"cannot reserve {2 * (BATCH - 1) * BATCH_STRIDE / 2**30:.1f} GiB of address space: {exc}")
     generator = torch.Generator().manual_seed(31)
     views, copies = [], []
     for i in range(3):
         view = storage.as_strided((BATCH, HEADS, SEQ, DIM), (BATCH_STRIDE, SEQ * DIM, DIM, 1), i * per_tensor)
-        view.copy_(torch.randn(view.shape, generator=generator))
+        view.copy_(torch.randn(view.shape, generator=generator).to(view.device))
         views.append(view)
         copies.append(view.contiguous())
     yield views, copies
@@ -56,7 +57,7 @@ def _assert_close(got, want, what):
 def test_engine_forward_reads_past_2_31(far_apart_qkv):
     (q, k, v), (qc, kc, vc) = far_apart_qkv
     assert wide_index(q) and not wide_index(qc, None)  # the int64 kernel variant only where it is needed
-    layout = random_block_layout(BATCH, HEADS, SEQ, SEQ, 16, 16, 0.6, causal=True, seed=3)
+    layout = random_block_layout(BATCH, HEADS, SEQ, SEQ, 16, 16, 0.6, causal=True, seed=3, device=q.device)
     out = block_sparse_attn(q, k, v, layout)
     ref, _ = block_sparse_attention_reference(qc, kc, vc, layout)
     _assert_close(out, ref, "engine forward")
