@@ -7,7 +7,8 @@ then compiles each recorded launch (its argument types and constexprs) with Trit
 path and the bundled ptxas, specialised as the JIT specialises a real launch. It fails on a compile
 error, on shared memory over the architecture's limit (a launch would fail there), and in a
 16-bit sm_90a launch of the default tiles (pointer loads) on register spills or, up to head dim
-128, on dots that did not become Hopper's warpgroup MMA (wgmma). It prints registers, stack
+128, on dots that did not become Hopper's warpgroup MMA (wgmma). The int64-offset variants
+(WIDE_INDEX, family `wide`) must compile but may spill. It prints registers, stack
 (spills), shared memory, the tensor-core instructions (wgmma or mma.sync) and the number of
 asynchronous (pipelined) loads per launch: the numbers to watch when tuning tiles, with or
 without a GPU.
@@ -104,6 +105,7 @@ def _label(kernel, kwargs, args) -> str:
     flags = [f"D={kwargs['HEAD_DIM']}", dtype, tile, f"w{kwargs.get('num_warps', 4)}"]  # triton's default warps
     flags += [name.lower() for name in ("CAUSAL", "VARLEN", "BACKWARD") if kwargs.get(name)]
     flags += ["tma"] if kwargs.get("USE_TMA") else []
+    flags += ["wide"] if kwargs.get("WIDE_INDEX") else []
     return f"{kernel.fn.__name__}[{' '.join(flags)}]"
 
 
@@ -156,12 +158,30 @@ def _xattention_launches(dtype, dim, varlen):
     xattention_estimate.xattention_estimate_op(q, k, 8, 128, True)
 
 
+def _wide_launches(dtype, dim, varlen):
+    """The int64-offset variants (WIDE_INDEX: a tensor spans 2^31 elements) of every kernel, at D=128
+    bf16 only: they must compile; they may spill (only launches that large take them)."""
+    if (dtype, dim, varlen) != (torch.bfloat16, 128, False):
+        return
+    modules = (_engine_ops, _moba_ops, xattention_estimate)
+    saved = [module.wide_index for module in modules]
+    for module in modules:
+        module.wide_index = lambda *tensors: True
+    try:
+        for launches in (_engine_launches, _moba_launches, _xattention_launches):
+            launches(dtype, dim, varlen)
+    finally:
+        for module, function in zip(modules, saved):
+            module.wide_index = function
+
+
 FAMILIES = {
     "engine": _engine_launches,
     "engine_tma": functools.partial(_with_tma, _engine_launches),
     "moba": _moba_launches,
     "moba_tma": functools.partial(_with_tma, _moba_launches),
     "xattention": _xattention_launches,
+    "wide": _wide_launches,
 }
 CASES = [  # (dtype, head dim, varlen)
     (torch.bfloat16, 128, False),
@@ -214,7 +234,7 @@ def _compile(job) -> tuple:
         mma, async_loads = _lowering(ttgir)
         shared = compiled.metadata.shared
         result = f"FAILED: shared memory {shared} B > {shared_limit} B" if shared > shared_limit else "ok"
-        if arch == "sm_90a" and not kwargs.get("USE_TMA") and _is_16_bit(kargs):
+        if arch == "sm_90a" and not kwargs.get("USE_TMA") and not kwargs.get("WIDE_INDEX") and _is_16_bit(kargs):
             if stack:
                 result = f"FAILED: {stack} B of register spills in a default 16-bit Hopper tile"
             elif mma != "wgmma" and kwargs["HEAD_DIM"] <= 128 and re.search(r"tt\.dot\b|warp_group_dot", ttgir):
