@@ -180,7 +180,9 @@ def _method_options(method: str, options: dict, inherited: dict | None = None) -
     resolved = {**_METHOD_OPTIONS[method], **(inherited or {}), **options}
     if method == "xattention":
         resolved["threshold"] = _resolve_threshold(resolved["threshold"])
-        check_xattention_options(**{name: resolved[name] for name in ("stride", "block_size", "chunk_size")})
+        check_xattention_options(
+            stride=resolved["stride"], block_size=resolved["block_size"], chunk_size=resolved["chunk_size"]
+        )
     elif method == "moba":
         check_moba_options(**resolved)
     return resolved

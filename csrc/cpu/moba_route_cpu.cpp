@@ -27,6 +27,24 @@ bool is_routable_dtype(at::ScalarType dtype) {
   return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble;
 }
 
+// q against the KV side it routes over (keys or their block means, named kv_name), both with heads in
+// dim 1 and the head dim last.
+void check_heads(const at::Tensor& q, const at::Tensor& kv, const char* kv_name, int64_t topk) {
+  TORCH_CHECK_VALUE(kv.size(-1) == q.size(-1), kv_name, " head dim ", kv.size(-1), " differs from q head dim ",
+                    q.size(-1));
+  TORCH_CHECK_VALUE(kv.size(1) > 0 && q.size(1) % kv.size(1) == 0, "the number of query heads (", q.size(1),
+                    ") must be a multiple of the number of KV heads (", kv.size(1), ")");
+  TORCH_CHECK_VALUE(topk > 0, "topk must be positive, got ", topk);
+}
+
+// Batched q [B, Hq, Sq, D] routed over kv_len keys (named kv_len_name) in blocks of block_size.
+void check_batched_extent(const at::Tensor& q, int64_t kv_len, const char* kv_len_name, int64_t block_size) {
+  TORCH_CHECK_VALUE(q.size(2) <= kv_len, "q has more rows (", q.size(2), ") than ", kv_len_name, " (", kv_len, ")");
+  TORCH_CHECK_VALUE(block_size > 0, "block_size must be positive, got ", block_size);
+  TORCH_CHECK_VALUE((kv_len + block_size - 1) / block_size <= std::numeric_limits<int32_t>::max(),
+                    "the number of KV blocks must fit in int32");
+}
+
 // Checks shared by the batched (4-D) and packed (3-D) layouts; both hold heads in dim 1.
 void check_query_and_keys(const at::Tensor& q, const at::Tensor& k, int64_t dims, int64_t topk) {
   const char* layout = dims == 4 ? "[B, H, S, D]" : "[total, H, D]";
@@ -38,19 +56,13 @@ void check_query_and_keys(const at::Tensor& q, const at::Tensor& k, int64_t dims
                    q.scalar_type());
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "k dtype ", k.scalar_type(), " differs from q dtype ",
                    q.scalar_type());
-  TORCH_CHECK_VALUE(k.size(-1) == q.size(-1), "k head dim ", k.size(-1), " differs from q head dim ", q.size(-1));
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "the number of query heads (", q.size(1),
-                    ") must be a multiple of the number of KV heads (", k.size(1), ")");
-  TORCH_CHECK_VALUE(topk > 0, "topk must be positive, got ", topk);
+  check_heads(q, k, "k", topk);
 }
 
 void check_route_args(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t topk) {
   check_query_and_keys(q, k, 4, topk);
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k batch ", k.size(0), " differs from q batch ", q.size(0));
-  TORCH_CHECK_VALUE(q.size(2) <= k.size(2), "q has more rows (", q.size(2), ") than k (", k.size(2), ")");
-  TORCH_CHECK_VALUE(block_size > 0, "block_size must be positive, got ", block_size);
-  TORCH_CHECK_VALUE((k.size(2) + block_size - 1) / block_size <= std::numeric_limits<int32_t>::max(),
-                    "the number of KV blocks must fit in int32");
+  check_batched_extent(q, k.size(2), "k", block_size);
 }
 
 // The best `capacity` candidates offered so far, in rank order (descending score). Candidates
@@ -293,17 +305,10 @@ void check_route_means_args(const at::Tensor& q, const at::Tensor& block_means, 
   const at::ScalarType mean_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_TYPE(block_means.scalar_type() == mean_type, "block_means must be ", mean_type, " for ",
                    q.scalar_type(), " queries (block_mean_pool's dtype), got ", block_means.scalar_type());
+  check_heads(q, block_means, "block_means", topk);
   TORCH_CHECK_VALUE(block_means.size(0) == q.size(0), "block_means batch ", block_means.size(0),
                     " differs from q batch ", q.size(0));
-  TORCH_CHECK_VALUE(block_means.size(3) == q.size(3), "block_means head dim ", block_means.size(3),
-                    " differs from q head dim ", q.size(3));
-  TORCH_CHECK_VALUE(block_means.size(1) > 0 && q.size(1) % block_means.size(1) == 0, "the number of query heads (",
-                    q.size(1), ") must be a multiple of the number of KV heads (", block_means.size(1), ")");
-  TORCH_CHECK_VALUE(topk > 0, "topk must be positive, got ", topk);
-  TORCH_CHECK_VALUE(block_size > 0, "block_size must be positive, got ", block_size);
-  TORCH_CHECK_VALUE(q.size(2) <= kv_len, "q has more rows (", q.size(2), ") than kv_len (", kv_len, ")");
-  TORCH_CHECK_VALUE((kv_len + block_size - 1) / block_size <= std::numeric_limits<int32_t>::max(),
-                    "the number of KV blocks must fit in int32");
+  check_batched_extent(q, kv_len, "kv_len", block_size);
   // Causal rows rank only the blocks before their own; non-causal rows rank every block.
   const int64_t needed =
       causal ? std::max<int64_t>(kv_len - 1, 0) / block_size : (kv_len + block_size - 1) / block_size;

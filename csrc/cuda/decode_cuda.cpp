@@ -81,14 +81,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_decode_cuda(const at::Tensor& q,
   TORCH_CHECK_TYPE(k.scalar_type() == dtype && v.scalar_type() == dtype, "k and v must have q's dtype ", dtype,
                    ", got ", k.scalar_type(), " and ", v.scalar_type());
   TORCH_CHECK_VALUE(decode_supports_head_dim(shape.head_dim),
-                    "the CUDA block_sparse_decode supports head dims 64, 96, 128",
-                    " and 256, got ", shape.head_dim);
+                    "the CUDA block_sparse_decode supports head dims 64, 96, 128 and 256, got ", shape.head_dim);
   const int64_t splits = decode::resolve_num_splits(shape, num_splits);
   const int64_t heads_per_cta = decode::heads_per_cta(shape);
   const int64_t ctas_per_split = shape.batch * shape.q_heads / heads_per_cta;
   TORCH_CHECK_VALUE(ctas_per_split == 0 || splits <= std::numeric_limits<int32_t>::max() / ctas_per_split,
-                    "num_splits=",
-                    splits, " gives more than 2^31 CTAs");
+                    "num_splits=", splits, " gives more than 2^31 CTAs");
 
   const c10::DeviceGuard device_guard(q.device());
   const int64_t B = shape.batch, Hq = shape.q_heads, Sq = shape.seq_len_q, D = shape.head_dim;
