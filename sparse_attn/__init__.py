@@ -1,7 +1,8 @@
 """sparse_attn: native sparse-attention kernels for PyTorch.
 
-The compiled extension is optional: without it, every function runs through Triton or the
-PyTorch reference, and `python -m sparse_attn info` says which backends work here.
+The compiled extension is optional: without it, every function runs through Triton or PyTorch
+ops (the gathered-block path of `sparse_attn.gathered`, or the reference oracles), and
+`python -m sparse_attn info` says which backends work here.
 `sparse_attn.patch(model, method, ...)` runs a Hugging Face model's attention through a method
 (transformers is imported only when a model is patched).
 """

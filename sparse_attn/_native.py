@@ -19,7 +19,7 @@ except (ImportError, OSError) as exc:  # a missing or ABI-broken build must not 
     NATIVE_ERROR = f"{type(exc).__name__}: {exc}"
     warnings.warn(
         f"sparse_attn: the native extension could not be loaded ({NATIVE_ERROR}); "
-        f"falling back to the Triton and PyTorch reference paths. To build it: {REBUILD_HINT}",
+        f"falling back to the Triton and PyTorch paths. To build it: {REBUILD_HINT}",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -75,6 +75,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_NO_GPU = "no GPU: the engine and MoBA use the gathered-block PyTorch path"
+
+
 def backend_report() -> dict[str, object]:
     """Which backends work on this machine, as `python -m sparse_attn info` prints them."""
     cuda_ok = torch.cuda.is_available()
@@ -86,9 +89,7 @@ def backend_report() -> dict[str, object]:
         "native CPU ops": native_available("cpu"),
         "native CUDA ops": native_available("cuda"),
         "triton": _module_version("triton"),
-        "triton mode": "GPU"
-        if cuda_ok
-        else ("interpreter (TRITON_INTERPRET=1)" if _interpreting() else "no GPU: engine uses the reference path"),
+        "triton mode": "GPU" if cuda_ok else ("interpreter (TRITON_INTERPRET=1)" if _interpreting() else _NO_GPU),
         "transformers": _module_version("transformers"),
         "flash_attn": _module_version("flash_attn"),
     }

@@ -3,7 +3,9 @@
 `block_sparse_attn` and `block_sparse_attn_varlen` run the Triton kernels on CUDA tensors (and on
 CPU tensors under `TRITON_INTERPRET=1`), registered as `torch.ops.sparse_attn.block_sparse_attn_fwd`
 / `_bwd` through `torch.library.triton_op`, so torch.compile sees them. Elsewhere they run the
-PyTorch reference (dense masks, float32 or float64), which accepts any float dtype and block size.
+gathered-block PyTorch path (`sparse_attn.gathered`: float32 or float64 compute, work and memory
+that follow the selected blocks), which accepts any float dtype and block size; `backend='reference'`
+runs the dense-mask oracle.
 
 Conventions: GQA is native (Hq % Hkv == 0, no K/V copies); causality is bottom-right aligned when
 Sq < Skv; a query row with no selected key gets output 0 and LSE -inf (fp32, natural log).
@@ -18,12 +20,15 @@ import os
 
 import torch
 
-from . import reference
+from . import gathered, reference
 from .layout import BlockSparseLayout
 
 __all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "triton_available"]
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# 'auto' runs Triton where it can and the gathered-block PyTorch path elsewhere; 'reference' is
+# the dense-mask oracle.
+BACKENDS = ("auto", "triton", "torch", "reference")
 _MAX_HEAD_DIM = 256
 
 
@@ -84,10 +89,10 @@ def _check_triton_shapes(q, layout):
 
 
 def _resolve_backend(backend: str, q) -> str:
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if triton_available(q.device) else "reference"
+        return "triton" if triton_available(q.device) else "torch"
     if backend == "triton" and not triton_available(q.device):
         raise ValueError(f"backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1), got {q.device}")
     return backend
@@ -107,19 +112,21 @@ def block_sparse_attn(
 ):
     """Attention of q (B, Hq, Sq, D) over the KV blocks of k, v (B, Hkv, Skv, D) that `layout` selects.
 
-    Differentiable in q, k and v. Returns the output (B, Hq, Sq, D) in q's dtype, and with
-    `return_lse` also the fp32 log-sum-exp (B, Hq, Sq). `backend` is 'auto', 'triton' or 'reference'.
+        Differentiable in q, k and v. Returns the output (B, Hq, Sq, D) in q's dtype, and with
+        `return_lse` also the fp32 log-sum-exp (B, Hq, Sq). `backend` is 'auto' (Triton where it runs,
+    else 'torch'), 'triton', 'torch' (gathered blocks in PyTorch ops) or 'reference' (dense masks).
     """
     _check_qkv(q, k, v, packed=False)
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
     layout.check_compatible(q, k)
     scale = _default_scale(softmax_scale, q.shape[-1])
-    if _resolve_backend(backend, q) == "reference":
-        out, lse = _reference_attention(q, k, v, layout, causal, scale)
-    else:
+    resolved = _resolve_backend(backend, q)
+    if resolved == "triton":
         _check_triton_shapes(q, layout)
         out, lse = _triton_attention(q, k, v, layout, causal, scale, None, None)
+    else:
+        out, lse = _pytorch_path(resolved, return_lse)(q, k, v, layout, causal, scale)
     return (out, lse) if return_lse else out
 
 
@@ -158,11 +165,13 @@ def block_sparse_attn_varlen(
         )
     layout.head_map(q.shape[1], k.shape[1])
     scale = _default_scale(softmax_scale, q.shape[-1])
-    if _resolve_backend(backend, q) == "reference":
-        out, lse = _reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, layout, causal, scale)
-    else:
+    resolved = _resolve_backend(backend, q)
+    if resolved == "triton":
         _check_triton_shapes(q, layout)
         out, lse = _packed_call(_triton_attention, q, k, v, cu_seqlens_q, cu_seqlens_k, layout, causal, scale)
+    else:
+        attention = _pytorch_path(resolved, return_lse)
+        out, lse = _per_sequence(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, layout, causal, scale)
     return (out, lse) if return_lse else out
 
 
@@ -184,7 +193,7 @@ def _check_cu_seqlens(cu, name, total, max_seqlen, device) -> int:
     return cu.numel() - 1
 
 
-# ---------------------------------------------------------------------------------- reference path
+# ---------------------------------------------------------------------------------- PyTorch paths
 def _reference_attention(q, k, v, layout, causal, scale):
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     out, lse = reference.block_sparse_attention_reference(
@@ -193,7 +202,15 @@ def _reference_attention(q, k, v, layout, causal, scale):
     return out.to(q.dtype), lse.float()
 
 
-def _reference_varlen(q, k, v, cu_q, cu_k, layout, causal, scale):
+def _pytorch_path(backend: str, return_lse: bool):
+    """`attention(q, k, v, layout, causal, scale)` of the 'torch' or 'reference' backend."""
+    if backend == "reference":
+        return _reference_attention
+    return functools.partial(gathered.layout_attention, lse_grad=return_lse)
+
+
+def _per_sequence(attention, q, k, v, cu_q, cu_k, layout, causal, scale):
+    """A batched PyTorch path `attention(q, k, v, layout, causal, scale)` on each packed sequence."""
     block_mask = layout.to_dense_mask()
     outs, lses = [], []
     for i in range(cu_q.numel() - 1):
@@ -214,7 +231,7 @@ def _reference_varlen(q, k, v, cu_q, cu_k, layout, causal, scale):
             seq_len_kv=len_k,
         )
         seq_q, seq_k, seq_v = (t[s].transpose(0, 1)[None] for t, s in ((q, qs), (k, ks), (v, ks)))
-        o, lse = _reference_attention(seq_q, seq_k, seq_v, part, causal, scale)
+        o, lse = attention(seq_q, seq_k, seq_v, part, causal, scale)
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=1)

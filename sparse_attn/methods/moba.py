@@ -19,14 +19,18 @@ Attention (`moba_attn`; packed sequences through `moba_attn_varlen`, MoonshotAI'
 token-level causal mask, to the keys of the blocks it selected. The Triton path is FlashMoBA's
 gather-and-densify (`sparse_attn/kernels/moba_attn.py`): the rows that chose a block are gathered
 into dense tiles, so its work follows the routed pairs, not the union of neighbouring rows' routes.
+Where Triton does not run, `sparse_attn.gathered.routed_attention` attends tiles of rows over the
+union of their routes, each row masked to its own.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from .. import reference
+from .. import gathered, reference
 from .._native import HAS_NATIVE, _has_kernel
 from ..selection import _FLOAT_TYPES, _check_int, _check_tensor, block_mean_pool, topk_rows
 
@@ -191,23 +195,24 @@ def moba_attn(q, k, v, *, block_size, topk, causal=True, softmax_scale=None, ret
 
     Routes with :func:`moba_route` (no gradient through routing), then attends to the routed
     blocks; differentiable in q, k and v. When topk * block_size covers every block, the result is
-    dense causal attention. `backend` is 'auto', 'triton' or 'reference' as in `block_sparse_attn`.
+    dense causal attention. `backend` is 'auto', 'triton', 'torch' or 'reference' as in `block_sparse_attn`.
     """
     from .. import engine
 
     engine._check_qkv(q, k, v, packed=False)
     routes = moba_route(q.detach(), k.detach(), block_size=block_size, topk=topk, causal=causal)
     scale = engine._default_scale(softmax_scale, q.shape[-1])
-    out, lse = _attend_routes(q, k, v, routes, block_size, causal, scale, backend)
+    out, lse = _attend_routes(q, k, v, routes, block_size, causal, scale, backend, return_lse)
     return (out, lse) if return_lse else out
 
 
-def _attend_routes(q, k, v, routes, block_size, causal, scale, backend="auto"):
+def _attend_routes(q, k, v, routes, block_size, causal, scale, backend="auto", return_lse=False):
     """Each query over the blocks of its own routes [B, Hq, Sq, K]: (out in q's dtype, fp32 LSE)."""
     from .. import engine
 
-    if engine._resolve_backend(backend, q) == "reference":
-        return _reference_in_dtype(q, k, v, routes, block_size, causal, scale)
+    resolved = engine._resolve_backend(backend, q)
+    if resolved != "triton":
+        return _pytorch_path(resolved, return_lse)(q, k, v, routes, block_size, causal, scale)
     _check_kernel_inputs(q, block_size, "block_size")
     from .._moba_ops import routed_attention
 
@@ -271,9 +276,10 @@ def moba_attn_varlen_qk(
     routes = _route_packed(
         q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, moba_chunk_size, moba_topk, causal
     )
-    if engine._resolve_backend(backend, q) == "reference":
+    resolved = engine._resolve_backend(backend, q)
+    if resolved != "triton":
         parts = [
-            _reference_in_dtype(
+            _pytorch_path(resolved, return_lse)(
                 _sequence(q, q_span),
                 _sequence(k, k_span),
                 _sequence(v, k_span),
@@ -323,6 +329,13 @@ def _reference_in_dtype(q, k, v, routes, block_size, causal, scale):
         q, k, v, routes, block_size=block_size, causal=causal, softmax_scale=scale, compute_dtype=compute
     )
     return out.to(q.dtype), lse.float()
+
+
+def _pytorch_path(backend: str, return_lse: bool):
+    """`attention(q, k, v, routes, block_size, causal, scale)` of the 'torch' or 'reference' backend."""
+    if backend == "reference":
+        return _reference_in_dtype
+    return functools.partial(gathered.routed_attention, lse_grad=return_lse)
 
 
 @reference.eager_under_compile
