@@ -63,21 +63,24 @@ def _selfcheck_cases(device: torch.device):
         )
         return (out - dense).abs().max()
 
-    def engine():
+    def engine(backend):
         from .engine import block_sparse_attn, triton_available
         from .testing import random_block_layout
 
-        if not triton_available(device):
-            return float("nan")
-        inputs = structured_qkv(
-            batch=2, num_q_heads=4, num_kv_heads=2, seq_len=256, head_dim=64, seed=seed, device=device
-        )
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        q, k, v = (t.to(dtype) for t in (inputs.q, inputs.k, inputs.v))
-        layout = random_block_layout(2, 2, 256, 256, 64, 64, 0.5, seed=seed, device=device)
-        out = block_sparse_attn(q, k, v, layout)
-        ref, _ = reference.block_sparse_attention_reference(q, k, v, layout)
-        return (out.double() - ref).abs().max() / ref.abs().max()
+        def check():
+            if backend == "triton" and not triton_available(device):
+                return float("nan")
+            inputs = structured_qkv(
+                batch=2, num_q_heads=4, num_kv_heads=2, seq_len=256, head_dim=64, seed=seed, device=device
+            )
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+            q, k, v = (t.to(dtype) for t in (inputs.q, inputs.k, inputs.v))
+            layout = random_block_layout(2, 2, 256, 256, 64, 64, 0.5, seed=seed, device=device)
+            out = block_sparse_attn(q, k, v, layout, backend=backend)
+            ref, _ = reference.block_sparse_attention_reference(q, k, v, layout)
+            return (out.double() - ref).abs().max() / ref.abs().max()
+
+        return check
 
     def decode():
         from .decode import block_sparse_decode, decode_available
@@ -128,7 +131,8 @@ def _selfcheck_cases(device: torch.device):
         ("topk_rows", topk, 0),
         ("threshold_select", threshold, 0),
         ("reference attention vs SDPA", attention_oracle, 1e-9),
-        ("Triton block-sparse engine", engine, 2e-3),
+        ("Triton block-sparse engine", engine("triton"), 2e-3),
+        ("PyTorch block-sparse path", engine("torch"), 2e-3),
         ("block-sparse decode", decode, 2e-3),
         ("MoBA routing", moba_routing, 0),
         ("XAttention estimator", xattention, 1e-3),

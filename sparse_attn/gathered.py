@@ -73,7 +73,8 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     # compute precision and round to q's dtype once.
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     inputs = (q, k, v)
-    q, k, v = (t.to(compute) for t in inputs)
+    q = q.to(compute)
+    k_blocks, v_blocks = (_as_blocks(t.to(compute), kv_block_size) for t in (k, v))  # [B, Hkv, N, size, D]
     tiles = _query_tiles(q, list_heads, num_tiles, tile_rows).flatten(0, 2)  # [T, R, D]
     blocks = blocks.flatten(0, 2)  # [T, N]
     if routes is not None:
@@ -89,7 +90,7 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     order = torch.sort(widths, stable=True).indices  # similar lengths share a chunk: little padding
     outs, lses = [], []
     for chosen, width in _chunks(order, widths, kv_block_size * max(dim, tiles.shape[1])):
-        args = (tiles[chosen], k, v, blocks[chosen, :width].long(), where.take(chosen), geometry)
+        args = (tiles[chosen], k_blocks, v_blocks, blocks[chosen, :width].long(), where.take(chosen), geometry)
         args += (None if routes is None else routes[chosen],)
         out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False) if recompute else _attend_chunk(*args)
         outs.append(out)
@@ -142,13 +143,13 @@ def _chunks(order, widths, elements_per_listed_block):
             first = end
 
 
-def _attend_chunk(tiles, k, v, blocks, where, geometry, routes):
-    """tiles [C, R, D] over their blocks [C, N]: (out [C, R, D], lse [C, R])."""
+def _attend_chunk(tiles, k_blocks, v_blocks, blocks, where, geometry, routes):
+    """tiles [C, R, D] over their blocks [C, N] of k_blocks, v_blocks: (out [C, R, D], lse [C, R])."""
     size, seq_kv = geometry.kv_block_size, geometry.seq_kv
-    keys = (blocks.clamp(min=0)[..., None] * size + torch.arange(size, device=k.device)).flatten(-2)  # [C, L]
+    keys = (blocks.clamp(min=0)[..., None] * size + torch.arange(size, device=blocks.device)).flatten(-2)  # [C, L]
     # Whole blocks at a time: one contiguous (size, D) copy per listed block.
     spots = (where.batch[:, None], where.kv_head[:, None], blocks.clamp(min=0))
-    gathered_k, gathered_v = (_as_blocks(t, size)[spots].flatten(1, 2) for t in (k, v))  # [C, L, D]
+    gathered_k, gathered_v = (t[spots].flatten(1, 2) for t in (k_blocks, v_blocks))  # [C, L, D]
     # One comparison masks everything: unlisted slots and keys past the end sit after every row's
     # last visible key, padding rows before the first key.
     listed = (blocks >= 0).repeat_interleave(size, dim=-1) & (keys < seq_kv)
