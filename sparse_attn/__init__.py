@@ -1,8 +1,8 @@
 """sparse_attn: native sparse-attention kernels for PyTorch.
 
 The compiled extension is optional: without it, every function runs through Triton or PyTorch
-ops (the gathered-block path of `sparse_attn.gathered`, or the reference oracles), and
-`python -m sparse_attn info` says which backends work here.
+ops (`sparse_attn.gathered` for the engine, `sparse_attn.routed_torch` for MoBA, or the reference
+oracles), and `python -m sparse_attn info` says which backends work here.
 `sparse_attn.patch(model, method, ...)` runs a Hugging Face model's attention through a method
 (transformers is imported only when a model is patched).
 """

@@ -75,7 +75,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_NO_GPU = "no GPU: the engine and MoBA use the gathered-block PyTorch path"
+_NO_GPU = "no GPU: the engine and MoBA use their PyTorch paths"
 
 
 def backend_report() -> dict[str, object]:

@@ -26,7 +26,7 @@ from .layout import BlockSparseLayout
 __all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "triton_available"]
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# 'auto' runs Triton where it can and the gathered-block PyTorch path elsewhere; 'reference' is
+# 'auto' runs Triton where it can and the PyTorch path (sparse_attn.gathered) elsewhere; 'reference' is
 # the dense-mask oracle.
 BACKENDS = ("auto", "triton", "torch", "reference")
 _MAX_HEAD_DIM = 256

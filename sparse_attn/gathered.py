@@ -1,7 +1,6 @@
-"""Gathered-block attention in PyTorch ops: the engine's and MoBA's path where Triton does not run.
+"""Gathered-block attention in PyTorch ops: the engine's path where Triton does not run.
 
-Query rows are cut into tiles that share one list of KV blocks: a layout's query block, or for MoBA
-a run of rows with the union of their routes (each row then masked to its own routes). Tiles are
+Query rows are cut into tiles that share one list of KV blocks (a layout's query block). Tiles are
 sorted by list length and taken a chunk at a time; the chunk's listed keys and values are gathered
 and attended by torch's CPU flash-attention kernel with an additive mask (float32, or float64 for
 float64 inputs). Work and memory follow the selected blocks instead of S x S: a chunk holds about
@@ -20,48 +19,32 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import reference
-from .reference import _mask_to_sorted_lists
 
 __all__ = [
     "CHUNK_ELEMENTS",
-    "ROUTE_TILE_ROWS",
     "gathered_attention",
     "layout_attention",
     "layout_tile_blocks",
-    "route_tile_blocks",
-    "routed_attention",
 ]
 
 # Gathered elements per chunk (scores, or keys): 16M float32 values, 64 MB per buffer.
 CHUNK_ELEMENTS = 1 << 24
-# Rows that share one gather for MoBA: more rows make fewer, larger products, but the union of
-# their routes (work for every row of the tile) grows with them; 64 measured fastest on the CPU
-# (bench/NOTES.md, "PyTorch path").
-ROUTE_TILE_ROWS = 64
 
 
 def layout_attention(q, k, v, layout, causal, scale, lse_grad=False):
     """The engine's path: each query block over the KV blocks its `BlockSparseLayout` lists."""
     blocks = layout_tile_blocks(layout, q.shape[0], q.shape[1], k.shape[1])
-    return gathered_attention(q, k, v, blocks, layout.q_block_size, layout.kv_block_size, causal, scale, None, lse_grad)
-
-
-def routed_attention(q, k, v, routes, block_size, causal, scale, lse_grad=False):
-    """MoBA's path: tiles of rows over the union of their routes [B, Hq, Sq, K], each row masked to its own."""
-    tile_rows = min(ROUTE_TILE_ROWS, block_size)
-    blocks = route_tile_blocks(routes, tile_rows, -(-k.shape[2] // block_size))
-    return gathered_attention(q, k, v, blocks, tile_rows, block_size, causal, scale, routes, lse_grad)
+    return gathered_attention(q, k, v, blocks, layout.q_block_size, layout.kv_block_size, causal, scale, lse_grad)
 
 
 @reference.eager_under_compile  # block arithmetic on `arange`, which Inductor's CPU code gets wrong
-def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale, routes=None, lse_grad=False):
+def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale, lse_grad=False):
     """Each query tile over the KV blocks listed for it: (out in q's dtype, fp32 LSE (B, Hq, Sq)).
 
     q (B, Hq, Sq, D); k, v (B, Hkv, Skv, D). `blocks` int [B, Hs, M, N]: the KV blocks of each tile
     of `tile_rows` query rows (M = ceil(Sq / tile_rows)), -1 padded at the end, one list per query
-    head (Hs = Hq) or per KV head (Hs = Hkv, shared by its query heads). `routes` int [B, Hq, Sq, K]
-    (-1 padded; needs Hs = Hq) restricts each row to the listed blocks it names. `lse_grad`: the
-    returned LSE will be differentiated. Causality is bottom-right aligned; a row with no key gets
+    head (Hs = Hq) or per KV head (Hs = Hkv, shared by its query heads). `lse_grad`: the returned
+    LSE will be differentiated. Causality is bottom-right aligned; a row with no key gets
     output 0 and LSE -inf.
     """
     batch, num_q_heads, seq_q, dim = q.shape
@@ -77,9 +60,6 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     k_blocks, v_blocks = (_as_blocks(t.to(compute), kv_block_size) for t in (k, v))  # [B, Hkv, N, size, D]
     tiles = _query_tiles(q, list_heads, num_tiles, tile_rows).flatten(0, 2)  # [T, R, D]
     blocks = blocks.flatten(0, 2)  # [T, N]
-    if routes is not None:
-        routes = F.pad(routes, (0, 0, 0, num_tiles * tile_rows - seq_q), value=-1)
-        routes = routes.view(batch * num_q_heads * num_tiles, tile_rows, -1)
     # Per tile: its batch entry, KV head and first query position.
     tile = torch.arange(blocks.shape[0], device=q.device)
     heads = tile // num_tiles % list_heads
@@ -91,7 +71,6 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     outs, lses = [], []
     for chosen, width in _chunks(order, widths, kv_block_size * max(dim, tiles.shape[1])):
         args = (tiles[chosen], k_blocks, v_blocks, blocks[chosen, :width].long(), where.take(chosen), geometry)
-        args += (None if routes is None else routes[chosen],)
         out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False) if recompute else _attend_chunk(*args)
         outs.append(out)
         lses.append(lse)
@@ -143,7 +122,7 @@ def _chunks(order, widths, elements_per_listed_block):
             first = end
 
 
-def _attend_chunk(tiles, k_blocks, v_blocks, blocks, where, geometry, routes):
+def _attend_chunk(tiles, k_blocks, v_blocks, blocks, where, geometry):
     """tiles [C, R, D] over their blocks [C, N] of k_blocks, v_blocks: (out [C, R, D], lse [C, R])."""
     size, seq_kv = geometry.kv_block_size, geometry.seq_kv
     keys = (blocks.clamp(min=0)[..., None] * size + torch.arange(size, device=blocks.device)).flatten(-2)  # [C, L]
@@ -155,9 +134,6 @@ def _attend_chunk(tiles, k_blocks, v_blocks, blocks, where, geometry, routes):
     listed = (blocks >= 0).repeat_interleave(size, dim=-1) & (keys < seq_kv)
     keys = torch.where(listed, keys, seq_kv)
     allowed = keys[:, None, :] <= _last_visible_key(tiles.shape[1], where.index, geometry)[..., None]  # [C, R, L]
-    if routes is not None:  # each row only over the blocks it routed to
-        chosen = (routes[..., :, None] == blocks[:, None, None, :]).any(dim=-2)  # [C, R, N]
-        allowed = allowed & chosen.repeat_interleave(size, dim=-1)
     compute = tiles.dtype
     q4, k4, v4 = (t[:, None] for t in (tiles, gathered_k, gathered_v))
     if geometry.lse_grad or _FLASH_CPU is None or tiles.device.type != "cpu":
@@ -203,16 +179,3 @@ def layout_tile_blocks(layout, batch: int, num_q_heads: int, num_kv_heads: int) 
     if layout.num_heads != num_q_heads:
         blocks = blocks.expand(-1, num_kv_heads, -1, -1)  # per KV head already, or one list for all
     return blocks.expand(batch, -1, -1, -1)
-
-
-def route_tile_blocks(routes, tile_rows: int, num_blocks: int) -> torch.Tensor:
-    """Per tile of `tile_rows` rows, the ascending union of the rows' routes [B, Hq, Sq, K]: int32
-    [B, Hq, M, N] -1 padded, N the widest union."""
-    batch, heads, seq_q, topk = routes.shape
-    num_tiles = -(-seq_q // tile_rows)
-    padded = F.pad(routes, (0, 0, 0, num_tiles * tile_rows - seq_q), value=-1)
-    padded = padded.view(batch, heads, num_tiles, tile_rows * topk)
-    chosen = torch.zeros(batch, heads, num_tiles, num_blocks + 1, dtype=torch.bool, device=routes.device)
-    chosen.scatter_(-1, torch.where(padded < 0, num_blocks, padded).long(), True)
-    count, indices = _mask_to_sorted_lists(chosen[..., :num_blocks])
-    return indices[..., : max(int(count.max()), 1) if count.numel() else 1]

@@ -115,7 +115,7 @@ ENVIRONMENT = ("date", "device", "driver", "torch", "triton", "cuda", "backends"
 @pytest.fixture(scope="module")
 def quick_dir(tmp_path_factory):
     """`all --quick` once, as the main job runs it: its own process, without the Triton interpreter
-    the test session turns on (the CLI on a CPU uses the engine's gathered-block PyTorch path)."""
+    the test session turns on (the CLI on a CPU uses the PyTorch paths)."""
     out = tmp_path_factory.mktemp("bench-quick")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))

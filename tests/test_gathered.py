@@ -1,12 +1,21 @@
-"""The gathered-block PyTorch path (`backend='torch'`, the default where Triton does not run)
-against the fp64 oracles, with FlashAttention's error rule, and its memory bound."""
+"""The PyTorch paths (`backend='torch'`, the default where Triton does not run) against the fp64
+oracles, with FlashAttention's error rule, and their memory bounds: the engine's gathered blocks
+(`sparse_attn.gathered`) and MoBA's gather-and-densify (`sparse_attn.routed_torch`)."""
 
 import zlib
 
 import pytest
 import torch
 
-from sparse_attn import block_sparse_attn, block_sparse_attn_varlen, engine, gathered, moba_attn, moba_attn_varlen
+from sparse_attn import (
+    block_sparse_attn,
+    block_sparse_attn_varlen,
+    engine,
+    gathered,
+    moba_attn,
+    moba_attn_varlen,
+    routed_torch,
+)
 from sparse_attn.methods.moba import moba_attention_reference, moba_route
 from sparse_attn.reference import block_sparse_attention_reference
 from sparse_attn.testing import assert_flash_rule, max_err, random_block_layout
@@ -75,14 +84,19 @@ def test_engine_matches_oracle(case, differentiate_lse, dtype):
     check_rule(attention, oracle, q, k, v, differentiate_lse=differentiate_lse)
 
 
-@pytest.mark.parametrize("differentiate_lse", [False, True], ids=["flash_kernel", "lse_grad"])
+@pytest.mark.parametrize("differentiate_lse", [False, True], ids=["output", "lse_grad"])
 @pytest.mark.parametrize(
-    "hq, hkv, seq_q, seq_kv, block, topk, causal",
-    [(4, 2, 70, 70, 16, 3, True), (4, 1, 37, 100, 16, 2, True), (2, 2, 64, 64, 8, 3, False)],
+    "hq, hkv, seq_q, seq_kv, block, topk, causal, dtype",
+    [
+        (4, 2, 70, 70, 16, 3, True, torch.float32),
+        (4, 1, 37, 100, 16, 2, True, torch.float32),
+        (2, 2, 64, 64, 8, 3, False, torch.float32),
+        (8, 2, 150, 150, 16, 4, True, torch.float16),  # more rows per block than one tile holds
+    ],
 )
-def test_moba_matches_oracle(hq, hkv, seq_q, seq_kv, block, topk, causal, differentiate_lse):
+def test_moba_matches_oracle(hq, hkv, seq_q, seq_kv, block, topk, causal, dtype, differentiate_lse):
     rng = torch.Generator().manual_seed(seq_q * 31 + topk)
-    q, k, v = make_qkv(rng, 2, hq, hkv, seq_q, seq_kv, 32, torch.float32)
+    q, k, v = make_qkv(rng, 2, hq, hkv, seq_q, seq_kv, 32, dtype)
     routes = moba_route(q.detach(), k.detach(), block_size=block, topk=topk, causal=causal)
 
     def attention(q_, k_, v_):
@@ -158,3 +172,30 @@ def test_runs_eagerly_under_torch_compile():
 
     torch._dynamo.reset()
     assert torch.equal(torch.compile(attention)(q, k, v), attention(q, k, v))
+
+
+def test_routed_chunks_and_tiles_do_not_change_the_result(monkeypatch):
+    """MoBA's path in many small chunks and tiles gives the one-chunk result, and its products stay small."""
+    rng = torch.Generator().manual_seed(9)
+    q, k, v = make_qkv(rng, 2, 4, 2, 300, 300, 16, torch.float64)
+
+    def run():
+        out, lse = moba_attn(q, k, v, block_size=16, topk=3, return_lse=True, backend="torch")
+        return (out, lse, *torch.autograd.grad((out * out).sum() + lse.sum(), (q, k, v)))
+
+    whole = run()
+    largest = []
+    bmm = torch.bmm
+
+    def spy(a, b):
+        largest.append(a.shape[0] * a.shape[1] * b.shape[2])
+        return bmm(a, b)
+
+    monkeypatch.setattr(routed_torch, "CHUNK_ELEMENTS", 16 * 3 * 40)  # 40 rows a chunk
+    monkeypatch.setattr(routed_torch, "TILE_ROWS", 8)
+    monkeypatch.setattr(routed_torch.torch, "bmm", spy)
+    chunked = run()
+    monkeypatch.undo()
+    assert len(largest) > 30 and max(largest) < 300 * 300
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), chunked, whole):
+        assert max_err(a, b) < 1e-12, name

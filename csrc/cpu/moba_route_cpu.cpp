@@ -107,11 +107,19 @@ class StreamingTopK {
   int64_t size_ = 0;
 };
 
+// Eight interleaved partial sums, added pairwise at the end: a fixed order (every route op that
+// shares this function rounds alike), and independent lanes the compiler vectorises without
+// -ffast-math (a single running sum is a serial dependency: 4-8x slower).
 template <typename T>
 T dot(const T* a, const T* b, int64_t n) {
-  T sum = T(0);
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+  constexpr int64_t kLanes = 8;
+  T lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) lane[j] += a[i + j] * b[i + j];
+  }
+  for (int64_t j = 0; i < n; ++i, ++j) lane[j] += a[i] * b[i];
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
 // Where one sequence's rows live, as element offsets into q and the block means.

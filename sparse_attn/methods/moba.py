@@ -19,18 +19,15 @@ Attention (`moba_attn`; packed sequences through `moba_attn_varlen`, MoonshotAI'
 token-level causal mask, to the keys of the blocks it selected. The Triton path is FlashMoBA's
 gather-and-densify (`sparse_attn/kernels/moba_attn.py`): the rows that chose a block are gathered
 into dense tiles, so its work follows the routed pairs, not the union of neighbouring rows' routes.
-Where Triton does not run, `sparse_attn.gathered.routed_attention` attends tiles of rows over the
-union of their routes, each row masked to its own.
+Where Triton does not run, `sparse_attn.routed_torch` does the same gather-and-densify in PyTorch ops.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
-from .. import gathered, reference
+from .. import reference, routed_torch
 from .._native import HAS_NATIVE, _has_kernel
 from ..selection import _FLOAT_TYPES, _check_int, _check_tensor, block_mean_pool, topk_rows
 
@@ -202,17 +199,17 @@ def moba_attn(q, k, v, *, block_size, topk, causal=True, softmax_scale=None, ret
     engine._check_qkv(q, k, v, packed=False)
     routes = moba_route(q.detach(), k.detach(), block_size=block_size, topk=topk, causal=causal)
     scale = engine._default_scale(softmax_scale, q.shape[-1])
-    out, lse = _attend_routes(q, k, v, routes, block_size, causal, scale, backend, return_lse)
+    out, lse = _attend_routes(q, k, v, routes, block_size, causal, scale, backend)
     return (out, lse) if return_lse else out
 
 
-def _attend_routes(q, k, v, routes, block_size, causal, scale, backend="auto", return_lse=False):
+def _attend_routes(q, k, v, routes, block_size, causal, scale, backend="auto"):
     """Each query over the blocks of its own routes [B, Hq, Sq, K]: (out in q's dtype, fp32 LSE)."""
     from .. import engine
 
     resolved = engine._resolve_backend(backend, q)
     if resolved != "triton":
-        return _pytorch_path(resolved, return_lse)(q, k, v, routes, block_size, causal, scale)
+        return _pytorch_path(resolved)(q, k, v, routes, block_size, causal, scale)
     _check_kernel_inputs(q, block_size, "block_size")
     from .._moba_ops import routed_attention
 
@@ -279,7 +276,7 @@ def moba_attn_varlen_qk(
     resolved = engine._resolve_backend(backend, q)
     if resolved != "triton":
         parts = [
-            _pytorch_path(resolved, return_lse)(
+            _pytorch_path(resolved)(
                 _sequence(q, q_span),
                 _sequence(k, k_span),
                 _sequence(v, k_span),
@@ -331,11 +328,9 @@ def _reference_in_dtype(q, k, v, routes, block_size, causal, scale):
     return out.to(q.dtype), lse.float()
 
 
-def _pytorch_path(backend: str, return_lse: bool):
+def _pytorch_path(backend: str):
     """`attention(q, k, v, routes, block_size, causal, scale)` of the 'torch' or 'reference' backend."""
-    if backend == "reference":
-        return _reference_in_dtype
-    return functools.partial(gathered.routed_attention, lse_grad=return_lse)
+    return _reference_in_dtype if backend == "reference" else routed_torch.routed_attention
 
 
 @reference.eager_under_compile
