@@ -139,7 +139,7 @@ def run_demo(args) -> int:
         model, description = _tiny_llama(args.seed)
     model = model.to(device=device, dtype=dtype).eval()
     ids = _structured_prompt(model.config.vocab_size, args.prompt_len, args.seed).to(device)
-    engine = "triton" if triton_available(device) else "PyTorch reference"
+    engine = "triton" if triton_available(device) else "PyTorch paths"
     print(
         f"sparse_attn demo: {description}; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
         f"{device.type} {str(dtype).removeprefix('torch.')}, block size {block_size}, engine: {engine}"
