@@ -143,8 +143,8 @@ def _attend_chunk(tiles, k_blocks, v_blocks, blocks, where, geometry):
         return out[:, 0], lse[:, 0]
     bias = torch.where(allowed, 0.0, float("-inf")).to(compute)
     out, lse = _FLASH_CPU(q4, k4, v4, attn_mask=bias[:, None], scale=geometry.scale)
-    has_key = allowed.any(dim=-1)  # the kernel gives rows without a key output 0 and LSE 0
-    return out[:, 0], lse[:, 0].masked_fill(~has_key, float("-inf"))
+    missing = ~allowed.any(dim=-1)  # rows without a key: 0 and -inf by convention, whatever the kernel gave
+    return out[:, 0].masked_fill(missing[..., None], 0.0), lse[:, 0].masked_fill(missing, float("-inf"))
 
 
 def _as_blocks(t, size):
