@@ -112,8 +112,8 @@ def block_sparse_attn(
 ):
     """Attention of q (B, Hq, Sq, D) over the KV blocks of k, v (B, Hkv, Skv, D) that `layout` selects.
 
-        Differentiable in q, k and v. Returns the output (B, Hq, Sq, D) in q's dtype, and with
-        `return_lse` also the fp32 log-sum-exp (B, Hq, Sq). `backend` is 'auto' (Triton where it runs,
+    Differentiable in q, k and v. Returns the output (B, Hq, Sq, D) in q's dtype, and with
+    `return_lse` also the fp32 log-sum-exp (B, Hq, Sq). `backend` is 'auto' (Triton where it runs,
     else 'torch'), 'triton', 'torch' (gathered blocks in PyTorch ops) or 'reference' (dense masks).
     """
     _check_qkv(q, k, v, packed=False)
@@ -195,7 +195,7 @@ def _check_cu_seqlens(cu, name, total, max_seqlen, device) -> int:
 
 # ---------------------------------------------------------------------------------- PyTorch paths
 def _reference_attention(q, k, v, layout, causal, scale):
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = reference.working_dtype(q.dtype)
     out, lse = reference.block_sparse_attention_reference(
         q, k, v, layout, causal=causal, softmax_scale=scale, compute_dtype=compute
     )

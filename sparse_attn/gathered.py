@@ -54,7 +54,7 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     group = num_q_heads // list_heads  # query heads per list: 1, or the GQA ratio
     # Cast once up front, so that the gradients of blocks gathered by several tiles add up in the
     # compute precision and round to q's dtype once.
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = reference.working_dtype(q.dtype)
     inputs = (q, k, v)
     q = q.to(compute)
     k_blocks, v_blocks = (_as_blocks(t.to(compute), kv_block_size) for t in (k, v))  # [B, Hkv, N, size, D]

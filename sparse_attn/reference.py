@@ -17,6 +17,7 @@ import math
 import torch
 
 __all__ = [
+    "working_dtype",
     "causal_token_mask",
     "masked_attention",
     "block_sparse_attention_reference",
@@ -26,6 +27,11 @@ __all__ = [
     "threshold_select_reference",
     "layout_transpose_reference",
 ]
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision the PyTorch paths and fp32 accumulations compute in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def causal_token_mask(seq_len_q: int, seq_len_kv: int, device=None) -> torch.Tensor:
@@ -119,7 +125,7 @@ def token_sparse_attention_reference(q, k, v, indices, *, causal=True, softmax_s
 
 def block_mean_pool_reference(keys: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean of each key block over its real length; float32 (float64 for float64 keys)."""
-    acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    acc = working_dtype(keys.dtype)
     batch, heads, seq, dim = keys.shape
     num_blocks = -(-seq // block_size)
     padded = torch.zeros(batch, heads, num_blocks * block_size, dim, dtype=acc, device=keys.device)

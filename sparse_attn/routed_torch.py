@@ -42,7 +42,7 @@ class _Plan:
         self.block_size, self.causal, self.scale = block_size, causal, scale
         self.num_blocks = -(-self.seq_kv // block_size)
         self.topk = routes.shape[-1]
-        self.compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.compute = reference.working_dtype(q.dtype)
 
     def rows(self, q):
         """q (or any (B, Hq, Sq, X)) as [B * Hq * Sq, X] rows in the compute precision."""
@@ -129,8 +129,9 @@ class _RoutedAttention(torch.autograd.Function):
             delta = delta - grad_lse.to(plan.compute).reshape(-1)
         grad_q = torch.zeros_like(q_rows)
         grad_k, grad_v = torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
+        routes_rows = routes.reshape(-1, plan.topk)
         for chunk in plan.row_chunks():
-            tiles = _Tiles(plan, routes.reshape(-1, plan.topk), chunk)
+            tiles = _Tiles(plan, routes_rows, chunk)
             scores, queries = tiles.scores(plan, q_rows, k_blocks)
             safe_rows = tiles.rows.clamp(min=0)
             probs = torch.exp(scores - _finite(lse[safe_rows])[..., None])  # [C, T, bs]

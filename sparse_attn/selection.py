@@ -122,7 +122,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("sparse_attn::block_mean_pool")
     def _(keys, block_size):
-        acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
+        acc = reference.working_dtype(keys.dtype)
         b, h, s, d = keys.shape
         return keys.new_empty((b, h, (s + block_size - 1) // block_size, d), dtype=acc)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .reference import working_dtype
 from .selection import _check_int
 
 __all__ = [
@@ -102,7 +103,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) 
         pos = positions[:, None, :]
     else:
         raise ValueError(f"positions must be (S,) or (B, S) = ({B}, {S}), got {tuple(positions.shape)}")
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = working_dtype(x.dtype)
     cos, sin = _rope_tables(pos.to(x.device), D, base, work)
     return _rotate(x.to(work), cos, sin).to(x.dtype)
 

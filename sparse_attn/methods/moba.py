@@ -321,7 +321,7 @@ def _sequence(packed: torch.Tensor, span) -> torch.Tensor:
 
 def _reference_in_dtype(q, k, v, routes, block_size, causal, scale):
     """The oracle at the working precision of q's dtype (fp64 for fp64, else fp32): (out in q's dtype, fp32 LSE)."""
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = reference.working_dtype(q.dtype)
     out, lse = moba_attention_reference(
         q, k, v, routes, block_size=block_size, causal=causal, softmax_scale=scale, compute_dtype=compute
     )

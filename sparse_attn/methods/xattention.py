@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ..engine import _check_qkv, block_sparse_attn, triton_available
 from ..layout import BlockSparseLayout, causal_block_mask
+from ..reference import working_dtype
 from ..selection import _check_int, threshold_select
 
 __all__ = [
@@ -165,7 +166,7 @@ def _tile_sums(probs, per_block: int, num_q_blocks: int, num_kv_blocks: int):
 
 def _estimate_chunked(q, k, stride: int, block_size: int, causal: bool, chunk_size: int):
     """The estimator in PyTorch (float32, float64 for float64 inputs), one query chunk of logits at a time."""
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    work = working_dtype(q.dtype)
     batch, num_q_heads, seq_q, dim = q.shape
     num_kv_heads, seq_kv = k.shape[1], k.shape[2]
     group, per_block = num_q_heads // num_kv_heads, block_size // stride
