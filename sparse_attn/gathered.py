@@ -7,6 +7,10 @@ float64 inputs). Work and memory follow the selected blocks instead of S x S: a 
 `CHUNK_ELEMENTS` gathered scores or key elements, and under autograd each chunk is checkpointed
 (recomputed in backward), so the backward keeps no S x S buffer either. Where one list serves a
 GQA group, the group's query heads share one gather: no K/V copies beyond the gathered blocks.
+Lists per query head that are nearly the same across a group are merged into one union per KV
+head, each head masked to its own blocks, where a cost model says the saved gathers pay for the
+extra scores. In inference the group's heads stay heads (K, V and the mask broadcast over them);
+under autograd they are folded into the rows of one head, so the kernel's backward sums dK and dV.
 
 That kernel's log-sum-exp has no gradient, so when the caller differentiates the returned LSE the
 chunks run `reference.masked_attention` (the same masked softmax in plain ops) instead.
@@ -44,12 +48,13 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     q (B, Hq, Sq, D); k, v (B, Hkv, Skv, D). `blocks` int [B, Hs, M, N]: the KV blocks of each tile
     of `tile_rows` query rows (M = ceil(Sq / tile_rows)), -1 padded at the end, one list per query
     head (Hs = Hq) or per KV head (Hs = Hkv, shared by its query heads). `lse_grad`: the returned
-    LSE will be differentiated. Causality is bottom-right aligned; a row with no key gets
-    output 0 and LSE -inf.
+    LSE will be differentiated (ignored when nothing requires grad). Causality is bottom-right
+    aligned; a row with no key gets output 0 and LSE -inf.
     """
     batch, num_q_heads, seq_q, dim = q.shape
     if seq_q == 0 or k.shape[2] == 0 or blocks.numel() == 0:  # no pair to attend
         return q.new_zeros(q.shape), torch.full(q.shape[:3], float("-inf"), device=q.device)
+    blocks, members = _kv_head_lists(blocks, k.shape[1], tile_rows)
     list_heads, num_tiles = blocks.shape[1], blocks.shape[2]
     group = num_q_heads // list_heads  # query heads per list: 1, or the GQA ratio
     # Cast once up front, so that the gradients of blocks gathered by several tiles add up in the
@@ -58,32 +63,36 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     inputs = (q, k, v)
     q = q.to(compute)
     k_blocks, v_blocks = (_as_blocks(t.to(compute), kv_block_size) for t in (k, v))  # [B, Hkv, N, size, D]
-    tiles = _query_tiles(q, list_heads, num_tiles, tile_rows).flatten(0, 2)  # [T, R, D]
+    tiles = _query_tiles(q, list_heads, num_tiles, tile_rows).flatten(0, 2)  # [T, group, R, D]
     blocks = blocks.flatten(0, 2)  # [T, N]
+    members = None if members is None else members.flatten(0, 2)  # [T, group, N]
     # Per tile: its batch entry, KV head and first query position.
     tile = torch.arange(blocks.shape[0], device=q.device)
     heads = tile // num_tiles % list_heads
     where = _TileSpots(tile // (num_tiles * list_heads), heads // (list_heads // k.shape[1]), tile % num_tiles)
-    geometry = _Geometry(tile_rows, kv_block_size, seq_q, k.shape[2], causal, scale, lse_grad)
     recompute = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    geometry = _Geometry(tile_rows, kv_block_size, seq_q, k.shape[2], causal, scale, lse_grad and recompute, recompute)
     widths = (blocks >= 0).sum(dim=-1)
     order = torch.sort(widths, stable=True).indices  # similar lengths share a chunk: little padding
     outs, lses = [], []
-    for chosen, width in _chunks(order, widths, kv_block_size * max(dim, tiles.shape[1])):
-        args = (tiles[chosen], k_blocks, v_blocks, blocks[chosen, :width].long(), where.take(chosen), geometry)
+    for chosen, width in _chunks(order, widths, kv_block_size * max(dim, group * tile_rows)):
+        chunk_members = None if members is None else members[chosen, :, :width]
+        chunk_blocks = blocks[chosen, :width].long()
+        args = (tiles[chosen], k_blocks, v_blocks, chunk_blocks, chunk_members, where.take(chosen), geometry)
         out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False) if recompute else _attend_chunk(*args)
         outs.append(out)
         lses.append(lse)
     inverse = torch.empty_like(order).scatter_(0, order, tile)
     out = _untile(torch.cat(outs)[inverse], batch, list_heads, group, seq_q)
-    lse = _untile(torch.cat(lses)[inverse, :, None], batch, list_heads, group, seq_q)[..., 0]
+    lse = _untile(torch.cat(lses)[inverse, ..., None], batch, list_heads, group, seq_q)[..., 0]
     return out.to(inputs[0].dtype), lse.float()
 
 
 class _Geometry:
-    def __init__(self, tile_rows, kv_block_size, seq_q, seq_kv, causal, scale, lse_grad):
+    def __init__(self, tile_rows, kv_block_size, seq_q, seq_kv, causal, scale, lse_grad, differentiable):
         self.tile_rows, self.kv_block_size = tile_rows, kv_block_size
-        self.seq_q, self.seq_kv, self.causal, self.scale, self.lse_grad = seq_q, seq_kv, causal, scale, lse_grad
+        self.seq_q, self.seq_kv, self.causal, self.scale = seq_q, seq_kv, causal, scale
+        self.lse_grad, self.differentiable = lse_grad, differentiable
 
 
 class _TileSpots:
@@ -96,18 +105,53 @@ class _TileSpots:
         return _TileSpots(self.batch[chosen], self.kv_head[chosen], self.index[chosen])
 
 
+# A gathered key costs about as much as attending it from this many query rows (2-core CPU, fp32,
+# D=128: 20 us to gather a 64-key block of K and V, 5.6 ns per masked score).
+GATHER_COST_ROWS = 55
+
+
+def _kv_head_lists(blocks, num_kv_heads, tile_rows):
+    """`blocks` [B, Hs, M, N] as lists a GQA group's tiles share: (blocks, members or None).
+
+    Lists per query head become, where that is cheaper, the union over the group's heads per KV
+    head (one gather serves the group) and members bool [B, Hkv, M, G, N'], the union's blocks
+    each head lists. Heads of one group usually list nearly the same blocks; independent lists
+    would multiply the attended blocks instead, so the union must pay for itself in gathers saved.
+    """
+    batch, heads, tiles, _ = blocks.shape
+    group = heads // num_kv_heads
+    if heads == num_kv_heads or not (blocks >= 0).any():
+        return blocks, None
+    num_kv_blocks = int(blocks.max()) + 1
+    listed = blocks.new_zeros(batch, heads, tiles, num_kv_blocks + 1, dtype=torch.bool)
+    listed.scatter_(-1, torch.where(blocks >= 0, blocks, num_kv_blocks).long(), True)  # last column: padding
+    listed = listed[..., :-1].view(batch, num_kv_heads, group, tiles, -1).transpose(2, 3)  # [B, Hkv, M, G, Nk]
+    union = listed.any(dim=3)
+    per_head, shared = (blocks >= 0).sum().item(), union.sum().item()
+    if shared * (GATHER_COST_ROWS + group * tile_rows) >= per_head * (GATHER_COST_ROWS + tile_rows):
+        return blocks, None
+    width = int(union.sum(dim=-1).max())
+    slot = torch.where(union, union.cumsum(dim=-1) - 1, width)  # compact each union; `width`: discarded
+    kv_block = torch.arange(num_kv_blocks, device=blocks.device).expand_as(union)
+    lists = torch.full((*union.shape[:-1], width + 1), -1, dtype=torch.long, device=blocks.device)
+    lists = lists.scatter_(-1, slot, kv_block)[..., :width]
+    per_head_view = lists.clamp(min=0)[:, :, :, None].expand(-1, -1, -1, group, -1)
+    members = listed.gather(-1, per_head_view) & (lists >= 0)[:, :, :, None]
+    return lists.to(blocks.dtype), members
+
+
 def _query_tiles(q, list_heads, num_tiles, tile_rows):
-    """q (B, Hq, Sq, D) as [B, Hs, M, group * tile_rows, D], zero rows past Sq."""
+    """q (B, Hq, Sq, D) as [B, Hs, M, group, tile_rows, D], zero rows past Sq."""
     batch, num_q_heads, seq_q, dim = q.shape
     group = num_q_heads // list_heads
     q = F.pad(q, (0, 0, 0, num_tiles * tile_rows - seq_q)).view(batch, list_heads, group, num_tiles, tile_rows, dim)
-    return q.transpose(2, 3).reshape(batch, list_heads, num_tiles, group * tile_rows, dim)
+    return q.transpose(2, 3)
 
 
 def _untile(tiles, batch, list_heads, group, seq_q):
-    """[B * Hs * M, group * tile_rows, X] back to (B, Hq, Sq, X)."""
-    rows, width = tiles.shape[1:]
-    tiles = tiles.view(batch, list_heads, -1, group, rows // group, width).transpose(2, 3)
+    """[B * Hs * M, group, tile_rows, X] back to (B, Hq, Sq, X)."""
+    rows, width = tiles.shape[2:]
+    tiles = tiles.view(batch, list_heads, -1, group, rows, width).transpose(2, 3)
     return tiles.reshape(batch, list_heads * group, -1, width)[:, :, :seq_q]
 
 
@@ -122,29 +166,48 @@ def _chunks(order, widths, elements_per_listed_block):
             first = end
 
 
-def _attend_chunk(tiles, k_blocks, v_blocks, blocks, where, geometry):
-    """tiles [C, R, D] over their blocks [C, N] of k_blocks, v_blocks: (out [C, R, D], lse [C, R])."""
+def _attend_chunk(tiles, k_blocks, v_blocks, blocks, members, where, geometry):
+    """tiles [C, G, R, D] over their blocks [C, N]: (out [C, G, R, D], lse [C, G, R]).
+
+    The G query heads of a tile share its gathered keys, broadcast over heads (stride 0), never
+    copied. `members` bool [C, G, N] says which blocks each head lists (None: all of them, and
+    the heads share the mask too). False on padding slots.
+    """
     size, seq_kv = geometry.kv_block_size, geometry.seq_kv
     keys = (blocks.clamp(min=0)[..., None] * size + torch.arange(size, device=blocks.device)).flatten(-2)  # [C, L]
     # Whole blocks at a time: one contiguous (size, D) copy per listed block.
     spots = (where.batch[:, None], where.kv_head[:, None], blocks.clamp(min=0))
-    gathered_k, gathered_v = (t[spots].flatten(1, 2) for t in (k_blocks, v_blocks))  # [C, L, D]
+    gathered_k, gathered_v = (t[spots].flatten(1, 2)[:, None] for t in (k_blocks, v_blocks))  # [C, 1, L, D]
     # One comparison masks everything: unlisted slots and keys past the end sit after every row's
     # last visible key, padding rows before the first key.
-    listed = (blocks >= 0).repeat_interleave(size, dim=-1) & (keys < seq_kv)
-    keys = torch.where(listed, keys, seq_kv)
-    allowed = keys[:, None, :] <= _last_visible_key(tiles.shape[1], where.index, geometry)[..., None]  # [C, R, L]
-    compute = tiles.dtype
-    q4, k4, v4 = (t[:, None] for t in (tiles, gathered_k, gathered_v))
+    listed = (blocks >= 0)[:, None] if members is None else members  # [C, G|1, N]
+    listed = listed.repeat_interleave(size, dim=-1) & (keys < seq_kv)[:, None]
+    keys = torch.where(listed, keys[:, None], seq_kv)  # [C, G|1, L]
+    last = _last_visible_key(where.index, geometry)[:, None, :, None]  # [C, 1, R, 1]
+    allowed = keys[:, :, None, :] <= last  # [C, G|1, R, L]
     if geometry.lse_grad or _FLASH_CPU is None or tiles.device.type != "cpu":
-        out, lse = reference.masked_attention(
-            q4, k4, v4, allowed[:, None], softmax_scale=geometry.scale, compute_dtype=compute
+        return reference.masked_attention(
+            tiles, gathered_k, gathered_v, allowed, softmax_scale=geometry.scale, compute_dtype=tiles.dtype
         )
-        return out[:, 0], lse[:, 0]
-    bias = torch.where(allowed, 0.0, float("-inf")).to(compute)
-    out, lse = _FLASH_CPU(q4, k4, v4, attn_mask=bias[:, None], scale=geometry.scale)
-    missing = ~allowed.any(dim=-1)  # rows without a key: 0 and -inf by convention, whatever the kernel gave
-    return out[:, 0].masked_fill(missing[..., None], 0.0), lse[:, 0].masked_fill(missing, float("-inf"))
+    group = tiles.shape[1]
+    bias = torch.where(allowed, 0.0, float("-inf")).to(tiles.dtype).expand(-1, group, -1, -1)
+    if geometry.differentiable:
+        # The group's rows as one head: the kernel's backward then sums dK and dV over the group
+        # itself (with heads broadcast it returns a copy per head), at the cost of a mask per head.
+        out, lse = _FLASH_CPU(
+            tiles.flatten(1, 2)[:, None],
+            gathered_k,
+            gathered_v,
+            attn_mask=bias.flatten(1, 2)[:, None],
+            scale=geometry.scale,
+        )
+        out, lse = out.view(tiles.shape), lse.view(tiles.shape[:3])
+    else:
+        k4, v4 = (t.expand(-1, group, -1, -1) for t in (gathered_k, gathered_v))
+        out, lse = _FLASH_CPU(tiles, k4, v4, attn_mask=bias, scale=geometry.scale)
+    # Rows without a key get 0 and -inf by convention, whatever the kernel gave them.
+    missing = keys.amin(dim=-1)[..., None] > last[..., 0]  # [C, G|1, R]: the first key comes too late
+    return out.masked_fill(missing[..., None], 0.0), lse.masked_fill(missing, float("-inf"))
 
 
 def _as_blocks(t, size):
@@ -156,11 +219,10 @@ def _as_blocks(t, size):
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _last_visible_key(rows, tile_index, geometry):
+def _last_visible_key(tile_index, geometry):
     """int64 [C, R]: each row's last visible key position (-1 for padding rows)."""
     tile_rows = geometry.tile_rows
-    row = torch.arange(rows, device=tile_index.device) % tile_rows  # rows of a GQA group repeat the tile
-    position = tile_index[:, None] * tile_rows + row
+    position = tile_index[:, None] * tile_rows + torch.arange(tile_rows, device=tile_index.device)
     if geometry.causal:
         last = position + (geometry.seq_kv - geometry.seq_q)
     else:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparse_attn import (
+    BlockSparseLayout,
     block_sparse_attn,
     block_sparse_attn_varlen,
     engine,
@@ -37,6 +38,10 @@ def check_rule(attention, oracle, q, k, v, *, differentiate_lse):
     assert torch.equal(torch.isneginf(lse), empty)
     assert bool((out[empty] == 0).all())
     assert max_err(lse[~empty], ref_lse[~empty]) < 1e-4
+    with torch.no_grad():  # inference may take another route (the engine broadcasts GQA heads)
+        inference_out, inference_lse = attention(q, k, v)
+    assert_flash_rule(inference_out, ref_out, same_out, 2, "inference output")
+    assert torch.equal(torch.isneginf(inference_lse), empty)
 
     grad = torch.randn_like(out)
     grad_lse = torch.randn_like(lse) if differentiate_lse else None
@@ -75,13 +80,58 @@ def test_engine_matches_oracle(case, differentiate_lse, dtype):
     layout = random_block_layout(batch, layout_heads, seq_q, seq_kv, q_block, kv_block, density, causal=causal, seed=3)
     q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, 32, dtype)
 
-    def attention(q_, k_, v_):
-        return block_sparse_attn(q_, k_, v_, layout, causal=causal, return_lse=True, backend="torch")
-
     def oracle(q_, k_, v_, compute):
         return block_sparse_attention_reference(q_, k_, v_, layout, causal=causal, compute_dtype=compute)
 
-    check_rule(attention, oracle, q, k, v, differentiate_lse=differentiate_lse)
+    check_rule(engine_path(layout, causal, differentiate_lse), oracle, q, k, v, differentiate_lse=differentiate_lse)
+
+
+def engine_path(layout, causal, differentiate_lse):
+    """The engine's PyTorch path as (out, lse). A differentiable LSE takes the plain-op softmax, so
+    without one the LSE comes from an inference call: the output and its gradients then come from
+    the CPU flash kernel, as they do for a caller that does not ask for the LSE."""
+
+    def attention(q, k, v):
+        if differentiate_lse or not torch.is_grad_enabled():
+            return block_sparse_attn(q, k, v, layout, causal=causal, return_lse=True, backend="torch")
+        out = block_sparse_attn(q, k, v, layout, causal=causal, backend="torch")
+        with torch.no_grad():
+            return out, block_sparse_attn(q, k, v, layout, causal=causal, return_lse=True, backend="torch")[1]
+
+    return attention
+
+
+@pytest.mark.parametrize("differentiate_lse", [False, True], ids=["flash_kernel", "lse_grad"])
+@pytest.mark.parametrize("gather_cost_rows, union", [(0, False), (10**9, True)], ids=["per_head", "group_union"])
+def test_lists_per_query_head_as_a_group_union(monkeypatch, gather_cost_rows, union, differentiate_lse):
+    """GQA lists per query head run per head, or as one union per KV head (one gather) with each
+    head masked to its own blocks; the cost model picks. Both must match the oracle, empty rows,
+    a ragged end and bottom-right causality included."""
+    monkeypatch.setattr(gathered, "GATHER_COST_ROWS", gather_cost_rows)
+    shapes = []
+    real = gathered._kv_head_lists
+
+    def spy(blocks, num_kv_heads, tile_rows):
+        lists, members = real(blocks, num_kv_heads, tile_rows)
+        shapes.append(lists.shape[1])
+        return lists, members
+
+    monkeypatch.setattr(gathered, "_kv_head_lists", spy)
+    rng = torch.Generator().manual_seed(11)
+    layout = random_block_layout(2, 6, 45, 77, 8, 16, 0.3, seed=5)
+    counts = layout.kv_num_blocks.clone()
+    counts[:, 1, 2] = 0  # a head without blocks where the rest of its group has some
+    counts[1, 3:, :2] = 0  # a whole group without blocks
+    layout = BlockSparseLayout.from_kv_blocks(
+        counts, layout.kv_indices, q_block_size=8, kv_block_size=16, seq_len_q=45, seq_len_kv=77
+    )
+    q, k, v = make_qkv(rng, 2, 6, 2, 45, 77, 16, torch.float32)
+
+    def oracle(q_, k_, v_, compute):
+        return block_sparse_attention_reference(q_, k_, v_, layout, compute_dtype=compute)
+
+    check_rule(engine_path(layout, True, differentiate_lse), oracle, q, k, v, differentiate_lse=differentiate_lse)
+    assert shapes and set(shapes) == {2 if union else 6}
 
 
 @pytest.mark.parametrize("differentiate_lse", [False, True], ids=["output", "lse_grad"])
