@@ -3,8 +3,10 @@ does not run.
 
 Every (query row, routed block) pair is grouped by its KV block; each block's rows, from every
 query head of its GQA group, are cut into tiles of `TILE_ROWS` and attended in dense products
-against the block's keys (the own block with the token causal mask). The partial results of a
-row's pairs merge by their log-sum-exp. Work follows the routed pairs, not S x S.
+against the block's keys (the own block with the token causal mask). A row's LSE comes from its
+pairs' LSEs first; each pair's probabilities are then scaled to their share of the row's softmax,
+so the products with V add up to the output with no per-pair normalisation. Work follows the
+routed pairs, not S x S.
 
 The backward is FlashAttention's, written out: P is recomputed from the row's final LSE and
 dS = P (dP - delta), where delta = rowsum(dO * O) - dLSE, so the LSE's gradient costs nothing
@@ -111,8 +113,10 @@ class _RoutedAttention(torch.autograd.Function):
         for chunk in plan.row_chunks():
             tiles = _Tiles(plan, routes_rows, chunk)
             scores, _ = tiles.scores(plan, q_rows, k_blocks)
-            pair_out, pair_lse = _softmax_product(scores, v_blocks[tiles.blocks])
-            out[chunk], lse[chunk] = _merge(pair_out, pair_lse, tiles.rows, chunk)
+            local = (tiles.rows - chunk.start).clamp(min=0)
+            probs, lse[chunk] = _row_softmax(scores, local, chunk.stop - chunk.start)
+            pair_out = torch.bmm(probs, v_blocks[tiles.blocks])
+            out[chunk].zero_().index_add_(0, local.flatten(), pair_out.flatten(0, 1))
         ctx.save_for_backward(q, k, v, routes, out, lse)
         ctx.plan = plan
         shape = (plan.batch, plan.num_q_heads, plan.seq_q)
@@ -155,33 +159,25 @@ class _RoutedAttention(torch.autograd.Function):
         )
 
 
-def _softmax_product(scores, values):
-    """softmax(scores) @ values per pair [C, T, D] and the pairs' LSE [C, T] (-inf: no key)."""
-    top = _finite(scores.amax(dim=-1))
-    probs = torch.exp_(scores - top[..., None])
-    total = probs.sum(dim=-1)
-    out = torch.bmm(probs, values) / total.clamp(min=torch.finfo(total.dtype).tiny)[..., None]
-    return out, top + torch.log(total)
+def _row_softmax(scores, local, num_rows: int):
+    """Scores [C, T, block_size] of a chunk's pairs as probabilities normalised over each row's
+    pairs (in place), and the rows' LSE [R] (-inf: no key). `local` [C, T]: each pair's row in the
+    chunk (padding pairs point anywhere: they get probability 0)."""
+    top = _finite(scores.amax(dim=-1))  # [C, T]
+    probs = scores.sub_(top[..., None]).exp_()
+    pair_lse = top + torch.log(probs.sum(dim=-1))  # -inf for a padding pair
+    row_top = torch.full((num_rows,), float("-inf"), dtype=top.dtype, device=top.device)
+    row_top = _finite(row_top.scatter_reduce_(0, local.flatten(), pair_lse.flatten(), "amax"))
+    total = torch.zeros_like(row_top).index_add_(0, local.flatten(), torch.exp(pair_lse - row_top[local]).flatten())
+    row_lse = row_top + torch.log(total)  # -inf for a row without keys
+    # exp(top - row LSE) turns a pair's exp(scores - top) into its share of the row's softmax.
+    weights = torch.exp(top - _finite(row_lse)[local]).masked_fill_(torch.isneginf(pair_lse), 0.0)
+    return probs.mul_(weights[..., None]), row_lse
 
 
 def _finite(lse):
     """The LSE with -inf (no key) as 0, so that exp(-inf - lse) is 0 rather than NaN."""
     return torch.where(torch.isneginf(lse), 0.0, lse)
-
-
-def _merge(pair_out, pair_lse, rows, chunk: slice):
-    """The chunk's rows from their pairs' partial outputs [C, T, D] and LSEs [C, T], merged by
-    log-sum-exp: (out [R, D], lse [R]). Padding pairs have LSE -inf and weigh nothing."""
-    num_rows = chunk.stop - chunk.start
-    local = (rows.flatten() - chunk.start).clamp(min=0)
-    pair_lse = pair_lse.flatten()
-    top = torch.full((num_rows,), float("-inf"), dtype=pair_lse.dtype, device=pair_lse.device)
-    top = _finite(top.scatter_reduce_(0, local, pair_lse, "amax"))
-    total = torch.zeros_like(top).index_add_(0, local, torch.exp(pair_lse - top[local]))
-    row_lse = top + torch.log(total)  # -inf for a row without keys
-    weights = torch.exp(pair_lse - _finite(row_lse)[local])
-    out = torch.zeros(num_rows, pair_out.shape[-1], dtype=pair_out.dtype, device=pair_out.device)
-    return out.index_add_(0, local, pair_out.flatten(0, 1) * weights[:, None]), row_lse
 
 
 def _unblock(grad_blocks, like):
