@@ -136,7 +136,10 @@ def _kv_head_lists(blocks, num_kv_heads, tile_rows):
     lists = torch.full((*union.shape[:-1], width + 1), -1, dtype=torch.long, device=blocks.device)
     lists = lists.scatter_(-1, slot, kv_block)[..., :width]
     per_head_view = lists.clamp(min=0)[:, :, :, None].expand(-1, -1, -1, group, -1)
-    members = listed.gather(-1, per_head_view) & (lists >= 0)[:, :, :, None]
+    padding = (lists < 0)[:, :, :, None]
+    members = listed.gather(-1, per_head_view) & ~padding
+    if (members | padding).all():  # the group's heads list the same blocks: they share the mask too
+        members = None
     return lists.to(blocks.dtype), members
 
 

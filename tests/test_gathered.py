@@ -134,6 +134,32 @@ def test_lists_per_query_head_as_a_group_union(monkeypatch, gather_cost_rows, un
     assert shapes and set(shapes) == {2 if union else 6}
 
 
+def test_lists_repeated_per_query_head_run_as_one_list_per_kv_head(monkeypatch):
+    """A layout per query head whose GQA groups list the same blocks runs exactly like the layout
+    per KV head it repeats: one gather and one mask per group."""
+    members_seen = []
+    real = gathered._kv_head_lists
+
+    def spy(blocks, num_kv_heads, tile_rows):
+        lists, members = real(blocks, num_kv_heads, tile_rows)
+        members_seen.append(members)
+        return lists, members
+
+    monkeypatch.setattr(gathered, "_kv_head_lists", spy)
+    per_kv = random_block_layout(1, 2, 70, 70, 16, 16, 0.4, seed=9)
+    per_q = BlockSparseLayout.from_kv_blocks(
+        per_kv.kv_num_blocks.repeat_interleave(3, dim=1),
+        per_kv.kv_indices.repeat_interleave(3, dim=1),
+        q_block_size=16, kv_block_size=16, seq_len_q=70, seq_len_kv=70,
+    )  # fmt: skip
+    q, k, v = make_qkv(torch.Generator().manual_seed(4), 1, 6, 2, 70, 70, 16, torch.float32)
+    with torch.no_grad():
+        expected = block_sparse_attn(q, k, v, per_kv, backend="torch")
+        got = block_sparse_attn(q, k, v, per_q, backend="torch")
+    assert torch.equal(got, expected)
+    assert members_seen[-1] is None
+
+
 @pytest.mark.parametrize("differentiate_lse", [False, True], ids=["output", "lse_grad"])
 @pytest.mark.parametrize(
     "hq, hkv, seq_q, seq_kv, block, topk, causal, dtype",
