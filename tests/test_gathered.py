@@ -70,7 +70,7 @@ ENGINE_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("differentiate_lse", [False, True], ids=["flash_kernel", "lse_grad"])
 @pytest.mark.parametrize("case", list(ENGINE_CASES), ids=list(ENGINE_CASES))
 def test_engine_matches_oracle(case, differentiate_lse, dtype):
@@ -168,6 +168,7 @@ def test_lists_repeated_per_query_head_run_as_one_list_per_kv_head(monkeypatch):
         (4, 1, 37, 100, 16, 2, True, torch.float32),
         (2, 2, 64, 64, 8, 3, False, torch.float32),
         (8, 2, 150, 150, 16, 4, True, torch.float16),  # more rows per block than one tile holds
+        (4, 2, 96, 96, 16, 3, True, torch.bfloat16),
     ],
 )
 def test_moba_matches_oracle(hq, hkv, seq_q, seq_kv, block, topk, causal, dtype, differentiate_lse):
