@@ -89,10 +89,11 @@ class _Tiles:
         self.rows[tile, within % TILE_ROWS] = row
         self.blocks = torch.repeat_interleave(unique, tiles_per_group)
 
-    def scores(self, plan: _Plan, scaled_q_rows, k_blocks):
-        """Masked, scaled scores [C, T, block_size] and the gathered scaled query rows [C, T, D]."""
+    def scores(self, plan: _Plan, scaled_q_rows, keys):
+        """Masked, scaled scores [C, T, block_size] against each tile's `keys` [C, block_size, D],
+        and the gathered scaled query rows [C, T, D]."""
         queries = scaled_q_rows[self.rows.clamp(min=0)]
-        scores = torch.bmm(queries, k_blocks[self.blocks].transpose(1, 2))
+        scores = torch.bmm(queries, keys.transpose(1, 2))
         offsets = torch.arange(plan.block_size, device=self.blocks.device)
         key = self.blocks[:, None] % plan.num_blocks * plan.block_size + offsets  # [C, block_size]
         allowed = (self.rows >= 0)[..., None] & (key < plan.seq_kv)[:, None, :]
@@ -112,7 +113,7 @@ class _RoutedAttention(torch.autograd.Function):
         lse = torch.empty(q_rows.shape[0], dtype=plan.compute, device=q.device)
         for chunk in plan.row_chunks():
             tiles = _Tiles(plan, routes_rows, chunk)
-            scores, _ = tiles.scores(plan, q_rows, k_blocks)
+            scores, _ = tiles.scores(plan, q_rows, k_blocks[tiles.blocks])
             local = (tiles.rows - chunk.start).clamp(min=0)
             probs, lse[chunk] = _row_softmax(scores, local, chunk.stop - chunk.start)
             pair_out = torch.bmm(probs, v_blocks[tiles.blocks])
@@ -136,17 +137,18 @@ class _RoutedAttention(torch.autograd.Function):
         routes_rows = routes.reshape(-1, plan.topk)
         for chunk in plan.row_chunks():
             tiles = _Tiles(plan, routes_rows, chunk)
-            scores, queries = tiles.scores(plan, q_rows, k_blocks)
+            keys, values = k_blocks[tiles.blocks], v_blocks[tiles.blocks]
+            scores, queries = tiles.scores(plan, q_rows, keys)
             safe_rows = tiles.rows.clamp(min=0)
-            probs = torch.exp(scores - _finite(lse[safe_rows])[..., None])  # [C, T, bs]
-            grad_tile = grad_rows[safe_rows] * (tiles.rows >= 0)[..., None]  # padding rows add nothing
+            # Padding rows get probability exactly 0, so their borrowed gradient rows add nothing.
+            probs = scores.sub_(_finite(lse[safe_rows])[..., None]).exp_()  # [C, T, bs]
+            grad_tile = grad_rows[safe_rows]
             grad_v.index_add_(0, tiles.blocks, torch.bmm(probs.transpose(1, 2), grad_tile))
-            grad_probs = torch.bmm(grad_tile, v_blocks[tiles.blocks].transpose(1, 2))
-            grad_scores = probs * (grad_probs - delta[safe_rows][..., None])
+            grad_scores = torch.bmm(grad_tile, values.transpose(1, 2)).sub_(delta[safe_rows][..., None]).mul_(probs)
             grad_k.index_add_(
                 0, tiles.blocks, torch.bmm(grad_scores.transpose(1, 2), queries)
             )  # queries carry the scale
-            grad_q.index_add_(0, safe_rows.flatten(), torch.bmm(grad_scores, k_blocks[tiles.blocks]).flatten(0, 1))
+            grad_q.index_add_(0, safe_rows.flatten(), torch.bmm(grad_scores, keys).flatten(0, 1))
         grad_q = grad_q * plan.scale
         return (
             grad_q.view(q.shape).to(q.dtype),
