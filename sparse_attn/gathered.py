@@ -5,7 +5,8 @@ sorted by list length and taken a chunk at a time; the chunk's listed keys and v
 and attended by torch's CPU flash-attention kernel with an additive mask (float32, or float64 for
 float64 inputs). Work and memory follow the selected blocks instead of S x S: a chunk holds about
 `CHUNK_ELEMENTS` gathered scores or key elements, and under autograd each chunk is checkpointed
-(recomputed in backward), so the backward keeps no S x S buffer either. Where one list serves a
+(recomputed in backward) once what the chunks would keep exceeds `SAVED_ELEMENTS`, so the
+backward keeps no S x S buffer either. Where one list serves a
 GQA group, the group's query heads share one gather: no K/V copies beyond the gathered blocks.
 Lists per query head that are nearly the same across a group are merged into one union per KV
 head, each head masked to its own blocks, where a cost model says the saved gathers pay for the
@@ -26,6 +27,7 @@ from . import reference
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "SAVED_ELEMENTS",
     "gathered_attention",
     "layout_attention",
     "layout_tile_blocks",
@@ -33,6 +35,10 @@ __all__ = [
 
 # Gathered elements per chunk (scores, or keys): 16M float32 values, 64 MB per buffer.
 CHUNK_ELEMENTS = 1 << 24
+# What autograd may keep of all chunks (masks, gathered K/V) before they are recomputed in backward
+# instead: 128M values, 512 MB in float32. Below it, keeping them saves a forward pass (25% of
+# forward + backward at S=8K on the CPU); above it, checkpoints keep memory at one chunk's.
+SAVED_ELEMENTS = 1 << 27
 
 
 def layout_attention(q, k, v, layout, causal, scale, lse_grad=False):
@@ -70,9 +76,12 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     tile = torch.arange(blocks.shape[0], device=q.device)
     heads = tile // num_tiles % list_heads
     where = _TileSpots(tile // (num_tiles * list_heads), heads // (list_heads // k.shape[1]), tile % num_tiles)
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    geometry = _Geometry(tile_rows, kv_block_size, seq_q, k.shape[2], causal, scale, lse_grad and recompute, recompute)
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    geometry = _Geometry(tile_rows, kv_block_size, seq_q, k.shape[2], causal, scale, lse_grad, differentiable)
     widths = (blocks >= 0).sum(dim=-1)
+    # Per listed key: a mask column of the tile's rows, and its key and value rows.
+    saved = int(widths.sum()) * kv_block_size * (group * tile_rows + 2 * dim)
+    recompute = differentiable and saved > SAVED_ELEMENTS
     order = torch.sort(widths, stable=True).indices  # similar lengths share a chunk: little padding
     outs, lses = [], []
     for chosen, width in _chunks(order, widths, kv_block_size * max(dim, group * tile_rows)):
@@ -92,7 +101,7 @@ class _Geometry:
     def __init__(self, tile_rows, kv_block_size, seq_q, seq_kv, causal, scale, lse_grad, differentiable):
         self.tile_rows, self.kv_block_size = tile_rows, kv_block_size
         self.seq_q, self.seq_kv, self.causal, self.scale = seq_q, seq_kv, causal, scale
-        self.lse_grad, self.differentiable = lse_grad, differentiable
+        self.lse_grad, self.differentiable = lse_grad and differentiable, differentiable
 
 
 class _TileSpots:

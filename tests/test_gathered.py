@@ -230,6 +230,30 @@ def test_chunks_stay_within_the_budget(monkeypatch):
     assert max_err(chunked, whole) < 1e-12 and max_err(chunked_grad, whole_grad) < 1e-12
 
 
+def test_chunks_are_recomputed_in_backward_above_the_saved_budget(monkeypatch):
+    """Under autograd the chunks are kept while they fit SAVED_ELEMENTS and checkpointed beyond it:
+    the same numbers either way."""
+    rng = torch.Generator().manual_seed(8)
+    q, k, v = make_qkv(rng, 1, 4, 2, 200, 200, 16, torch.float64)
+    layout = random_block_layout(1, 2, 200, 200, 16, 16, 0.4, seed=1)
+    calls = []
+    real = gathered.checkpoint
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gathered, "checkpoint", spy)
+    results = []
+    for budget in (1 << 40, 0):
+        monkeypatch.setattr(gathered, "SAVED_ELEMENTS", budget)
+        out = block_sparse_attn(q, k, v, layout, backend="torch")
+        results.append((out, *torch.autograd.grad((out * out).sum(), (q, k, v))))
+        assert bool(calls) == (budget == 0)
+    for kept, recomputed in zip(*results):
+        assert max_err(kept, recomputed) < 1e-12
+
+
 def test_auto_backend_on_the_cpu_is_the_gathered_path(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q = torch.zeros(1, 1, 4, 8)
