@@ -191,22 +191,26 @@ def _attend_chunk(tiles, k_blocks, v_blocks, blocks, members, where, geometry):
     spots = (where.batch[:, None], where.kv_head[:, None], blocks.clamp(min=0))
     gathered_k, gathered_v = (t[spots].flatten(1, 2)[:, None] for t in (k_blocks, v_blocks))  # [C, 1, L, D]
     # One comparison masks everything: unlisted slots and keys past the end sit after every row's
-    # last visible key, padding rows before the first key.
-    listed = (blocks >= 0)[:, None] if members is None else members  # [C, G|1, N]
-    listed = listed.repeat_interleave(size, dim=-1) & (keys < seq_kv)[:, None]
-    keys = torch.where(listed, keys[:, None], seq_kv)  # [C, G|1, L]
+    # last visible key, padding rows before the first key. Blocks that only some of the group's
+    # heads list get a second, per-head term (`members`), added rather than compared per row.
+    keys = torch.where((blocks >= 0).repeat_interleave(size, dim=-1) & (keys < seq_kv), keys, seq_kv)[:, None]
     last = _last_visible_key(where.index, geometry)[:, None, :, None]  # [C, 1, R, 1]
-    allowed = keys[:, :, None, :] <= last  # [C, G|1, R, L]
-    if geometry.lse_grad or _FLASH_CPU is None or tiles.device.type != "cpu":
+    visible = keys[:, :, None, :] <= last  # [C, 1, R, L]
+    if members is not None:
+        members = members.repeat_interleave(size, dim=-1)[:, :, None]  # [C, G, 1, L]
+        keys = torch.where(members[:, :, 0], keys, seq_kv)  # [C, G, L]
+    if geometry.lse_grad or FLASH_CPU is None or tiles.device.type != "cpu":
+        allowed = visible if members is None else visible & members
         return reference.masked_attention(
             tiles, gathered_k, gathered_v, allowed, softmax_scale=geometry.scale, compute_dtype=tiles.dtype
         )
     group = tiles.shape[1]
-    bias = torch.where(allowed, 0.0, float("-inf")).to(tiles.dtype).expand(-1, group, -1, -1)
+    bias = _additive(visible, tiles.dtype)
+    bias = (bias if members is None else bias + _additive(members, tiles.dtype)).expand(-1, group, -1, -1)
     if geometry.differentiable:
         # The group's rows as one head: the kernel's backward then sums dK and dV over the group
         # itself (with heads broadcast it returns a copy per head), at the cost of a mask per head.
-        out, lse = _FLASH_CPU(
+        out, lse = FLASH_CPU(
             tiles.flatten(1, 2)[:, None],
             gathered_k,
             gathered_v,
@@ -216,10 +220,15 @@ def _attend_chunk(tiles, k_blocks, v_blocks, blocks, members, where, geometry):
         out, lse = out.view(tiles.shape), lse.view(tiles.shape[:3])
     else:
         k4, v4 = (t.expand(-1, group, -1, -1) for t in (gathered_k, gathered_v))
-        out, lse = _FLASH_CPU(tiles, k4, v4, attn_mask=bias, scale=geometry.scale)
+        out, lse = FLASH_CPU(tiles, k4, v4, attn_mask=bias, scale=geometry.scale)
     # Rows without a key get 0 and -inf by convention, whatever the kernel gave them.
     missing = keys.amin(dim=-1)[..., None] > last[..., 0]  # [C, G|1, R]: the first key comes too late
     return out.masked_fill(missing[..., None], 0.0), lse.masked_fill(missing, float("-inf"))
+
+
+def _additive(allowed, dtype):
+    """A boolean mask as an additive one: 0 where allowed, -inf elsewhere."""
+    return torch.where(allowed, 0.0, float("-inf")).to(dtype)
 
 
 def _as_blocks(t, size):
@@ -228,7 +237,8 @@ def _as_blocks(t, size):
     return (F.pad(t, (0, 0, 0, ragged)) if ragged else t).unflatten(2, (-1, size))
 
 
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# torch's CPU flash-attention kernel: (out, LSE), the LSE without a gradient.
+FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _last_visible_key(tile_index, geometry):
