@@ -256,7 +256,8 @@ def layout_tile_blocks(layout, batch: int, num_q_heads: int, num_kv_heads: int) 
     """A layout's lists as `gathered_attention` blocks: int32 [B, Hs, Mq, Nmax], -1 past each count.
 
     A layout per KV head (or one shared by every head) gives one list per KV head, so the group's
-    query heads share a gather; a layout per query head keeps its heads.
+    query heads share a gather; a layout per query head keeps its heads (`gathered_attention` may
+    still merge a group's lists, see `_kv_head_lists`).
     """
     slot = torch.arange(layout.kv_indices.shape[-1], device=layout.device)
     blocks = torch.where(slot < layout.kv_num_blocks[..., None], layout.kv_indices, -1)

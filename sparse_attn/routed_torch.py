@@ -145,9 +145,8 @@ class _RoutedAttention(torch.autograd.Function):
             grad_tile = grad_rows[safe_rows]
             grad_v.index_add_(0, tiles.blocks, torch.bmm(probs.transpose(1, 2), grad_tile))
             grad_scores = torch.bmm(grad_tile, values.transpose(1, 2)).sub_(delta[safe_rows][..., None]).mul_(probs)
-            grad_k.index_add_(
-                0, tiles.blocks, torch.bmm(grad_scores.transpose(1, 2), queries)
-            )  # queries carry the scale
+            # The queries carry the softmax scale, so dK needs no rescaling; dQ does (below).
+            grad_k.index_add_(0, tiles.blocks, torch.bmm(grad_scores.transpose(1, 2), queries))
             grad_q.index_add_(0, safe_rows.flatten(), torch.bmm(grad_scores, keys).flatten(0, 1))
         grad_q = grad_q * plan.scale
         return (

@@ -101,6 +101,19 @@ def engine_path(layout, causal, differentiate_lse):
     return attention
 
 
+def record_tile_lists(monkeypatch):
+    """Spy on `gathered._kv_head_lists`: the (lists, members) it returned, one entry per call."""
+    seen = []
+    real = gathered._kv_head_lists
+
+    def spy(*args):
+        seen.append(real(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(gathered, "_kv_head_lists", spy)
+    return seen
+
+
 @pytest.mark.parametrize("differentiate_lse", [False, True], ids=["flash_kernel", "lse_grad"])
 @pytest.mark.parametrize("gather_cost_rows, union", [(0, False), (10**9, True)], ids=["per_head", "group_union"])
 def test_lists_per_query_head_as_a_group_union(monkeypatch, gather_cost_rows, union, differentiate_lse):
@@ -108,15 +121,7 @@ def test_lists_per_query_head_as_a_group_union(monkeypatch, gather_cost_rows, un
     head masked to its own blocks; the cost model picks. Both must match the oracle, empty rows,
     a ragged end and bottom-right causality included."""
     monkeypatch.setattr(gathered, "GATHER_COST_ROWS", gather_cost_rows)
-    shapes = []
-    real = gathered._kv_head_lists
-
-    def spy(blocks, num_kv_heads, tile_rows):
-        lists, members = real(blocks, num_kv_heads, tile_rows)
-        shapes.append(lists.shape[1])
-        return lists, members
-
-    monkeypatch.setattr(gathered, "_kv_head_lists", spy)
+    seen = record_tile_lists(monkeypatch)
     rng = torch.Generator().manual_seed(11)
     layout = random_block_layout(2, 6, 45, 77, 8, 16, 0.3, seed=5)
     counts = layout.kv_num_blocks.clone()
@@ -131,21 +136,13 @@ def test_lists_per_query_head_as_a_group_union(monkeypatch, gather_cost_rows, un
         return block_sparse_attention_reference(q_, k_, v_, layout, compute_dtype=compute)
 
     check_rule(engine_path(layout, True, differentiate_lse), oracle, q, k, v, differentiate_lse=differentiate_lse)
-    assert shapes and set(shapes) == {2 if union else 6}
+    assert seen and {lists.shape[1] for lists, _ in seen} == {2 if union else 6}
 
 
 def test_lists_repeated_per_query_head_run_as_one_list_per_kv_head(monkeypatch):
     """A layout per query head whose GQA groups list the same blocks runs exactly like the layout
     per KV head it repeats: one gather and one mask per group."""
-    members_seen = []
-    real = gathered._kv_head_lists
-
-    def spy(blocks, num_kv_heads, tile_rows):
-        lists, members = real(blocks, num_kv_heads, tile_rows)
-        members_seen.append(members)
-        return lists, members
-
-    monkeypatch.setattr(gathered, "_kv_head_lists", spy)
+    seen = record_tile_lists(monkeypatch)
     per_kv = random_block_layout(1, 2, 70, 70, 16, 16, 0.4, seed=9)
     per_q = BlockSparseLayout.from_kv_blocks(
         per_kv.kv_num_blocks.repeat_interleave(3, dim=1),
@@ -157,7 +154,7 @@ def test_lists_repeated_per_query_head_run_as_one_list_per_kv_head(monkeypatch):
         expected = block_sparse_attn(q, k, v, per_kv, backend="torch")
         got = block_sparse_attn(q, k, v, per_q, backend="torch")
     assert torch.equal(got, expected)
-    assert members_seen[-1] is None
+    assert seen[-1][1] is None  # no per-head membership term
 
 
 @pytest.mark.parametrize("differentiate_lse", [False, True], ids=["output", "lse_grad"])
