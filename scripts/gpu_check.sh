@@ -1,50 +1,63 @@
 #!/usr/bin/env bash
 # The H100 check, one device call: build with CUDA, report the backends, run the gpu tests and the
-# named benchmarks (--full, into bench/results/ and $OUT/bench-results/), print the benchmark report and
-# a short table last. Copy bench-results/ from $OUT into bench/results/ and commit it.
+# named benchmarks (--full, into bench/results/ and $OUT/bench-results.tgz), print the benchmark report
+# and a short table last. Unpack bench-results.tgz from $OUT into bench/results/ and commit it.
 # `tune` is a bench name too (the tile sweep, bench/results/tune.json). SKIP_TESTS=1 skips the
 # self-check, gpu tests and demo, for a second call on a machine that already passed them.
-# Each suite's JSON and log go to $OUT as soon as it ends, so a call cut off by its time limit
-# still brings back what finished.
+# The log and each suite's JSON reach $OUT as soon as a step ends, so a call cut off by its time limit
+# still brings back what finished. PYTEST_ARGS adds pytest arguments (--deselect ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} SPARSE_ATTN_FORCE_BUILD=${SPARSE_ATTN_FORCE_BUILD:-1}
 # On the device machine everything goes to $OUT (it comes back); elsewhere logs stay out of git.
 OUT_DIR=${OUT:-build/gpu_check}
 RESULTS=bench/results
-mkdir -p "$OUT_DIR/bench-results"
+# $OUT brings back at most 8 files: one log of every step, the results as one archive, the Triton cache.
+STAGE=build/gpu_check_stage
+rm -rf "$STAGE" && mkdir -p "$STAGE/bench-results" "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
 declare -A status seconds
 steps=()
 
-# step NAME LOG COMMAND...: runs the command, its output shown and kept in $OUT_DIR/LOG.
+# step NAME COMMAND...: runs the command, its output shown and appended to $LOG.
 step() {
-  local name=$1 log=$2 start=$SECONDS
-  shift 2
-  "$@" 2>&1 | tee "$OUT_DIR/$log"
+  local name=$1 start=$SECONDS
+  shift
+  echo "===== $name: $*" >>"$LOG"
+  "$@" 2>&1 | tee -a "$LOG"
   status[$name]=${PIPESTATUS[0]}
   seconds[$name]=$((SECONDS - start))
   steps+=("$name")
 }
 
+# Triton's compiled kernels persist in .triton_cache/ (ignored): a later call that carries it back
+# skips recompiling what an earlier call compiled.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton_cache}
 # An in-place build needs nothing from a package index (the device machine has none).
-step build build.log python3 setup.py build_ext --inplace >/dev/null
-tail -n 30 "$OUT_DIR/build.log"
+step build python3 setup.py build_ext --inplace >/dev/null
+tail -n 30 "$LOG"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-step info info.txt python3 -m sparse_attn info
+step info python3 -m sparse_attn info
 if [ -z "${SKIP_TESTS:-}" ]; then
-  step selfcheck selfcheck.txt python3 -m sparse_attn selfcheck --device cuda
-  step pytest_gpu pytest_gpu.log python3 -m pytest -q -m gpu tests
+  step selfcheck python3 -m sparse_attn selfcheck --device cuda
+  # A hung kernel must not eat the whole call: the tests get at most PYTEST_SECONDS. A crashing test
+  # must not end the run (the first H100 run lost its last 17 tests to a segfault): pytest-xdist,
+  # where installed (the device image has it), runs them in 2 workers and replaces a crashed one.
+  isolate=""
+  python3 -c "import xdist" 2>/dev/null && isolate="-n 2"
+  step pytest_gpu timeout "${PYTEST_SECONDS:-360}" python3 -m pytest -q -m gpu --tb=short -rfE $isolate ${PYTEST_ARGS:-} tests
   # The main job's demo on the GPU (bf16, Triton engine); transformers is installed there.
-  step demo demo.txt python3 -m sparse_attn demo --prompt-len 4096 --new-tokens 32
+  step demo python3 -m sparse_attn demo --prompt-len 4096 --new-tokens 32
 fi
 
 # Benchmarks named on the command line (e.g. `engine decode`), the --full setups, one process per
 # suite, into bench/results/ (the committed latest H100 run); a suite that fails leaves no stale JSON.
 for bench in "$@"; do
   rm -f "$RESULTS/$bench.json"
-  step "bench_$bench" "bench_$bench.log" python3 "bench/$bench.py" --full --out "$RESULTS/$bench.json"
-  [ -f "$RESULTS/$bench.json" ] && cp "$RESULTS/$bench.json" "$OUT_DIR/bench-results/"
+  step "bench_$bench" python3 "bench/$bench.py" --full --out "$RESULTS/$bench.json"
+  [ -f "$RESULTS/$bench.json" ] && cp "$RESULTS/$bench.json" "$STAGE/bench-results/"
+  tar czf "$OUT_DIR/bench-results.tgz" -C "$STAGE" bench-results
 done
 
 # The report (report.md, speedup.png, pareto.png) is of the suites, rendered from whatever suite JSON
@@ -53,10 +66,18 @@ any_suite=""
 for name in engine decode moba moba_varlen xattention; do [ -f "$RESULTS/$name.json" ] && any_suite=1; done
 if [ "$#" -gt 0 ] && [ -n "$any_suite" ]; then
   rm -f "$RESULTS/report.md"
-  step bench_report bench_report.log python3 -m sparse_attn.bench report "$RESULTS" >/dev/null
-  # Only $OUT comes back from the device machine: the results travel in it, to be copied to bench/results/.
-  cp -r "$RESULTS"/. "$OUT_DIR/bench-results/"
+  step bench_report python3 -m sparse_attn.bench report "$RESULTS" >/dev/null
+  # Only $OUT comes back from the device machine: the results travel as one archive, to be
+  # unpacked into bench/results/.
+  cp -r "$RESULTS"/. "$STAGE/bench-results/"
+  tar czf "$OUT_DIR/bench-results.tgz" -C "$STAGE" bench-results
   [ -f "$RESULTS/report.md" ] && { echo; cat "$RESULTS/report.md"; }
+fi
+
+# The Triton cache travels back as one file (when small enough), to be carried by the next call.
+if [ -n "${OUT:-}" ] && [ -d "$TRITON_CACHE_DIR" ]; then
+  tar czf "$OUT_DIR/triton_cache.tgz" -C "$TRITON_CACHE_DIR" .
+  [ "$(stat -c %s "$OUT_DIR/triton_cache.tgz")" -lt 16000000 ] || rm -f "$OUT_DIR/triton_cache.tgz"
 fi
 
 echo

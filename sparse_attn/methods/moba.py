@@ -53,6 +53,27 @@ def check_options(*, block_size, topk) -> None:
     _check_int(topk, "topk", 1)
 
 
+# The CUDA router keeps each row's top-k list in shared memory (kMaxMobaRankedBlocks in
+# csrc/cuda/moba_route_kernels.h); the CPU router and the reference have no such limit.
+CUDA_MAX_RANKED_BLOCKS = 64
+
+
+def _check_cuda_route_limit(device, num_blocks, topk, causal) -> None:
+    """A CUDA routing that would rank more than CUDA_MAX_RANKED_BLOCKS blocks per row raises here,
+    before the op (the op checks too). `num_blocks`: an int, or a callable giving it, called only
+    when topk alone could exceed the limit (for packed sequences it reads the offsets back)."""
+    ranked_at_most = topk - 1 if causal else topk
+    if device.type != "cuda" or ranked_at_most <= CUDA_MAX_RANKED_BLOCKS:
+        return
+    num_blocks = num_blocks() if callable(num_blocks) else num_blocks
+    if min(ranked_at_most, num_blocks) > CUDA_MAX_RANKED_BLOCKS:
+        raise ValueError(
+            f"topk={topk}: the CUDA MoBA router ranks at most {CUDA_MAX_RANKED_BLOCKS} blocks per row "
+            f"(topk up to {CUDA_MAX_RANKED_BLOCKS + int(causal)} with {'causal' if causal else 'non-causal'} "
+            f"routing), and these {num_blocks} KV blocks would need {min(ranked_at_most, num_blocks)}"
+        )
+
+
 def _check_route_args(q, k, block_size, topk, causal, packed=False) -> None:
     """Batched q (B, Hq, Sq, D), k (B, Hkv, Skv, D), or packed (total, H, D) when `packed`."""
     _check_tensor(q, "q", dim=3 if packed else 4, dtypes=_FLOAT_TYPES)
@@ -84,6 +105,7 @@ def moba_route(q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk: int, 
     at most 64 blocks per row) when built, else :func:`moba_route_reference`.
     """
     _check_route_args(q, k, block_size, topk, causal)
+    _check_cuda_route_limit(q.device, -(-k.shape[2] // block_size), topk, causal)
     if _has_kernel("moba_route", "CUDA" if q.device.type == "cuda" else "CPU"):
         return torch.ops.sparse_attn.moba_route(q, k, block_size, topk, causal)
     return moba_route_reference(q, k, block_size=block_size, topk=topk, causal=causal)
@@ -127,6 +149,7 @@ def _check_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
 def _route_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_size, topk, causal):
     """:func:`moba_route_varlen` on arguments already checked."""
+    _check_cuda_route_limit(q.device, lambda: -(-int(cu_seqlens_k.diff().max()) // block_size), topk, causal)
     cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
     if _has_kernel("moba_route_varlen", "CUDA" if q.device.type == "cuda" else "CPU"):
         return torch.ops.sparse_attn.moba_route_varlen(q, k, cu_q, cu_k, max_seqlen_q, block_size, topk, causal)
@@ -175,6 +198,7 @@ def _route_with_means(q, means, kv_len, block_size, topk):
     """Causal routing of q (B, Hq, Sq, D) from block means, exactly as `moba_route` routes the same rows:
     the native op scores the means with the fused router's own arithmetic (a matmul would follow the
     matmul precision setting and sum in another order, so near-ties could go the other way)."""
+    _check_cuda_route_limit(q.device, -(-kv_len // block_size), topk, True)
     if _has_kernel("moba_route_means", "CUDA" if q.device.type == "cuda" else "CPU"):
         return torch.ops.sparse_attn.moba_route_means(q, means, kv_len, block_size, topk, True)
     return _route_from_means(q, means, kv_len, block_size, topk, True, topk_rows)
