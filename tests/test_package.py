@@ -5,8 +5,10 @@ import subprocess
 import sys
 import textwrap
 import venv
+from pathlib import Path
 
 import pytest
+import torch
 
 import sparse_attn
 
@@ -68,10 +70,18 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     )
     assert build.returncode == 0, build.stderr
     (wheel,) = wheel_dir.glob("sparse_attn-*.whl")
-    # The fresh environment sees the installed torch (no download) but not this checkout.
+    # The fresh environment sees the installed torch (no download) but not this checkout: a .pth
+    # file appends torch's site directory (the base interpreter's, or the virtual environment's the
+    # tests run in) after the fresh one's, where the wheel goes. Lines of a .pth file add paths
+    # without running that directory's own .pth files, so an editable install there stays inert.
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, with_pip=True)
     python = str(env_dir / "bin" / "python")
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True
+    ).stdout.strip()
+    torch_site = Path(torch.__file__).resolve().parents[1]
+    (Path(purelib) / "outer_torch.pth").write_text(f"{torch_site}\n")
     # Without PYTHONPATH: a checkout on it (with its egg-info) would pass for the installed package.
     clean_env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     install = subprocess.run(
