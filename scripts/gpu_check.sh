@@ -6,6 +6,8 @@
 # self-check, gpu tests and demo, for a second call on a machine that already passed them.
 # The log and each suite's JSON reach $OUT as soon as a step ends, so a call cut off by its time limit
 # still brings back what finished. PYTEST_ARGS adds pytest arguments (--deselect ...).
+# $OUT/triton_cache.tgz holds the compiled Triton kernels: unpacked into .triton_cache/ here and
+# named in the next call's `carry`, it spares that call the compiles (the device keeps nothing).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} SPARSE_ATTN_FORCE_BUILD=${SPARSE_ATTN_FORCE_BUILD:-1}
@@ -47,6 +49,8 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   isolate=""
   python3 -c "import xdist" 2>/dev/null && isolate="-n 2"
   step pytest_gpu timeout "${PYTEST_SECONDS:-360}" python3 -m pytest -q -m gpu --tb=short -rfE $isolate ${PYTEST_ARGS:-} tests
+  # The CUDA wheel: built, installed into a fresh environment, imported, one op run on the GPU.
+  step wheel bash scripts/wheel_check.sh
   # The main job's demo on the GPU (bf16, Triton engine); transformers is installed there.
   step demo python3 -m sparse_attn demo --prompt-len 4096 --new-tokens 32
 fi

@@ -30,5 +30,7 @@ MAX_JOBS=${MAX_JOBS:-2} SPARSE_ATTN_FORCE_BUILD=1 "$root/$venv/bin/python" setup
   >build.log 2>&1 || { tail -n 40 build.log; exit 1; }
 echo "[gpu-versions] CUDA build against torch 2.11: $((SECONDS - start)) s"
 PYTHONPATH=$PWD "$root/$venv/bin/python" -m sparse_attn info
+# The CUDA wheel against that torch: built, installed into a fresh environment and imported.
+bash scripts/wheel_check.sh "$root/$venv/bin/python"
 # The wheel test makes a venv over the base interpreter's packages, not these: it runs in CI.
 PYTHONPATH=$PWD "$root/$venv/bin/python" -m pytest -q -p no:cacheprovider -k "not wheel_installs" "$@"
