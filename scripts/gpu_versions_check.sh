@@ -32,5 +32,5 @@ echo "[gpu-versions] CUDA build against torch 2.11: $((SECONDS - start)) s"
 PYTHONPATH=$PWD "$root/$venv/bin/python" -m sparse_attn info
 # The CUDA wheel against that torch: built, installed into a fresh environment and imported.
 bash scripts/wheel_check.sh "$root/$venv/bin/python"
-# The wheel test makes a venv over the base interpreter's packages, not these: it runs in CI.
+# The wheel test is wheel_check.sh's CPU variant (a second build): the CUDA one above covers it here.
 PYTHONPATH=$PWD "$root/$venv/bin/python" -m pytest -q -p no:cacheprovider -k "not wheel_installs" "$@"
