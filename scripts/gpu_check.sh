@@ -2,7 +2,9 @@
 # The H100 check, one device call: build with CUDA, report the backends, run the gpu tests and the
 # named benchmarks (--full, into bench/results/ and $OUT/bench-results.tgz), print the benchmark report
 # and a short table last. Unpack bench-results.tgz from $OUT into bench/results/ and commit it.
-# `tune` is a bench name too (the tile sweep, bench/results/tune.json). SKIP_TESTS=1 skips the
+# `tune` is a bench name too (the tile sweep, bench/results/tune.json; TUNE_KERNELS=a,b limits it):
+# the benchmarks named after it run with its winners (SPARSE_ATTN_TILES, recorded in each JSON's
+# environment), so one call can sweep and then measure the tuned kernels. SKIP_TESTS=1 skips the
 # self-check, gpu tests and demo, for a second call on a machine that already passed them.
 # The log and each suite's JSON reach $OUT as soon as a step ends, so a call cut off by its time limit
 # still brings back what finished. PYTEST_ARGS adds pytest arguments (--deselect ...).
@@ -59,9 +61,15 @@ fi
 # suite, into bench/results/ (the committed latest H100 run); a suite that fails leaves no stale JSON.
 for bench in "$@"; do
   rm -f "$RESULTS/$bench.json"
-  step "bench_$bench" python3 "bench/$bench.py" --full --out "$RESULTS/$bench.json"
+  args=()
+  [ "$bench" = tune ] && [ -n "${TUNE_KERNELS:-}" ] && args=(--kernels "$TUNE_KERNELS")
+  step "bench_$bench" python3 "bench/$bench.py" --full --out "$RESULTS/$bench.json" "${args[@]}"
   [ -f "$RESULTS/$bench.json" ] && cp "$RESULTS/$bench.json" "$STAGE/bench-results/"
   tar czf "$OUT_DIR/bench-results.tgz" -C "$STAGE" bench-results
+  if [ "$bench" = tune ] && [ -f "$RESULTS/tune.json" ]; then
+    SPARSE_ATTN_TILES=$(python3 -m sparse_attn.bench.tune "$RESULTS/tune.json") && export SPARSE_ATTN_TILES
+    echo "[gpu_check] the benchmarks after the sweep run with SPARSE_ATTN_TILES='${SPARSE_ATTN_TILES:-}'" | tee -a "$LOG"
+  fi
 done
 
 # The report (report.md, speedup.png, pareto.png) is of the suites, rendered from whatever suite JSON

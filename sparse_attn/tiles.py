@@ -57,7 +57,7 @@ TABLE: dict[str, dict[int, Tile]] = {
 # fp32 tiles take twice the shared memory: the bf16 forward's 128 rows x 3 stages overflow an A100's 163 KB.
 FP32_MAX_ROWS, FP32_MAX_STAGES = 64, 2
 
-_ENV = "SPARSE_ATTN_TILES"
+ENV_VAR = "SPARSE_ATTN_TILES"
 _overrides: dict[tuple[str, int], Tile] = {}
 
 
@@ -95,15 +95,15 @@ def _from_environment(text: str) -> dict[tuple[str, int], Tile]:
     try:
         entries = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{_ENV} is not JSON: {exc}") from None
+        raise ValueError(f"{ENV_VAR} is not JSON: {exc}") from None
     if not isinstance(entries, dict):
-        raise ValueError(f'{_ENV} must be a JSON object like {{"engine_fwd:128": [128, 64, 8, 3]}}')
+        raise ValueError(f'{ENV_VAR} must be a JSON object like {{"engine_fwd:128": [128, 64, 8, 3]}}')
     parsed = {}
     for key, tile in entries.items():
         kernel, _, bound = str(key).partition(":")
         if not bound.isdigit():
-            raise ValueError(f"{_ENV}: key {key!r} must be 'kernel:head_dim_bound'")
-        parsed[_check_key(kernel, int(bound), _ENV)] = _check_tile(kernel, tile, f"{_ENV}[{key!r}]")
+            raise ValueError(f"{ENV_VAR}: key {key!r} must be 'kernel:head_dim_bound'")
+        parsed[_check_key(kernel, int(bound), ENV_VAR)] = _check_tile(kernel, tile, f"{ENV_VAR}[{key!r}]")
     return parsed
 
 
@@ -112,7 +112,7 @@ def lookup(kernel: str, head_dim: int) -> Tile:
     key = (kernel, head_dim_bound(head_dim))
     if key in _overrides:
         return _overrides[key]
-    environment = _from_environment(os.environ.get(_ENV, "{}"))
+    environment = _from_environment(os.environ.get(ENV_VAR, "{}"))
     return environment.get(key, TABLE[kernel][key[1]])
 
 

@@ -149,3 +149,31 @@ def test_tune_quick_sweeps_every_kernel_and_picks_a_matching_tile(monkeypatch):
     for key, tile in json.loads(setting).items():
         kernel, bound = key.split(":")
         assert tiles.lookup(kernel, int(bound)) == Tile(*tile)
+
+
+@pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
+def test_tune_named_kernels_only_with_candidates_and_the_setting_for_later_runs(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from sparse_attn.bench.__main__ import main
+
+    out = tmp_path / "tune.json"
+    assert main(["tune", "--quick", "--kernels", "engine_dq", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {row["kernel"] for row in rows} == {"engine_dq"}
+    # The config's candidate (two fields from the default) was timed besides the single changes.
+    assert "16x32 w4 s1 tma" in [row["tile_text"] for row in rows]
+    picked = json.loads(tune.best_tiles_setting(rows))
+    assert list(picked) == ["engine_dq:64"]
+    # What gpu_check.sh exports after a sweep: the environment's tiles, the winners over them.
+    before = {"engine_fwd:64": [16, 32, 4, 1], "engine_dq:64": [32, 32, 2, 1]}
+    monkeypatch.setenv("SPARSE_ATTN_TILES", json.dumps(before))
+    merged = json.loads(tune.setting_after_sweep(str(out)))
+    assert merged == {"engine_fwd:64": [16, 32, 4, 1], **picked}
+    printed = subprocess.run(
+        [sys.executable, "-m", "sparse_attn.bench.tune", str(out)], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(printed) == merged
+    with pytest.raises(ValueError, match="kernels must name"):
+        tune.run({**tune.QUICK, "kernels": ("engine_bwd",)}, torch.device("cpu"))

@@ -3,7 +3,8 @@
 `python -m sparse_attn.bench SUITE [--quick | --full] [--out PATH]`: one suite, its JSON to PATH.
 `python -m sparse_attn.bench all [--quick | --full] [--out-dir DIR]`: every suite, DIR/<suite>.json,
 DIR/report.md and the plots. `python -m sparse_attn.bench report DIR`: re-render DIR's report.
-`python -m sparse_attn.bench tune [--quick | --full] [--out PATH]`: the kernels' tile sweep (not in `all`).
+`python -m sparse_attn.bench tune [--quick | --full] [--kernels K,...] [--out PATH]`: the kernels' tile
+sweep (not in `all`), of every kernel or of those named.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         single = commands.add_parser(name, help=f"the {name} {'sweep' if name == 'tune' else 'suite'}")
         _mode_flags(single)
         single.add_argument("--out", help="write the results as JSON to this path")
+        if name == "tune":
+            single.add_argument("--kernels", help=f"comma-separated, of {', '.join((*tune.KERNELS, 'moba_schedule'))}")
     every = commands.add_parser("all", help="every suite in one process, then the report")
     _mode_flags(every)
     every.add_argument("--out-dir", default="build/bench", help="where the JSON, report.md and plots go")
@@ -52,10 +55,11 @@ def _resolve_mode(parser, args) -> tuple[torch.device, bool]:
     return device, quick
 
 
-def run_suite(name: str, device: torch.device, quick: bool) -> dict:
-    """One suite's payload: environment, the whole config (shapes and error rule) and its rows."""
+def run_suite(name: str, device: torch.device, quick: bool, **overrides) -> dict:
+    """One suite's payload: environment, the whole config (shapes and error rule, with `overrides`
+    applied) and its rows."""
     suite = tune if name == "tune" else SUITES[name]
-    config = suite.QUICK if quick else suite.FULL
+    config = {**(suite.QUICK if quick else suite.FULL), **overrides}
     print(f"suite {name} ({'quick' if quick else 'full'}) on {device}", flush=True)
     start = time.perf_counter()
     rows = suite.run(config, device)
@@ -97,7 +101,10 @@ def main(argv=None) -> int:
     device, quick = _resolve_mode(parser, args)
     if args.command == "all":
         return run_all(device, quick, Path(args.out_dir))
-    write_json(args.out, run_suite(args.command, device, quick))
+    overrides = {}
+    if getattr(args, "kernels", None):
+        overrides["kernels"] = tuple(name.strip() for name in args.kernels.split(",") if name.strip())
+    write_json(args.out, run_suite(args.command, device, quick, **overrides))
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import tiles
 from .._native import backend_report
 from ..reference import block_sparse_attention_reference
 
@@ -38,6 +39,8 @@ def environment() -> dict:
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
         "backends": {key: _jsonable(value) for key, value in backend_report().items()},
+        # Tiles other than sparse_attn/tiles.py's table (a sweep's winners): None when the table's.
+        "tiles_setting": os.environ.get(tiles.ENV_VAR),
     }
 
 

@@ -4,8 +4,11 @@ the fastest, with the `SPARSE_ATTN_TILES` value that applies them (`sparse_attn/
 `python -m sparse_attn.bench tune [--quick | --full] [--out bench/results/tune.json]`
 
 Coordinate search per kernel: every single-field change of the default tile (BLOCK_M, BLOCK_N,
-warps, stages, and for the engine's row kernels K/V through tensor descriptors, `tma`), then the
-default with all improving changes combined. Each candidate runs under
+warps, stages, and for the engine's row kernels K/V through tensor descriptors, `tma`), the
+config's `candidates` for that kernel (tiles several fields away that the compile check finds
+spill-free or nearly so with the GPU's triton), then the default with all improving single
+changes combined. `--kernels` (or the config's `kernels`) limits the sweep to some kernels, so that
+one device call can sweep and then benchmark with the winners. Each candidate runs under
 `tiles.override`; its output (or gradients) must match the default tile's, the same computation
 in another summation order, within `match_tolerance` (relative), so a candidate that miscompiles is
 recorded and never chosen; one that fails to compile records the error. MoBA's persistent schedule
@@ -21,8 +24,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NamedTuple
 from unittest import mock
 
@@ -35,6 +41,7 @@ from ..testing import random_block_layout, structured_qkv
 from .common import error_text, median_ms
 from .quality import rel_error
 
+KERNELS = ("engine_fwd", "engine_dq", "engine_dkdv", "moba_fwd", "moba_dq", "moba_dkdv")
 FULL = dict(
     engine=dict(seq_len=32768, batch=1, q_heads=32, kv_heads=8, head_dim=128, block=128, density=0.10),
     moba=dict(seq_len=65536, batch=2, heads=16, head_dim=128, block=128, topk=8),
@@ -44,7 +51,17 @@ FULL = dict(
     block_n=(32, 64, 128),
     num_warps=(4, 8),
     num_stages=(1, 2, 3, 4),
-    tma=(False, True),  # the engine's row kernels only
+    tma=(False, True),  # the kernels with a descriptor path (tiles.TMA_KERNELS)
+    # Two or more fields from the default. Compile check, sm_90a, triton 3.6 (the H100's), D=128
+    # bf16: spilled bytes; x2: both warpgroups compute the same scores.
+    candidates={
+        "engine_fwd": [(128, 128, 8, 2, True)],  # 0
+        "engine_dq": [(64, 64, 4, 2, False)],  # 0 (8 varlen); one warpgroup, two programs an SM
+        # 32x64: 16, x2 (beside the first run's 16x64); 32x128 through descriptors: 168
+        "engine_dkdv": [(32, 64, 8, 2, False), (32, 128, 8, 2, True)],
+        "moba_dq": [(64, 32, 8, 2, False)],  # 0 x2 (the first run's)
+    },
+    kernels=(*KERNELS, "moba_schedule"),
     item_rows=(256, 512, 1024, 2048, 4096),
     programs_per_sm=(1, 2, 4),
     match_tolerance=1e-2,
@@ -59,11 +76,12 @@ QUICK = dict(  # the interpreter on the CPU: shows the sweep works (one change p
     num_warps=(),
     num_stages=(),
     tma=(True,),
+    candidates={"engine_dq": [(16, 32, 4, 1, True)]},
+    kernels=(*KERNELS, "moba_schedule"),
     item_rows=(32, 64),
     programs_per_sm=(2,),
     match_tolerance=1e-2,
 )
-KERNELS = ("engine_fwd", "engine_dq", "engine_dkdv", "moba_fwd", "moba_dq", "moba_dkdv")
 
 
 class _Workload(NamedTuple):
@@ -170,6 +188,8 @@ def _sweep_kernel(kernel: str, work: _Workload, config, device) -> list[dict]:
         row = run(tile)
         if row and row["ok"] and row["ms"] < improving.get(field, (default_ms, None))[0]:
             improving[field] = (row["ms"], getattr(tile, field))
+    for tile in config["candidates"].get(kernel, ()):
+        run(tiles.Tile(*tile))
     if len(improving) > 1:
         run(default._replace(**{field: value for field, (_, value) in improving.items()}))
     _mark_speedups(rows)
@@ -219,14 +239,20 @@ def _mark_speedups(rows: list[dict]) -> None:
 def run(config: dict, device: torch.device) -> list[dict]:
     if not triton_available(device):
         raise RuntimeError("the tile sweep runs the Triton kernels: it needs a CUDA GPU or TRITON_INTERPRET=1")
-    workloads = {"engine": _engine_workload(config, device), "moba": _moba_workload(config, device)}
+    selected = config["kernels"]
+    unknown = set(selected) - {*KERNELS, "moba_schedule"}
+    if unknown or not selected:
+        raise ValueError(f"kernels must name some of {[*KERNELS, 'moba_schedule']}, got {list(selected)}")
+    makers = {"engine": _engine_workload, "moba": _moba_workload}
+    workloads = {family: makers[family](config, device) for family in {kernel.split("_")[0] for kernel in selected}}
     rows = []
-    for kernel in KERNELS:
+    for kernel in (kernel for kernel in KERNELS if kernel in selected):
         rows += _sweep_kernel(kernel, workloads[kernel.split("_")[0]], config, device)
         best = next((r for r in rows if r.get("pick") and r["kernel"] == kernel), None)
         if best is not None:
             print(f"{kernel}: best {best['tile_text']}, {best['ms']:.3f} ms, {best.get('speedup_vs_default', 1):.2f}x")
-    rows += _sweep_moba_schedule(workloads["moba"], config, device)
+    if "moba_schedule" in selected:
+        rows += _sweep_moba_schedule(workloads["moba"], config, device)
     print("SPARSE_ATTN_TILES=" + best_tiles_setting(rows))
     return rows
 
@@ -235,6 +261,14 @@ def best_tiles_setting(rows: list[dict]) -> str:
     """The environment value that applies every kernel's fastest matching tile (JSON, single-quote it in a shell)."""
     best = {f"{r['kernel']}:{r['head_dim_bound']}": r["tile"] for r in rows if r.get("pick") and "tile" in r}
     return json.dumps(best, separators=(",", ":"))
+
+
+def setting_after_sweep(results_path: str) -> str:
+    """The SPARSE_ATTN_TILES value for the runs after a sweep: the environment's tiles (the sweep's
+    defaults) with the winners of the sweep's JSON over them."""
+    rows = json.loads(Path(results_path).read_text())["results"]
+    current = json.loads(os.environ.get(tiles.ENV_VAR) or "{}")
+    return json.dumps({**current, **json.loads(best_tiles_setting(rows))}, separators=(",", ":"))
 
 
 def family(row: dict) -> str:
@@ -258,3 +292,7 @@ COLUMNS = [
     ("pick", "pick", "s"),
     ("error", "error", "s"),
 ]
+
+
+if __name__ == "__main__":  # `python -m sparse_attn.bench.tune RESULTS.json`: print that value (scripts/gpu_check.sh)
+    print(setting_after_sweep(sys.argv[1]))
