@@ -6,10 +6,12 @@ runs the real launch code of each op on CPU tensors with `wrap_triton` swapped f
 then compiles each recorded launch (its argument types and constexprs) with Triton's ahead-of-time
 path and the bundled ptxas, specialised as the JIT specialises a real launch. It fails on a compile
 error, on shared memory over the architecture's limit (a launch would fail there), and in a
-16-bit sm_90a launch of the default tiles (pointer loads) on register spills or, up to head dim
-128, on dots that did not become Hopper's warpgroup MMA (wgmma). The int64-offset variants
+16-bit sm_90a launch of the default tiles (pointer loads) on register spills, on a dot that two
+warpgroups compute alike, or, up to head dim 128, on dots that did not become Hopper's warpgroup
+MMA (wgmma). The int64-offset variants
 (WIDE_INDEX, family `wide`) must compile but may spill. It prints registers, stack
-(spills), shared memory, the tensor-core instructions (wgmma or mma.sync) and the number of
+(spills), shared memory, the tensor-core instructions (wgmma or mma.sync; "x2" where a dot has fewer
+rows than its warps span, so two warpgroups compute the same values) and the number of
 asynchronous (pipelined) loads per launch: the numbers to watch when tuning tiles, with or
 without a GPU.
 
@@ -218,6 +220,24 @@ def _lowering(ttgir: str) -> tuple[str, int]:
     return mma, ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy")
 
 
+def _mma_copies(ttgir: str) -> int:
+    """How many warpgroups compute each element of the most replicated warpgroup dot. A Hopper MMA
+    layout gives each warp 16 rows: warpsPerCTA [8, 1] spans 128 rows, so a 64-row dot on it (a
+    64-key dK/dV or 64-query dQ tile with 8 warps, whose scores feed the next dot) is computed by
+    both warpgroups, 2x the tensor-core work for that dot. 1 when every dot fills its warps."""
+    hopper_layout = r"(#mma\d*) = #ttg\.nvidia_mma<\{versionMajor = 3, [^}]*?warpsPerCTA = \[(\d+),"
+    rows_per_layout = {name: 16 * int(warps_m) for name, warps_m in re.findall(hopper_layout, ttgir)}
+    dots = re.findall(r"ttng\.warp_group_dot [^\n]*-> tensor<(\d+)x\d+x\w+, (#mma\d*)>", ttgir)
+    if ttgir.count("ttng.warp_group_dot ") != len(dots) or any(name not in rows_per_layout for _, name in dots):
+        raise RuntimeError("could not read the warpgroup dots' layouts: has the TTGIR format changed?")
+    return max((rows_per_layout[name] // int(rows) for rows, name in dots), default=1)
+
+
+def _default_16_bit_hopper(arch: str, kargs, kwargs) -> bool:
+    """A launch held to the defaults' rules: sm_90a, 16-bit inputs, pointer loads, int32 offsets."""
+    return arch == "sm_90a" and not kwargs.get("USE_TMA") and not kwargs.get("WIDE_INDEX") and _is_16_bit(kargs)
+
+
 def _compile(job) -> tuple:
     """Compiles launch `index` of the recorded list for `arch` (in a worker process, which records again)."""
     index, arch, families = job
@@ -234,11 +254,15 @@ def _compile(job) -> tuple:
         mma, async_loads = _lowering(ttgir)
         shared = compiled.metadata.shared
         result = f"FAILED: shared memory {shared} B > {shared_limit} B" if shared > shared_limit else "ok"
-        if arch == "sm_90a" and not kwargs.get("USE_TMA") and not kwargs.get("WIDE_INDEX") and _is_16_bit(kargs):
+        if _default_16_bit_hopper(arch, kargs, kwargs):
             if stack:
                 result = f"FAILED: {stack} B of register spills in a default 16-bit Hopper tile"
             elif mma != "wgmma" and kwargs["HEAD_DIM"] <= 128 and re.search(r"tt\.dot\b|warp_group_dot", ttgir):
                 result = f"FAILED: dots lowered to {mma}, not wgmma (a tile under 64 rows a warpgroup?)"
+        copies = _mma_copies(ttgir)
+        if copies > 1 and result == "ok" and _default_16_bit_hopper(arch, kargs, kwargs):
+            result = f"FAILED: {copies} warpgroups compute the same dot in a default 16-bit Hopper tile"
+        mma += f" x{copies}" if copies > 1 else ""
     except Exception as error:  # noqa: BLE001 - every compiler error is a finding
         result = f"FAILED: {type(error).__name__}: {' '.join(str(error).split())[:300]}"
     label = _label(kernel, kwargs, kargs)
@@ -258,7 +282,10 @@ def main(argv=None) -> int:
     families = tuple(args.family or sorted(FAMILIES))
     jobs = [(i, arch, families) for i in range(len(record(families))) for arch in args.arch or sorted(ARCHES)]
     print(f"triton {triton.__version__}: {len(jobs)} kernel builds ahead of time, no GPU used", flush=True)
-    print("| kernel | arch | registers | stack B (spills) | shared KB | MMA | async loads | seconds | result |")
+    print(
+        "| kernel | arch | registers | stack B (spills) | shared KB | MMA (xN: N warpgroups compute the same dot) "
+        "| async loads | seconds | result |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     failures = 0
     with ProcessPoolExecutor(max_workers=max(args.jobs, 1), mp_context=get_context("spawn")) as pool:

@@ -41,20 +41,24 @@ TMA_KERNELS = ("engine_fwd", "engine_dq", "engine_dkdv", "moba_fwd", "moba_dq")
 
 HEAD_DIM_BOUNDS = (64, 128, 256)
 
-# Chosen with the compile check (bf16/fp16, sm_90a, triton 3.6 and 3.9): no register spills, and
+# Chosen with the compile check (bf16/fp16, sm_90a, triton 3.6 and 3.9): no register spills;
 # Hopper's warpgroup MMA wherever a spill-free tile gets it (the key-major dK/dV kernels need at
-# least 64 keys a tile for it at head dim 64 and 128; at 256 no such tile fits the registers).
+# least 64 keys a tile for it at head dim 64 and 128; at 256 no such tile fits the registers); and
+# no dot that two warpgroups compute alike (the check's "x2"): with 8 warps the compiler stacks both
+# warpgroups along the rows of the backward's score dots, so their tiles need 128 rows (the first
+# H100 run's 64-row backward tiles computed their scores twice).
 # MoBA's forward and dQ share the gathered-row tile height through the logical block size.
 TABLE: dict[str, dict[int, Tile]] = {
     "engine_fwd": {64: Tile(128, 64, 4, 3), 128: Tile(128, 64, 8, 3), 256: Tile(64, 32, 4, 2)},
-    "engine_dq": {64: Tile(64, 64, 4, 2), 128: Tile(64, 64, 8, 2), 256: Tile(32, 32, 4, 1)},
-    "engine_dkdv": {64: Tile(64, 64, 8, 2), 128: Tile(16, 64, 8, 2), 256: Tile(64, 16, 8, 2)},
+    "engine_dq": {64: Tile(64, 64, 4, 2), 128: Tile(128, 64, 8, 2), 256: Tile(32, 32, 4, 1)},
+    "engine_dkdv": {64: Tile(64, 128, 8, 2), 128: Tile(16, 128, 8, 2), 256: Tile(64, 16, 8, 2)},
     "moba_fwd": {64: Tile(64, 64, 4, 2), 128: Tile(64, 64, 8, 2), 256: Tile(32, 32, 4, 1)},
-    "moba_dq": {64: Tile(64, 64, 4, 2), 128: Tile(64, 32, 8, 2), 256: Tile(32, 32, 4, 1)},
-    "moba_dkdv": {64: Tile(64, 64, 8, 2), 128: Tile(32, 64, 8, 3), 256: Tile(32, 32, 4, 1)},
+    "moba_dq": {64: Tile(64, 64, 4, 2), 128: Tile(128, 16, 8, 2), 256: Tile(32, 32, 4, 1)},
+    "moba_dkdv": {64: Tile(64, 128, 8, 2), 128: Tile(32, 128, 8, 3), 256: Tile(32, 32, 4, 1)},
 }
 
-# fp32 tiles take twice the shared memory: the bf16 forward's 128 rows x 3 stages overflow an A100's 163 KB.
+# fp32 tiles take twice the shared memory: the bf16 forward's 128 rows x 3 stages, or a dK/dV
+# kernel's 128 keys, overflow an A100's 163 KB.
 FP32_MAX_ROWS, FP32_MAX_STAGES = 64, 2
 
 ENV_VAR = "SPARSE_ATTN_TILES"
@@ -146,7 +150,8 @@ def launch_config(kernel: str, q: torch.Tensor, q_block_size: int | None, kv_blo
     head_dim = q.shape[-1]
     block_m, block_n, warps, stages, tma = lookup(kernel, head_dim)
     if q.dtype == torch.float32:
-        block_m, stages = min(block_m, FP32_MAX_ROWS), min(stages, FP32_MAX_STAGES)
+        block_m, block_n = min(block_m, FP32_MAX_ROWS), min(block_n, FP32_MAX_ROWS)
+        stages = min(stages, FP32_MAX_STAGES)
     # fp32 is not a speed path, and its descriptor staging overflows an A100's shared memory in dQ.
     tma_flag = {"USE_TMA": tma and q.dtype != torch.float32} if kernel in TMA_KERNELS else {}
     return {

@@ -303,6 +303,26 @@ def _block_sparse_rows_kernel(
 
 
 @triton.jit
+def _load_key_tile(BASE, b, hk, k_start, offs_n, len_k, stride_b, stride_h, stride_s, offs_d,
+                   HEAD_DIM: tl.constexpr):  # fmt: skip
+    """Keys offs_n of one (batch, KV head) of K or V: [BLOCK_N, HEAD_DIM_PAD], 0 past len_k and the head dim."""
+    ok = (offs_n[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
+    offsets = b * stride_b + hk * stride_h + (k_start + offs_n)[:, None] * stride_s + offs_d[None, :]
+    return tl.load(BASE + offsets, mask=ok, other=0.0)
+
+
+@triton.jit
+def _store_key_tile(BASE, value, b, hk, k_start, offs_n, len_k, stride_b, stride_h, stride_s, offs_d,
+                    HEAD_DIM: tl.constexpr):  # fmt: skip
+    """Stores a dK or dV tile: keys offs_n of one (batch, KV head). The offsets are summed in another
+    order than the key tile's load, so the compiler cannot reuse the load's [BLOCK_N, D] index tile
+    and keep it live through the loops over queries (at D=128 that spilled the 16x128 dK/dV tile)."""
+    ok = (offs_n < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = BASE + (b * stride_b + hk * stride_h + k_start * stride_s) + offs_d[None, :]
+    tl.store(rows + offs_n[:, None] * stride_s, value.to(BASE.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _dkdv_step(dk, dv, k, v, Q_DESC, q_rows, stride_qs, DO_DESC, o_rows, stride_os, l_head, d_head, stride_ls,
                desc_batch, h, q_start, start_m, len_q, len_k, offs_n, causal_shift, scale_log2,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
@@ -406,12 +426,8 @@ def _block_sparse_dkdv_kernel(
     kv_block = tile * BLOCK_N // KV_BLOCK
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d[None, :] < HEAD_DIM
-    kv_ok = (offs_n[:, None] < len_k) & d_ok
-    k_offsets = b * stride_kb + hk * stride_kh + (k_start + offs_n)[:, None] * stride_ks + offs_d[None, :]
-    v_offsets = b * stride_vb + hk * stride_vh + (k_start + offs_n)[:, None] * stride_vs + offs_d[None, :]
-    k = tl.load(K + k_offsets, mask=kv_ok, other=0.0)
-    v = tl.load(V + v_offsets, mask=kv_ok, other=0.0)
+    k = _load_key_tile(K, b, hk, k_start, offs_n, len_k, stride_kb, stride_kh, stride_ks, offs_d, HEAD_DIM)
+    v = _load_key_tile(V, b, hk, k_start, offs_n, len_k, stride_vb, stride_vh, stride_vs, offs_d, HEAD_DIM)
     desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by q_start
     # Query blocks from full_start on see every key of this tile; those from full_end on are ragged
     # (rows past len_q). The lists ascend, so the blocks needing the mask are a prefix (the
@@ -457,8 +473,8 @@ def _block_sparse_dkdv_kernel(
                                     d_head, stride_ls, desc_batch, h, q_start, start_m, len_q, len_k, offs_n,
                                     causal_shift, scale_log2, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL,
                                     USE_TMA, DOT_PRECISION)  # fmt: skip
-    tl.store(DK + k_offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + v_offsets, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    _store_key_tile(DK, dk * scale, b, hk, k_start, offs_n, len_k, stride_kb, stride_kh, stride_ks, offs_d, HEAD_DIM)
+    _store_key_tile(DV, dv, b, hk, k_start, offs_n, len_k, stride_vb, stride_vh, stride_vs, offs_d, HEAD_DIM)
 
 
 @triton.jit

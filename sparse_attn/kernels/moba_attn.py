@@ -23,7 +23,17 @@ Softmax runs in base 2 with log2(e) folded into the scale; the LSE is stored in 
 import triton
 import triton.language as tl
 
-from .block_sparse_attn import _dq_step, _lse_log2, _normalize, _seq_tile, _sequence_bounds, _softmax_step, _widen
+from .block_sparse_attn import (
+    _dq_step,
+    _load_key_tile,
+    _lse_log2,
+    _normalize,
+    _seq_tile,
+    _sequence_bounds,
+    _softmax_step,
+    _store_key_tile,
+    _widen,
+)
 
 
 @triton.jit
@@ -340,12 +350,8 @@ def _moba_dkdv_kernel(
     j = tile * BLOCK_N // KV_BLOCK
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d[None, :] < HEAD_DIM
-    kv_ok = (offs_n[:, None] < len_k) & d_ok
-    k_offsets = b * stride_kb + hk * stride_kh + (k_start + offs_n)[:, None] * stride_ks + offs_d[None, :]
-    v_offsets = b * stride_vb + hk * stride_vh + (k_start + offs_n)[:, None] * stride_vs + offs_d[None, :]
-    k = tl.load(K + k_offsets, mask=kv_ok, other=0.0)
-    v = tl.load(V + v_offsets, mask=kv_ok, other=0.0)
+    k = _load_key_tile(K, b, hk, k_start, offs_n, len_k, stride_kb, stride_kh, stride_ks, offs_d, HEAD_DIM)
+    v = _load_key_tile(V, b, hk, k_start, offs_n, len_k, stride_vb, stride_vh, stride_vs, offs_d, HEAD_DIM)
     # Every logical block's rows of block j are contiguous: one range over the whole sequence.
     seg = (bhk * num_kv_blocks + j) * num_logical
     seg_end = tl.load(SEG_START + seg + num_logical)
@@ -368,5 +374,5 @@ def _moba_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    tl.store(DK + k_offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + v_offsets, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    _store_key_tile(DK, dk * scale, b, hk, k_start, offs_n, len_k, stride_kb, stride_kh, stride_ks, offs_d, HEAD_DIM)
+    _store_key_tile(DV, dv, b, hk, k_start, offs_n, len_k, stride_vb, stride_vh, stride_vs, offs_d, HEAD_DIM)
