@@ -8,12 +8,11 @@ path and the bundled ptxas, specialised as the JIT specialises a real launch. It
 error, on shared memory over the architecture's limit (a launch would fail there), and in a
 16-bit sm_90a launch of the default tiles (pointer loads) on register spills, on a dot that two
 warpgroups compute alike, or, up to head dim 128, on dots that did not become Hopper's warpgroup
-MMA (wgmma). The int64-offset variants
-(WIDE_INDEX, family `wide`) must compile but may spill. It prints registers, stack
-(spills), shared memory, the tensor-core instructions (wgmma or mma.sync; "x2" where a dot has fewer
-rows than its warps span, so two warpgroups compute the same values) and the number of
-asynchronous (pipelined) loads per launch: the numbers to watch when tuning tiles, with or
-without a GPU.
+MMA (wgmma). The int64-offset variants (WIDE_INDEX, family `wide`) must compile but may spill.
+It prints registers, stack (spills), shared memory, the tensor-core instructions (wgmma or
+mma.sync; "x2" where a dot has fewer rows than its warps span, so two warpgroups compute the same
+values) and the number of asynchronous (pipelined) loads per launch: the numbers to watch when
+tuning tiles, with or without a GPU.
 
 Run without TRITON_INTERPRET (the kernels must be JIT functions): python scripts/triton_compile_check.py
 """
@@ -233,11 +232,6 @@ def _mma_copies(ttgir: str) -> int:
     return max((rows_per_layout[name] // int(rows) for rows, name in dots), default=1)
 
 
-def _default_16_bit_hopper(arch: str, kargs, kwargs) -> bool:
-    """A launch held to the defaults' rules: sm_90a, 16-bit inputs, pointer loads, int32 offsets."""
-    return arch == "sm_90a" and not kwargs.get("USE_TMA") and not kwargs.get("WIDE_INDEX") and _is_16_bit(kargs)
-
-
 def _compile(job) -> tuple:
     """Compiles launch `index` of the recorded list for `arch` (in a worker process, which records again)."""
     index, arch, families = job
@@ -254,14 +248,14 @@ def _compile(job) -> tuple:
         mma, async_loads = _lowering(ttgir)
         shared = compiled.metadata.shared
         result = f"FAILED: shared memory {shared} B > {shared_limit} B" if shared > shared_limit else "ok"
-        if _default_16_bit_hopper(arch, kargs, kwargs):
+        copies = _mma_copies(ttgir)
+        if arch == "sm_90a" and not kwargs.get("USE_TMA") and not kwargs.get("WIDE_INDEX") and _is_16_bit(kargs):
             if stack:
                 result = f"FAILED: {stack} B of register spills in a default 16-bit Hopper tile"
             elif mma != "wgmma" and kwargs["HEAD_DIM"] <= 128 and re.search(r"tt\.dot\b|warp_group_dot", ttgir):
                 result = f"FAILED: dots lowered to {mma}, not wgmma (a tile under 64 rows a warpgroup?)"
-        copies = _mma_copies(ttgir)
-        if copies > 1 and result == "ok" and _default_16_bit_hopper(arch, kargs, kwargs):
-            result = f"FAILED: {copies} warpgroups compute the same dot in a default 16-bit Hopper tile"
+            elif copies > 1:
+                result = f"FAILED: {copies} warpgroups compute the same dot in a default 16-bit Hopper tile"
         mma += f" x{copies}" if copies > 1 else ""
     except Exception as error:  # noqa: BLE001 - every compiler error is a finding
         result = f"FAILED: {type(error).__name__}: {' '.join(str(error).split())[:300]}"

@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         _mode_flags(single)
         single.add_argument("--out", help="write the results as JSON to this path")
         if name == "tune":
-            single.add_argument("--kernels", help=f"comma-separated, of {', '.join((*tune.KERNELS, 'moba_schedule'))}")
+            single.add_argument("--kernels", help=f"comma-separated, of {', '.join(tune.SWEEPS)}")
     every = commands.add_parser("all", help="every suite in one process, then the report")
     _mode_flags(every)
     every.add_argument("--out-dir", default="build/bench", help="where the JSON, report.md and plots go")

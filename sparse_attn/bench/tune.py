@@ -42,6 +42,7 @@ from .common import error_text, median_ms
 from .quality import rel_error
 
 KERNELS = ("engine_fwd", "engine_dq", "engine_dkdv", "moba_fwd", "moba_dq", "moba_dkdv")
+SWEEPS = (*KERNELS, "moba_schedule")  # what `kernels` may name: the tiles, and MoBA's persistent schedule
 FULL = dict(
     engine=dict(seq_len=32768, batch=1, q_heads=32, kv_heads=8, head_dim=128, block=128, density=0.10),
     moba=dict(seq_len=65536, batch=2, heads=16, head_dim=128, block=128, topk=8),
@@ -61,7 +62,7 @@ FULL = dict(
         "engine_dkdv": [(32, 64, 8, 2, False), (32, 128, 8, 2, True)],
         "moba_dq": [(64, 32, 8, 2, False)],  # 0 x2 (the first run's)
     },
-    kernels=(*KERNELS, "moba_schedule"),
+    kernels=SWEEPS,
     item_rows=(256, 512, 1024, 2048, 4096),
     programs_per_sm=(1, 2, 4),
     match_tolerance=1e-2,
@@ -77,7 +78,7 @@ QUICK = dict(  # the interpreter on the CPU: shows the sweep works (one change p
     num_stages=(),
     tma=(True,),
     candidates={"engine_dq": [(16, 32, 4, 1, True)]},
-    kernels=(*KERNELS, "moba_schedule"),
+    kernels=SWEEPS,
     item_rows=(32, 64),
     programs_per_sm=(2,),
     match_tolerance=1e-2,
@@ -240,9 +241,8 @@ def run(config: dict, device: torch.device) -> list[dict]:
     if not triton_available(device):
         raise RuntimeError("the tile sweep runs the Triton kernels: it needs a CUDA GPU or TRITON_INTERPRET=1")
     selected = config["kernels"]
-    unknown = set(selected) - {*KERNELS, "moba_schedule"}
-    if unknown or not selected:
-        raise ValueError(f"kernels must name some of {[*KERNELS, 'moba_schedule']}, got {list(selected)}")
+    if not selected or set(selected) - set(SWEEPS):
+        raise ValueError(f"kernels must name some of {list(SWEEPS)}, got {list(selected)}")
     makers = {"engine": _engine_workload, "moba": _moba_workload}
     workloads = {family: makers[family](config, device) for family in {kernel.split("_")[0] for kernel in selected}}
     rows = []
@@ -257,10 +257,14 @@ def run(config: dict, device: torch.device) -> list[dict]:
     return rows
 
 
+def _best_tiles(rows: list[dict]) -> dict:
+    """{"kernel:head_dim_bound": tile} of every kernel's fastest matching tile."""
+    return {f"{r['kernel']}:{r['head_dim_bound']}": r["tile"] for r in rows if r.get("pick") and "tile" in r}
+
+
 def best_tiles_setting(rows: list[dict]) -> str:
     """The environment value that applies every kernel's fastest matching tile (JSON, single-quote it in a shell)."""
-    best = {f"{r['kernel']}:{r['head_dim_bound']}": r["tile"] for r in rows if r.get("pick") and "tile" in r}
-    return json.dumps(best, separators=(",", ":"))
+    return json.dumps(_best_tiles(rows), separators=(",", ":"))
 
 
 def setting_after_sweep(results_path: str) -> str:
@@ -268,7 +272,7 @@ def setting_after_sweep(results_path: str) -> str:
     defaults) with the winners of the sweep's JSON over them."""
     rows = json.loads(Path(results_path).read_text())["results"]
     current = json.loads(os.environ.get(tiles.ENV_VAR) or "{}")
-    return json.dumps({**current, **json.loads(best_tiles_setting(rows))}, separators=(",", ":"))
+    return json.dumps({**current, **_best_tiles(rows)}, separators=(",", ":"))
 
 
 def family(row: dict) -> str:
