@@ -106,6 +106,7 @@ def _label(kernel, kwargs, args) -> str:
     flags = [f"D={kwargs['HEAD_DIM']}", dtype, tile, f"w{kwargs.get('num_warps', 4)}"]  # triton's default warps
     flags += [name.lower() for name in ("CAUSAL", "VARLEN", "BACKWARD") if kwargs.get(name)]
     flags += ["tma"] if kwargs.get("USE_TMA") else []
+    flags += ["ws"] if kwargs.get("WARP_SPECIALIZE") else []
     flags += ["wide"] if kwargs.get("WIDE_INDEX") else []
     return f"{kernel.fn.__name__}[{' '.join(flags)}]"
 
@@ -136,6 +137,19 @@ def _with_tma(launches, dtype, dim, varlen):
     with contextlib.ExitStack() as stack:
         for kernel in tiles.TMA_KERNELS:
             stack.enter_context(tiles.override(kernel, bound, tiles.lookup(kernel, dim)._replace(tma=True)))
+        launches(dtype, dim, varlen)
+
+
+def _with_ws(launches, dtype, dim, varlen):
+    """A family's launches with the warp-specialised forward (`ws`, 4 warps) for 16-bit inputs, the
+    ones that take it (sm_90a only: on older GPUs the launch code runs the pointer path instead)."""
+    if dtype == torch.float32:
+        return
+    bound = tiles.head_dim_bound(dim)
+    with contextlib.ExitStack() as stack:
+        for kernel in tiles.WS_KERNELS:
+            tile = tiles.lookup(kernel, dim)._replace(num_warps=4, tma=False, ws=True)
+            stack.enter_context(tiles.override(kernel, bound, tile))
         launches(dtype, dim, varlen)
 
 
@@ -179,6 +193,7 @@ def _wide_launches(dtype, dim, varlen):
 FAMILIES = {
     "engine": _engine_launches,
     "engine_tma": functools.partial(_with_tma, _engine_launches),
+    "engine_ws": functools.partial(_with_ws, _engine_launches),
     "moba": _moba_launches,
     "moba_tma": functools.partial(_with_tma, _moba_launches),
     "xattention": _xattention_launches,
@@ -201,6 +216,7 @@ def record(families: tuple) -> list:
     _moba_ops._persistent_programs = lambda device: 132 * _moba_ops._PROGRAMS_PER_SM
     _moba_ops._ITEM_ROWS_INTERPRETER = _moba_ops._ITEM_ROWS_CUDA
     xattention_estimate._INTERPRETER_TILES = xattention_estimate._TILE
+    launch._device_descriptors = lambda device: True
     for dtype, dim, varlen in CASES:
         for name in families:
             FAMILIES[name](dtype, dim, varlen)
@@ -249,7 +265,10 @@ def _compile(job) -> tuple:
         shared = compiled.metadata.shared
         result = f"FAILED: shared memory {shared} B > {shared_limit} B" if shared > shared_limit else "ok"
         copies = _mma_copies(ttgir)
-        if arch == "sm_90a" and not kwargs.get("USE_TMA") and not kwargs.get("WIDE_INDEX") and _is_16_bit(kargs):
+        if kwargs.get("WARP_SPECIALIZE") and "ttg.warp_specialize(" not in ttgir:
+            result = "FAILED: a ws tile whose loop the compiler did not warp-specialise"
+        default_tile = not any(kwargs.get(flag) for flag in ("USE_TMA", "WARP_SPECIALIZE", "WIDE_INDEX"))
+        if arch == "sm_90a" and default_tile and _is_16_bit(kargs):
             if stack:
                 result = f"FAILED: {stack} B of register spills in a default 16-bit Hopper tile"
             elif mma != "wgmma" and kwargs["HEAD_DIM"] <= 128 and re.search(r"tt\.dot\b|warp_group_dot", ttgir):
@@ -274,7 +293,13 @@ def main(argv=None) -> int:
         print(f"expected triton {args.expect_triton}, imported {triton.__version__} from {triton.__file__}")
         return 1
     families = tuple(args.family or sorted(FAMILIES))
-    jobs = [(i, arch, families) for i in range(len(record(families))) for arch in args.arch or sorted(ARCHES)]
+    # Warp-specialised launches run on Hopper only.
+    jobs = [
+        (i, arch, families)
+        for i, (_, _, kwargs) in enumerate(record(families))
+        for arch in args.arch or sorted(ARCHES)
+        if arch == "sm_90a" or not kwargs.get("WARP_SPECIALIZE")
+    ]
     print(f"triton {triton.__version__}: {len(jobs)} kernel builds ahead of time, no GPU used", flush=True)
     print(
         "| kernel | arch | registers | stack B (spills) | shared KB | MMA (xN: N warpgroups compute the same dot) "

@@ -18,7 +18,7 @@ from .kernels.block_sparse_attn import (
     _block_sparse_dkdv_kernel,
     _block_sparse_rows_kernel,
 )
-from .kernels.launch import descriptor_args, launcher, wide_index
+from .kernels.launch import descriptor_args, launcher, warp_specialize_args, wide_index
 from .selection import layout_transpose
 from .tiles import launch_config
 
@@ -133,6 +133,8 @@ def _launch(kernel, name, q, k, v, o, lse, outputs, lists, cu_q, cu_k, heads, si
         # The row kernels walk K/V tiles, the dK/dV kernel Q and dO tiles (`o` is dO in the backward).
         tiled = dict(Q=q, DO=o) if name == "dkdv" else dict(K=k, V=v)
         flags = {**flags, **descriptor_args(config, "BLOCK_M" if name == "dkdv" else "BLOCK_N", **tiled)}
+    if "WARP_SPECIALIZE" in config:
+        flags = {**flags, **warp_specialize_args(config, Q=q, K=k, V=v)}
     tiles = triton.cdiv(seq_len_kv, config["BLOCK_N"]) if name == "dkdv" else triton.cdiv(seq_len_q, config["BLOCK_M"])
     launcher(kernel)[(tiles, batch * heads)](
         q, k, v, o, lse, *outputs, *lists, cu_q, cu_k,

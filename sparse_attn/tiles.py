@@ -1,8 +1,9 @@
 """Launch configurations of the attention kernels: one table, overridable for tuning sweeps.
 
-Each entry is a :class:`Tile` (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages, and for the
-kernels in TMA_KERNELS `tma`: tiles through tensor descriptors, TMA on Hopper) per kernel and
-head-dim bound (64, 128, 256). The values are starting points for Hopper chosen with
+Each entry is a :class:`Tile` (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages; for the
+kernels in TMA_KERNELS `tma`: tiles through host-side tensor descriptors, TMA on Hopper; for those
+in WS_KERNELS `ws`: Hopper's warp specialisation) per kernel and head-dim bound (64, 128, 256).
+The values are starting points for Hopper chosen with
 `scripts/triton_compile_check.py` (registers, spills and shared memory without a GPU); on a GPU,
 `python -m sparse_attn.bench tune` times candidates around them and prints the winners.
 
@@ -32,11 +33,16 @@ class Tile(NamedTuple):
     num_warps: int
     num_stages: int
     tma: bool = False
+    ws: bool = False
 
 
 # Kernels that can load their contiguous tiles through tensor descriptors (USE_TMA): K/V in the
 # query-major kernels, Q/dO in the engine's dK/dV (MoBA's dK/dV gathers its rows: no TMA there).
 TMA_KERNELS = ("engine_fwd", "engine_dq", "engine_dkdv", "moba_fwd", "moba_dq")
+# Kernels with a warp-specialised loop (`ws`): a TMA producer warpgroup feeding two consumer
+# warpgroups (FA3's split). Triton 3.6 builds it on Hopper from 4-warp tiles only, with device-side
+# descriptors (no `tma`); elsewhere (an A100, fp32) the same tile runs the pointer path.
+WS_KERNELS = ("engine_fwd",)
 
 
 HEAD_DIM_BOUNDS = (64, 128, 256)
@@ -77,12 +83,17 @@ def _check_tile(kernel: str, tile, where: str) -> Tile:
         values = [int(x) for x in tile]
         tile = Tile(*values[:4], *(bool(x) for x in values[4:]))
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: a tile is [BLOCK_M, BLOCK_N, num_warps, num_stages(, tma)], got {tile!r}") from None
+        shape = "[BLOCK_M, BLOCK_N, num_warps, num_stages(, tma(, ws))]"
+        raise ValueError(f"{where}: a tile is {shape}, got {tile!r}") from None
     powers = (tile.block_m, tile.block_n, tile.num_warps)
     if any(x < 1 or x & (x - 1) for x in powers) or min(tile.block_m, tile.block_n) < 16 or tile.num_stages < 1:
         raise ValueError(f"{where}: BLOCK_M, BLOCK_N >= 16 and num_warps must be powers of two, stages >= 1: {tile}")
     if tile.tma and kernel not in TMA_KERNELS:
         raise ValueError(f"{where}: {kernel} has no tensor-descriptor (tma) path; the kernels with one: {TMA_KERNELS}")
+    if tile.ws and kernel not in WS_KERNELS:
+        raise ValueError(f"{where}: {kernel} has no warp-specialised (ws) path; the kernels with one: {WS_KERNELS}")
+    if tile.ws and tile.tma:
+        raise ValueError(f"{where}: a ws tile makes its own device-side descriptors; tma must be off: {tile}")
     return tile
 
 
@@ -148,14 +159,16 @@ def launch_config(kernel: str, q: torch.Tensor, q_block_size: int | None, kv_blo
     """Constexprs and launch options of `kernel` for q's head dim and dtype. BLOCK_M divides
     `q_block_size` (None: rows are gathered, any height) and BLOCK_N divides `kv_block_size`."""
     head_dim = q.shape[-1]
-    block_m, block_n, warps, stages, tma = lookup(kernel, head_dim)
+    block_m, block_n, warps, stages, tma, ws = lookup(kernel, head_dim)
     if q.dtype == torch.float32:
         block_m, block_n = min(block_m, FP32_MAX_ROWS), min(block_n, FP32_MAX_ROWS)
         stages = min(stages, FP32_MAX_STAGES)
     # fp32 is not a speed path, and its descriptor staging overflows an A100's shared memory in dQ.
     tma_flag = {"USE_TMA": tma and q.dtype != torch.float32} if kernel in TMA_KERNELS else {}
+    ws_flag = {"WARP_SPECIALIZE": ws and q.dtype != torch.float32} if kernel in WS_KERNELS else {}
     return {
         **tma_flag,
+        **ws_flag,
         "BLOCK_M": block_m if q_block_size is None else largest_dividing(q_block_size, block_m),
         "BLOCK_N": largest_dividing(kv_block_size, block_n),
         "HEAD_DIM": head_dim,

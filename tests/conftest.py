@@ -84,6 +84,28 @@ def kernels_with_tma(monkeypatch):
         yield probe
 
 
+@pytest.fixture
+def forward_warp_specialized(monkeypatch):
+    """The engine's forward with `ws` tiles (4 warps, every head-dim bound); yields the list of
+    whether each forward launch got the warp-specialised path."""
+    from sparse_attn import _engine_ops, tiles
+
+    made = []
+    real = _engine_ops.warp_specialize_args
+
+    def spy(config, **tensors):
+        flags = real(config, **tensors)
+        made.append(flags["WARP_SPECIALIZE"])
+        return flags
+
+    monkeypatch.setattr(_engine_ops, "warp_specialize_args", spy)
+    with contextlib.ExitStack() as stack:
+        for bound in tiles.HEAD_DIM_BOUNDS:
+            tile = tiles.TABLE["engine_fwd"][bound]._replace(num_warps=4, tma=False, ws=True)
+            stack.enter_context(tiles.override("engine_fwd", bound, tile))
+        yield made
+
+
 # Triton kernels run under the interpreter where no GPU is present; this must precede importing triton.
 if not torch.cuda.is_available():
     import os

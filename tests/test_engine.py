@@ -270,6 +270,79 @@ def test_tensor_descriptor_falls_back_when_tma_cannot_address(rng, kernels_with_
     assert kernels_with_tma.made == [False, False, False]
 
 
+# The warp-specialised forward masks every tile in one loop: a layout with blocks past the
+# diagonal, q shorter than k, ragged ends, head dim 96 (padded to 128), empty rows.
+WS_CASES = {
+    # batch, Hq, Hkv, Sq, Skv, dim, q block, kv block, density, layout drawn causal
+    "gqa_ragged_q_shorter": (2, 4, 2, 40, 72, 32, 16, 16, 0.6, True),
+    "future_blocks_multi_tile": (1, 2, 1, 96, 96, 32, 32, 32, 1.0, False),
+    "head_dim_96_sparse": (1, 2, 2, 64, 64, 96, 16, 16, 0.3, True),
+}
+
+
+@pytest.mark.parametrize("case", list(WS_CASES))
+def test_warp_specialized_forward_matches_reference(rng, forward_warp_specialized, case):
+    from sparse_attn import tiles
+
+    batch, hq, hkv, seq_q, seq_kv, dim, qb, kb, density, causal_layout = WS_CASES[case]
+    layout = random_layout(rng, batch, hq, seq_q, seq_kv, qb, kb, density, causal=causal_layout)
+    q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, torch.float16)
+    with tiles.override("engine_fwd", tiles.head_dim_bound(dim), tiles.Tile(16, 16, 4, 1, ws=True)):
+        check_against_reference(q, k, v, layout)
+    assert forward_warp_specialized == [True]
+
+
+def test_warp_specialized_varlen_equals_pointer_path(rng, forward_warp_specialized):
+    """Packed sequences (one empty) through per-sequence descriptors: the same tiles in the same order
+    as the pointer path, whose masking only adds exact zeros, so the outputs agree bit for bit."""
+    from sparse_attn import tiles
+
+    lengths, hq, hkv, dim, block = [37, 64, 0, 5], 4, 2, 32, 16
+    layout = random_layout(rng, len(lengths), hkv, max(lengths), max(lengths), block, block, 0.6)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(sum(lengths), h, dim, generator=rng).to(DEVICE, torch.float16) for h in (hq, hkv, hkv))
+    outputs = []
+    for ws in (True, False):
+        with tiles.override("engine_fwd", 64, tiles.Tile(16, 16, 4, 1, ws=ws)):
+            outputs.append(
+                block_sparse_attn_varlen(q, k, v, cu, cu, max(lengths), max(lengths), layout, return_lse=True)
+            )
+    assert forward_warp_specialized == [True, False]
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
+
+
+def test_warp_specialized_falls_back_when_tma_cannot_address(rng, forward_warp_specialized):
+    """Head dim 36 in fp16 gives 72-byte rows, not a multiple of 16: the pointer loads run instead."""
+    layout = random_layout(rng, 1, 2, 48, 48, 16, 16, 0.7)
+    q, k, v = make_qkv(rng, 1, 2, 1, 48, 48, 36, torch.float16)
+    check_against_reference(q, k, v, layout)
+    assert forward_warp_specialized == [False]
+
+
+def test_warp_specialized_launch_keeps_a_callers_allocator():
+    """The descriptors' scratch comes from Triton's allocator: the launch sets torch's only where none is set."""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    from sparse_attn.kernels import launch
+
+    def own(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    def run():  # in a copy of the context: the test leaves the process's allocator as it was
+        _allocation._allocator.set(_allocation._NULL_ALLOCATOR)
+        launch._ensure_allocator()
+        chosen = [_allocation._allocator.get()]
+        triton.set_allocator(own)
+        launch._ensure_allocator()
+        return chosen + [_allocation._allocator.get()]
+
+    assert contextvars.copy_context().run(run) == [launch._scratch, own]
+
+
 def test_opcheck_triton_ops(rng):
     layout = random_layout(rng, 1, 2, 32, 32, 16, 16, 0.5)
     q, k, v = make_qkv(rng, 1, 2, 2, 32, 32, 16, torch.float32)
@@ -324,11 +397,24 @@ def test_layout_mismatch_and_block_size_errors(rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", [64, 128])
-@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
-def test_gpu_real_sizes(rng, request, dtype, dim, tma):
-    if tma:
-        request.getfixturevalue("kernels_with_tma")
+@pytest.mark.parametrize("loads", ["pointers", "tma", "ws"])
+def test_gpu_real_sizes(rng, request, dtype, dim, loads):
+    fixture = {"tma": "kernels_with_tma", "ws": "forward_warp_specialized"}.get(loads)
+    probe = request.getfixturevalue(fixture) if fixture else None
     for batch, hq, hkv, seq_q, seq_kv, density in ((2, 8, 2, 1024, 1024, 0.3), (1, 8, 1, 700, 2100, 0.5)):
         layout = random_layout(rng, batch, hkv, seq_q, seq_kv, 128, 128, density)
         q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, dtype)
         check_against_reference(q, k, v, layout)
+    if loads == "ws":
+        assert probe == [True, True], "the H100 should take the warp-specialised forward"
+
+
+@pytest.mark.gpu
+def test_gpu_warp_specialized_forward_under_torch_compile(rng, forward_warp_specialized):
+    """Inductor launches the kernel itself (its own scratch allocator for the device-side descriptors)."""
+    layout = random_layout(rng, 1, 2, 2048, 2048, 128, 128, 0.4)
+    q, k, v = (t.detach() for t in make_qkv(rng, 1, 8, 2, 2048, 2048, 128, torch.bfloat16))
+    eager = block_sparse_attn(q, k, v, layout)
+    compiled = torch.compile(lambda q, k, v: block_sparse_attn(q, k, v, layout), fullgraph=True)(q, k, v)
+    assert forward_warp_specialized and all(forward_warp_specialized)
+    assert max_err(compiled, eager) <= 1e-2 * max(1.0, eager.abs().max().item())

@@ -65,7 +65,9 @@ def test_environment_then_override(monkeypatch):
         ('{"engine_fwd:128": [64, 64, 4]}', "BLOCK_M, BLOCK_N, num_warps, num_stages"),
         ('{"engine_fwd:128": [8, 64, 4, 2]}', ">= 16"),
         ('{"moba_dkdv:128": [64, 64, 4, 2, 1]}', "no tensor-descriptor"),
-        ('{"engine_fwd:128": [64, 64, 4, 2, 1, 0]}', "BLOCK_M, BLOCK_N, num_warps, num_stages"),
+        ('{"engine_fwd:128": [64, 64, 4, 2, 0, 1, 0]}', "BLOCK_M, BLOCK_N, num_warps, num_stages"),
+        ('{"moba_fwd:128": [64, 64, 4, 2, 0, 1]}', "no warp-specialised"),
+        ('{"engine_fwd:128": [64, 64, 4, 2, 1, 1]}', "tma must be off"),
     ],
 )
 def test_bad_environment_names_the_variable(monkeypatch, value, message):
@@ -98,6 +100,10 @@ def test_launch_config_divides_blocks_and_caps_fp32():
         assert tiles.launch_config("engine_fwd", q16, 128, 128)["USE_TMA"] is True
         assert tiles.launch_config("engine_fwd", q32, 128, 128)["USE_TMA"] is False  # fp32: pointer loads
     assert "USE_TMA" not in tiles.launch_config("moba_dkdv", q16, None, 128)  # no descriptor path there
+    with tiles.override("engine_fwd", 128, Tile(128, 64, 4, 3, ws=True)):
+        assert tiles.launch_config("engine_fwd", q16, 128, 128)["WARP_SPECIALIZE"] is True
+        assert tiles.launch_config("engine_fwd", q32, 128, 128)["WARP_SPECIALIZE"] is False
+    assert "WARP_SPECIALIZE" not in tiles.launch_config("engine_dq", q16, 128, 128)
 
 
 @pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
@@ -140,13 +146,16 @@ def test_tune_quick_sweeps_every_kernel_and_picks_a_matching_tile(monkeypatch):
         for row in mine:
             assert row["ok"], row
             assert row["ms"] > 0 and row["rel_diff_vs_default"] <= tune.QUICK["match_tolerance"]
-    # More than the default was tried: BLOCK_M 16 and tma fold into no other tile at these block sizes.
+    # More than the default was tried: BLOCK_M 16 and tma fold into no other tile at these block
+    # sizes, and the warp-specialised candidate runs under the interpreter too.
     assert [row["tile_text"] for row in rows if row["kernel"] == "engine_fwd"] == [
         "32x32 w4 s3",
         "16x32 w4 s3",
         "32x32 w4 s3 tma",
+        "16x32 w4 s1 ws",
     ]
     assert not any(row["tile"][4] for row in rows if row["kernel"] not in tiles.TMA_KERNELS and "tile" in row)
+    assert not any(row["tile"][5] for row in rows if row["kernel"] not in tiles.WS_KERNELS and "tile" in row)
     setting = tune.best_tiles_setting(rows)
     monkeypatch.setenv("SPARSE_ATTN_TILES", setting)  # the printed value is a valid setting
     for key, tile in json.loads(setting).items():

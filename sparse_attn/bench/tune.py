@@ -6,7 +6,8 @@ the fastest, with the `SPARSE_ATTN_TILES` value that applies them (`sparse_attn/
 Coordinate search per kernel: every single-field change of the default tile (BLOCK_M, BLOCK_N,
 warps, stages, and for the engine's row kernels K/V through tensor descriptors, `tma`), the
 config's `candidates` for that kernel (tiles several fields away that the compile check finds
-spill-free or nearly so with the GPU's triton), then the default with all improving single
+spill-free or nearly so with the GPU's triton, and the warp-specialised forward, `ws`, which takes
+4 warps and no `tma`, so it is never one field from a default), then the default with all improving single
 changes combined. `--kernels` (or the config's `kernels`) limits the sweep to some kernels, so that
 one device call can sweep and then benchmark with the winners. Each candidate runs under
 `tiles.override`; its output (or gradients) must match the default tile's, the same computation
@@ -43,6 +44,7 @@ from .quality import rel_error
 
 KERNELS = ("engine_fwd", "engine_dq", "engine_dkdv", "moba_fwd", "moba_dq", "moba_dkdv")
 SWEEPS = (*KERNELS, "moba_schedule")  # what `kernels` may name: the tiles, and MoBA's persistent schedule
+_WS_FORWARD_TILES = ((64, 3), (64, 2), (128, 2))  # (BLOCK_N, stages) of the warp-specialised forward candidates
 FULL = dict(
     engine=dict(seq_len=32768, batch=1, q_heads=32, kv_heads=8, head_dim=128, block=128, density=0.10),
     moba=dict(seq_len=65536, batch=2, heads=16, head_dim=128, block=128, topk=8),
@@ -56,7 +58,8 @@ FULL = dict(
     # Two or more fields from the default. Compile check, sm_90a, triton 3.6 (the H100's), D=128
     # bf16: spilled bytes; x2: both warpgroups compute the same scores.
     candidates={
-        "engine_fwd": [(128, 128, 8, 2, True)],  # 0
+        # 0; then warp-specialised (producer + two 64-row consumer warpgroups): 0 spills each
+        "engine_fwd": [(128, 128, 8, 2, True), *((128, n, 4, stages, False, True) for n, stages in _WS_FORWARD_TILES)],
         "engine_dq": [(64, 64, 4, 2, False)],  # 0 (8 varlen); one warpgroup, two programs an SM
         # 32x64: 16, x2 (beside the first run's 16x64); 32x128 through descriptors: 168
         "engine_dkdv": [(32, 64, 8, 2, False), (32, 128, 8, 2, True)],
@@ -77,7 +80,7 @@ QUICK = dict(  # the interpreter on the CPU: shows the sweep works (one change p
     num_warps=(),
     num_stages=(),
     tma=(True,),
-    candidates={"engine_dq": [(16, 32, 4, 1, True)]},
+    candidates={"engine_fwd": [(16, 32, 4, 1, False, True)], "engine_dq": [(16, 32, 4, 1, True)]},
     kernels=SWEEPS,
     item_rows=(32, 64),
     programs_per_sm=(2,),
@@ -148,8 +151,8 @@ def _try(row: dict, measure, baseline, tolerance: float) -> dict:
 
 def _single_changes(kernel: str, default: tiles.Tile, config) -> list[tuple[str, tiles.Tile]]:
     """(field, tile) for every tile that differs from the default in exactly that field (tma only
-    where the kernel has it)."""
-    fields = [f for f in tiles.Tile._fields if f != "tma" or kernel in tiles.TMA_KERNELS]
+    where the kernel has it; ws tiles are candidates)."""
+    fields = [f for f in tiles.Tile._fields if f != "ws" and (f != "tma" or kernel in tiles.TMA_KERNELS)]
     return [
         (field, default._replace(**{field: value}))
         for field in fields
@@ -163,7 +166,8 @@ def _effective(kernel: str, work: _Workload, tile: tiles.Tile) -> tuple:
     bound = tiles.head_dim_bound(work.qkv[0].shape[-1])
     with tiles.override(kernel, bound, tile):
         config = tiles.launch_config(kernel, work.qkv[0], work.q_block, work.kv_block)
-    return tuple(config.get(key, False) for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA"))
+    keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "WARP_SPECIALIZE")
+    return tuple(config.get(key, False) for key in keys)
 
 
 def _sweep_kernel(kernel: str, work: _Workload, config, device) -> list[dict]:
@@ -198,8 +202,8 @@ def _sweep_kernel(kernel: str, work: _Workload, config, device) -> list[dict]:
 
 
 def _text(effective: tuple) -> str:
-    block_m, block_n, warps, stages, tma = effective
-    return f"{block_m}x{block_n} w{warps} s{stages}" + (" tma" if tma else "")
+    block_m, block_n, warps, stages, tma, ws = effective
+    return f"{block_m}x{block_n} w{warps} s{stages}" + (" tma" if tma else "") + (" ws" if ws else "")
 
 
 @contextmanager

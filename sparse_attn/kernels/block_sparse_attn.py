@@ -155,6 +155,39 @@ def _rows_step(acc, m_i, l_i, q, do, lse_log2, delta, k, v, offs_m, start_n, len
 
 
 @triton.jit
+def _sequence_descriptor(base, seq_len, stride_s, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         HEAD_DIM_PAD: tl.constexpr):  # fmt: skip
+    """A device-side tensor descriptor over one sequence and head ([seq_len, HEAD_DIM] from `base`),
+    read in [ROWS, HEAD_DIM_PAD] boxes: TMA fills the rows past seq_len and the padded dims with 0.
+    An empty sequence gets one row (TMA takes no empty axis): its callers point `base` at a row that
+    exists and never keep what it reads."""
+    return tl.make_tensor_descriptor(base, [tl.maximum(seq_len, 1), HEAD_DIM], [stride_s, 1], [ROWS, HEAD_DIM_PAD])
+
+
+@triton.jit
+def _warp_specialized_rows(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, kv_list, count, offs_m, len_k,
+                           causal_shift, scale_log2, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """The forward over every selected key tile in one loop that Hopper's warp specialisation splits
+    into a TMA producer warpgroup and two consumer warpgroups of BLOCK_M / 2 rows each (FA3's
+    layout; it takes 4 warps, device-side descriptors, and a loop body without branches, so every
+    tile is masked: full blocks pay a compare and select, and a tile past the query tile's last key
+    computes nothing it keeps)."""
+    k_desc = _sequence_descriptor(k_base, len_k, stride_ks, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD)
+    v_desc = _sequence_descriptor(v_base, len_k, stride_vs, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD)
+    TILES: tl.constexpr = KV_BLOCK // BLOCK_N
+    tiles = tl.where(len_k > 0, count * TILES, 0)  # no descriptor read of an empty sequence
+    for it in tl.range(tiles, warp_specialize=True):
+        start_n = tl.load(kv_list + it // TILES) * KV_BLOCK + (it % TILES) * BLOCK_N
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+        acc, m_i, l_i = _rows_step(acc, m_i, l_i, q, q, m_i, l_i, k, v, offs_m, start_n, len_k, causal_shift,
+                                   scale_log2, BLOCK_N, True, CAUSAL, False, DOT_PRECISION)  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _block_sparse_rows_kernel(
     Q,
     K,
@@ -209,11 +242,12 @@ def _block_sparse_rows_kernel(
     BACKWARD: tl.constexpr,
     USE_TMA: tl.constexpr,
     WIDE_INDEX: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """One query tile over its selected blocks. Forward: O and LSE (written) from Q, K, V.
     BACKWARD: DQ = scale * sum of P * (dP - delta) K from Q, K, V, O = dO, LSE and DELTA (DQ shares
     Q's strides). USE_TMA: K and V tiles come through the tensor descriptors K_DESC, V_DESC
-    (`_seq_tile`; TMA on Hopper)."""
+    (`_seq_tile`; TMA on Hopper). WARP_SPECIALIZE (forward): `_warp_specialized_rows`."""
     stride_qb, stride_qh, stride_qs = _widen(stride_qb, stride_qh, stride_qs, WIDE_INDEX)
     stride_kb, stride_kh, stride_ks = _widen(stride_kb, stride_kh, stride_ks, WIDE_INDEX)
     stride_vb, stride_vh, stride_vs = _widen(stride_vb, stride_vh, stride_vs, WIDE_INDEX)
@@ -227,8 +261,9 @@ def _block_sparse_rows_kernel(
     h = bh % num_q_heads
     hk = h // group_size
     q_start, k_start, len_q, len_k = _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN)
-    if tile * BLOCK_M >= len_q:
-        return
+    if not WARP_SPECIALIZE:  # that pass rejects a kernel with an early return: its tiles past the end store nothing
+        if tile * BLOCK_M >= len_q:
+            return
     causal_shift = len_k - len_q
     lh = h // LAYOUT_HEAD_DIV
     q_block = tile * BLOCK_M // Q_BLOCK
@@ -240,9 +275,17 @@ def _block_sparse_rows_kernel(
     d_ok = offs_d[None, :] < HEAD_DIM
     row_ok = offs_m < len_q
     rows = (q_start + offs_m)[:, None]
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0
-    )
+    if WARP_SPECIALIZE:  # Hopper's warp specialisation rejects a loop after a masked pointer load
+        q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
+        q_base = tl.where(len_q > 0, q_base, Q)  # an empty sequence's one row: any row of Q (this one may end it)
+        q = _sequence_descriptor(q_base, len_q, stride_qs, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD).load([tile * BLOCK_M, 0])
+        count = tl.where(tile * BLOCK_M < len_q, count, 0)
+    else:
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :],
+            mask=row_ok[:, None] & d_ok,
+            other=0.0,
+        )
     stats = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
     # One accumulator: dQ / scale in the backward, the unnormalised output in the forward; the
     # softmax state (m_i, l_i) and the backward's inputs (do, lse_log2, delta) stand in for each other.
@@ -262,35 +305,41 @@ def _block_sparse_rows_kernel(
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by k_start
 
-    # Blocks below full_end lie inside the sequence and wholly before every row's position: no
-    # mask. The list ascends, so they are its first num_full entries, and the partial ones (the
-    # diagonal, the ragged end, any block past the tile) the rest.
-    full_end = len_k // KV_BLOCK
-    if CAUSAL:
-        full_end = tl.minimum(full_end, tl.maximum(tile * BLOCK_M + causal_shift + 1, 0) // KV_BLOCK)
-    num_full = _count_below(kv_list, count, full_end, True)
-    # Full blocks in one flat loop over their key tiles, so loads pipeline across blocks.
-    TILES: tl.constexpr = KV_BLOCK // BLOCK_N
-    for it in range(num_full * TILES):
-        start_n = tl.load(kv_list + it // TILES) * KV_BLOCK + (it % TILES) * BLOCK_N
-        k = _seq_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
-                      BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
-        v = _seq_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
-                      BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
-        acc, m_i, l_i = _rows_step(acc, m_i, l_i, q, do, lse_log2, delta, k, v, offs_m, start_n, len_k, causal_shift,
-                                   scale_log2, BLOCK_N, False, CAUSAL, BACKWARD, DOT_PRECISION)  # fmt: skip
-    # Partial blocks, cut at the last key any row of the tile may see (tiles wholly after it are skipped).
-    last_visible = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_q - 1) + causal_shift
-    for j in range(num_full, count):
-        kv_lo, kv_hi = _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK, CAUSAL)
-        for start_n in range(kv_lo, kv_hi, BLOCK_N):
+    if WARP_SPECIALIZE:
+        acc, m_i, l_i = _warp_specialized_rows(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, kv_list, count,
+                                               offs_m, len_k, causal_shift, scale_log2, KV_BLOCK, BLOCK_N, HEAD_DIM,
+                                               HEAD_DIM_PAD, CAUSAL, DOT_PRECISION)  # fmt: skip
+    else:
+        # Blocks below full_end lie inside the sequence and wholly before every row's position: no
+        # mask. The list ascends, so they are its first num_full entries, and the partial ones (the
+        # diagonal, the ragged end, any block past the tile) the rest.
+        full_end = len_k // KV_BLOCK
+        if CAUSAL:
+            full_end = tl.minimum(full_end, tl.maximum(tile * BLOCK_M + causal_shift + 1, 0) // KV_BLOCK)
+        num_full = _count_below(kv_list, count, full_end, True)
+        # Full blocks in one flat loop over their key tiles, so loads pipeline across blocks.
+        TILES: tl.constexpr = KV_BLOCK // BLOCK_N
+        for it in range(num_full * TILES):
+            start_n = tl.load(kv_list + it // TILES) * KV_BLOCK + (it % TILES) * BLOCK_N
             k = _seq_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
                           BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
             v = _seq_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
                           BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
             acc, m_i, l_i = _rows_step(acc, m_i, l_i, q, do, lse_log2, delta, k, v, offs_m, start_n, len_k,
-                                       causal_shift, scale_log2, BLOCK_N, True, CAUSAL, BACKWARD,
+                                       causal_shift, scale_log2, BLOCK_N, False, CAUSAL, BACKWARD,
                                        DOT_PRECISION)  # fmt: skip
+        # Partial blocks, cut at the last key any row of the tile may see (tiles wholly after it are skipped).
+        last_visible = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_q - 1) + causal_shift
+        for j in range(num_full, count):
+            kv_lo, kv_hi = _selected_key_range(kv_list, j, len_k, last_visible, KV_BLOCK, CAUSAL)
+            for start_n in range(kv_lo, kv_hi, BLOCK_N):
+                k = _seq_tile(K_DESC, k_base, stride_ks, desc_batch, hk, k_start, start_n, len_k,
+                              BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
+                v = _seq_tile(V_DESC, v_base, stride_vs, desc_batch, hk, k_start, start_n, len_k,
+                              BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
+                acc, m_i, l_i = _rows_step(acc, m_i, l_i, q, do, lse_log2, delta, k, v, offs_m, start_n, len_k,
+                                           causal_shift, scale_log2, BLOCK_N, True, CAUSAL, BACKWARD,
+                                           DOT_PRECISION)  # fmt: skip
 
     if BACKWARD:
         out_ptrs = DQ + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :]

@@ -1,8 +1,11 @@
 """How the ops launch a Triton kernel: through `torch.library.wrap_triton`, so torch.compile traces
-it, with K/V tensor descriptors for the kernels whose tile asks for them (`tma`)."""
+it, with K/V tensor descriptors for the kernels whose tile asks for them (`tma`), and device-side
+descriptors with a scratch allocator for the warp-specialised ones (`ws`)."""
 
 import os
 
+import torch
+import triton
 from torch.library import wrap_triton
 
 
@@ -31,17 +34,24 @@ def wide_index(*tensors) -> bool:
     return any(offset >= 2**31 for offset in reach)
 
 
-def _descriptor(t, block_shape):
-    """A tensor descriptor over t (batch, head, seq, dim), or None where TMA cannot address it: its
-    strides must be positive multiples of 16 bytes (a size-1 axis may take any) and its base aligned."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+def _tma_addressable(t) -> bool:
+    """Whether TMA can address t (batch, head, seq, dim): strides that are positive multiples of 16
+    bytes (a size-1 axis may take any) and a 16-byte aligned base."""
     size = t.element_size()
-    strides = [stride if extent > 1 else 16 // size for stride, extent in zip(t.stride()[:-1], t.shape[:-1])]
+    strides = [stride for stride, extent in zip(t.stride()[:-1], t.shape[:-1]) if extent > 1]
     traced = type(t).__name__ in ("FakeTensor", "FunctionalTensor")  # no storage while torch.compile traces
     misaligned = not traced and t.data_ptr() % 16
-    if t.numel() == 0 or misaligned or any(stride * size % 16 or stride <= 0 for stride in strides):
+    return not (t.numel() == 0 or misaligned or any(stride * size % 16 or stride <= 0 for stride in strides))
+
+
+def _descriptor(t, block_shape):
+    """A host-side tensor descriptor over t (batch, head, seq, dim), or None where TMA cannot address it."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if not _tma_addressable(t):
         return None
+    unit = 16 // t.element_size()  # any stride on a size-1 axis: TMA needs one it accepts
+    strides = [stride if extent > 1 else unit for stride, extent in zip(t.stride()[:-1], t.shape[:-1])]
     return TensorDescriptor(t, list(t.shape), [*strides, 1], block_shape)
 
 
@@ -59,3 +69,34 @@ def descriptor_args(config: dict, rows: str, **tensors) -> dict:
     descriptors = _descriptors(tensors, block_shape) if config.pop("USE_TMA") else None
     args = {f"{name}_DESC": (descriptors or {}).get(name) for name in tensors}
     return {**args, "USE_TMA": descriptors is not None}
+
+
+def _device_descriptors(device) -> bool:
+    """Whether kernels can make tensor descriptors on the device: Hopper or later, or the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side descriptors live in a global scratch buffer that Triton takes from its allocator:
+    set one (torch's caching allocator) unless the caller has set their own."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch)
+
+
+def warp_specialize_args(config: dict, **tensors) -> dict:
+    """WARP_SPECIALIZE for a kernel whose tile asks for it (takes it out of `config`): on where the
+    device can make tensor descriptors and TMA can address every tensor, else the pointer path."""
+    wanted = config.pop("WARP_SPECIALIZE")
+    on = wanted and _device_descriptors(next(iter(tensors.values())).device)
+    on = on and all(_tma_addressable(t) for t in tensors.values())
+    if on:
+        _ensure_allocator()
+    return {"WARP_SPECIALIZE": bool(on)}
