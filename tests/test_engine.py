@@ -313,11 +313,17 @@ def test_warp_specialized_varlen_equals_pointer_path(rng, forward_warp_specializ
 
 
 def test_warp_specialized_falls_back_when_tma_cannot_address(rng, forward_warp_specialized):
-    """Head dim 36 in fp16 gives 72-byte rows, not a multiple of 16: the pointer loads run instead."""
+    """Head dim 36 in fp16 gives 72-byte rows, not a multiple of 16; and a one-query q sliced from
+    wider rows (136-byte row stride on an axis of one row): the pointer loads run instead."""
     layout = random_layout(rng, 1, 2, 48, 48, 16, 16, 0.7)
     q, k, v = make_qkv(rng, 1, 2, 1, 48, 48, 36, torch.float16)
     check_against_reference(q, k, v, layout)
-    assert forward_warp_specialized == [False]
+    one_row = random_layout(rng, 1, 1, 1, 48, 16, 16, 1.0)
+    wide = torch.randn(1, 1, 1, 68, generator=rng).to(DEVICE, torch.float16)
+    q, k, v = wide[..., :64], *make_qkv(rng, 1, 1, 1, 1, 48, 64, torch.float16)[1:]
+    expected, _ = block_sparse_attention_reference(q, k, v, one_row)
+    assert max_err(block_sparse_attn(q, k.detach(), v.detach(), one_row), expected) < 2e-3
+    assert forward_warp_specialized == [False, False]
 
 
 def test_warp_specialized_launch_keeps_a_callers_allocator():

@@ -96,7 +96,9 @@ def warp_specialize_args(config: dict, **tensors) -> dict:
     device can make tensor descriptors and TMA can address every tensor, else the pointer path."""
     wanted = config.pop("WARP_SPECIALIZE")
     on = wanted and _device_descriptors(next(iter(tensors.values())).device)
-    on = on and all(_tma_addressable(t) for t in tensors.values())
+    # The kernel's descriptors step rows by the sequence stride even where a tensor has one row.
+    rows_aligned = (t.stride(-2) > 0 and t.stride(-2) * t.element_size() % 16 == 0 for t in tensors.values())
+    on = on and all(rows_aligned) and all(_tma_addressable(t) for t in tensors.values())
     if on:
         _ensure_allocator()
     return {"WARP_SPECIALIZE": bool(on)}
