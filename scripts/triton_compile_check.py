@@ -131,26 +131,19 @@ def _engine_launches(dtype, dim, varlen):
     _engine_ops.block_sparse_attn_bwd(out, lse, q, k, v, out, lse, *args[:2], *q_lists, *args[2:])
 
 
-def _with_tma(launches, dtype, dim, varlen):
-    """A family's launches with K/V through tensor descriptors in every kernel that has that path."""
+def _with_tiles(kernels, changes, launches, dtype, dim, varlen):
+    """A family's launches with `changes` applied to the default tiles of `kernels`: K/V through
+    tensor descriptors (`tma`), or the warp-specialised forward (`ws`, built for sm_90a only; fp32
+    launches take the pointer path with the tile's 4 warps, as they do at run time)."""
     bound = tiles.head_dim_bound(dim)
     with contextlib.ExitStack() as stack:
-        for kernel in tiles.TMA_KERNELS:
-            stack.enter_context(tiles.override(kernel, bound, tiles.lookup(kernel, dim)._replace(tma=True)))
+        for kernel in kernels:
+            stack.enter_context(tiles.override(kernel, bound, tiles.lookup(kernel, dim)._replace(**changes)))
         launches(dtype, dim, varlen)
 
 
-def _with_ws(launches, dtype, dim, varlen):
-    """A family's launches with the warp-specialised forward (`ws`, 4 warps) for 16-bit inputs, the
-    ones that take it (sm_90a only: on older GPUs the launch code runs the pointer path instead)."""
-    if dtype == torch.float32:
-        return
-    bound = tiles.head_dim_bound(dim)
-    with contextlib.ExitStack() as stack:
-        for kernel in tiles.WS_KERNELS:
-            tile = tiles.lookup(kernel, dim)._replace(num_warps=4, tma=False, ws=True)
-            stack.enter_context(tiles.override(kernel, bound, tile))
-        launches(dtype, dim, varlen)
+_TMA = functools.partial(_with_tiles, tiles.TMA_KERNELS, dict(tma=True))
+_WS = functools.partial(_with_tiles, tiles.WS_KERNELS, dict(num_warps=4, tma=False, ws=True))
 
 
 def _moba_launches(dtype, dim, varlen):
@@ -192,10 +185,10 @@ def _wide_launches(dtype, dim, varlen):
 
 FAMILIES = {
     "engine": _engine_launches,
-    "engine_tma": functools.partial(_with_tma, _engine_launches),
-    "engine_ws": functools.partial(_with_ws, _engine_launches),
+    "engine_tma": functools.partial(_TMA, _engine_launches),
+    "engine_ws": functools.partial(_WS, _engine_launches),
     "moba": _moba_launches,
-    "moba_tma": functools.partial(_with_tma, _moba_launches),
+    "moba_tma": functools.partial(_TMA, _moba_launches),
     "xattention": _xattention_launches,
     "wide": _wide_launches,
 }

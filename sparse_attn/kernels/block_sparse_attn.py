@@ -177,8 +177,7 @@ def _warp_specialized_rows(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_v
     k_desc = _sequence_descriptor(k_base, len_k, stride_ks, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD)
     v_desc = _sequence_descriptor(v_base, len_k, stride_vs, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD)
     TILES: tl.constexpr = KV_BLOCK // BLOCK_N
-    tiles = tl.where(len_k > 0, count * TILES, 0)  # no descriptor read of an empty sequence
-    for it in tl.range(tiles, warp_specialize=True):
+    for it in tl.range(count * TILES, warp_specialize=True):
         start_n = tl.load(kv_list + it // TILES) * KV_BLOCK + (it % TILES) * BLOCK_N
         k = k_desc.load([start_n, 0])
         v = v_desc.load([start_n, 0])
@@ -279,7 +278,9 @@ def _block_sparse_rows_kernel(
         q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
         q_base = tl.where(len_q > 0, q_base, Q)  # an empty sequence's one row: any row of Q (this one may end it)
         q = _sequence_descriptor(q_base, len_q, stride_qs, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD).load([tile * BLOCK_M, 0])
-        count = tl.where(tile * BLOCK_M < len_q, count, 0)
+        # Tiles past the sequence end (no early return there) and empty key sequences (no
+        # descriptor read of them) walk no block.
+        count = tl.where((tile * BLOCK_M < len_q) & (len_k > 0), count, 0)
     else:
         q = tl.load(
             Q + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :],
