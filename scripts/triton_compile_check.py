@@ -131,19 +131,29 @@ def _engine_launches(dtype, dim, varlen):
     _engine_ops.block_sparse_attn_bwd(out, lse, q, k, v, out, lse, *args[:2], *q_lists, *args[2:])
 
 
-def _with_tiles(kernels, changes, launches, dtype, dim, varlen):
-    """A family's launches with `changes` applied to the default tiles of `kernels`: K/V through
-    tensor descriptors (`tma`), or the warp-specialised forward (`ws`, built for sm_90a only; fp32
-    launches take the pointer path with the tile's 4 warps, as they do at run time)."""
+def _with_tiles(tile_for, launches, dtype, dim, varlen):
+    """A family's launches with the tiles `tile_for(kernel, head_dim)` gives (None: the default): K/V
+    through tensor descriptors (`tma`), or the warp-specialised tiles (`ws`, built for sm_90a only;
+    fp32 launches take the pointer path with the tile's 4 warps, as they do at run time)."""
     bound = tiles.head_dim_bound(dim)
     with contextlib.ExitStack() as stack:
-        for kernel in kernels:
-            stack.enter_context(tiles.override(kernel, bound, tiles.lookup(kernel, dim)._replace(**changes)))
+        for kernel in tiles.TABLE:
+            tile = tile_for(kernel, dim)
+            if tile is not None:
+                stack.enter_context(tiles.override(kernel, bound, tile))
         launches(dtype, dim, varlen)
 
 
-_TMA = functools.partial(_with_tiles, tiles.TMA_KERNELS, dict(tma=True))
-_WS = functools.partial(_with_tiles, tiles.WS_KERNELS, dict(num_warps=4, tma=False, ws=True))
+def _tma_tile(kernel, dim):
+    return tiles.lookup(kernel, dim)._replace(tma=True) if kernel in tiles.TMA_KERNELS else None
+
+
+def _ws_tile(kernel, dim):
+    return tiles.WS_TILES.get(kernel, {}).get(tiles.head_dim_bound(dim))
+
+
+_TMA = functools.partial(_with_tiles, _tma_tile)
+_WS = functools.partial(_with_tiles, _ws_tile)
 
 
 def _moba_launches(dtype, dim, varlen):
@@ -241,6 +251,19 @@ def _mma_copies(ttgir: str) -> int:
     return max((rows_per_layout[name] // int(rows) for rows, name in dots), default=1)
 
 
+# The tile axis that a warp-specialised kernel's consumer warpgroups split between them.
+_WS_SPLIT_AXIS = {"_block_sparse_dkdv_kernel": "BLOCK_N"}
+
+
+def _ws_copies(ttgir: str, split_rows: int) -> int:
+    """How many consumer warpgroups of a warp-specialised loop compute each row of the split axis:
+    1 when they split it (two 64-row halves of 128), 2 when triton 3.6 could not split it and gave
+    each consumer the whole tile (64 rows): the same work twice (triton-lang/triton#10436)."""
+    partitions = re.split(r"\n\s*partition\d+\(", ttgir)[1:]
+    rows = [re.search(r"warp_group_dot [^\n]*-> tensor<(\d+)x", p) for p in partitions]
+    return max(sum(int(match.group(1)) for match in rows if match) // split_rows, 1)
+
+
 def _compile(job) -> tuple:
     """Compiles launch `index` of the recorded list for `arch` (in a worker process, which records again)."""
     index, arch, families = job
@@ -258,8 +281,12 @@ def _compile(job) -> tuple:
         shared = compiled.metadata.shared
         result = f"FAILED: shared memory {shared} B > {shared_limit} B" if shared > shared_limit else "ok"
         copies = _mma_copies(ttgir)
-        if kwargs.get("WARP_SPECIALIZE") and "ttg.warp_specialize(" not in ttgir:
-            result = "FAILED: a ws tile whose loop the compiler did not warp-specialise"
+        if kwargs.get("WARP_SPECIALIZE"):
+            copies = max(copies, _ws_copies(ttgir, kwargs[_WS_SPLIT_AXIS.get(kernel.fn.__name__, "BLOCK_M")]))
+            if "ttg.warp_specialize(" not in ttgir:
+                result = "FAILED: a ws tile whose loop the compiler did not warp-specialise"
+            elif copies > 1:
+                result = f"FAILED: {copies} consumer warpgroups of a ws tile compute the same rows"
         default_tile = not any(kwargs.get(flag) for flag in ("USE_TMA", "WARP_SPECIALIZE", "WIDE_INDEX"))
         if arch == "sm_90a" and default_tile and _is_16_bit(kargs):
             if stack:

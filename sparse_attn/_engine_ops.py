@@ -134,7 +134,15 @@ def _launch(kernel, name, q, k, v, o, lse, outputs, lists, cu_q, cu_k, heads, si
         tiled = dict(Q=q, DO=o) if name == "dkdv" else dict(K=k, V=v)
         flags = {**flags, **descriptor_args(config, "BLOCK_M" if name == "dkdv" else "BLOCK_N", **tiled)}
     if "WARP_SPECIALIZE" in config:
-        flags = {**flags, **warp_specialize_args(config, Q=q, K=k, V=v)}
+        # Every tile a ws kernel reads comes through a device-side descriptor (`o` is dO in the backward).
+        read = dict(Q=q, K=k, V=v) if name == "fwd" else dict(Q=q, K=k, V=v, DO=o)
+        grouped = ("Q", "DO") if name == "dkdv" else ()  # the dK/dV loop walks a GQA group's query heads
+        stats = (lse, outputs[0]) if name == "dq" else ()  # dQ reads LSE and delta through descriptors,
+        if name == "dq" and varlen:  # whose boxes start 16-byte aligned: packed sequences start anywhere
+            config["WARP_SPECIALIZE"] = False
+        flags = {**flags, **warp_specialize_args(config, grouped, stats, **read)}
+    if name == "dkdv":
+        flags = {**flags, "GROUP_PAD": triton.next_power_of_2(q.shape[1] // k.shape[1])}
     tiles = triton.cdiv(seq_len_kv, config["BLOCK_N"]) if name == "dkdv" else triton.cdiv(seq_len_q, config["BLOCK_M"])
     launcher(kernel)[(tiles, batch * heads)](
         q, k, v, o, lse, *outputs, *lists, cu_q, cu_k,

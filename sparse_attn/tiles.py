@@ -42,7 +42,25 @@ TMA_KERNELS = ("engine_fwd", "engine_dq", "engine_dkdv", "moba_fwd", "moba_dq")
 # Kernels with a warp-specialised loop (`ws`): a TMA producer warpgroup feeding two consumer
 # warpgroups (FA3's split). Triton 3.6 builds it on Hopper from 4-warp tiles only, with device-side
 # descriptors (no `tma`); elsewhere (an A100, fp32) the same tile runs the pointer path.
-WS_KERNELS = ("engine_fwd",)
+WS_KERNELS = ("engine_fwd", "engine_dq", "engine_dkdv")
+# The ws tile of each kernel and head-dim bound (not defaults: the compile check builds them and
+# the tile sweep times them). The consumers split the query tile (forward, dQ) or the key tile
+# (dK/dV) into two 64-row halves, so that axis takes 128: with 64, triton 3.6 gives both consumers
+# the whole tile (the same work twice). Compile check, sm_90a, triton 3.6: no spills; no dK/dV
+# tile at head dim 256 avoids them (its fp32 dK and dV of 64 keys each take 256 registers).
+WS_TILES: dict[str, dict[int, Tile]] = {
+    "engine_fwd": {
+        64: Tile(128, 64, 4, 3, ws=True),
+        128: Tile(128, 64, 4, 3, ws=True),
+        256: Tile(128, 32, 4, 2, ws=True),
+    },
+    "engine_dq": {
+        64: Tile(128, 64, 4, 2, ws=True),
+        128: Tile(128, 64, 4, 2, ws=True),
+        256: Tile(128, 32, 4, 2, ws=True),
+    },
+    "engine_dkdv": {64: Tile(32, 128, 4, 2, ws=True), 128: Tile(16, 128, 4, 2, ws=True)},
+}
 
 
 HEAD_DIM_BOUNDS = (64, 128, 256)

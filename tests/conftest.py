@@ -84,26 +84,46 @@ def kernels_with_tma(monkeypatch):
         yield probe
 
 
+class WarpSpecializeProbe:
+    """`made`: per launch of a kernel whose tile asks for `ws` (forward, dQ, dK/dV in launch order),
+    whether it got the warp-specialised path."""
+
+    def __init__(self):
+        self.made = []
+
+    @staticmethod
+    def small_tiles(head_dim: int, ws: bool = True):
+        """16x16 tiles, ws or not, for every warp-specialised kernel at this head dim: the
+        interpreter's speed, and the same tiles in the same order on both paths."""
+        from sparse_attn import tiles
+
+        stack = contextlib.ExitStack()
+        for kernel in tiles.WS_KERNELS:
+            tile = tiles.Tile(16, 16, 4, 1, ws=ws)
+            stack.enter_context(tiles.override(kernel, tiles.head_dim_bound(head_dim), tile))
+        return stack
+
+
 @pytest.fixture
-def forward_warp_specialized(monkeypatch):
-    """The engine's forward with `ws` tiles (4 warps, every head-dim bound); yields the list of
-    whether each forward launch got the warp-specialised path."""
+def warp_specialized(monkeypatch):
+    """The engine's kernels with their `ws` tiles (tiles.WS_TILES; the default where a head-dim
+    bound has none); yields a WarpSpecializeProbe."""
     from sparse_attn import _engine_ops, tiles
 
-    made = []
+    probe = WarpSpecializeProbe()
     real = _engine_ops.warp_specialize_args
 
-    def spy(config, **tensors):
-        flags = real(config, **tensors)
-        made.append(flags["WARP_SPECIALIZE"])
+    def spy(config, *args, **tensors):
+        flags = real(config, *args, **tensors)
+        probe.made.append(flags["WARP_SPECIALIZE"])
         return flags
 
     monkeypatch.setattr(_engine_ops, "warp_specialize_args", spy)
     with contextlib.ExitStack() as stack:
-        for bound in tiles.HEAD_DIM_BOUNDS:
-            tile = tiles.TABLE["engine_fwd"][bound]._replace(num_warps=4, tma=False, ws=True)
-            stack.enter_context(tiles.override("engine_fwd", bound, tile))
-        yield made
+        for kernel, by_bound in tiles.WS_TILES.items():
+            for bound, tile in by_bound.items():
+                stack.enter_context(tiles.override(kernel, bound, tile))
+        yield probe
 
 
 # Triton kernels run under the interpreter where no GPU is present; this must precede importing triton.

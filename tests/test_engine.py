@@ -270,49 +270,56 @@ def test_tensor_descriptor_falls_back_when_tma_cannot_address(rng, kernels_with_
     assert kernels_with_tma.made == [False, False, False]
 
 
-# The warp-specialised forward masks every tile in one loop: a layout with blocks past the
-# diagonal, q shorter than k, ragged ends, head dim 96 (padded to 128), empty rows.
+# The warp-specialised kernels mask every tile in one loop (dK/dV: one loop over the GQA group's
+# heads too): layouts with blocks past the diagonal, q shorter than k, ragged ends, head dim 96
+# (padded to 128), empty rows, query heads whose lists are empty between others, a layout per KV
+# head and one broadcast over heads.
 WS_CASES = {
-    # batch, Hq, Hkv, Sq, Skv, dim, q block, kv block, density, layout drawn causal
-    "gqa_ragged_q_shorter": (2, 4, 2, 40, 72, 32, 16, 16, 0.6, True),
-    "future_blocks_multi_tile": (1, 2, 1, 96, 96, 32, 32, 32, 1.0, False),
-    "head_dim_96_sparse": (1, 2, 2, 64, 64, 96, 16, 16, 0.3, True),
+    # batch, Hq, Hkv, layout heads, Sq, Skv, dim, q block, kv block, density, layout drawn causal
+    "gqa_ragged_q_shorter": (2, 4, 2, 4, 40, 72, 32, 16, 16, 0.6, True),
+    "future_blocks_multi_tile": (1, 2, 1, 2, 96, 96, 32, 32, 32, 1.0, False),
+    "head_dim_96_sparse": (1, 2, 2, 2, 64, 64, 96, 16, 16, 0.3, True),
+    "group_of_4_sparse_heads": (1, 8, 2, 8, 64, 80, 32, 16, 16, 0.25, True),
+    "layout_per_kv_head": (2, 4, 1, 1, 48, 48, 32, 16, 16, 0.5, True),
+    "layout_broadcast_wide_blocks": (1, 4, 2, 1, 64, 64, 32, 32, 16, 0.5, True),
 }
 
 
 @pytest.mark.parametrize("case", list(WS_CASES))
-def test_warp_specialized_forward_matches_reference(rng, forward_warp_specialized, case):
-    from sparse_attn import tiles
-
-    batch, hq, hkv, seq_q, seq_kv, dim, qb, kb, density, causal_layout = WS_CASES[case]
-    layout = random_layout(rng, batch, hq, seq_q, seq_kv, qb, kb, density, causal=causal_layout)
+def test_warp_specialized_kernels_match_reference(rng, warp_specialized, case):
+    batch, hq, hkv, layout_heads, seq_q, seq_kv, dim, qb, kb, density, causal_layout = WS_CASES[case]
+    layout = random_layout(rng, batch, layout_heads, seq_q, seq_kv, qb, kb, density, causal=causal_layout)
     q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, torch.float16)
-    with tiles.override("engine_fwd", tiles.head_dim_bound(dim), tiles.Tile(16, 16, 4, 1, ws=True)):
+    with warp_specialized.small_tiles(dim):
         check_against_reference(q, k, v, layout)
-    assert forward_warp_specialized == [True]
+    assert warp_specialized.made == [True, True, True]  # forward, dQ, dK/dV
 
 
-def test_warp_specialized_varlen_equals_pointer_path(rng, forward_warp_specialized):
-    """Packed sequences (one empty) through per-sequence descriptors: the same tiles in the same order
-    as the pointer path, whose masking only adds exact zeros, so the outputs agree bit for bit."""
-    from sparse_attn import tiles
-
-    lengths, hq, hkv, dim, block = [37, 64, 0, 5], 4, 2, 32, 16
+def test_warp_specialized_varlen_matches_pointer_path(rng, warp_specialized):
+    """Packed sequences (one empty) through per-sequence descriptors. The forward walks the same tiles
+    in the same order as the pointer path, whose masking only adds exact zeros: bit for bit. dK/dV
+    sums its query tiles in list order, the pointer path full blocks first: to rounding. dQ takes
+    the pointer path (its LSE boxes would start inside a 16-byte unit)."""
+    lengths, hq, hkv, dim, block = [37, 64, 0, 7], 4, 2, 32, 16
     layout = random_layout(rng, len(lengths), hkv, max(lengths), max(lengths), block, block, 0.6)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     q, k, v = (torch.randn(sum(lengths), h, dim, generator=rng).to(DEVICE, torch.float16) for h in (hq, hkv, hkv))
-    outputs = []
+    grad = torch.randn(q.shape, generator=rng).to(DEVICE, torch.float16)
+    results = []
     for ws in (True, False):
-        with tiles.override("engine_fwd", 64, tiles.Tile(16, 16, 4, 1, ws=ws)):
-            outputs.append(
-                block_sparse_attn_varlen(q, k, v, cu, cu, max(lengths), max(lengths), layout, return_lse=True)
-            )
-    assert forward_warp_specialized == [True, False]
-    for a, b in zip(*outputs):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with warp_specialized.small_tiles(dim, ws=ws):
+            out, lse = block_sparse_attn_varlen(*leaves, cu, cu, max(lengths), max(lengths), layout, return_lse=True)
+            results.append((out, lse, *torch.autograd.grad(out, leaves, grad)))
+    assert warp_specialized.made == [True, False, True, False, False, False]
+    (out, lse, dq, dk, dv), (out_p, lse_p, dq_p, dk_p, dv_p) = results
+    for a, b in ((out, out_p), (lse, lse_p), (dq, dq_p)):
         assert torch.equal(a, b)
+    for a, b in ((dk, dk_p), (dv, dv_p)):
+        assert max_err(a, b) <= 2e-3 * max(1.0, b.abs().max().item())
 
 
-def test_warp_specialized_falls_back_when_tma_cannot_address(rng, forward_warp_specialized):
+def test_warp_specialized_falls_back_when_tma_cannot_address(rng, warp_specialized):
     """Head dim 36 in fp16 gives 72-byte rows, not a multiple of 16; and a one-query q sliced from
     wider rows (136-byte row stride on an axis of one row): the pointer loads run instead."""
     layout = random_layout(rng, 1, 2, 48, 48, 16, 16, 0.7)
@@ -323,7 +330,31 @@ def test_warp_specialized_falls_back_when_tma_cannot_address(rng, forward_warp_s
     q, k, v = wide[..., :64], *make_qkv(rng, 1, 1, 1, 1, 48, 64, torch.float16)[1:]
     expected, _ = block_sparse_attention_reference(q, k, v, one_row)
     assert max_err(block_sparse_attn(q, k.detach(), v.detach(), one_row), expected) < 2e-3
-    assert forward_warp_specialized == [False, False]
+    assert warp_specialized.made == [False, False, False, False]
+
+
+def test_warp_specialized_dq_falls_back_on_unaligned_row_statistics(rng, warp_specialized):
+    """dQ reads LSE and delta rows through descriptors: 42 queries give 168-byte rows, so dQ alone
+    takes the pointer path."""
+    layout = random_layout(rng, 1, 2, 42, 42, 16, 16, 0.7)
+    q, k, v = make_qkv(rng, 1, 2, 1, 42, 42, 32, torch.float16)
+    with warp_specialized.small_tiles(32):
+        check_against_reference(q, k, v, layout)
+    assert warp_specialized.made == [True, False, True]
+
+
+def test_warp_specialize_args_checks_the_group_head_stride():
+    """The dK/dV loop steps a GQA group's query heads by their stride, even a group of one head: a
+    stride that is not a multiple of 16 bytes keeps the pointer path (the forward does not step it)."""
+    from sparse_attn.kernels import launch
+
+    head_stride = 128 * 32 + 4  # 8200 bytes in fp16
+    q = torch.randn(head_stride, device=DEVICE, dtype=torch.float16).as_strided(
+        (1, 1, 128, 32), (0, head_stride, 32, 1)
+    )
+    k = torch.randn(1, 1, 128, 32, device=DEVICE, dtype=torch.float16)
+    flags = [launch.warp_specialize_args({"WARP_SPECIALIZE": True}, grouped, Q=q, K=k) for grouped in ((), ("Q",))]
+    assert [f["WARP_SPECIALIZE"] for f in flags] == [True, False]
 
 
 def test_warp_specialized_launch_keeps_a_callers_allocator():
@@ -405,22 +436,29 @@ def test_layout_mismatch_and_block_size_errors(rng):
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("loads", ["pointers", "tma", "ws"])
 def test_gpu_real_sizes(rng, request, dtype, dim, loads):
-    fixture = {"tma": "kernels_with_tma", "ws": "forward_warp_specialized"}.get(loads)
+    fixture = {"tma": "kernels_with_tma", "ws": "warp_specialized"}.get(loads)
     probe = request.getfixturevalue(fixture) if fixture else None
     for batch, hq, hkv, seq_q, seq_kv, density in ((2, 8, 2, 1024, 1024, 0.3), (1, 8, 1, 700, 2100, 0.5)):
         layout = random_layout(rng, batch, hkv, seq_q, seq_kv, 128, 128, density)
         q, k, v = make_qkv(rng, batch, hq, hkv, seq_q, seq_kv, dim, dtype)
         check_against_reference(q, k, v, layout)
-    if loads == "ws":
-        assert probe == [True, True], "the H100 should take the warp-specialised forward"
+    if loads == "ws":  # forward, dQ, dK/dV of each case
+        assert probe.made == [True] * 6, "the H100 should take every warp-specialised kernel"
 
 
 @pytest.mark.gpu
-def test_gpu_warp_specialized_forward_under_torch_compile(rng, forward_warp_specialized):
-    """Inductor launches the kernel itself (its own scratch allocator for the device-side descriptors)."""
+def test_gpu_warp_specialized_kernels_under_torch_compile(rng, warp_specialized):
+    """Inductor launches the kernels itself (its own scratch allocator for the device-side descriptors)."""
     layout = random_layout(rng, 1, 2, 2048, 2048, 128, 128, 0.4)
-    q, k, v = (t.detach() for t in make_qkv(rng, 1, 8, 2, 2048, 2048, 128, torch.bfloat16))
-    eager = block_sparse_attn(q, k, v, layout)
-    compiled = torch.compile(lambda q, k, v: block_sparse_attn(q, k, v, layout), fullgraph=True)(q, k, v)
-    assert forward_warp_specialized and all(forward_warp_specialized)
-    assert max_err(compiled, eager) <= 1e-2 * max(1.0, eager.abs().max().item())
+    q, k, v = make_qkv(rng, 1, 8, 2, 2048, 2048, 128, torch.bfloat16)
+    grad = torch.randn(q.shape, generator=rng).to(DEVICE, torch.bfloat16)
+
+    def attend_and_differentiate(q, k, v):
+        out = block_sparse_attn(q, k, v, layout)
+        return out, *torch.autograd.grad(out, (q, k, v), grad)
+
+    eager = attend_and_differentiate(q, k, v)
+    compiled = torch.compile(attend_and_differentiate)(q, k, v)
+    assert warp_specialized.made and all(warp_specialized.made)
+    for a, b in zip(compiled, eager):
+        assert max_err(a, b) <= 1e-2 * max(1.0, b.abs().max().item())

@@ -103,7 +103,17 @@ def test_launch_config_divides_blocks_and_caps_fp32():
     with tiles.override("engine_fwd", 128, Tile(128, 64, 4, 3, ws=True)):
         assert tiles.launch_config("engine_fwd", q16, 128, 128)["WARP_SPECIALIZE"] is True
         assert tiles.launch_config("engine_fwd", q32, 128, 128)["WARP_SPECIALIZE"] is False
-    assert "WARP_SPECIALIZE" not in tiles.launch_config("engine_dq", q16, 128, 128)
+    assert "WARP_SPECIALIZE" not in tiles.launch_config("moba_dq", q16, None, 128)
+
+
+def test_ws_tiles_split_into_two_64_row_consumers():
+    """Each ws tile is one the kernels take (4 warps, no tma) whose split axis (keys in dK/dV, else
+    queries) holds two 64-row halves: with fewer, triton 3.6 gives both consumers the whole tile."""
+    for kernel, by_bound in tiles.WS_TILES.items():
+        assert kernel in tiles.WS_KERNELS and set(by_bound) <= set(tiles.HEAD_DIM_BOUNDS)
+        for tile in by_bound.values():
+            assert tile.ws and not tile.tma and tile.num_warps == 4
+            assert (tile.block_n if kernel == "engine_dkdv" else tile.block_m) == 128
 
 
 @pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
@@ -154,6 +164,7 @@ def test_tune_quick_sweeps_every_kernel_and_picks_a_matching_tile(monkeypatch):
         "32x32 w4 s3 tma",
         "16x32 w4 s1 ws",
     ]
+    assert "16x32 w4 s1 ws" in [row["tile_text"] for row in rows if row["kernel"] == "engine_dkdv"]
     assert not any(row["tile"][4] for row in rows if row["kernel"] not in tiles.TMA_KERNELS and "tile" in row)
     assert not any(row["tile"][5] for row in rows if row["kernel"] not in tiles.WS_KERNELS and "tile" in row)
     setting = tune.best_tiles_setting(rows)

@@ -6,10 +6,11 @@ the fastest, with the `SPARSE_ATTN_TILES` value that applies them (`sparse_attn/
 Coordinate search per kernel: every single-field change of the default tile (BLOCK_M, BLOCK_N,
 warps, stages, and for the engine's row kernels K/V through tensor descriptors, `tma`), the
 config's `candidates` for that kernel (tiles several fields away that the compile check finds
-spill-free or nearly so with the GPU's triton, and the warp-specialised forward, `ws`, which takes
-4 warps and no `tma`, so it is never one field from a default), then the default with all improving single
-changes combined. `--kernels` (or the config's `kernels`) limits the sweep to some kernels, so that
-one device call can sweep and then benchmark with the winners. Each candidate runs under
+spill-free or nearly so with the GPU's triton) and its `ws_candidates` (the engine's
+warp-specialised tiles, which take 4 warps and no `tma`, so they are never one field from a
+default), then the default with all improving single changes combined. `--kernels` (or the
+config's `kernels`) limits the sweep to some kernels, so that one device call can sweep and then
+benchmark with the winners. Each candidate runs under
 `tiles.override`; its output (or gradients) must match the default tile's, the same computation
 in another summation order, within `match_tolerance` (relative), so a candidate that miscompiles is
 recorded and never chosen; one that fails to compile records the error. MoBA's persistent schedule
@@ -44,7 +45,14 @@ from .quality import rel_error
 
 KERNELS = ("engine_fwd", "engine_dq", "engine_dkdv", "moba_fwd", "moba_dq", "moba_dkdv")
 SWEEPS = (*KERNELS, "moba_schedule")  # what `kernels` may name: the tiles, and MoBA's persistent schedule
-_WS_FORWARD_TILES = ((64, 3), (64, 2), (128, 2))  # (BLOCK_N, stages) of the warp-specialised forward candidates
+# Warp-specialised candidates at head dim 128 (tiles.WS_TILES and variants): 4 warps, no `tma`.
+# Compile check, sm_90a, triton 3.6: producer + two consumer warpgroups, each a 64-row half of the
+# query tile (forward, dQ) or key tile (dK/dV); shared KB; spills 0 unless noted.
+_WS_CANDIDATES = {
+    "engine_fwd": [(128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 4, 2)],  # 144, 112, 176
+    "engine_dq": [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2)],  # 145, 177, 214
+    "engine_dkdv": [(16, 128, 4, 2), (16, 128, 4, 3), (32, 128, 4, 2)],  # 96, 104, 115 (8 B spilled)
+}
 FULL = dict(
     engine=dict(seq_len=32768, batch=1, q_heads=32, kv_heads=8, head_dim=128, block=128, density=0.10),
     moba=dict(seq_len=65536, batch=2, heads=16, head_dim=128, block=128, topk=8),
@@ -58,13 +66,13 @@ FULL = dict(
     # Two or more fields from the default. Compile check, sm_90a, triton 3.6 (the H100's), D=128
     # bf16: spilled bytes; x2: both warpgroups compute the same scores.
     candidates={
-        # 0; then warp-specialised (producer + two 64-row consumer warpgroups): 0 spills each
-        "engine_fwd": [(128, 128, 8, 2, True), *((128, n, 4, stages, False, True) for n, stages in _WS_FORWARD_TILES)],
+        "engine_fwd": [(128, 128, 8, 2, True)],  # 0
         "engine_dq": [(64, 64, 4, 2, False)],  # 0 (8 varlen); one warpgroup, two programs an SM
         # 32x64: 16, x2 (beside the first run's 16x64); 32x128 through descriptors: 168
         "engine_dkdv": [(32, 64, 8, 2, False), (32, 128, 8, 2, True)],
         "moba_dq": [(64, 32, 8, 2, False)],  # 0 x2 (the first run's)
     },
+    ws_candidates=_WS_CANDIDATES,
     kernels=SWEEPS,
     item_rows=(256, 512, 1024, 2048, 4096),
     programs_per_sm=(1, 2, 4),
@@ -80,7 +88,8 @@ QUICK = dict(  # the interpreter on the CPU: shows the sweep works (one change p
     num_warps=(),
     num_stages=(),
     tma=(True,),
-    candidates={"engine_fwd": [(16, 32, 4, 1, False, True)], "engine_dq": [(16, 32, 4, 1, True)]},
+    candidates={"engine_dq": [(16, 32, 4, 1, True)]},
+    ws_candidates={"engine_fwd": [(16, 32, 4, 1)], "engine_dkdv": [(16, 32, 4, 1)]},
     kernels=SWEEPS,
     item_rows=(32, 64),
     programs_per_sm=(2,),
@@ -195,6 +204,8 @@ def _sweep_kernel(kernel: str, work: _Workload, config, device) -> list[dict]:
             improving[field] = (row["ms"], getattr(tile, field))
     for tile in config["candidates"].get(kernel, ()):
         run(tiles.Tile(*tile))
+    for tile in config["ws_candidates"].get(kernel, ()):
+        run(tiles.Tile(*tile, ws=True))
     if len(improving) > 1:
         run(default._replace(**{field: value for field, (_, value) in improving.items()}))
     _mark_speedups(rows)

@@ -165,15 +165,15 @@ def _sequence_descriptor(base, seq_len, stride_s, ROWS: tl.constexpr, HEAD_DIM: 
 
 
 @triton.jit
-def _warp_specialized_rows(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, kv_list, count, offs_m, len_k,
-                           causal_shift, scale_log2, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """The forward over every selected key tile in one loop that Hopper's warp specialisation splits
+def _warp_specialized_rows(acc, m_i, l_i, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, kv_list,
+                           count, offs_m, len_k, causal_shift, scale_log2, KV_BLOCK: tl.constexpr,
+                           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                           CAUSAL: tl.constexpr, BACKWARD: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """A query tile over every selected key tile in one loop that Hopper's warp specialisation splits
     into a TMA producer warpgroup and two consumer warpgroups of BLOCK_M / 2 rows each (FA3's
     layout; it takes 4 warps, device-side descriptors, and a loop body without branches, so every
     tile is masked: full blocks pay a compare and select, and a tile past the query tile's last key
-    computes nothing it keeps)."""
+    computes nothing it keeps). Forward or BACKWARD (dQ), as `_rows_step`."""
     k_desc = _sequence_descriptor(k_base, len_k, stride_ks, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD)
     v_desc = _sequence_descriptor(v_base, len_k, stride_vs, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD)
     TILES: tl.constexpr = KV_BLOCK // BLOCK_N
@@ -181,9 +181,32 @@ def _warp_specialized_rows(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_v
         start_n = tl.load(kv_list + it // TILES) * KV_BLOCK + (it % TILES) * BLOCK_N
         k = k_desc.load([start_n, 0])
         v = v_desc.load([start_n, 0])
-        acc, m_i, l_i = _rows_step(acc, m_i, l_i, q, q, m_i, l_i, k, v, offs_m, start_n, len_k, causal_shift,
-                                   scale_log2, BLOCK_N, True, CAUSAL, False, DOT_PRECISION)  # fmt: skip
+        acc, m_i, l_i = _rows_step(acc, m_i, l_i, q, do, lse_log2, delta, k, v, offs_m, start_n, len_k, causal_shift,
+                                   scale_log2, BLOCK_N, True, CAUSAL, BACKWARD, DOT_PRECISION)  # fmt: skip
     return acc, m_i, l_i
+
+
+@triton.jit
+def _stats_tile(base, extent, start, ROWS: tl.constexpr):
+    """ROWS fp32 entries from `start` of one head's row (`base`, `extent` entries) of a contiguous LSE
+    or delta, through a device-side descriptor: 0 past the row; a packed row's next sequence there."""
+    return tl.make_tensor_descriptor(base, [extent], [1], [ROWS]).load([start])
+
+
+@triton.jit
+def _row_tile(BASE, b, h, seq_start, tile, seq_len, stride_b, stride_h, stride_s, ROWS: tl.constexpr,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):  # fmt: skip
+    """Rows tile * ROWS + [0, ROWS) of one sequence and head of Q, dO, K or V, 0 past seq_len and the
+    head dim: through a device-side descriptor under WARP_SPECIALIZE (that pass rejects a loop after
+    a masked pointer load of a tile), else a masked load."""
+    base = BASE + b * stride_b + h * stride_h + seq_start * stride_s
+    if WARP_SPECIALIZE:
+        base = tl.where(seq_len > 0, base, BASE)  # an empty sequence's one row: any row (this one may end it)
+        return _sequence_descriptor(base, seq_len, stride_s, ROWS, HEAD_DIM, HEAD_DIM_PAD).load([tile * ROWS, 0])
+    offs = tile * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    ok = (offs < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return tl.load(base + offs[:, None] * stride_s + offs_d[None, :], mask=ok, other=0.0)
 
 
 @triton.jit
@@ -274,19 +297,10 @@ def _block_sparse_rows_kernel(
     d_ok = offs_d[None, :] < HEAD_DIM
     row_ok = offs_m < len_q
     rows = (q_start + offs_m)[:, None]
-    if WARP_SPECIALIZE:  # Hopper's warp specialisation rejects a loop after a masked pointer load
-        q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
-        q_base = tl.where(len_q > 0, q_base, Q)  # an empty sequence's one row: any row of Q (this one may end it)
-        q = _sequence_descriptor(q_base, len_q, stride_qs, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD).load([tile * BLOCK_M, 0])
-        # Tiles past the sequence end (no early return there) and empty key sequences (no
-        # descriptor read of them) walk no block.
+    q = _row_tile(Q, b, h, q_start, tile, len_q, stride_qb, stride_qh, stride_qs, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD,
+                  WARP_SPECIALIZE)  # fmt: skip
+    if WARP_SPECIALIZE:  # tiles past the sequence end (no early return there) and empty key sequences walk no block
         count = tl.where((tile * BLOCK_M < len_q) & (len_k > 0), count, 0)
-    else:
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :],
-            mask=row_ok[:, None] & d_ok,
-            other=0.0,
-        )
     stats = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
     # One accumulator: dQ / scale in the backward, the unnormalised output in the forward; the
     # softmax state (m_i, l_i) and the backward's inputs (do, lse_log2, delta) stand in for each other.
@@ -295,21 +309,24 @@ def _block_sparse_rows_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     do, lse_log2, delta = q, m_i, l_i
     if BACKWARD:
-        do = tl.load(
-            O + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :],
-            mask=row_ok[:, None] & d_ok,
-            other=0.0,
-        )
-        lse_log2 = _lse_log2(tl.load(LSE + stats, mask=row_ok, other=0.0))
-        delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+        do = _row_tile(O, b, h, q_start, tile, len_q, stride_ob, stride_oh, stride_os, BLOCK_M, HEAD_DIM,
+                       HEAD_DIM_PAD, WARP_SPECIALIZE)  # fmt: skip
+        if WARP_SPECIALIZE:  # that pass splits the rows between two warpgroups only for descriptor loads
+            head_stats = b * stride_lb + h * stride_lh
+            lse_log2 = _lse_log2(_stats_tile(LSE + head_stats, stride_lh, q_start + tile * BLOCK_M, BLOCK_M))
+            delta = _stats_tile(DELTA + head_stats, stride_lh, q_start + tile * BLOCK_M, BLOCK_M)
+        else:
+            lse_log2 = _lse_log2(tl.load(LSE + stats, mask=row_ok, other=0.0))
+            delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by k_start
 
     if WARP_SPECIALIZE:
-        acc, m_i, l_i = _warp_specialized_rows(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, kv_list, count,
-                                               offs_m, len_k, causal_shift, scale_log2, KV_BLOCK, BLOCK_N, HEAD_DIM,
-                                               HEAD_DIM_PAD, CAUSAL, DOT_PRECISION)  # fmt: skip
+        acc, m_i, l_i = _warp_specialized_rows(acc, m_i, l_i, q, do, lse_log2, delta, k_base, v_base, stride_ks,
+                                               stride_vs, kv_list, count, offs_m, len_k, causal_shift, scale_log2,
+                                               KV_BLOCK, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, BACKWARD,
+                                               DOT_PRECISION)  # fmt: skip
     else:
         # Blocks below full_end lie inside the sequence and wholly before every row's position: no
         # mask. The list ascends, so they are its first num_full entries, and the partial ones (the
@@ -373,29 +390,88 @@ def _store_key_tile(BASE, value, b, hk, k_start, offs_n, len_k, stride_b, stride
 
 
 @triton.jit
+def _dkdv_update(dk, dv, k, v, q, do, lse_log2, delta, offs_m, len_q, offs_n, len_k, causal_shift, scale_log2,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One query tile's share of a key tile's dK / scale and dV, with P from the saved LSE (base 2).
+    MASKED applies the causal mask and drops rows past len_q, which only partial blocks need."""
+    # Transposed scores [BLOCK_N, BLOCK_M] keep dK/dV rows in registers.
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+    p_t = tl.math.exp2(s_t - lse_log2[None, :])
+    if MASKED:
+        pair_ok = tl.trans(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL)) & (offs_m < len_q)[None, :]
+        p_t = tl.where(pair_ok, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dk += tl.dot((p_t * (dp_t - delta[None, :])).to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _row_stats(l_head, d_head, stride_ls, offs_m, len_q):
+    """The saved LSE (base 2) and delta of rows offs_m of one sequence and head, 0 past len_q."""
+    row_ok = offs_m < len_q
+    lse_log2 = _lse_log2(tl.load(l_head + offs_m * stride_ls, mask=row_ok, other=0.0))
+    return lse_log2, tl.load(d_head + offs_m * stride_ls, mask=row_ok, other=0.0)
+
+
+@triton.jit
 def _dkdv_step(dk, dv, k, v, Q_DESC, q_rows, stride_qs, DO_DESC, o_rows, stride_os, l_head, d_head, stride_ls,
                desc_batch, h, q_start, start_m, len_q, len_k, offs_n, causal_shift, scale_log2,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
                CAUSAL: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """One query tile's share of a key tile's dK / scale and dV. MASKED applies the causal mask and
-    drops rows past len_q, which only partial blocks need."""
+    """`_dkdv_update` for the query tile at start_m of head h, loaded by pointers or host descriptors."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _seq_tile(Q_DESC, q_rows, stride_qs, desc_batch, h, q_start, start_m, len_q,
                   BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
     do = _seq_tile(DO_DESC, o_rows, stride_os, desc_batch, h, q_start, start_m, len_q,
                    BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, USE_TMA)  # fmt: skip
-    row_ok = offs_m < len_q
-    lse_log2 = _lse_log2(tl.load(l_head + offs_m * stride_ls, mask=row_ok, other=0.0))
-    delta = tl.load(d_head + offs_m * stride_ls, mask=row_ok, other=0.0)
-    # Transposed scores [BLOCK_N, BLOCK_M] keep dK/dV rows in registers.
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
-    p_t = tl.math.exp2(s_t - lse_log2[None, :])
-    if MASKED:
-        pair_ok = tl.trans(_pair_mask(offs_m, offs_n, len_k, causal_shift, CAUSAL)) & row_ok[None, :]
-        p_t = tl.where(pair_ok, p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    dk += tl.dot((p_t * (dp_t - delta[None, :])).to(q.dtype), q, input_precision=DOT_PRECISION)
+    lse_log2, delta = _row_stats(l_head, d_head, stride_ls, offs_m, len_q)
+    return _dkdv_update(dk, dv, k, v, q, do, lse_log2, delta, offs_m, len_q, offs_n, len_k, causal_shift, scale_log2,
+                        MASKED, CAUSAL, DOT_PRECISION)  # fmt: skip
+
+
+@triton.jit
+def _group_descriptor(base, group_size, seq_len, stride_h, stride_s, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      HEAD_DIM_PAD: tl.constexpr):  # fmt: skip
+    """A device-side descriptor over one sequence of a GQA group's query heads ([group_size,
+    seq_len, HEAD_DIM] from `base`), read in [1, ROWS, HEAD_DIM_PAD] boxes, 0 past seq_len."""
+    return tl.make_tensor_descriptor(base, [group_size, tl.maximum(seq_len, 1), HEAD_DIM], [stride_h, stride_s, 1],
+                                     [1, ROWS, HEAD_DIM_PAD])  # fmt: skip
+
+
+@triton.jit
+def _warp_specialized_keys(dk, dv, k, v, q_group, do_group, l_group, d_group, stride_qh, stride_qs, stride_oh,
+                           stride_os, stride_lh, stride_ls, head_counts, head_lists, stride_ch, stride_ih, first_head,
+                           group_size, active, len_q, len_k, offs_n, causal_shift, scale_log2,
+                           LAYOUT_HEAD_DIV: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
+                           CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """A key tile's dK / scale and dV over every (query head of its GQA group, selected query tile)
+    in one loop that Hopper's warp specialisation splits into a TMA producer and consumer warpgroups
+    (it takes one loop, so the group's heads are flattened into it: iteration `it` belongs to the
+    head whose running tile count first exceeds it). Every tile is masked, as in the forward's
+    `_warp_specialized_rows`. `head_counts`, `head_lists`: the transposed lists of this key tile's
+    block, indexed by layout head; q_group, do_group, l_group, d_group: the group's first head."""
+    TILES: tl.constexpr = Q_BLOCK // BLOCK_M
+    heads = tl.arange(0, GROUP_PAD)
+    layout_heads = (first_head + heads) // LAYOUT_HEAD_DIV
+    counts = tl.load(head_counts + layout_heads * stride_ch, mask=heads < group_size, other=0)
+    counts = tl.where(active, counts, 0) * TILES
+    # Running tile counts, as a masked sum: that pass rejects the loop after a tl.cumsum.
+    ends = tl.sum(tl.where(heads[None, :] <= heads[:, None], counts[None, :], 0), 1)
+    q_desc = _group_descriptor(q_group, group_size, len_q, stride_qh, stride_qs, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD)
+    do_desc = _group_descriptor(do_group, group_size, len_q, stride_oh, stride_os, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD)
+    for it in tl.range(tl.sum(counts, 0), warp_specialize=True):
+        g = tl.sum((ends <= it).to(tl.int32), 0)
+        local = it - tl.sum(tl.where(heads < g, counts, 0), 0)
+        entry = head_lists + ((first_head + g) // LAYOUT_HEAD_DIV) * stride_ih + local // TILES
+        start_m = tl.load(entry) * Q_BLOCK + (local % TILES) * BLOCK_M
+        q = q_desc.load([g, start_m, 0]).reshape(BLOCK_M, HEAD_DIM_PAD)
+        do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, HEAD_DIM_PAD)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        lse_log2, delta = _row_stats(l_group + g * stride_lh, d_group + g * stride_lh, stride_ls, offs_m, len_q)
+        dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse_log2, delta, offs_m, len_q, offs_n, len_k, causal_shift,
+                              scale_log2, True, CAUSAL, DOT_PRECISION)  # fmt: skip
     return dk, dv
 
 
@@ -454,10 +530,13 @@ def _block_sparse_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
     WIDE_INDEX: tl.constexpr,
+    GROUP_PAD: tl.constexpr = 1,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """dK, dV of one key tile, summed over the query heads of its GQA group and the query blocks
     that selected its layout block (the transposed lists); k, dk share strides, as do v, dv.
-    USE_TMA: Q and dO tiles through Q_DESC, DO_DESC (`_seq_tile`)."""
+    USE_TMA: Q and dO tiles through Q_DESC, DO_DESC (`_seq_tile`). WARP_SPECIALIZE:
+    `_warp_specialized_keys` (GROUP_PAD: the group size rounded up to a power of two)."""
     stride_qb, stride_qh, stride_qs = _widen(stride_qb, stride_qh, stride_qs, WIDE_INDEX)
     stride_kb, stride_kh, stride_ks = _widen(stride_kb, stride_kh, stride_ks, WIDE_INDEX)
     stride_vb, stride_vh, stride_vs = _widen(stride_vb, stride_vh, stride_vs, WIDE_INDEX)
@@ -470,59 +549,75 @@ def _block_sparse_dkdv_kernel(
     b = bh // num_kv_heads
     hk = bh % num_kv_heads
     q_start, k_start, len_q, len_k = _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN)
-    if tile * BLOCK_N >= len_k:
-        return
+    if not WARP_SPECIALIZE:  # that pass rejects a kernel with an early return: its tiles past the end store nothing
+        if tile * BLOCK_N >= len_k:
+            return
     causal_shift = len_k - len_q
     kv_block = tile * BLOCK_N // KV_BLOCK
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    k = _load_key_tile(K, b, hk, k_start, offs_n, len_k, stride_kb, stride_kh, stride_ks, offs_d, HEAD_DIM)
-    v = _load_key_tile(V, b, hk, k_start, offs_n, len_k, stride_vb, stride_vh, stride_vs, offs_d, HEAD_DIM)
-    desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by q_start
-    # Query blocks from full_start on see every key of this tile; those from full_end on are ragged
-    # (rows past len_q). The lists ascend, so the blocks needing the mask are a prefix (the
-    # diagonal) and a suffix (the ragged end) of each list, and the full ones lie in between.
-    full_start = 0
-    if CAUSAL:
-        full_start = tl.cdiv(tl.maximum(tile * BLOCK_N + BLOCK_N - 1 - causal_shift, 0), Q_BLOCK)
-    full_end = len_q // Q_BLOCK
-    # Under causality, queries before this key tile see none of it.
-    first_query = 0
-    if CAUSAL:
-        first_query = tl.maximum(tile * BLOCK_N - causal_shift, 0)
-    TILES: tl.constexpr = Q_BLOCK // BLOCK_M
-
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-    for g in range(group_size):
-        h = hk * group_size + g
-        lh = h // LAYOUT_HEAD_DIV
-        count = tl.load(Q_COUNT + b * stride_cb + lh * stride_ch + kv_block * stride_cn)
-        q_list = Q_IDX + b * stride_ib + lh * stride_ih + kv_block * stride_in
-        q_rows = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
-        o_rows = DO + b * stride_ob + h * stride_oh + q_start * stride_os
-        l_head = LSE + b * stride_lb + h * stride_lh + q_start * stride_ls
-        d_head = DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls
-        partial_head = _count_below(q_list, count, full_start, False)
-        partial_tail = tl.maximum(partial_head, _count_below(q_list, count, full_end, True))
-        # Full blocks in one flat loop over their query tiles, so loads pipeline across blocks.
-        for it in range((partial_tail - partial_head) * TILES):
-            start_m = tl.load(q_list + partial_head + it // TILES) * Q_BLOCK + (it % TILES) * BLOCK_M
-            dk, dv = _dkdv_step(dk, dv, k, v, Q_DESC, q_rows, stride_qs, DO_DESC, o_rows, stride_os, l_head, d_head,
-                                stride_ls, desc_batch, h, q_start, start_m, len_q, len_k, offs_n, causal_shift,
-                                scale_log2, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, USE_TMA,
-                                DOT_PRECISION)  # fmt: skip
-        # Partial blocks: the head of the list, then its tail; rows before first_query are skipped.
-        for t in range(partial_head + count - partial_tail):
-            j = tl.where(t < partial_head, t, t - partial_head + partial_tail)
-            block_start = tl.load(q_list + j) * Q_BLOCK
-            q_lo = tl.maximum(block_start, first_query // BLOCK_M * BLOCK_M)
-            q_hi = tl.minimum(block_start + Q_BLOCK, len_q)
-            for start_m in range(q_lo, q_hi, BLOCK_M):
-                dk, dv = _dkdv_step(dk, dv, k, v, Q_DESC, q_rows, stride_qs, DO_DESC, o_rows, stride_os, l_head,
-                                    d_head, stride_ls, desc_batch, h, q_start, start_m, len_q, len_k, offs_n,
-                                    causal_shift, scale_log2, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL,
-                                    USE_TMA, DOT_PRECISION)  # fmt: skip
+    if WARP_SPECIALIZE:
+        k = _row_tile(K, b, hk, k_start, tile, len_k, stride_kb, stride_kh, stride_ks, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+                      True)  # fmt: skip
+        v = _row_tile(V, b, hk, k_start, tile, len_k, stride_vb, stride_vh, stride_vs, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+                      True)  # fmt: skip
+        h = hk * group_size  # the group's first query head
+        stats = b * stride_lb + h * stride_lh + q_start * stride_ls
+        dk, dv = _warp_specialized_keys(
+            dk, dv, k, v, Q + b * stride_qb + h * stride_qh + q_start * stride_qs,
+            DO + b * stride_ob + h * stride_oh + q_start * stride_os, LSE + stats, DELTA + stats, stride_qh, stride_qs,
+            stride_oh, stride_os, stride_lh, stride_ls, Q_COUNT + b * stride_cb + kv_block * stride_cn,
+            Q_IDX + b * stride_ib + kv_block * stride_in, stride_ch, stride_ih, h, group_size,
+            (tile * BLOCK_N < len_k) & (len_q > 0), len_q, len_k, offs_n, causal_shift, scale_log2, LAYOUT_HEAD_DIV,
+            Q_BLOCK, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, GROUP_PAD, CAUSAL, DOT_PRECISION,
+        )  # fmt: skip
+    else:
+        k = _load_key_tile(K, b, hk, k_start, offs_n, len_k, stride_kb, stride_kh, stride_ks, offs_d, HEAD_DIM)
+        v = _load_key_tile(V, b, hk, k_start, offs_n, len_k, stride_vb, stride_vh, stride_vs, offs_d, HEAD_DIM)
+        desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by q_start
+        # Query blocks from full_start on see every key of this tile; those from full_end on are ragged
+        # (rows past len_q). The lists ascend, so the blocks needing the mask are a prefix (the
+        # diagonal) and a suffix (the ragged end) of each list, and the full ones lie in between.
+        full_start = 0
+        if CAUSAL:
+            full_start = tl.cdiv(tl.maximum(tile * BLOCK_N + BLOCK_N - 1 - causal_shift, 0), Q_BLOCK)
+        full_end = len_q // Q_BLOCK
+        # Under causality, queries before this key tile see none of it.
+        first_query = 0
+        if CAUSAL:
+            first_query = tl.maximum(tile * BLOCK_N - causal_shift, 0)
+        TILES: tl.constexpr = Q_BLOCK // BLOCK_M
+        for g in range(group_size):
+            h = hk * group_size + g
+            lh = h // LAYOUT_HEAD_DIV
+            count = tl.load(Q_COUNT + b * stride_cb + lh * stride_ch + kv_block * stride_cn)
+            q_list = Q_IDX + b * stride_ib + lh * stride_ih + kv_block * stride_in
+            q_rows = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
+            o_rows = DO + b * stride_ob + h * stride_oh + q_start * stride_os
+            l_head = LSE + b * stride_lb + h * stride_lh + q_start * stride_ls
+            d_head = DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls
+            partial_head = _count_below(q_list, count, full_start, False)
+            partial_tail = tl.maximum(partial_head, _count_below(q_list, count, full_end, True))
+            # Full blocks in one flat loop over their query tiles, so loads pipeline across blocks.
+            for it in range((partial_tail - partial_head) * TILES):
+                start_m = tl.load(q_list + partial_head + it // TILES) * Q_BLOCK + (it % TILES) * BLOCK_M
+                dk, dv = _dkdv_step(dk, dv, k, v, Q_DESC, q_rows, stride_qs, DO_DESC, o_rows, stride_os, l_head, d_head,
+                                    stride_ls, desc_batch, h, q_start, start_m, len_q, len_k, offs_n, causal_shift,
+                                    scale_log2, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, USE_TMA,
+                                    DOT_PRECISION)  # fmt: skip
+            # Partial blocks: the head of the list, then its tail; rows before first_query are skipped.
+            for t in range(partial_head + count - partial_tail):
+                j = tl.where(t < partial_head, t, t - partial_head + partial_tail)
+                block_start = tl.load(q_list + j) * Q_BLOCK
+                q_lo = tl.maximum(block_start, first_query // BLOCK_M * BLOCK_M)
+                q_hi = tl.minimum(block_start + Q_BLOCK, len_q)
+                for start_m in range(q_lo, q_hi, BLOCK_M):
+                    dk, dv = _dkdv_step(dk, dv, k, v, Q_DESC, q_rows, stride_qs, DO_DESC, o_rows, stride_os, l_head,
+                                        d_head, stride_ls, desc_batch, h, q_start, start_m, len_q, len_k, offs_n,
+                                        causal_shift, scale_log2, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL,
+                                        USE_TMA, DOT_PRECISION)  # fmt: skip
     _store_key_tile(DK, dk * scale, b, hk, k_start, offs_n, len_k, stride_kb, stride_kh, stride_ks, offs_d, HEAD_DIM)
     _store_key_tile(DV, dv, b, hk, k_start, offs_n, len_k, stride_vb, stride_vh, stride_vs, offs_d, HEAD_DIM)
 

@@ -39,9 +39,12 @@ def _tma_addressable(t) -> bool:
     bytes (a size-1 axis may take any) and a 16-byte aligned base."""
     size = t.element_size()
     strides = [stride for stride, extent in zip(t.stride()[:-1], t.shape[:-1]) if extent > 1]
+    return t.numel() > 0 and _aligned_base(t) and all(stride > 0 and stride * size % 16 == 0 for stride in strides)
+
+
+def _aligned_base(t) -> bool:
     traced = type(t).__name__ in ("FakeTensor", "FunctionalTensor")  # no storage while torch.compile traces
-    misaligned = not traced and t.data_ptr() % 16
-    return not (t.numel() == 0 or misaligned or any(stride * size % 16 or stride <= 0 for stride in strides))
+    return traced or t.data_ptr() % 16 == 0
 
 
 def _descriptor(t, block_shape):
@@ -91,14 +94,27 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
-def warp_specialize_args(config: dict, **tensors) -> dict:
+def _steps_aligned(t, axes) -> bool:
+    return all(t.stride(axis) > 0 and t.stride(axis) * t.element_size() % 16 == 0 for axis in axes)
+
+
+def _stats_addressable(t) -> bool:
+    """Whether a kernel can read rows of t (fp32 [B, H, S], LSE or delta) through descriptors: contiguous, and
+    each head's row 16-byte aligned."""
+    return t.numel() > 0 and t.is_contiguous() and t.shape[-1] * t.element_size() % 16 == 0 and _aligned_base(t)
+
+
+def warp_specialize_args(config: dict, grouped: tuple = (), stats: tuple = (), **tensors) -> dict:
     """WARP_SPECIALIZE for a kernel whose tile asks for it (takes it out of `config`): on where the
-    device can make tensor descriptors and TMA can address every tensor, else the pointer path."""
+    device can make tensor descriptors and TMA can address every tensor, else the pointer path.
+    `grouped`: the tensors read through descriptors that span a GQA group's heads; `stats`: row
+    statistics (LSE, delta) read through descriptors too."""
     wanted = config.pop("WARP_SPECIALIZE")
     on = wanted and _device_descriptors(next(iter(tensors.values())).device)
-    # The kernel's descriptors step rows by the sequence stride even where a tensor has one row.
-    rows_aligned = (t.stride(-2) > 0 and t.stride(-2) * t.element_size() % 16 == 0 for t in tensors.values())
-    on = on and all(rows_aligned) and all(_tma_addressable(t) for t in tensors.values())
+    # The kernel's descriptors step rows (and a group's heads) by their strides even where that
+    # axis has one entry.
+    on = on and all(_steps_aligned(t, (-3, -2) if name in grouped else (-2,)) for name, t in tensors.items())
+    on = on and all(_tma_addressable(t) for t in tensors.values()) and all(_stats_addressable(t) for t in stats)
     if on:
         _ensure_allocator()
     return {"WARP_SPECIALIZE": bool(on)}
