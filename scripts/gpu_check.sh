@@ -63,10 +63,11 @@ for bench in "$@"; do
   rm -f "$RESULTS/$bench.json"
   args=()
   [ "$bench" = tune ] && [ -n "${TUNE_KERNELS:-}" ] && args=(--kernels "$TUNE_KERNELS")
-  # The sweep tries tiles no test ran at its size (the warp-specialised forward among them): a hang
-  # costs it TUNE_SECONDS, and the benchmarks after it run with the default tiles.
+  # The sweep stops starting tiles 30 s before TUNE_SECONDS and keeps what it timed; it tries tiles
+  # no test ran at its size (the warp-specialised ones among them), so a hang still costs it only
+  # TUNE_SECONDS, and the benchmarks after it then run with the default tiles.
   limit=()
-  [ "$bench" = tune ] && limit=(timeout "${TUNE_SECONDS:-240}")
+  [ "$bench" = tune ] && limit=(timeout "${TUNE_SECONDS:-240}") && args+=(--seconds $((${TUNE_SECONDS:-240} - 30)))
   step "bench_$bench" "${limit[@]}" python3 "bench/$bench.py" --full --out "$RESULTS/$bench.json" "${args[@]}"
   [ -f "$RESULTS/$bench.json" ] && cp "$RESULTS/$bench.json" "$STAGE/bench-results/"
   tar czf "$OUT_DIR/bench-results.tgz" -C "$STAGE" bench-results

@@ -202,6 +202,7 @@ FAMILIES = {
     "xattention": _xattention_launches,
     "wide": _wide_launches,
 }
+DEFAULT_TILE_FAMILIES = ("engine", "moba", "xattention")
 CASES = [  # (dtype, head dim, varlen)
     (torch.bfloat16, 128, False),
     (torch.bfloat16, 128, True),
@@ -220,14 +221,17 @@ def record(families: tuple) -> list:
     _moba_ops._ITEM_ROWS_INTERPRETER = _moba_ops._ITEM_ROWS_CUDA
     xattention_estimate._INTERPRETER_TILES = xattention_estimate._TILE
     launch._device_descriptors = lambda device: True
+    launches = []  # (kernel, args, kwargs, family)
     for dtype, dim, varlen in CASES:
         for name in families:
+            _Recorder.launches = []
             FAMILIES[name](dtype, dim, varlen)
+            launches += [(*recorded, name) for recorded in _Recorder.launches]
     unique = {}
-    for kernel, args, kwargs in _Recorder.launches:
+    for kernel, args, kwargs, family in launches:
         *_, options, specialization = _specialize(kernel, args, kwargs, ARCHES["sm_90a"][0])
         key = (kernel.fn.__name__, str(specialization), str(options))
-        unique.setdefault(key, (kernel, args, kwargs))
+        unique.setdefault(key, (kernel, args, kwargs, family))
     return list(unique.values())
 
 
@@ -267,7 +271,7 @@ def _ws_copies(ttgir: str, split_rows: int) -> int:
 def _compile(job) -> tuple:
     """Compiles launch `index` of the recorded list for `arch` (in a worker process, which records again)."""
     index, arch, families = job
-    kernel, kargs, kwargs = record(families)[index]
+    kernel, kargs, kwargs, family = record(families)[index]
     capability, shared_limit = ARCHES[arch]
     start = time.perf_counter()
     registers = stack = shared = async_loads = 0
@@ -287,7 +291,9 @@ def _compile(job) -> tuple:
                 result = "FAILED: a ws tile whose loop the compiler did not warp-specialise"
             elif copies > 1:
                 result = f"FAILED: {copies} consumer warpgroups of a ws tile compute the same rows"
-        default_tile = not any(kwargs.get(flag) for flag in ("USE_TMA", "WARP_SPECIALIZE", "WIDE_INDEX"))
+        # The rules for the default tiles: not a family's other tiles (a ws tile that takes the pointer
+        # path, for one, is still its family's tile).
+        default_tile = family in DEFAULT_TILE_FAMILIES
         if arch == "sm_90a" and default_tile and _is_16_bit(kargs):
             if stack:
                 result = f"FAILED: {stack} B of register spills in a default 16-bit Hopper tile"
@@ -316,7 +322,7 @@ def main(argv=None) -> int:
     # Warp-specialised launches run on Hopper only.
     jobs = [
         (i, arch, families)
-        for i, (_, _, kwargs) in enumerate(record(families))
+        for i, (_, _, kwargs, _) in enumerate(record(families))
         for arch in args.arch or sorted(ARCHES)
         if arch == "sm_90a" or not kwargs.get("WARP_SPECIALIZE")
     ]

@@ -156,13 +156,13 @@ def test_tune_quick_sweeps_every_kernel_and_picks_a_matching_tile(monkeypatch):
         for row in mine:
             assert row["ok"], row
             assert row["ms"] > 0 and row["rel_diff_vs_default"] <= tune.QUICK["match_tolerance"]
-    # More than the default was tried: BLOCK_M 16 and tma fold into no other tile at these block
-    # sizes, and the warp-specialised candidate runs under the interpreter too.
+    # More than the default was tried: the warp-specialised candidate first (it runs under the
+    # interpreter too), then BLOCK_M 16 and tma, which fold into no other tile at these block sizes.
     assert [row["tile_text"] for row in rows if row["kernel"] == "engine_fwd"] == [
         "32x32 w4 s3",
+        "16x32 w4 s1 ws",
         "16x32 w4 s3",
         "32x32 w4 s3 tma",
-        "16x32 w4 s1 ws",
     ]
     assert "16x32 w4 s1 ws" in [row["tile_text"] for row in rows if row["kernel"] == "engine_dkdv"]
     assert not any(row["tile"][4] for row in rows if row["kernel"] not in tiles.TMA_KERNELS and "tile" in row)
@@ -172,6 +172,15 @@ def test_tune_quick_sweeps_every_kernel_and_picks_a_matching_tile(monkeypatch):
     for key, tile in json.loads(setting).items():
         kernel, bound = key.split(":")
         assert tiles.lookup(kernel, int(bound)) == Tile(*tile)
+
+
+@pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
+def test_tune_time_budget_keeps_the_defaults(capsys):
+    """With its budget spent the sweep still times each kernel's default and says what it left."""
+    kernels = ("engine_fwd", "moba_schedule")
+    rows = tune.run({**tune.QUICK, "kernels": kernels, "seconds": 0}, torch.device("cpu"))
+    assert [(row["kernel"], row["default"]) for row in rows] == [(kernel, True) for kernel in kernels]
+    assert "engine_fwd: time budget spent, untimed: 16x32 w4 s1 ws" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")

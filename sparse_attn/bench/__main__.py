@@ -3,8 +3,8 @@
 `python -m sparse_attn.bench SUITE [--quick | --full] [--out PATH]`: one suite, its JSON to PATH.
 `python -m sparse_attn.bench all [--quick | --full] [--out-dir DIR]`: every suite, DIR/<suite>.json,
 DIR/report.md and the plots. `python -m sparse_attn.bench report DIR`: re-render DIR's report.
-`python -m sparse_attn.bench tune [--quick | --full] [--kernels K,...] [--out PATH]`: the kernels' tile
-sweep (not in `all`), of every kernel or of those named.
+`python -m sparse_attn.bench tune [--quick | --full] [--kernels K,...] [--seconds S] [--out PATH]`: the
+kernels' tile sweep (not in `all`), of every kernel or of those named, within S seconds if given.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         single.add_argument("--out", help="write the results as JSON to this path")
         if name == "tune":
             single.add_argument("--kernels", help=f"comma-separated, of {', '.join(tune.SWEEPS)}")
+            single.add_argument("--seconds", type=float, help="time budget: the tiles not reached are left untimed")
     every = commands.add_parser("all", help="every suite in one process, then the report")
     _mode_flags(every)
     every.add_argument("--out-dir", default="build/bench", help="where the JSON, report.md and plots go")
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
     overrides = {}
     if getattr(args, "kernels", None):
         overrides["kernels"] = tuple(name.strip() for name in args.kernels.split(",") if name.strip())
+    if getattr(args, "seconds", None) is not None:
+        overrides["seconds"] = args.seconds
     write_json(args.out, run_suite(args.command, device, quick, **overrides))
     return 0
 

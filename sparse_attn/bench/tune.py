@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +75,7 @@ FULL = dict(
     },
     ws_candidates=_WS_CANDIDATES,
     kernels=SWEEPS,
+    seconds=None,  # time budget (None: none), shared out evenly over the kernels swept
     item_rows=(256, 512, 1024, 2048, 4096),
     programs_per_sm=(1, 2, 4),
     match_tolerance=1e-2,
@@ -91,6 +93,7 @@ QUICK = dict(  # the interpreter on the CPU: shows the sweep works (one change p
     candidates={"engine_dq": [(16, 32, 4, 1, True)]},
     ws_candidates={"engine_fwd": [(16, 32, 4, 1)], "engine_dkdv": [(16, 32, 4, 1)]},
     kernels=SWEEPS,
+    seconds=None,
     item_rows=(32, 64),
     programs_per_sm=(2,),
     match_tolerance=1e-2,
@@ -179,15 +182,21 @@ def _effective(kernel: str, work: _Workload, tile: tiles.Tile) -> tuple:
     return tuple(config.get(key, False) for key in keys)
 
 
-def _sweep_kernel(kernel: str, work: _Workload, config, device) -> list[dict]:
+def _sweep_kernel(kernel: str, work: _Workload, config, device, deadline: float) -> list[dict]:
+    """The default, then the ws candidates and the other candidates (the tiles furthest from what
+    the first GPU run timed), then the single-field changes and their combination, until `deadline`
+    (time.monotonic()); the default always runs."""
     bound = tiles.head_dim_bound(work.qkv[0].shape[-1])
     default = tiles.lookup(kernel, bound)
     _, baseline = _measure(kernel, work, device)
-    rows, seen = [], set()
+    rows, seen, untimed = [], set(), []
 
     def run(tile):
         effective = _effective(kernel, work, tile)
         if effective in seen:  # the block size or dtype folds it into a tile already timed
+            return None
+        if rows and time.monotonic() > deadline:
+            untimed.append(_text(effective))
             return None
         seen.add(effective)
         row = {"kernel": kernel, "head_dim_bound": bound, "tile": list(tile), "tile_text": _text(effective)}
@@ -197,17 +206,19 @@ def _sweep_kernel(kernel: str, work: _Workload, config, device) -> list[dict]:
         return rows[-1]
 
     default_ms = run(default).get("ms", float("inf"))
+    for tile in config["ws_candidates"].get(kernel, ()):
+        run(tiles.Tile(*tile, ws=True))
+    for tile in config["candidates"].get(kernel, ()):
+        run(tiles.Tile(*tile))
     improving = {}
     for field, tile in _single_changes(kernel, default, config):
         row = run(tile)
         if row and row["ok"] and row["ms"] < improving.get(field, (default_ms, None))[0]:
             improving[field] = (row["ms"], getattr(tile, field))
-    for tile in config["candidates"].get(kernel, ()):
-        run(tiles.Tile(*tile))
-    for tile in config["ws_candidates"].get(kernel, ()):
-        run(tiles.Tile(*tile, ws=True))
     if len(improving) > 1:
         run(default._replace(**{field: value for field, (_, value) in improving.items()}))
+    if untimed:
+        print(f"{kernel}: time budget spent, untimed: {', '.join(untimed)}", flush=True)
     _mark_speedups(rows)
     return rows
 
@@ -226,13 +237,18 @@ def _schedule(item_knob: str, item_rows: int, programs_per_sm: int):
         yield
 
 
-def _sweep_moba_schedule(work: _Workload, config, device) -> list[dict]:
-    """Rows per persistent work item and programs per SM, timed on forward + backward (both read them)."""
+def _sweep_moba_schedule(work: _Workload, config, device, deadline: float) -> list[dict]:
+    """Rows per persistent work item and programs per SM, timed on forward + backward (both read
+    them): the default first, the others until `deadline`."""
     item_knob = "_ITEM_ROWS_CUDA" if device.type == "cuda" else "_ITEM_ROWS_INTERPRETER"
     default = (getattr(_moba_ops, item_knob), _moba_ops._PROGRAMS_PER_SM)
     _, baseline = _measure("schedule", work, device)
     rows = []
-    for item_rows, per_sm in itertools.product(config["item_rows"], config["programs_per_sm"]):
+    schedules = sorted(itertools.product(config["item_rows"], config["programs_per_sm"]), key=lambda s: s != default)
+    for item_rows, per_sm in schedules:
+        if rows and time.monotonic() > deadline:
+            print("moba_schedule: time budget spent", flush=True)
+            break
         row = {"kernel": "moba_schedule", "item_rows": item_rows, "programs_per_sm": per_sm}
         row["default"] = (item_rows, per_sm) == default
         with _schedule(item_knob, item_rows, per_sm):
@@ -261,13 +277,17 @@ def run(config: dict, device: torch.device) -> list[dict]:
     makers = {"engine": _engine_workload, "moba": _moba_workload}
     workloads = {family: makers[family](config, device) for family in {kernel.split("_")[0] for kernel in selected}}
     rows = []
-    for kernel in (kernel for kernel in KERNELS if kernel in selected):
-        rows += _sweep_kernel(kernel, workloads[kernel.split("_")[0]], config, device)
+    swept = [kernel for kernel in KERNELS if kernel in selected]
+    start, seconds = time.monotonic(), config["seconds"]
+    for i, kernel in enumerate(swept):  # a kernel that ends early leaves its time to the next ones
+        deadline = float("inf") if seconds is None else start + seconds * (i + 1) / len(selected)
+        rows += _sweep_kernel(kernel, workloads[kernel.split("_")[0]], config, device, deadline)
         best = next((r for r in rows if r.get("pick") and r["kernel"] == kernel), None)
         if best is not None:
             print(f"{kernel}: best {best['tile_text']}, {best['ms']:.3f} ms, {best.get('speedup_vs_default', 1):.2f}x")
     if "moba_schedule" in selected:
-        rows += _sweep_moba_schedule(workloads["moba"], config, device)
+        deadline = float("inf") if seconds is None else start + seconds
+        rows += _sweep_moba_schedule(workloads["moba"], config, device, deadline)
     print("SPARSE_ATTN_TILES=" + best_tiles_setting(rows))
     return rows
 
