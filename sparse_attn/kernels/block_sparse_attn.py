@@ -194,6 +194,14 @@ def _stats_tile(base, extent, start, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(l_head, d_head, stride_ls, offs_m, len_q):
+    """The saved LSE (base 2) and delta of rows offs_m of one sequence and head, 0 past len_q."""
+    row_ok = offs_m < len_q
+    lse_log2 = _lse_log2(tl.load(l_head + offs_m * stride_ls, mask=row_ok, other=0.0))
+    return lse_log2, tl.load(d_head + offs_m * stride_ls, mask=row_ok, other=0.0)
+
+
+@triton.jit
 def _row_tile(BASE, b, h, seq_start, tile, seq_len, stride_b, stride_h, stride_s, ROWS: tl.constexpr,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):  # fmt: skip
     """Rows tile * ROWS + [0, ROWS) of one sequence and head of Q, dO, K or V, 0 past seq_len and the
@@ -203,10 +211,7 @@ def _row_tile(BASE, b, h, seq_start, tile, seq_len, stride_b, stride_h, stride_s
     if WARP_SPECIALIZE:
         base = tl.where(seq_len > 0, base, BASE)  # an empty sequence's one row: any row (this one may end it)
         return _sequence_descriptor(base, seq_len, stride_s, ROWS, HEAD_DIM, HEAD_DIM_PAD).load([tile * ROWS, 0])
-    offs = tile * ROWS + tl.arange(0, ROWS)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    ok = (offs < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    return tl.load(base + offs[:, None] * stride_s + offs_d[None, :], mask=ok, other=0.0)
+    return _seq_tile(None, base, stride_s, 0, h, seq_start, tile * ROWS, seq_len, ROWS, HEAD_DIM, HEAD_DIM_PAD, False)
 
 
 @triton.jit
@@ -311,13 +316,13 @@ def _block_sparse_rows_kernel(
     if BACKWARD:
         do = _row_tile(O, b, h, q_start, tile, len_q, stride_ob, stride_oh, stride_os, BLOCK_M, HEAD_DIM,
                        HEAD_DIM_PAD, WARP_SPECIALIZE)  # fmt: skip
+        head_stats = b * stride_lb + h * stride_lh
         if WARP_SPECIALIZE:  # that pass splits the rows between two warpgroups only for descriptor loads
-            head_stats = b * stride_lb + h * stride_lh
             lse_log2 = _lse_log2(_stats_tile(LSE + head_stats, stride_lh, q_start + tile * BLOCK_M, BLOCK_M))
             delta = _stats_tile(DELTA + head_stats, stride_lh, q_start + tile * BLOCK_M, BLOCK_M)
         else:
-            lse_log2 = _lse_log2(tl.load(LSE + stats, mask=row_ok, other=0.0))
-            delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+            sequence_stats = head_stats + q_start * stride_ls
+            lse_log2, delta = _row_stats(LSE + sequence_stats, DELTA + sequence_stats, stride_ls, offs_m, len_q)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     desc_batch = 0 if VARLEN else b  # packed sequences are one batch row, offset by k_start
@@ -404,14 +409,6 @@ def _dkdv_update(dk, dv, k, v, q, do, lse_log2, delta, offs_m, len_q, offs_n, le
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dk += tl.dot((p_t * (dp_t - delta[None, :])).to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
-
-
-@triton.jit
-def _row_stats(l_head, d_head, stride_ls, offs_m, len_q):
-    """The saved LSE (base 2) and delta of rows offs_m of one sequence and head, 0 past len_q."""
-    row_ok = offs_m < len_q
-    lse_log2 = _lse_log2(tl.load(l_head + offs_m * stride_ls, mask=row_ok, other=0.0))
-    return lse_log2, tl.load(d_head + offs_m * stride_ls, mask=row_ok, other=0.0)
 
 
 @triton.jit

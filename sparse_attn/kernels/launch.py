@@ -37,9 +37,13 @@ def wide_index(*tensors) -> bool:
 def _tma_addressable(t) -> bool:
     """Whether TMA can address t (batch, head, seq, dim): strides that are positive multiples of 16
     bytes (a size-1 axis may take any) and a 16-byte aligned base."""
-    size = t.element_size()
-    strides = [stride for stride, extent in zip(t.stride()[:-1], t.shape[:-1]) if extent > 1]
-    return t.numel() > 0 and _aligned_base(t) and all(stride > 0 and stride * size % 16 == 0 for stride in strides)
+    stepped = [axis for axis in range(t.dim() - 1) if t.shape[axis] > 1]
+    return t.numel() > 0 and _aligned_base(t) and _steps_aligned(t, stepped)
+
+
+def _steps_aligned(t, axes) -> bool:
+    """Whether t's strides on `axes` are positive multiples of 16 bytes, as TMA steps them."""
+    return all(t.stride(axis) > 0 and t.stride(axis) * t.element_size() % 16 == 0 for axis in axes)
 
 
 def _aligned_base(t) -> bool:
@@ -92,10 +96,6 @@ def _ensure_allocator() -> None:
 
     if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
         triton.set_allocator(_scratch)
-
-
-def _steps_aligned(t, axes) -> bool:
-    return all(t.stride(axis) > 0 and t.stride(axis) * t.element_size() % 16 == 0 for axis in axes)
 
 
 def _stats_addressable(t) -> bool:
