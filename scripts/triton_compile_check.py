@@ -44,8 +44,9 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from sparse_attn import _engine_ops, _moba_ops, tiles
-from sparse_attn.kernels import launch, xattention_estimate
+from sparse_attn.kernels import block_scores, launch
 from sparse_attn.layout import BlockSparseLayout
+from sparse_attn.methods import proxyattn
 
 # Usable shared memory per block (bytes): H100 228 KB minus 1 KB reserved, A100 164 KB minus 1 KB.
 ARCHES = {"sm_90a": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}
@@ -173,7 +174,17 @@ def _xattention_launches(dtype, dim, varlen):
     if varlen:
         return
     q, k, _ = _qkv(dtype, dim)
-    xattention_estimate.xattention_estimate_op(q, k, 8, 128, True)
+    block_scores.xattention_estimate_op(q, k, 8, 128, True)
+
+
+def _proxyattn_launches(dtype, dim, varlen):
+    """ProxyAttn's estimator (g = 1, strides 4 and 1) and budget at the default block of 128."""
+    if varlen:
+        return
+    q, k, _ = _qkv(dtype, dim)
+    proxyattn.proxy_estimate(q, k)
+    proxyattn.proxy_estimate(q, k, stride=1)
+    proxyattn.proxy_budget(q, k, gamma=0.9)
 
 
 def _wide_launches(dtype, dim, varlen):
@@ -181,12 +192,12 @@ def _wide_launches(dtype, dim, varlen):
     bf16 only: they must compile; they may spill (only launches that large take them)."""
     if (dtype, dim, varlen) != (torch.bfloat16, 128, False):
         return
-    modules = (_engine_ops, _moba_ops, xattention_estimate)
+    modules = (_engine_ops, _moba_ops, block_scores)
     saved = [module.wide_index for module in modules]
     for module in modules:
         module.wide_index = lambda *tensors: True
     try:
-        for launches in (_engine_launches, _moba_launches, _xattention_launches):
+        for launches in (_engine_launches, _moba_launches, _xattention_launches, _proxyattn_launches):
             launches(dtype, dim, varlen)
     finally:
         for module, function in zip(modules, saved):
@@ -200,9 +211,10 @@ FAMILIES = {
     "moba": _moba_launches,
     "moba_tma": functools.partial(_TMA, _moba_launches),
     "xattention": _xattention_launches,
+    "proxyattn": _proxyattn_launches,
     "wide": _wide_launches,
 }
-DEFAULT_TILE_FAMILIES = ("engine", "moba", "xattention")
+DEFAULT_TILE_FAMILIES = ("engine", "moba", "xattention", "proxyattn")
 CASES = [  # (dtype, head dim, varlen)
     (torch.bfloat16, 128, False),
     (torch.bfloat16, 128, True),
@@ -219,7 +231,8 @@ def record(families: tuple) -> list:
     # (and an H100's 132 SMs for persistent grids) for these CPU tensors.
     _moba_ops._persistent_programs = lambda device: 132 * _moba_ops._PROGRAMS_PER_SM
     _moba_ops._ITEM_ROWS_INTERPRETER = _moba_ops._ITEM_ROWS_CUDA
-    xattention_estimate._INTERPRETER_TILES = xattention_estimate._TILE
+    block_scores._INTERPRETER_TILES = block_scores._TILE
+    proxyattn._use_kernel = lambda *args: True  # on CPU tensors it would take the PyTorch path for bf16
     launch._device_descriptors = lambda device: True
     launches = []  # (kernel, args, kwargs, family)
     for dtype, dim, varlen in CASES:

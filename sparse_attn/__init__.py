@@ -21,6 +21,11 @@ from .methods import (
     moba_decode,
     moba_route,
     moba_route_varlen,
+    proxy_attn,
+    proxy_attn_varlen,
+    proxy_budget,
+    proxy_estimate,
+    proxy_select,
 )
 from .methods.xattention import calibrate_xattention, xattention_attn, xattention_estimate, xattention_select
 from .selection import block_mean_pool, layout_transpose, threshold_select, topk_rows
@@ -50,6 +55,11 @@ __all__ = [
     "native_available",
     "patch",
     "patched",
+    "proxy_attn",
+    "proxy_attn_varlen",
+    "proxy_budget",
+    "proxy_estimate",
+    "proxy_select",
     "threshold_select",
     "topk_rows",
     "unpatch",

@@ -125,6 +125,15 @@ def _selfcheck_cases(device: torch.device):
         ref = xattention_estimate_reference(inputs.q, inputs.k, stride=8, block_size=64)
         return (got.double() - ref).abs().max() / (64 / 8)
 
+    def proxyattn():
+        from .methods.proxyattn import proxy_estimate, proxy_estimate_reference
+
+        inputs = structured_qkv(
+            batch=1, num_q_heads=4, num_kv_heads=2, seq_len=512, head_dim=64, seed=seed, device=device
+        )
+        got = proxy_estimate(inputs.q, inputs.k, stride=4, block_size=64)
+        return (got.double() - proxy_estimate_reference(inputs.q, inputs.k, stride=4, block_size=64)).abs().max()
+
     # (name, check, tolerance): exact for the integer selections, rounding-level for the rest.
     return [
         ("block_mean_pool", mean_pool, 1e-5),
@@ -136,6 +145,7 @@ def _selfcheck_cases(device: torch.device):
         ("block-sparse decode", decode, 2e-3),
         ("MoBA routing", moba_routing, 0),
         ("XAttention estimator", xattention, 1e-3),
+        ("ProxyAttn estimator", proxyattn, 1e-3),
     ]
 
 

@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from .decode import MAX_DECODE_QUERIES
 from .methods.moba import check_options as check_moba_options
 from .methods.moba import moba_attn, moba_decode, moba_route
+from .methods.proxyattn import check_options as check_proxy_options
+from .methods.proxyattn import proxy_attn
 from .methods.xattention import check_options as check_xattention_options
 from .methods.xattention import load_thresholds, xattention_attn
 from .reference import causal_token_mask
@@ -75,6 +77,7 @@ _METHOD_OPTIONS = {
     "dense": {},
     "xattention": {"threshold": 0.9, "stride": 8, "block_size": 128, "chunk_size": None},
     "moba": {"block_size": 512, "topk": 3},
+    "proxyattn": {"gamma": 0.95, "num_proxy_groups": 1, "stride": 4, "block_size": 128, "min_budget_tokens": 2048},
 }
 _SPARSE_DECODE = {"moba"}
 
@@ -185,6 +188,8 @@ def _method_options(method: str, options: dict, inherited: dict | None = None) -
         )
     elif method == "moba":
         check_moba_options(**resolved)
+    elif method == "proxyattn":
+        check_proxy_options(**resolved)
     return resolved
 
 
@@ -224,8 +229,9 @@ def _layer_ids(values, name: str) -> frozenset:
 class SparseAttnConfig:
     """The attention plan of one model (or the process default): a method and per-layer choices.
 
-    method: 'dense' (SDPA), 'xattention' (options threshold, stride, block_size, chunk_size) or 'moba'
-        (options block_size, topk); `options` are the method's keyword options.
+    method: 'dense' (SDPA), 'xattention' (options threshold, stride, block_size, chunk_size), 'moba'
+        (options block_size, topk) or 'proxyattn' (options gamma, num_proxy_groups, stride, block_size,
+        min_budget_tokens); `options` are the method's keyword options.
     layers: the layer indices that run the method (None: all); dense_layers: layers that stay dense.
     layer_config: {layer_idx: {"method": ..., "decode": ..., **options}} adjusting the sparse layers;
         options are inherited from the top level when the layer keeps the top-level method.
@@ -772,6 +778,12 @@ def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats:
             out = moba_attn(q, k, v, block_size=block_size, topk=topk, causal=causal, softmax_scale=scale)
         if stats.track_density:
             stats.densities.append((layer_idx, _moba_density(q, k, block_size, topk, causal)))
+        return out
+    if plan.method == "proxyattn":
+        out = proxy_attn(q, k, v, **options, causal=causal, softmax_scale=scale, return_layout=stats.track_density)
+        if stats.track_density:
+            out, layout = out
+            stats.densities.append((layer_idx, layout.density(causal=causal)))
         return out
     raise AssertionError(f"no sparse path for method {plan.method!r}")
 

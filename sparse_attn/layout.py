@@ -28,6 +28,7 @@ __all__ = [
     "causal_block_mask",
     "causal_full_block_mask",
     "causal_pair_counts",
+    "sink_and_diagonal_blocks",
     "validate_token_indices",
 ]
 
@@ -63,6 +64,21 @@ def causal_block_mask(seq_len_q: int, seq_len_kv: int, q_block_size: int, kv_blo
     _, last_query = _block_bounds(seq_len_q, q_block_size, device)
     kv_starts, _ = _block_bounds(seq_len_kv, kv_block_size, device)
     return kv_starts[None, :] <= (last_query + seq_len_kv - seq_len_q)[:, None]
+
+
+def sink_and_diagonal_blocks(seq_len_q: int, seq_len_kv: int, block_size: int, device=None):
+    """Bool [Mq, N]: key block 0 and every key block holding the (bottom-right aligned) position of a
+    real query of the row: the blocks that causal block selections always keep."""
+    _check_block_geometry(seq_len_q, seq_len_kv, block_size, block_size)
+    first_query, last_query = _block_bounds(seq_len_q, block_size, device)
+    kv_starts, _ = _block_bounds(seq_len_kv, block_size, device)
+    kv_block = torch.arange(len(kv_starts), device=device)
+    offset = seq_len_kv - seq_len_q
+    forced = (kv_block[None, :] >= ((first_query + offset) // block_size)[:, None]) & (
+        kv_block[None, :] <= ((last_query + offset) // block_size)[:, None]
+    )
+    forced[:, 0] = True
+    return forced
 
 
 def causal_full_block_mask(seq_len_q: int, seq_len_kv: int, q_block_size: int, kv_block_size: int, device=None):

@@ -42,6 +42,27 @@ def _check_int(value, name: str, minimum: int) -> int:
     return value
 
 
+def block_score_lengths(scores, seq_len_q, seq_len_kv, block_size: int, causal: bool) -> tuple[int, int]:
+    """The sequence lengths of float block scores [B, H, Mq, Nk] (None: Mq * block_size, Nk * block_size),
+    checked against their block grid; a selection method's scores must match the lengths it lays out."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
+        raise ValueError(f"scores must be a 4-D tensor [B, H, Mq, Nk], got {getattr(scores, 'shape', scores)!r}")
+    if scores.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"scores must be float32 or float64, got {scores.dtype}")
+    num_q_blocks, num_kv_blocks = scores.shape[2:]
+    seq_len_q = num_q_blocks * block_size if seq_len_q is None else _check_int(seq_len_q, "seq_len_q", 1)
+    seq_len_kv = num_kv_blocks * block_size if seq_len_kv is None else _check_int(seq_len_kv, "seq_len_kv", 1)
+    if (-(-seq_len_q // block_size), -(-seq_len_kv // block_size)) != (num_q_blocks, num_kv_blocks):
+        raise ValueError(
+            f"scores have {num_q_blocks} x {num_kv_blocks} blocks, but seq_len_q={seq_len_q}, "
+            f"seq_len_kv={seq_len_kv} with block_size={block_size} need "
+            f"{-(-seq_len_q // block_size)} x {-(-seq_len_kv // block_size)}"
+        )
+    if causal and seq_len_q > seq_len_kv:
+        raise ValueError(f"causal selection needs seq_len_q <= seq_len_kv, got {seq_len_q} > {seq_len_kv}")
+    return seq_len_q, seq_len_kv
+
+
 def block_mean_pool(keys: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean of each block of `block_size` keys: (B, H, S, D) -> float32 (B, H, ceil(S/bs), D).
 

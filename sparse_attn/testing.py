@@ -25,6 +25,7 @@ __all__ = [
     "StructuredInputs",
     "apply_rope",
     "assert_flash_rule",
+    "assert_flash_rule_with_grads",
     "max_err",
     "random_block_layout",
     "structured_qkv",
@@ -486,6 +487,20 @@ def assert_flash_rule(got, ref64, same_precision, factor, what):
     bound = factor * max_err(same_precision, ref64) + rounding + 1e-6
     err = max_err(got, ref64)
     assert err <= bound, f"{what}: error {err:.3e} exceeds bound {bound:.3e}"
+
+
+def assert_flash_rule_with_grads(out, ref64, same_precision, inputs, generator, what="output"):
+    """`assert_flash_rule` on the output (2x) and on the gradients of `inputs` (3x, named dq, dk, dv, ...)
+    for one random upstream gradient drawn from `generator` (a CPU generator)."""
+    assert_flash_rule(out, ref64, same_precision, 2, what)
+    grad = torch.randn(out.shape, generator=generator).to(out.device, out.dtype)
+    grads = zip(
+        torch.autograd.grad(out, inputs, grad),
+        torch.autograd.grad(ref64, inputs, grad.to(ref64.dtype)),
+        torch.autograd.grad(same_precision, inputs, grad),
+    )
+    for name, (got, ref, same) in zip("qkvabcdefgh", grads):
+        assert_flash_rule(got, ref, same, 3, f"d{name}")
 
 
 # Tiny causal-LM dimensions for offline Hugging Face runs (random weights, no download): realistic

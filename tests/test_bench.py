@@ -108,6 +108,24 @@ EXPECTED = {
         "reference_ms",
         "reference_output_rel_error",
     ),
+    "proxyattn": (
+        "seq_len",
+        "gamma",
+        "mass_recall",
+        "kernel_rel_error",
+        "kernel_error_bound",
+        "estimate_ms",
+        "budget_ms",
+        "select_ms",
+        "attention_ms",
+        "attention_tflops",
+        "proxyattn_ms",
+        "proxyattn_first_call_ms",
+        "proxyattn_peak_bytes",
+        "speedup_over_sdpa_cpu",
+        "reference_ms",
+        "reference_output_rel_error",
+    ),
 }
 ENVIRONMENT = ("date", "device", "driver", "torch", "triton", "cuda", "backends")
 

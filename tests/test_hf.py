@@ -74,8 +74,8 @@ def reference_engine(monkeypatch):
     exact but slow; the kernels have their own tests)."""
     # Triton reads TRITON_INTERPRET when a kernel module is first imported: import them in the
     # process's own mode first, so other tests still find interpreted kernels.
+    import sparse_attn.kernels.block_scores  # noqa: F401
     import sparse_attn.kernels.block_sparse_attn  # noqa: F401
-    import sparse_attn.kernels.xattention_estimate  # noqa: F401
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
@@ -102,10 +102,13 @@ def test_full_budget_xattention_matches_sdpa(family):
 
 # topk covers every block of the prompt and of the generated tokens (MoBA routes the decode queries too).
 FULL_MOBA = {"block_size": BLOCK, "topk": SEQ_LEN // BLOCK + 1, "decode": "sparse"}
+FULL_PROXY = {"gamma": 1.0, "block_size": BLOCK}
 
 
-@pytest.mark.parametrize("method, options", [("dense", {}), ("moba", FULL_MOBA)])
-def test_full_budget_dense_and_moba_match_sdpa(reference_engine, method, options):
+@pytest.mark.parametrize(
+    "method, options, decode", [("dense", {}, "dense"), ("moba", FULL_MOBA, "moba"), ("proxyattn", FULL_PROXY, "dense")]
+)
+def test_full_budget_dense_moba_and_proxyattn_match_sdpa(reference_engine, method, options, decode):
     model, ids = _model("llama"), _ids()
     with torch.no_grad():
         expected_logits, expected_tokens = model(ids).logits, _greedy(model, ids)
@@ -113,7 +116,8 @@ def test_full_budget_dense_and_moba_match_sdpa(reference_engine, method, options
             logits, tokens = model(ids).logits, _greedy(model, ids)
     torch.testing.assert_close(logits, expected_logits, atol=2e-4, rtol=1e-4)
     assert torch.equal(tokens, expected_tokens)
-    assert handle.stats.calls[(0, "decode", method)] == 5  # MoBA routes the decode queries too
+    assert handle.stats.calls[(0, "prefill", method)] == 2
+    assert handle.stats.calls[(0, "decode", decode)] == 5  # MoBA routes the decode queries too; ProxyAttn's are dense
 
 
 def _static_cache(model, length):
@@ -209,8 +213,13 @@ def _oracle(q, k, v, allowed):
     return masked_attention(q, k, v, allowed, compute_dtype=torch.float64)[0].float().transpose(1, 2)
 
 
-def test_function_padding_and_packing_equal_separate_runs(reference_engine):
-    module = _module(hf.SparseAttnConfig("xattention", threshold=0.6, block_size=BLOCK))
+@pytest.mark.parametrize(
+    "method, options",
+    [("xattention", {"threshold": 0.6}), ("proxyattn", {"gamma": 0.6, "min_budget_tokens": BLOCK, "stride": 8})],
+)
+def test_function_padding_and_packing_equal_separate_runs(reference_engine, method, options):
+    config = hf.SparseAttnConfig(method, block_size=BLOCK, track_density=True, **options)
+    module = _module(config)
     q, k, v = _qkv(1, 300, 300)
     alone = [
         hf.sparse_attention_forward(module, *(t[:, :, s] for t in (q, k, v)), None)[0]
@@ -233,6 +242,7 @@ def test_function_padding_and_packing_equal_separate_runs(reference_engine):
     packed = hf.sparse_attention_forward(module, q, k, v, None, position_ids=positions)[0]
     torch.testing.assert_close(packed[0, :120], alone[0][0])
     torch.testing.assert_close(packed[0, 120:], alone[1][0])
+    assert config.stats.mean_density() < 0.95  # the budget drops blocks, so the grids' starts matter
 
 
 # ---------------------------------------------------------------------------------- phases
@@ -317,6 +327,9 @@ def test_unsupported_features_raise():
         ("xattention", {"stride": 3}, ValueError, "stride=3 must divide block_size=128"),
         ("xattention", {"block_size": 0}, ValueError, "block_size"),
         ("xattention", {"chunk_size": 100}, ValueError, "chunk_size=100 must be a multiple"),
+        ("proxyattn", {"gamma": 0.0}, ValueError, "gamma"),
+        ("proxyattn", {"stride": 200}, ValueError, "stride=200"),
+        ("proxyattn", {"threshold": 0.9}, TypeError, "no option"),
     ],
 )
 def test_bad_options_raise_when_configured(method, options, error, match):
@@ -369,7 +382,10 @@ def test_unpatch_restores_bit_identical_outputs(reference_engine):
     assert AttentionMaskInterface._global_mapping["sparse_attn"] is hf.keep_mask
 
 
-@pytest.mark.parametrize("method, options", [("xattention", FULL_XATTN), ("moba", {"block_size": BLOCK, "topk": 2})])
+@pytest.mark.parametrize(
+    "method, options",
+    [("xattention", FULL_XATTN), ("moba", {"block_size": BLOCK, "topk": 2}), ("proxyattn", FULL_PROXY)],
+)
 def test_backward_matches_dense_at_full_budget(reference_engine, method, options):
     model, ids = _model("llama"), _ids(length=128)
     model.train()  # attention_dropout is 0: training mode must not trip the dropout check

@@ -3,6 +3,13 @@ and for the report COLUMNS, SEQ_KEY, SPEEDUP and family(row)."""
 
 from __future__ import annotations
 
-from . import decode, engine, moba, moba_varlen, xattention
+from . import decode, engine, moba, moba_varlen, proxyattn, xattention
 
-SUITES = {"engine": engine, "decode": decode, "moba": moba, "moba_varlen": moba_varlen, "xattention": xattention}
+SUITES = {
+    "engine": engine,
+    "decode": decode,
+    "moba": moba,
+    "moba_varlen": moba_varlen,
+    "xattention": xattention,
+    "proxyattn": proxyattn,
+}

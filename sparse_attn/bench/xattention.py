@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import block_sparse_attn
 from ..methods.xattention import xattention_attn, xattention_estimate, xattention_select
-from ..testing import structured_qkv
-from . import quality
-from .common import add_speedup, best_dense, dense_peers, layout_peers, time_passes, timed
+from . import quality, selected_prefill
+from .common import add_speedup, best_dense, timed
 
 FULL = dict(
     seq_lens=[8192, 32768, 131072],
@@ -58,38 +56,6 @@ ERROR_RULE = (
 )
 
 
-def _inputs(config, seq, device):
-    inputs = structured_qkv(
-        config["batch"], config["q_heads"], config["kv_heads"], seq, config["head_dim"], seed=seq, device=device
-    )
-    return tuple(t.to(config["dtype"]) for t in (inputs.q, inputs.k, inputs.v))
-
-
-def _layout_work(row, q, k, v, layout, rows, selection: quality.Reference, device):
-    """Attention on the selected layout: ours and the same-layout peer, timed with TFLOP/s on its pairs,
-    and the peer's error against the layout's oracle."""
-    hq, hkv = q.shape[1], k.shape[1]
-    pairs = layout.computed_pairs(hq, hkv)
-    row.update(density=layout.density(), pairs=pairs)
-
-    def ours(q, k, v):
-        return block_sparse_attn(q, k, v, layout)
-
-    time_passes(row, "attention", None, ours, (q, k, v), None, device, pairs, peer=False)
-    for name, run in layout_peers(device, layout, hq, hkv).items():
-        if time_passes(row, name, None, run, (q, k, v), None, device, pairs) is not None:
-            row[f"{name}_output_rel_error"] = quality.rel_error(run(q, k, v)[:, :, rows], selection.out)
-
-
-def _quality(config, q, k, v, layout, tau, rows, selection: quality.Reference, dense: quality.Reference) -> dict:
-    ours = block_sparse_attn(q, k, v, layout)[:, :, rows]
-    fields = quality.kernel_fields(ours, selection)
-    lossless = layout.density() >= 1.0
-    tolerance = config["tolerance_factor"] * (1 - tau)
-    fields.update(quality.dense_fields(ours, dense, selection, lossless=lossless, tolerance=tolerance))
-    return fields
-
-
 def _case(config, q, k, v, stride, tau, scores, rows, dense, device) -> dict:
     block = config["block"]
     seq_q, seq_kv = q.shape[2], k.shape[2]
@@ -101,21 +67,14 @@ def _case(config, q, k, v, stride, tau, scores, rows, dense, device) -> dict:
     timed(row, "select", select, device, peer=False)
     layout = select()
     selection = quality.reference(q, k, v, rows, quality.layout_rows(layout, rows, q.shape[1], k.shape[1]))
-    _layout_work(row, q, k, v, layout, rows, selection, device)
+    selected_prefill.layout_work(row, q, k, v, layout, rows, selection, device)
 
     def end_to_end():
         return xattention_attn(q, k, v, stride=stride, threshold=tau, block_size=block)
 
     timed(row, "xattention", end_to_end, device, peer=False)
-    row.update(_quality(config, q, k, v, layout, tau, rows, selection, dense))
+    row.update(selected_prefill.method_quality(config, q, k, v, layout, tau, rows, selection, dense))
     return row
-
-
-def _dense_timings(q, k, v, device) -> dict:
-    timings = {}
-    for name, peer in dense_peers(device).items():
-        timed(timings, name, lambda peer=peer: peer(q, k, v), device)
-    return timings
 
 
 def run(config: dict, device: torch.device) -> list[dict]:
@@ -126,8 +85,8 @@ def run(config: dict, device: torch.device) -> list[dict]:
 def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
     rows = []
     block = config["block"]
-    q, k, v = _inputs(config, seq, device)
-    dense_timings = _dense_timings(q, k, v, device)
+    q, k, v = selected_prefill.inputs(config, seq, device)
+    dense_timings = selected_prefill.dense_timings(q, k, v, device)
     _, dense_ms = best_dense(dense_timings)
     sampled = quality.sample_rows(seq, config["error_rows"], device)
     dense = quality.dense_reference(q, k, v, sampled)
@@ -143,7 +102,7 @@ def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
             row = {"seq_len": seq, "stride": stride, "threshold": tau, **estimate, **dense_timings}
             row.update(_case(config, q, k, v, stride, tau, scores, sampled, dense, device))
             row["estimate_select_over_dense"] = (row["estimate_ms"] + row["select_ms"]) / dense_ms if dense_ms else None
-            _add_ratios(row)
+            selected_prefill.add_ratios(row, "xattention")
             add_speedup(row, "xattention_ms", "_ms")
             rows.append(quality.finish(row))
             print(
@@ -152,16 +111,6 @@ def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
                 flush=True,
             )
     return rows
-
-
-def _add_ratios(row: dict) -> None:
-    """Speedups of the whole call over each dense peer, and of the attention over the same-layout peer (> 1: faster)."""
-    for peer in ("sdpa_flash", "sdpa_cudnn", "flash_attn", "sdpa_cpu"):
-        if row.get(f"{peer}_ms"):
-            row[f"speedup_over_{peer}"] = row[f"{peer}_ms"] / row["xattention_ms"]
-    for peer in ("flex", "reference"):
-        if row.get(f"{peer}_ms"):
-            row[f"attention_speedup_over_{peer}"] = row[f"{peer}_ms"] / row["attention_ms"]
 
 
 def family(row: dict) -> str:

@@ -10,6 +10,7 @@ from .moba import (
     moba_route,
     moba_route_varlen,
 )
+from .proxyattn import proxy_attn, proxy_attn_varlen, proxy_budget, proxy_estimate, proxy_select
 from .xattention import calibrate_xattention, xattention_attn, xattention_estimate, xattention_select
 
 __all__ = [
@@ -22,6 +23,11 @@ __all__ = [
     "moba_decode",
     "moba_route",
     "moba_route_varlen",
+    "proxy_attn",
+    "proxy_attn_varlen",
+    "proxy_budget",
+    "proxy_estimate",
+    "proxy_select",
     "xattention_attn",
     "xattention_estimate",
     "xattention_select",

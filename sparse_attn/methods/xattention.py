@@ -40,10 +40,11 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..engine import _check_qkv, block_sparse_attn, triton_available
-from ..layout import BlockSparseLayout, causal_block_mask
+from ..engine import _check_qkv, block_sparse_attn
+from ..layout import BlockSparseLayout, causal_block_mask, sink_and_diagonal_blocks
 from ..reference import working_dtype
-from ..selection import _check_int, threshold_select
+from ..selection import _check_int, block_score_lengths, threshold_select
+from .scoring import block_scores_kernel_runs
 
 __all__ = [
     "calibrate_xattention",
@@ -56,8 +57,6 @@ __all__ = [
     "xattention_select",
 ]
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_KERNEL_MAX_HEAD_DIM = 256
 _THRESHOLD_FORMAT = "sparse_attn.xattention.thresholds"
 _THRESHOLD_VERSION = 1
 
@@ -191,16 +190,6 @@ def _estimate_chunked(q, k, stride: int, block_size: int, causal: bool, chunk_si
     return scores if work == torch.float64 else scores.float()
 
 
-def _use_kernel(q, stride: int, block_size: int) -> bool:
-    if not triton_available(q.device) or q.dtype not in _KERNEL_DTYPES or q.shape[-1] > _KERNEL_MAX_HEAD_DIM:
-        return False
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return False  # the Triton interpreter's bf16 tl.dot is wrong
-    from ..kernels.xattention_estimate import kernel_supports
-
-    return kernel_supports(block_size, stride)
-
-
 def xattention_estimate(q, k, *, stride, block_size, causal=True, chunk_size=None):
     """fp32 antidiagonal block scores A [B, Hq, ceil(Sq/B), ceil(Skv/B)] of q (B, Hq, Sq, D), k (B, Hkv, Skv, D).
 
@@ -214,44 +203,14 @@ def xattention_estimate(q, k, *, stride, block_size, causal=True, chunk_size=Non
     _check_stride(stride, block_size)
     _check_qk(q, k, causal)
     chunk_size = _resolve_chunk_size(chunk_size, block_size, k.shape[2])
-    if _use_kernel(q, stride, block_size):
-        from ..kernels.xattention_estimate import xattention_estimate_op
+    if block_scores_kernel_runs(q, block_size, stride):
+        from ..kernels.block_scores import xattention_estimate_op
 
         return xattention_estimate_op(q, k, stride, block_size, causal)
     return _estimate_chunked(q, k, stride, block_size, causal, chunk_size)
 
 
 # ---------------------------------------------------------------------------------- selection
-def _diagonal_and_sink(seq_len_q: int, seq_len_kv: int, block_size: int, device) -> torch.Tensor:
-    """Bool [Mq, N]: block 0 and every key block holding the position of a real query of the row."""
-    first_query = torch.arange(0, seq_len_q, block_size, device=device)
-    last_query = torch.clamp(first_query + block_size, max=seq_len_q) - 1
-    offset = seq_len_kv - seq_len_q
-    kv_block = torch.arange(-(-seq_len_kv // block_size), device=device)
-    forced = (kv_block[None, :] >= ((first_query + offset) // block_size)[:, None]) & (
-        kv_block[None, :] <= ((last_query + offset) // block_size)[:, None]
-    )
-    forced[:, 0] = True
-    return forced
-
-
-def _check_scores_geometry(scores, seq_len_q, seq_len_kv, block_size: int, causal: bool):
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
-        raise ValueError(f"scores must be a 4-D tensor [B, Hq, Mq, Nk], got {getattr(scores, 'shape', scores)!r}")
-    num_q_blocks, num_kv_blocks = scores.shape[2:]
-    seq_len_q = num_q_blocks * block_size if seq_len_q is None else _check_int(seq_len_q, "seq_len_q", 1)
-    seq_len_kv = num_kv_blocks * block_size if seq_len_kv is None else _check_int(seq_len_kv, "seq_len_kv", 1)
-    if (-(-seq_len_q // block_size), -(-seq_len_kv // block_size)) != (num_q_blocks, num_kv_blocks):
-        raise ValueError(
-            f"scores have {num_q_blocks} x {num_kv_blocks} blocks, but seq_len_q={seq_len_q}, "
-            f"seq_len_kv={seq_len_kv} with block_size={block_size} need "
-            f"{-(-seq_len_q // block_size)} x {-(-seq_len_kv // block_size)}"
-        )
-    if causal and seq_len_q > seq_len_kv:
-        raise ValueError(f"causal selection needs seq_len_q <= seq_len_kv, got {seq_len_q} > {seq_len_kv}")
-    return seq_len_q, seq_len_kv
-
-
 def xattention_select(
     scores, threshold, *, causal=True, seq_len_q=None, seq_len_kv=None, block_size=128, layer_idx=None
 ) -> BlockSparseLayout:
@@ -275,13 +234,11 @@ def xattention_select(
     Raises ValueError for a threshold out of [0, 1] or of the wrong shape, or inconsistent lengths.
     """
     block_size = _check_int(block_size, "block_size", 1)
-    seq_len_q, seq_len_kv = _check_scores_geometry(scores, seq_len_q, seq_len_kv, block_size, causal)
-    if scores.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"scores must be float32 or float64, got {scores.dtype}")
+    seq_len_q, seq_len_kv = block_score_lengths(scores, seq_len_q, seq_len_kv, block_size, causal)
     tau = _threshold_per_head(threshold, scores.shape[1], layer_idx, scores.device)
     if causal:
         allowed = causal_block_mask(seq_len_q, seq_len_kv, block_size, block_size, scores.device)
-        forced = _diagonal_and_sink(seq_len_q, seq_len_kv, block_size, scores.device)
+        forced = sink_and_diagonal_blocks(seq_len_q, seq_len_kv, block_size, scores.device)
     else:
         allowed = torch.ones(scores.shape[2:], dtype=torch.bool, device=scores.device)
         forced = torch.zeros_like(allowed)
