@@ -232,7 +232,7 @@ def record(families: tuple) -> list:
     _moba_ops._persistent_programs = lambda device: 132 * _moba_ops._PROGRAMS_PER_SM
     _moba_ops._ITEM_ROWS_INTERPRETER = _moba_ops._ITEM_ROWS_CUDA
     block_scores._INTERPRETER_TILES = block_scores._TILE
-    proxyattn._use_kernel = lambda *args: True  # on CPU tensors it would take the PyTorch path for bf16
+    proxyattn.block_scores_kernel_runs = lambda *args: True  # on CPU tensors it would take the PyTorch path for bf16
     launch._device_descriptors = lambda device: True
     launches = []  # (kernel, args, kwargs, family)
     for dtype, dim, varlen in CASES:

@@ -750,7 +750,7 @@ def _softcapped_attention(query, key, value, allowed, is_causal, scale, softcap)
 def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats: AttentionStats):
     options = plan.options
     if plan.method == "xattention":
-        out = xattention_attn(
+        result = xattention_attn(
             q,
             k,
             v,
@@ -763,10 +763,7 @@ def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats:
             softmax_scale=scale,
             return_layout=stats.track_density,
         )
-        if stats.track_density:
-            out, layout = out
-            stats.densities.append((layer_idx, layout.density(causal=causal)))
-        return out
+        return _record_layout_density(result, stats, layer_idx, causal)
     if plan.method == "moba":
         block_size, topk = options["block_size"], options["topk"]
         if causal and q.shape[2] <= MAX_DECODE_QUERIES and q.shape[2] < k.shape[2]:
@@ -780,12 +777,18 @@ def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats:
             stats.densities.append((layer_idx, _moba_density(q, k, block_size, topk, causal)))
         return out
     if plan.method == "proxyattn":
-        out = proxy_attn(q, k, v, **options, causal=causal, softmax_scale=scale, return_layout=stats.track_density)
-        if stats.track_density:
-            out, layout = out
-            stats.densities.append((layer_idx, layout.density(causal=causal)))
-        return out
+        result = proxy_attn(q, k, v, **options, causal=causal, softmax_scale=scale, return_layout=stats.track_density)
+        return _record_layout_density(result, stats, layer_idx, causal)
     raise AssertionError(f"no sparse path for method {plan.method!r}")
+
+
+def _record_layout_density(result, stats: AttentionStats, layer_idx, causal):
+    """The output of a layout method called with return_layout=stats.track_density, its density recorded."""
+    if not stats.track_density:
+        return result
+    out, layout = result
+    stats.densities.append((layer_idx, layout.density(causal=causal)))
+    return out
 
 
 def _moba_density(q, k, block_size, topk, causal) -> float:

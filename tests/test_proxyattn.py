@@ -42,7 +42,7 @@ def path(request, monkeypatch):
     if request.param == "kernel" and not triton_available(DEVICE):
         pytest.skip("triton is not installed")
     if request.param == "torch":
-        monkeypatch.setattr(proxy_module, "_use_kernel", lambda *args: False)
+        monkeypatch.setattr(proxy_module, "block_scores_kernel_runs", lambda *args: False)
     return request.param
 
 

@@ -32,7 +32,7 @@ from ..engine import _check_cu_seqlens, _check_qkv, block_sparse_attn, block_spa
 from ..layout import BlockSparseLayout, causal_block_mask, sink_and_diagonal_blocks
 from ..reference import working_dtype
 from ..selection import _check_int, block_score_lengths, threshold_select
-from .scoring import KERNEL_DTYPES, block_scores_kernel_runs
+from .scoring import KERNEL_DTYPES, block_scores_kernel_runs, check_scored_qk
 
 __all__ = [
     "check_options",
@@ -52,15 +52,10 @@ _TORCH_CHUNK_ELEMENTS = 1 << 26
 
 
 # ---------------------------------------------------------------------------------- validation
-def _check_gamma(gamma) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-        raise ValueError(f"gamma must be a float in (0, 1], got {gamma!r}")
-    return float(gamma)
-
-
 def check_options(*, gamma=0.95, num_proxy_groups=1, stride=4, block_size=128, min_budget_tokens=2048) -> None:
     """ProxyAttn's scalar options, checked before any tensor is seen (the HF patcher checks at patch time)."""
-    _check_gamma(gamma)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be a float in (0, 1], got {gamma!r}")
     _check_int(num_proxy_groups, "num_proxy_groups", 1)
     block_size = _check_int(block_size, "block_size", 1)
     stride = _check_int(stride, "stride", 1)
@@ -70,11 +65,7 @@ def check_options(*, gamma=0.95, num_proxy_groups=1, stride=4, block_size=128, m
 
 
 def _check_qk(q, k, causal: bool, num_proxy_groups=None) -> None:
-    _check_qkv(q, k, k, packed=False)
-    if causal and q.shape[2] > k.shape[2]:
-        raise ValueError(
-            f"causal ProxyAttn needs seq_len_q <= seq_len_kv (bottom-right aligned), got {q.shape[2]} > {k.shape[2]}"
-        )
+    check_scored_qk(q, k, causal, "ProxyAttn")
     if num_proxy_groups is not None and k.shape[1] % num_proxy_groups:
         raise ValueError(
             f"num_proxy_groups={num_proxy_groups} must divide the number of KV heads ({k.shape[1]}): "
@@ -148,11 +139,6 @@ def _sampled_rows(seq_len_q: int, block_size: int, stride: int, device):
     return positions.clamp(max=seq_len_q - 1).flatten(), real.flatten(), per_block
 
 
-def _use_kernel(q, block_size: int) -> bool:
-    """The kernel reduces whole key blocks per tile, and the sampled rows of a block are padded to a power of two."""
-    return block_scores_kernel_runs(q, block_size)
-
-
 def _block_scores_torch(q_rows, k, *, rows_per_block, row_span, row_step, block_size, seq_len_q, reduce_max, causal):
     """The PyTorch path of `sampled_block_scores_op` (same arguments and result), float32 (float64 for
     float64 inputs), a chunk of whole row groups of logits at a time."""
@@ -169,11 +155,12 @@ def _block_scores_torch(q_rows, k, *, rows_per_block, row_span, row_step, block_
     keys_t = F.pad(k.to(work), (0, 0, 0, num_kv_blocks * block_size - seq_kv))[:, :, None].transpose(-1, -2)
     key_pos = torch.arange(num_kv_blocks * block_size, device=k.device)
     groups_per_chunk = max(1, _TORCH_CHUNK_ELEMENTS // (batch * num_q_heads * rows_per_block * keys_t.shape[-1]))
+    padding = key_pos[None, :] >= seq_kv
     parts = []
     for start in range(0, len(index), groups_per_chunk * rows_per_block):
         rows = slice(start, start + groups_per_chunk * rows_per_block)
         logits = q_grouped[..., rows, :] @ keys_t / math.sqrt(dim)
-        hidden = key_pos[None, :] >= seq_kv
+        hidden = padding
         if causal:
             hidden = hidden | (key_pos[None, :] > position[rows, None] + (seq_kv - seq_len_q))
         probs = logits.masked_fill(hidden, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
@@ -185,8 +172,9 @@ def _block_scores_torch(q_rows, k, *, rows_per_block, row_span, row_step, block_
 
 
 def _block_scores(q_rows, k, **options):
-    """Sampled-row block scores through the fused kernel where it runs, else the PyTorch path."""
-    if _use_kernel(q_rows, options["block_size"]):
+    """Sampled-row block scores through the fused kernel where it runs (it reduces whole key blocks, so
+    `block_size` must be a power of two; a block's sampled rows are padded to one), else the PyTorch path."""
+    if block_scores_kernel_runs(q_rows, options["block_size"]):
         from ..kernels.block_scores import sampled_block_scores_op
 
         return sampled_block_scores_op(q_rows, k, **options)
@@ -232,8 +220,7 @@ def proxy_budget(q, k, *, gamma=0.95, block_size=128, causal=True):
     queries, and k_h is the shortest descending prefix of those masses reaching gamma of their total
     (`threshold_select`'s rule). gamma = 1 gives every key block without summing.
     """
-    gamma = _check_gamma(gamma)
-    check_options(block_size=block_size)
+    check_options(gamma=gamma, block_size=block_size)
     _check_qk(q, k, causal)
     num_kv_blocks = -(-k.shape[2] // block_size)
     if gamma >= 1:
@@ -273,7 +260,16 @@ def proxy_select(
     block_size = _check_int(block_size, "block_size", 1)
     min_budget_tokens = _check_int(min_budget_tokens, "min_budget_tokens", 0)
     seq_len_q, seq_len_kv = block_score_lengths(scores, seq_len_q, seq_len_kv, block_size, causal)
-    budget = _check_head_blocks(head_blocks, scores)
+    mask = _selected_blocks(
+        scores, _check_head_blocks(head_blocks, scores), causal, seq_len_q, seq_len_kv, block_size, min_budget_tokens
+    )
+    return BlockSparseLayout.from_dense_mask(
+        mask, q_block_size=block_size, kv_block_size=block_size, seq_len_q=seq_len_q, seq_len_kv=seq_len_kv
+    )
+
+
+def _selected_blocks(scores, budget, causal, seq_len_q, seq_len_kv, block_size, min_budget_tokens):
+    """`proxy_select`'s kept blocks on checked arguments: bool [B, Hq, Mq, Nk]."""
     if causal:
         allowed = causal_block_mask(seq_len_q, seq_len_kv, block_size, block_size, scores.device)
         forced = sink_and_diagonal_blocks(seq_len_q, seq_len_kv, block_size, scores.device)
@@ -292,14 +288,7 @@ def proxy_select(
     batch, groups, num_q_blocks, num_kv_blocks = scores.shape
     heads_per_group = budget.shape[1] // groups
     kept = rank[:, :, None] < keep.view(batch, groups, heads_per_group, num_q_blocks, 1)
-    mask = (kept & allowed) | forced
-    return BlockSparseLayout.from_dense_mask(
-        mask.reshape(batch, groups * heads_per_group, num_q_blocks, num_kv_blocks),
-        q_block_size=block_size,
-        kv_block_size=block_size,
-        seq_len_q=seq_len_q,
-        seq_len_kv=seq_len_kv,
-    )
+    return ((kept & allowed) | forced).reshape(batch, groups * heads_per_group, num_q_blocks, num_kv_blocks)
 
 
 def _check_head_blocks(head_blocks, scores) -> torch.Tensor:
@@ -324,21 +313,15 @@ def _check_head_blocks(head_blocks, scores) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- attention
-def _layout(q, k, *, gamma, num_proxy_groups, stride, block_size, min_budget_tokens, causal) -> BlockSparseLayout:
+def _selection(q, k, *, gamma, num_proxy_groups, stride, block_size, min_budget_tokens, causal):
+    """Estimate, budgets and selection of one batch: the kept blocks, bool [B, Hq, Mq, Nk]. The budgets are
+    valid by construction, so `proxy_select`'s argument checks (and their device syncs) are skipped."""
     q, k = q.detach(), k.detach()
     scores = proxy_estimate(
         q, k, num_proxy_groups=num_proxy_groups, stride=stride, block_size=block_size, causal=causal
     )
     head_blocks = proxy_budget(q, k, gamma=gamma, block_size=block_size, causal=causal)
-    return proxy_select(
-        scores,
-        head_blocks,
-        causal=causal,
-        seq_len_q=q.shape[2],
-        seq_len_kv=k.shape[2],
-        block_size=block_size,
-        min_budget_tokens=min_budget_tokens,
-    )
+    return _selected_blocks(scores, head_blocks, causal, q.shape[2], k.shape[2], block_size, min_budget_tokens)
 
 
 def proxy_attn(
@@ -367,7 +350,10 @@ def proxy_attn(
     _check_qkv(q, k, v, packed=False)
     options = dict(gamma=gamma, num_proxy_groups=num_proxy_groups, stride=stride, block_size=block_size)
     check_options(**options, min_budget_tokens=min_budget_tokens)
-    layout = _layout(q, k, **options, min_budget_tokens=min_budget_tokens, causal=causal)
+    mask = _selection(q, k, **options, min_budget_tokens=min_budget_tokens, causal=causal)
+    layout = BlockSparseLayout.from_dense_mask(
+        mask, q_block_size=block_size, kv_block_size=block_size, seq_len_q=q.shape[2], seq_len_kv=k.shape[2]
+    )
     out = block_sparse_attn(q, k, v, layout, causal=causal, softmax_scale=softmax_scale)
     return (out, layout) if return_layout else out
 
@@ -403,14 +389,13 @@ def proxy_attn_varlen(
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
     num_q_blocks, num_kv_blocks = -(-max_seqlen_q // block_size), -(-max_seqlen_k // block_size)
     mask = torch.zeros(num_seqs, q.shape[1], num_q_blocks, num_kv_blocks, dtype=torch.bool, device=q.device)
-    bounds = zip(cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:], cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:])
-    for index, (q0, q1, k0, k1) in enumerate(bounds):
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # one device sync each
+    for index, (q0, q1, k0, k1) in enumerate(zip(starts_q, starts_q[1:], starts_k, starts_k[1:])):
         if q1 == q0:
             continue
         q_seq, k_seq = (t[a:b].transpose(0, 1)[None] for t, a, b in ((q, q0, q1), (k, k0, k1)))
-        layout = _layout(q_seq, k_seq, **options, min_budget_tokens=min_budget_tokens, causal=causal)
-        dense = layout.to_dense_mask()[0]
-        mask[index, :, : dense.shape[1], : dense.shape[2]] = dense
+        kept = _selection(q_seq, k_seq, **options, min_budget_tokens=min_budget_tokens, causal=causal)[0]
+        mask[index, :, : kept.shape[1], : kept.shape[2]] = kept
     layout = BlockSparseLayout.from_dense_mask(
         mask, q_block_size=block_size, kv_block_size=block_size, seq_len_q=max_seqlen_q, seq_len_kv=max_seqlen_k
     )

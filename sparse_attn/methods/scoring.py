@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import triton_available
+from ..engine import _check_qkv, triton_available
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _KERNEL_MAX_HEAD_DIM = 256
@@ -22,3 +22,12 @@ def block_scores_kernel_runs(q, block_size: int, stride: int = 1) -> bool:
     from ..kernels.block_scores import kernel_supports
 
     return kernel_supports(block_size, stride)
+
+
+def check_scored_qk(q, k, causal: bool, method: str) -> None:
+    """q (B, Hq, Sq, D) and k (B, Hkv, Skv, D) as the engine takes them, and Sq <= Skv in causal mode."""
+    _check_qkv(q, k, k, packed=False)
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(
+            f"causal {method} needs seq_len_q <= seq_len_kv (bottom-right aligned), got {q.shape[2]} > {k.shape[2]}"
+        )

@@ -44,7 +44,7 @@ from ..engine import _check_qkv, block_sparse_attn
 from ..layout import BlockSparseLayout, causal_block_mask, sink_and_diagonal_blocks
 from ..reference import working_dtype
 from ..selection import _check_int, block_score_lengths, threshold_select
-from .scoring import block_scores_kernel_runs
+from .scoring import block_scores_kernel_runs, check_scored_qk
 
 __all__ = [
     "calibrate_xattention",
@@ -77,11 +77,7 @@ def check_options(*, stride, block_size, chunk_size=None) -> None:
 
 
 def _check_qk(q, k, causal: bool) -> None:
-    _check_qkv(q, k, k, packed=False)
-    if causal and q.shape[2] > k.shape[2]:
-        raise ValueError(
-            f"causal XAttention needs seq_len_q <= seq_len_kv (bottom-right aligned), got {q.shape[2]} > {k.shape[2]}"
-        )
+    check_scored_qk(q, k, causal, "XAttention")
 
 
 def default_chunk_size(seq_len_kv: int, block_size: int = 128) -> int:
