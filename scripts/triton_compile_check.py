@@ -44,7 +44,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from sparse_attn import _engine_ops, _moba_ops, tiles
-from sparse_attn.kernels import block_scores, launch
+from sparse_attn.kernels import block_scores, indexer_scores, launch, token_sparse_attn
 from sparse_attn.layout import BlockSparseLayout
 from sparse_attn.methods import proxyattn
 
@@ -103,7 +103,11 @@ def _is_16_bit(args) -> bool:
 
 def _label(kernel, kwargs, args) -> str:
     dtype = str(_input_dtype(args)).replace("torch.", "")
-    tile = "x".join(str(kwargs[name]) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_R") if name in kwargs)
+    tile = "x".join(
+        str(kwargs[name])
+        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_R", "HEADS_PAD", "BLOCK_H", "TILE_K")
+        if name in kwargs
+    )
     flags = [f"D={kwargs['HEAD_DIM']}", dtype, tile, f"w{kwargs.get('num_warps', 4)}"]  # triton's default warps
     flags += [name.lower() for name in ("CAUSAL", "VARLEN", "BACKWARD") if kwargs.get(name)]
     flags += ["tma"] if kwargs.get("USE_TMA") else []
@@ -187,6 +191,40 @@ def _proxyattn_launches(dtype, dim, varlen):
     proxyattn.proxy_budget(q, k, gamma=0.9)
 
 
+def _hisa_launches(dtype, dim, varlen):
+    """The DSA/HISA indexer scores at DeepSeek-V3.2's 64 index heads: the flat scan, HISA's stage 1 over
+    fp32 pooled keys and its stage 2 over 128-key candidate blocks."""
+    if varlen or dtype == torch.float32:
+        return
+    rows, keys, heads = 256, 2048, 64
+    q = torch.randn(rows, heads, dim, dtype=dtype)
+    k = torch.randn(keys, dim, dtype=dtype)
+    weights = torch.rand(rows, heads)
+    ks = torch.zeros(rows, dtype=torch.int32)
+    ke = torch.arange(keys - rows + 1, keys + 1, dtype=torch.int32)
+    indexer_scores.indexer_scores_op(q, k, weights, ks, ke, None)
+    indexer_scores.indexer_scores_op(q, torch.randn(keys // 128, dim), weights, ks, ke // 128 + 1, None)
+    starts = torch.arange(0, 64 * 128, 128, dtype=torch.int32).repeat(rows, 1)
+    indexer_scores.indexer_gathered_scores_op(q, k, weights, ks, ke, None, starts, 128)
+
+
+def _token_sparse_launches(dtype, dim, varlen):
+    """Token-sparse attention forward and backward: GQA (8 query heads per KV head, 2048 indices per row)
+    at this head dim, and MLA's latent (128 heads, d_qk = 576, V its first 512 dims) once, at bf16."""
+    if varlen:
+        return
+    q, k, v = _qkv(dtype, dim, heads=(16, 2), seq=64)
+    k, v = (torch.randn(1, 2, 4096, dim, dtype=dtype) for _ in range(2))
+    indices = torch.randint(0, 4096, (1, 64, 1, 2048), dtype=torch.int32)
+    cases = [(q, k, v, indices)]
+    if (dtype, dim) == (torch.bfloat16, 128):
+        latent = torch.randn(1, 1, 4096, 576, dtype=dtype)
+        cases.append((torch.randn(1, 64, 128, 576, dtype=dtype).transpose(1, 2), latent, latent[..., :512], indices))
+    for q, k, v, indices in cases:
+        out, lse = token_sparse_attn.token_sparse_attn_fwd(q, k, v, indices, 0.1)
+        token_sparse_attn.token_sparse_attn_bwd(out, None, q, k, v, out, lse, indices, 0.1)
+
+
 def _wide_launches(dtype, dim, varlen):
     """The int64-offset variants (WIDE_INDEX: a tensor spans 2^31 elements) of every kernel, at D=128
     bf16 only: they must compile; they may spill (only launches that large take them)."""
@@ -212,6 +250,8 @@ FAMILIES = {
     "moba_tma": functools.partial(_TMA, _moba_launches),
     "xattention": _xattention_launches,
     "proxyattn": _proxyattn_launches,
+    "hisa": _hisa_launches,
+    "token_sparse": _token_sparse_launches,
     "wide": _wide_launches,
 }
 DEFAULT_TILE_FAMILIES = ("engine", "moba", "xattention", "proxyattn")

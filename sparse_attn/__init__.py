@@ -15,6 +15,11 @@ from .layout import BlockSparseLayout, causal_block_mask, validate_token_indices
 from .methods import (
     KeyShortConv,
     MoBABlockMeans,
+    dsa_indexer,
+    dsa_indexer_logits,
+    dsa_select,
+    hisa_indexer,
+    hisa_select,
     moba_attn,
     moba_attn_varlen,
     moba_attn_varlen_qk,
@@ -26,9 +31,11 @@ from .methods import (
     proxy_budget,
     proxy_estimate,
     proxy_select,
+    topk_indices,
 )
 from .methods.xattention import calibrate_xattention, xattention_attn, xattention_estimate, xattention_select
 from .selection import block_mean_pool, layout_transpose, threshold_select, topk_rows
+from .token_sparse import sparse_mla, token_sparse_attn
 
 __version__ = "0.1.0"
 
@@ -45,6 +52,11 @@ __all__ = [
     "calibrate_xattention",
     "causal_block_mask",
     "configure",
+    "dsa_indexer",
+    "dsa_indexer_logits",
+    "dsa_select",
+    "hisa_indexer",
+    "hisa_select",
     "layout_transpose",
     "moba_attn",
     "moba_attn_varlen",
@@ -60,7 +72,10 @@ __all__ = [
     "proxy_budget",
     "proxy_estimate",
     "proxy_select",
+    "sparse_mla",
     "threshold_select",
+    "token_sparse_attn",
+    "topk_indices",
     "topk_rows",
     "unpatch",
     "validate_token_indices",

@@ -107,12 +107,13 @@ def token_sparse_attention_reference(q, k, v, indices, *, causal=True, softmax_s
     """Attention over per-query token selections.
 
     indices: int [B, Sq, G, K] key positions padded with -1, G = number of KV heads (each query head
-    uses the list of its KV head) or 1 (shared by all heads). Duplicates are harmless.
+    uses the list of its KV head) or 1 (shared by all heads). Entries < 0 or >= Skv are ignored;
+    duplicates are harmless. v may have its own head dim.
     """
     batch, seq_q, groups, _ = indices.shape
     seq_kv = k.shape[2]
-    # Padding (-1) scatters into an extra column that is dropped afterwards.
-    slots = torch.where(indices < 0, torch.full_like(indices, seq_kv), indices).long()
+    # Ignored entries scatter into an extra column that is dropped afterwards.
+    slots = torch.where((indices < 0) | (indices >= seq_kv), seq_kv, indices.long())
     selected = torch.zeros(batch, seq_q, groups, seq_kv + 1, dtype=torch.bool, device=q.device)
     selected.scatter_(-1, slots, True)
     allowed = selected[..., :seq_kv].permute(0, 2, 1, 3)  # [B, G, Sq, Skv]

@@ -1,5 +1,6 @@
-"""Sparse-attention methods built on the selection primitives and the block-sparse engine."""
+"""Sparse-attention methods built on the selection primitives, the block-sparse engine and token-sparse attention."""
 
+from .hisa import dsa_indexer, dsa_indexer_logits, dsa_select, hisa_indexer, hisa_select, topk_indices
 from .moba import (
     KeyShortConv,
     MoBABlockMeans,
@@ -17,6 +18,11 @@ __all__ = [
     "KeyShortConv",
     "MoBABlockMeans",
     "calibrate_xattention",
+    "dsa_indexer",
+    "dsa_indexer_logits",
+    "dsa_select",
+    "hisa_indexer",
+    "hisa_select",
     "moba_attn",
     "moba_attn_varlen",
     "moba_attn_varlen_qk",
@@ -28,6 +34,7 @@ __all__ = [
     "proxy_budget",
     "proxy_estimate",
     "proxy_select",
+    "topk_indices",
     "xattention_attn",
     "xattention_estimate",
     "xattention_select",

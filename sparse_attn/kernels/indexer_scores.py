@@ -1,0 +1,182 @@
+"""DSA lightning-indexer scores, one kernel for the flat scan and both HISA stages.
+
+score(t, s) = k_scale[s] * sum_j w[t, j] * ReLU(q[t, j] . k[s]) over the index heads j (MQA: one key per
+position). A program owns one query row t: it loads q[t] as a [heads, D] matrix once, so every key
+tile is a [heads, D] x [D, BLOCK_N] tensor-core product, then ReLU, weighted head sum. Scores of keys
+outside [ks[t], ke[t]) are -inf, and tiles entirely outside that range are not computed.
+
+Tiles. Dense mode: tile j is keys j * BLOCK_N + [0, BLOCK_N), written at those columns (the flat DSA
+scan over k, and HISA's stage 1 over pooled block keys). Gathered mode (HISA stage 2): tile j of row
+t starts at key TILE_STARTS[t, j] (-1: no tile) and is written at columns j * BLOCK_N + [0, BLOCK_N),
+so a row's candidate blocks come out side by side, whatever their positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from .launch import launcher, wide_index
+
+
+@triton.jit
+def _indexer_scores_kernel(
+    Q,
+    K,
+    W,
+    K_SCALE,
+    KS,
+    KE,
+    TILE_STARTS,
+    OUT,
+    stride_qm,
+    stride_qh,
+    stride_kn,
+    stride_wm,
+    stride_tm,
+    stride_om,
+    num_heads,
+    num_keys,
+    num_tiles,
+    num_out_cols,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILES_PER_PROGRAM: tl.constexpr,
+    GATHERED: tl.constexpr,
+    HAS_K_SCALE: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
+):
+    row = tl.program_id(0)
+    if WIDE_INDEX:
+        row = row.to(tl.int64)
+    ks = tl.load(KS + row)
+    ke = tl.load(KE + row)
+    offs_h = tl.arange(0, HEADS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + row * stride_qm + offs_h[:, None] * stride_qh + offs_d[None, :],
+        mask=(offs_h[:, None] < num_heads) & d_ok[None, :],
+        other=0.0,
+    )
+    # Padded heads weigh 0, so their (zero) logits add nothing.
+    w = tl.load(W + row * stride_wm + offs_h, mask=offs_h < num_heads, other=0.0).to(tl.float32)
+    if FP32_DOT:  # tf32 tensor cores (exact fp32 FMAs spill the [heads, D] operands)
+        q = q.to(tl.float32)
+    for i in range(TILES_PER_PROGRAM):
+        tile = tl.program_id(1) * TILES_PER_PROGRAM + i
+        if GATHERED:
+            start = tl.load(TILE_STARTS + row * stride_tm + tile, mask=tile < num_tiles, other=-1)
+            # A missing tile starts past the keys, so its mask is empty (scalar & vector masks
+            # would do, but the interpreter mistypes them).
+            start = tl.where(start >= 0, start, num_keys)
+        else:
+            start = tile * BLOCK_N
+        keys = start + offs_n
+        if WIDE_INDEX:
+            keys = keys.to(tl.int64)
+        valid = (keys >= ks) & (keys < ke) & (keys < num_keys)
+        score = tl.zeros([BLOCK_N], tl.float32)
+        if (start < num_keys) & (start < ke) & (start + BLOCK_N > ks):
+            k = tl.load(K + keys[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
+            if FP32_DOT:
+                k = k.to(tl.float32)
+            logits = tl.dot(q, tl.trans(k))
+            score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], 0)
+            if HAS_K_SCALE:
+                score *= tl.load(K_SCALE + keys, mask=valid, other=0.0).to(tl.float32)
+        cols = tile * BLOCK_N + offs_n
+        tl.store(
+            OUT + row * stride_om + cols,
+            tl.where(valid, score, float("-inf")),
+            mask=cols < tl.minimum(num_out_cols, num_tiles * BLOCK_N),  # tile < num_tiles
+        )
+
+
+# Keys per tile and tiles per program: starting points for the H100, to be tuned there.
+_DENSE_BLOCK_N = 64
+_TILES_PER_PROGRAM = 4
+
+
+def kernel_supports(heads: int, head_dim: int, tile: int) -> bool:
+    """A [heads, D] query matrix in registers (at most 128 heads, D <= 256) and power-of-two tiles of >= 16 keys."""
+    return heads <= 128 and head_dim <= 256 and tile >= 16 and tile & (tile - 1) == 0
+
+
+def _launch(q, k, weights, k_scale, ks, ke, tile_starts, block_n, num_out_cols):
+    """fp32 [M, num_out_cols] scores; q (M, H, D), k (N, D), weights (M, H), ks/ke int32 [M]."""
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    rows, heads, head_dim = q.shape
+    gathered = tile_starts is not None
+    num_tiles = tile_starts.shape[1] if gathered else triton.cdiv(k.shape[0], block_n)
+    out = torch.empty(rows, num_out_cols, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    tiles_per_program = min(_TILES_PER_PROGRAM, num_tiles)
+    grid = (rows, triton.cdiv(num_tiles, tiles_per_program))
+    launcher(_indexer_scores_kernel)[grid](
+        q,
+        k,
+        weights,
+        k_scale,
+        ks,
+        ke,
+        tile_starts,
+        out,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        weights.stride(0),
+        tile_starts.stride(0) if gathered else 0,
+        out.stride(0),
+        heads,
+        k.shape[0],
+        num_tiles,
+        num_out_cols,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=triton.next_power_of_2(max(head_dim, 16)),
+        HEADS_PAD=triton.next_power_of_2(max(heads, 16)),
+        BLOCK_N=block_n,
+        TILES_PER_PROGRAM=tiles_per_program,
+        GATHERED=gathered,
+        HAS_K_SCALE=k_scale is not None,
+        FP32_DOT=torch.float32 in (q.dtype, k.dtype),
+        WIDE_INDEX=wide_index(q, k, out, tile_starts),
+        num_warps=4,
+    )
+    return out
+
+
+@triton_op("sparse_attn::indexer_scores", mutates_args={})
+def indexer_scores_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    ks: torch.Tensor,
+    ke: torch.Tensor,
+    k_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """fp32 [M, N]: the DSA scores of q (M, H, D) against every key of k (N, D); -inf outside [ks, ke)."""
+    return _launch(q, k, weights, k_scale, ks, ke, None, _DENSE_BLOCK_N, k.shape[0])
+
+
+@triton_op("sparse_attn::indexer_gathered_scores", mutates_args={})
+def indexer_gathered_scores_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    ks: torch.Tensor,
+    ke: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    tile_starts: torch.Tensor,
+    tile_size: int,
+) -> torch.Tensor:
+    """fp32 [M, T * tile_size]: row t's scores against the keys tile_starts[t, j] + [0, tile_size) at
+    columns j * tile_size + [0, tile_size); -inf outside [ks, ke) and for tiles starting at -1."""
+    return _launch(q, k, weights, k_scale, ks, ke, tile_starts, tile_size, tile_starts.shape[1] * tile_size)

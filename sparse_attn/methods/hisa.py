@@ -1,0 +1,378 @@
+"""DeepSeek Sparse Attention's lightning indexer and HISA (arXiv 2603.28458), spec shared/specs/hisa_dsa.md.
+
+The indexer scores key s for query t as I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s]) (index heads j,
+one key per position) and keeps the top-k keys; HISA replaces the flat scan by two stages:
+
+1. Pool: each sequence's keys in blocks of B (anchored at the sequence start), k~_b their fp32 mean.
+2. Stage 1: J[t, b] = sum_j w[t, j] * ReLU(q[t, j] . k~_b) over the eligible blocks (those at or before
+   the block holding t); keep m of them with the first and the last eligible block forced (`"slots"`:
+   they take two of the m; `"union"`: the top m of the others plus both).
+3. Stage 2: score the tokens <= t of the kept blocks with the DSA formula and keep the top k.
+
+Conventions are DeepGEMM's and the official pipeline's: q (M, H, D), k (N, D), weights (M, H), and per
+query row the key range [ks, ke) it may see (ke = t + 1 for causal prefill); results are absolute
+positions in k, int32 [M, k], -1 padding last (valid entries in unspecified order). `dsa_select` and
+`hisa_select` take batched q (B, Sq, H, D), k (B, Skv, D), weights (B, Sq, H) and return the [B, Sq, 1, k]
+token selections the token-sparse attention takes (bottom-right causal). FP8 (float8_e4m3fn) q and k
+are widened to float16, which holds every e4m3 value exactly; `k_scale` multiplies the scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..engine import triton_available
+from ..selection import _check_int, _check_tensor
+
+__all__ = [
+    "check_options",
+    "dsa_indexer",
+    "dsa_indexer_logits",
+    "dsa_indexer_logits_reference",
+    "dsa_select",
+    "hisa_indexer",
+    "hisa_indexer_reference",
+    "hisa_select",
+    "topk_indices",
+]
+
+FORCED_MODES = ("slots", "union")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FLOAT_INPUTS = (*_KERNEL_DTYPES, torch.float64, torch.float8_e4m3fn)
+# Scores held at a time by the functions that return indices (query rows x candidate keys).
+_SCORE_CHUNK_ELEMENTS = 1 << 28
+# Query rows x heads x keys of the PyTorch path's logits at a time.
+_TORCH_CHUNK_ELEMENTS = 1 << 24
+
+
+# ---------------------------------------------------------------------------------- validation
+def check_options(*, block_size=128, block_topk=64, topk=2048, forced="slots") -> None:
+    """HISA's scalar options (spec section 2, package decisions)."""
+    block_size = _check_int(block_size, "block_size", 1)
+    block_topk = _check_int(block_topk, "block_topk", 1)
+    topk = _check_int(topk, "topk", 1)
+    if forced not in FORCED_MODES:
+        raise ValueError(f"forced must be one of {FORCED_MODES}, got {forced!r}")
+    if forced == "slots" and block_topk < 2:
+        raise ValueError(f"block_topk={block_topk} must be >= 2 in 'slots' mode (the first and last blocks take two)")
+    if block_topk * block_size < topk:
+        raise ValueError(
+            f"block_topk * block_size = {block_topk * block_size} candidate tokens cannot hold topk={topk}"
+        )
+
+
+def _check_indexer_inputs(q, k, weights, ks, ke, k_scale):
+    """The DeepGEMM-convention inputs, with FP8 q/k widened to float16 and ks/ke as int32."""
+    _check_tensor(q, "q", dim=3, dtypes=_FLOAT_INPUTS)
+    _check_tensor(k, "k", dim=2, dtypes=_FLOAT_INPUTS)
+    _check_tensor(weights, "weights", dim=2, dtypes=_FLOAT_INPUTS[:-1])
+    rows, heads, dim = q.shape
+    if k.shape[1] != dim:
+        raise ValueError(f"k must be (N, D={dim}) like q's head dim, got shape {tuple(k.shape)}")
+    if weights.shape != (rows, heads):
+        raise ValueError(f"weights must be (M={rows}, H={heads}), got shape {tuple(weights.shape)}")
+    bounds = []
+    for name, t in (("ks", ks), ("ke", ke)):
+        _check_tensor(t, name, dim=1, dtypes=(torch.int32, torch.int64))
+        if t.shape[0] != rows:
+            raise ValueError(f"{name} must have one entry per query row ({rows}), got shape {tuple(t.shape)}")
+        bounds.append(t.to(torch.int32).contiguous())
+    if k_scale is not None:
+        _check_tensor(k_scale, "k_scale", dim=1, dtypes=_FLOAT_INPUTS[:-1])
+        if k_scale.shape[0] != k.shape[0]:
+            raise ValueError(f"k_scale must have one entry per key ({k.shape[0]}), got shape {tuple(k_scale.shape)}")
+    for name, t in (("k", k), ("weights", weights), ("ks", ks), ("ke", ke), ("k_scale", k_scale)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    q, k = (t.to(torch.float16) if t.dtype == torch.float8_e4m3fn else t for t in (q, k))
+    return q, k, weights, *bounds, k_scale
+
+
+def _check_batched(q, k, weights):
+    """Batched q (B, Sq, H, D), k (B, Skv, D), weights (B, Sq, H); Sq <= Skv (bottom-right causal)."""
+    _check_tensor(q, "q", dim=4, dtypes=_FLOAT_INPUTS)
+    _check_tensor(k, "k", dim=3, dtypes=_FLOAT_INPUTS)
+    _check_tensor(weights, "weights", dim=3, dtypes=_FLOAT_INPUTS[:-1])
+    batch, seq_q, heads, dim = q.shape
+    if k.shape[0] != batch or k.shape[2] != dim:
+        raise ValueError(f"k must be (B={batch}, Skv, D={dim}), got shape {tuple(k.shape)}")
+    if weights.shape != (batch, seq_q, heads):
+        raise ValueError(f"weights must be (B, Sq, H) = {(batch, seq_q, heads)}, got shape {tuple(weights.shape)}")
+    if seq_q > k.shape[1]:
+        raise ValueError(f"causal selection needs Sq <= Skv (bottom-right aligned), got {seq_q} > {k.shape[1]}")
+
+
+# ---------------------------------------------------------------------------------- scores
+def _kernel_runs(q, k, heads: int, tile: int) -> bool:
+    """Triton on q's device (the interpreter's bf16 tl.dot is wrong), 16/32-bit inputs, and shapes the kernel takes."""
+    if not triton_available(q.device) or q.dtype not in _KERNEL_DTYPES or k.dtype not in _KERNEL_DTYPES:
+        return False
+    if q.device.type == "cpu" and torch.bfloat16 in (q.dtype, k.dtype):
+        return False
+    from ..kernels.indexer_scores import kernel_supports
+
+    return kernel_supports(heads, q.shape[-1], tile)
+
+
+def _row_chunks(rows: int, per_row: int, budget: int):
+    step = max(1, budget // max(per_row, 1))
+    return ((start, min(rows, start + step)) for start in range(0, rows, step))
+
+
+def _head_sum(q, keys, weights, dtype):
+    """sum_j w[t, j] ReLU(q[t, j] . keys[t?, s]) in `dtype`: keys (N, D) shared or (M, C, D) per row."""
+    pattern = "mhd,nd->mhn" if keys.dim() == 2 else "mhd,mcd->mhc"
+    logits = torch.einsum(pattern, q.to(dtype), keys.to(dtype))
+    return (logits.relu_() * weights.to(dtype)[:, :, None]).sum(dim=1)
+
+
+def _mask_outside(scores, keys, ks, ke, valid=None):
+    inside = (keys >= ks[:, None]) & (keys < ke[:, None])
+    if valid is not None:
+        inside &= valid
+    return scores.masked_fill(~inside, float("-inf"))
+
+
+def dsa_indexer_logits_reference(q, k, weights, ks, ke, k_scale=None, *, compute_dtype=torch.float64):
+    """I[t, s] in `compute_dtype` [M, N], -inf outside [ks[t], ke[t]): the spec's formula over all keys,
+    in row chunks (float32 is also the CPU path of `dsa_indexer_logits`)."""
+    q, k, weights, ks, ke, k_scale = _check_indexer_inputs(q, k, weights, ks, ke, k_scale)
+    out = torch.empty(q.shape[0], k.shape[0], dtype=compute_dtype, device=q.device)
+    positions = torch.arange(k.shape[0], device=q.device)
+    for lo, hi in _row_chunks(q.shape[0], q.shape[1] * k.shape[0], _TORCH_CHUNK_ELEMENTS):
+        scores = _head_sum(q[lo:hi], k, weights[lo:hi], compute_dtype)
+        if k_scale is not None:
+            scores *= k_scale.to(compute_dtype)
+        out[lo:hi] = _mask_outside(scores, positions[None, :], ks[lo:hi], ke[lo:hi])
+    return out
+
+
+def _dense_scores(q, k, weights, ks, ke, k_scale):
+    """DSA scores of q against every key: the fused kernel, or the float32 reference."""
+    if _kernel_runs(q, k, q.shape[1], 16):
+        from ..kernels.indexer_scores import indexer_scores_op
+
+        return indexer_scores_op(q, k, weights, ks, ke, k_scale)
+    return dsa_indexer_logits_reference(q, k, weights, ks, ke, k_scale, compute_dtype=torch.float32)
+
+
+def _gathered_scores(q, k, weights, ks, ke, k_scale, tile_starts, tile: int):
+    """[M, T * tile] scores of row t against keys tile_starts[t, j] + [0, tile) (-1: no tile); -inf outside [ks, ke)."""
+    if _kernel_runs(q, k, q.shape[1], tile):
+        from ..kernels.indexer_scores import indexer_gathered_scores_op
+
+        return indexer_gathered_scores_op(q, k, weights, ks, ke, k_scale, tile_starts.contiguous(), tile)
+    keys = (tile_starts[:, :, None] + torch.arange(tile, device=q.device)).flatten(1)
+    valid = (tile_starts >= 0).repeat_interleave(tile, dim=1) & (keys < k.shape[0])
+    out = torch.empty(keys.shape, dtype=torch.float32, device=q.device)
+    for lo, hi in _row_chunks(q.shape[0], q.shape[1] * keys.shape[1], _TORCH_CHUNK_ELEMENTS):
+        rows = keys[lo:hi].clamp(0, k.shape[0] - 1)
+        scores = _head_sum(q[lo:hi], k[rows], weights[lo:hi], torch.float32)
+        if k_scale is not None:
+            scores *= k_scale.float()[rows]
+        out[lo:hi] = _mask_outside(scores, keys[lo:hi], ks[lo:hi], ke[lo:hi], valid[lo:hi])
+    return out
+
+
+def dsa_indexer_logits(q, k, weights, ks, ke, k_scale=None):
+    """DeepGEMM's `fp8_mqa_logits` (clean_logits=True): fp32 [M, N] scores, -inf outside [ks, ke).
+
+    q (M, H, D), k (N, D) in float16/bfloat16/float32 or float8_e4m3fn; weights (M, H); ks, ke int [M];
+    k_scale (N,) optional, multiplying each key's scores. Fused Triton kernel on CUDA (and on the CPU
+    under the interpreter for 16/32-bit), the float32 PyTorch reference elsewhere.
+    """
+    return _dense_scores(*_check_indexer_inputs(q, k, weights, ks, ke, k_scale))
+
+
+def topk_indices(logits, k: int) -> torch.Tensor:
+    """int32 [M, k]: the columns of the k largest finite scores per row, -1 padding last (fewer than k
+    finite scores, or fewer than k columns). Scores must not be NaN."""
+    _check_tensor(logits, "logits", dim=2, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    k = _check_int(k, "k", 1)
+    taken = min(k, logits.shape[1])
+    values, columns = torch.topk(logits, taken, dim=1, sorted=True)  # -inf sorts last
+    out = torch.full((logits.shape[0], k), -1, dtype=torch.int32, device=logits.device)
+    out[:, :taken] = torch.where(values == float("-inf"), -1, columns).to(torch.int32)
+    return out
+
+
+def _select_rows(q, topk: int, scores_per_row: int, select):
+    """int32 [M, topk]: select(rows) for slices of query rows holding a bounded number of scores."""
+    out = torch.empty(q.shape[0], topk, dtype=torch.int32, device=q.device)
+    for lo, hi in _row_chunks(q.shape[0], scores_per_row, _SCORE_CHUNK_ELEMENTS):
+        out[lo:hi] = select(slice(lo, hi))
+    return out
+
+
+# ---------------------------------------------------------------------------------- HISA
+def _pool_segments(k, ks, block_size: int, k_scale):
+    """fp32 means of each sequence's key blocks, blocks anchored at each distinct ks (a sequence runs to
+    the next distinct ks, or the end of k). Returns (pooled [P, D], block start positions [P], first
+    pooled block of every row [M]). A ragged tail block averages its real keys."""
+    ks = ks.long()
+    starts = torch.unique(ks)
+    ends = torch.cat([starts[1:], starts.new_tensor([k.shape[0]])])
+    blocks_per_seq = (ends - starts + block_size - 1) // block_size
+    first_block = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq
+    num_blocks = int(blocks_per_seq.sum())
+    positions = torch.arange(int(starts[0]), k.shape[0], device=k.device)
+    seq = torch.searchsorted(starts, positions, right=True) - 1
+    block = first_block[seq] + (positions - starts[seq]) // block_size
+    keys = k[positions].float()
+    if k_scale is not None:
+        keys *= k_scale.float()[positions, None]
+    sums = torch.zeros(num_blocks, k.shape[1], dtype=torch.float32, device=k.device).index_add_(0, block, keys)
+    counts = torch.zeros(num_blocks, dtype=torch.float32, device=k.device).index_add_(
+        0, block, torch.ones_like(keys[:, 0])
+    )
+    block_starts = torch.empty(num_blocks, dtype=torch.int64, device=k.device)
+    block_starts[block] = positions - (positions - starts[seq]) % block_size
+    row_first = first_block[torch.searchsorted(starts, ks)]
+    return sums / counts[:, None], block_starts.to(torch.int32), row_first.to(torch.int32)
+
+
+def _forced_ranking(block_scores, first, last, has_blocks, value):
+    """block_scores with the first and last eligible block of every non-empty row set to `value`."""
+    ranked = block_scores.clone()
+    rows = torch.nonzero(has_blocks).squeeze(1)
+    ranked[rows, first[rows].long()] = value
+    ranked[rows, last[rows].long()] = value
+    return ranked
+
+
+def _top_blocks(scores, count: int):
+    """Columns of the `count` largest finite scores per row, ties to the lower index; -1 for the rest."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :count]
+    return torch.where(torch.gather(scores, 1, order) == float("-inf"), -1, order)
+
+
+def _choose_blocks(block_scores, first, end, block_topk: int, forced: str):
+    """Stage-1 candidates: pooled-block columns [M, m] (slots) or [M, m + 2] (union), -1 padded."""
+    has_blocks = end > first
+    last = end - 1
+    count = min(block_topk, block_scores.shape[1])
+    if forced == "slots":
+        return _top_blocks(_forced_ranking(block_scores, first, last, has_blocks, float("inf")), count)
+    others = _top_blocks(_forced_ranking(block_scores, first, last, has_blocks, float("-inf")), count)
+    first_col = torch.where(has_blocks, first, -1)[:, None]
+    last_col = torch.where(has_blocks & (last > first), last, -1)[:, None]
+    return torch.cat([first_col.to(others.dtype), others, last_col.to(others.dtype)], dim=1)
+
+
+def hisa_indexer(
+    q, k, weights, ks, ke, *, block_size=128, block_topk=64, topk=2048, forced="slots", k_scale=None, relative=False
+):
+    """HISA's two-stage indexer: int32 [M, topk] key positions per query row (-1 padding last).
+
+    Inputs as `dsa_indexer_logits`; each distinct ks starts a sequence whose keys are pooled in blocks of
+    `block_size`. Row t's eligible blocks are those of its sequence starting before ke[t]. `relative=True`
+    returns offsets from ks (the vLLM/TileLang convention) instead of absolute positions (FlashMLA's).
+    Identical to `topk_indices(dsa_indexer_logits(...), topk)` (up to ties) while every eligible block is a
+    candidate: at most `block_topk` of them ('slots') or `block_topk + 2` ('union').
+    """
+    check_options(block_size=block_size, block_topk=block_topk, topk=topk, forced=forced)
+    q, k, weights, ks, ke, k_scale = _check_indexer_inputs(q, k, weights, ks, ke, k_scale)
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        return torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=q.device)
+    pooled, block_starts, first = _pool_segments(k, ks, block_size, k_scale)
+    num_eligible = torch.where(ke > ks, (ke - 1 - ks) // block_size + 1, 0)
+    width = block_topk + (2 if forced == "union" else 0)
+
+    def select(rows):
+        end = first[rows] + num_eligible[rows]
+        block_scores = _dense_scores(q[rows], pooled, weights[rows], first[rows], end, None)
+        chosen = _choose_blocks(block_scores, first[rows], end, block_topk, forced)
+        starts = torch.where(chosen >= 0, block_starts[chosen.clamp(min=0)], -1)
+        scores = _gathered_scores(q[rows], k, weights[rows], ks[rows], ke[rows], k_scale, starts, block_size)
+        slots = topk_indices(scores, topk)
+        tile = torch.gather(starts, 1, (slots // block_size).clamp(min=0).long())
+        return torch.where(slots >= 0, tile + slots % block_size, -1)
+
+    out = _select_rows(q, topk, width * block_size + pooled.shape[0], select)
+    return torch.where(out >= 0, out - ks[:, None], -1) if relative else out
+
+
+def dsa_indexer(q, k, weights, ks, ke, *, topk=2048, k_scale=None):
+    """The flat DSA selection, `topk_indices(dsa_indexer_logits(...), topk)`, a chunk of rows at a time."""
+    topk = _check_int(topk, "topk", 1)
+    q, k, weights, ks, ke, k_scale = _check_indexer_inputs(q, k, weights, ks, ke, k_scale)
+
+    def select(rows):
+        return topk_indices(_dense_scores(q[rows], k, weights[rows], ks[rows], ke[rows], k_scale), topk)
+
+    return _select_rows(q, topk, k.shape[0], select)
+
+
+# ---------------------------------------------------------------------------------- batched
+def _flatten_batched(q, k, weights, causal: bool):
+    """(q (B*Sq, H, D), k (B*Skv, D), weights, ks, ke, batch key offsets [B*Sq]) of batched inputs."""
+    _check_batched(q, k, weights)
+    batch, seq_q, heads, dim = q.shape
+    seq_kv = k.shape[1]
+    offsets = (torch.arange(batch, device=q.device) * seq_kv).repeat_interleave(seq_q)
+    query_pos = torch.arange(seq_q, device=q.device).repeat(batch) + (seq_kv - seq_q)
+    ke = offsets + (query_pos + 1 if causal else seq_kv)
+    return q.reshape(-1, heads, dim), k.reshape(-1, dim), weights.reshape(-1, heads), offsets, ke
+
+
+def _batched_indices(flat_indices, offsets, batch: int, seq_q: int):
+    local = torch.where(flat_indices >= 0, flat_indices - offsets[:, None].to(flat_indices.dtype), -1)
+    return local.to(torch.int32).view(batch, seq_q, 1, -1)
+
+
+def dsa_select(q, k, weights, *, topk=2048, causal=True):
+    """Token selections int32 [B, Sq, 1, topk] of the flat DSA indexer: q (B, Sq, H, D), k (B, Skv, D),
+    weights (B, Sq, H); query r sees keys <= r + Skv - Sq when causal."""
+    flat_q, flat_k, flat_w, offsets, ke = _flatten_batched(q, k, weights, causal)
+    out = dsa_indexer(flat_q, flat_k, flat_w, offsets, ke, topk=topk)
+    return _batched_indices(out, offsets, q.shape[0], q.shape[1])
+
+
+def hisa_select(q, k, weights, *, topk=2048, block_size=128, block_topk=64, forced="slots", causal=True):
+    """Token selections int32 [B, Sq, 1, topk] of HISA, batched like `dsa_select`."""
+    flat_q, flat_k, flat_w, offsets, ke = _flatten_batched(q, k, weights, causal)
+    out = hisa_indexer(
+        flat_q, flat_k, flat_w, offsets, ke, block_size=block_size, block_topk=block_topk, topk=topk, forced=forced
+    )
+    return _batched_indices(out, offsets, q.shape[0], q.shape[1])
+
+
+# ---------------------------------------------------------------------------------- oracle
+def _stable_top(scores, count: int):
+    """Columns of the `count` largest finite scores (ties to the lower index), as a Python list."""
+    order = torch.sort(scores, descending=True, stable=True).indices[:count]
+    return [int(c) for c in order if scores[c] != float("-inf")]
+
+
+def hisa_indexer_reference(
+    q, k, weights, ks, ke, *, block_size=128, block_topk=64, topk=2048, forced="slots", k_scale=None
+):
+    """Float64 oracle of spec section 2, one row at a time: returns (selected absolute positions, candidate
+    block starts) as lists of lists. Slow; for tests on small shapes."""
+    check_options(block_size=block_size, block_topk=block_topk, topk=topk, forced=forced)
+    q, k, weights, ks, ke, k_scale = _check_indexer_inputs(q, k, weights, ks, ke, k_scale)
+    keys = k.double() * (k_scale.double()[:, None] if k_scale is not None else 1.0)
+    starts = sorted({int(s) for s in ks})
+    selected, candidates = [], []
+    for t in range(q.shape[0]):
+        start, end = int(ks[t]), int(ke[t])
+        seq_end = next((s for s in starts if s > start), k.shape[0])
+        qt, wt = q[t].double(), weights[t].double()
+        blocks = list(range(start, seq_end, block_size)) if end > start else []
+        eligible = [b for b in blocks if b < end]
+        means = torch.stack([keys[b : min(b + block_size, seq_end)].mean(0) for b in eligible]) if eligible else None
+        chosen = []
+        if eligible:
+            block_scores = ((qt @ means.T).relu() * wt[:, None]).sum(0)
+            forced_ids = {0, len(eligible) - 1}
+            if forced == "slots":
+                block_scores[list(forced_ids)] = float("inf")
+                chosen = _stable_top(block_scores, block_topk)
+            else:
+                block_scores[list(forced_ids)] = float("-inf")
+                chosen = sorted(forced_ids) + _stable_top(block_scores, block_topk)
+        omega = [s for i in chosen for s in range(eligible[i], min(eligible[i] + block_size, end))]
+        token_scores = ((qt @ keys[omega].T).relu() * wt[:, None]).sum(0) if omega else torch.zeros(0)
+        selected.append([omega[i] for i in _stable_top(token_scores, topk)])
+        candidates.append([eligible[i] for i in chosen])
+    return selected, candidates

@@ -1,0 +1,298 @@
+"""DSA indexer and HISA: the test oracles of shared/specs/hisa_dsa.md section 5 (1-6).
+
+On the CPU the score kernel runs under the Triton interpreter (fp16/fp32) and the PyTorch path is
+checked against the same float64 references; the GPU tests run bf16 and fp8 at real sizes.
+"""
+
+import pytest
+import torch
+
+import sparse_attn.methods.hisa as hisa_module
+from sparse_attn.engine import triton_available
+from sparse_attn.methods.hisa import (
+    dsa_indexer,
+    dsa_indexer_logits,
+    dsa_indexer_logits_reference,
+    dsa_select,
+    hisa_indexer,
+    hisa_indexer_reference,
+    hisa_select,
+    topk_indices,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TIE_EPS = 1e-4
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """Both implementations of the scores: the fused kernel and the PyTorch path."""
+    if request.param == "kernel" and not triton_available(DEVICE):
+        pytest.skip("triton is not installed")
+    if request.param == "torch":
+        monkeypatch.setattr(hisa_module, "_kernel_runs", lambda *args: False)
+    return request.param
+
+
+def packed_inputs(rng, seq_lens, heads=4, dim=32, dtype=torch.float32, queries=None):
+    """Packed causal prefill: q (M, H, D), k (N, D), weights (M, H), ks/ke per row; `queries` keeps only
+    the last that many rows of each sequence."""
+    total = sum(seq_lens)
+    k = torch.randn(total, dim, generator=rng)
+    ks, ke, rows = [], [], []
+    start = 0
+    for length in seq_lens:
+        first = length - min(length, queries or length)
+        for t in range(first, length):
+            ks.append(start)
+            ke.append(start + t + 1)
+            rows.append(start + t)
+        start += length
+    q = torch.randn(len(rows), heads, dim, generator=rng) + 0.5 * k[rows][:, None, :]
+    weights = torch.rand(len(rows), heads, generator=rng) + 0.1
+    as_device = lambda t, dt=None: t.to(DEVICE, dt) if dt else t.to(DEVICE)  # noqa: E731
+    return (
+        as_device(q, dtype),
+        as_device(k, dtype),
+        as_device(weights),
+        torch.tensor(ks, device=DEVICE),
+        torch.tensor(ke, device=DEVICE),
+    )
+
+
+def scores64(q, k, weights, k_scale=None):
+    """fp64 DSA scores of every row against every key, without masks."""
+    scores = (torch.einsum("mhd,nd->mhn", q.double(), k.double()).relu() * weights.double()[:, :, None]).sum(1)
+    return scores * k_scale.double() if k_scale is not None else scores
+
+
+def assert_top_of(selected, pool, scores, count, what):
+    """Tie-safe top-k: `selected` is `count` distinct members of `pool` and no unselected member scores higher."""
+    chosen = set(selected)
+    assert len(chosen) == len(selected) == count, (
+        f"{what}: {len(selected)} entries ({len(chosen)} distinct), want {count}"
+    )
+    assert chosen <= set(pool), f"{what}: selection leaves its candidates"
+    scores = scores.detach().double().cpu()
+    picked, pool = torch.tensor(selected, dtype=torch.long), torch.tensor(pool, dtype=torch.long)
+    rest = pool[~torch.isin(pool, picked)]
+    if picked.numel() and rest.numel():
+        low, high = float(scores[picked].min()), float(scores[rest].max())
+        assert low >= high - TIE_EPS * max(1.0, abs(high)), f"{what}: unselected score {high} beats selected {low}"
+
+
+def valid_entries(row):
+    values = row.tolist()
+    valid = [v for v in values if v >= 0]
+    assert values[len(valid) :] == [-1] * (len(values) - len(valid)), "-1 padding must come last"
+    return valid
+
+
+# ---------------------------------------------------------------------------------- 1: DSA logits
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_dsa_logits_match_reference(rng, path, dtype, with_scale):
+    q, k, weights, ks, ke = packed_inputs(rng, [70, 1, 133], heads=5, dim=24, dtype=dtype)
+    ke[3] = ks[3]  # an empty row
+    k_scale = (torch.rand(k.shape[0], generator=rng) + 0.5).to(DEVICE) if with_scale else None
+    got = dsa_indexer_logits(q, k, weights, ks, ke, k_scale)
+    ref = dsa_indexer_logits_reference(q, k, weights, ks, ke, k_scale)
+    inside = torch.isfinite(ref)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert torch.equal(torch.isfinite(got), inside) and bool((got[~inside] == float("-inf")).all())
+    assert not bool(inside[3].any())
+    # fp32 accumulation of exact products of the inputs: error relative to the largest score.
+    assert float((got[inside] - ref[inside]).abs().max()) <= 1e-5 * float(ref[inside].abs().max())
+
+
+def test_dsa_logits_fp8_inputs_are_exact_widenings(rng, path):
+    q, k, weights, ks, ke = packed_inputs(rng, [96], heads=4, dim=32)
+    q8, k8 = q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn)
+    k_scale = (torch.rand(k.shape[0], generator=rng) + 0.5).to(DEVICE)
+    got = dsa_indexer_logits(q8, k8, weights, ks, ke, k_scale)
+    ref = dsa_indexer_logits_reference(q8.float(), k8.float(), weights, ks, ke, k_scale)
+    inside = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), inside)
+    assert float((got[inside] - ref[inside]).abs().max()) <= 1e-5 * float(ref[inside].abs().max())
+
+
+def test_dsa_logits_beyond_the_keys_and_before_them(rng, path):
+    q, k, weights, _, _ = packed_inputs(rng, [40], heads=2, dim=16)
+    ks = torch.full((40,), -5, device=DEVICE)
+    ke = torch.full((40,), 1000, device=DEVICE)  # past the keys: every key is visible, no out-of-range read
+    got = dsa_indexer_logits(q, k, weights, ks, ke)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.double(), scores64(q, k, weights), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- topk_indices
+def test_topk_indices_pads_last_and_skips_masked():
+    logits = torch.tensor([[0.5, float("-inf"), 2.0, 1.0], [float("-inf")] * 4, [3.0, 3.0, 3.0, 3.0]])
+    out = topk_indices(logits, 6)
+    assert out.dtype == torch.int32 and out.shape == (3, 6)
+    assert out[0].tolist() == [2, 3, 0, -1, -1, -1]
+    assert out[1].tolist() == [-1] * 6
+    assert sorted(out[2, :4].tolist()) == [0, 1, 2, 3] and out[2, 4:].tolist() == [-1, -1]
+
+
+# ---------------------------------------------------------------------------------- 2-4: HISA
+HISA_CASES = {
+    # name: (sequence lengths, block, block_topk, topk)
+    "prunes": ([300], 16, 4, 32),
+    "ragged_packed": ([77, 5, 190], 16, 5, 40),
+    "block_not_power_of_two": ([150], 24, 3, 30),  # the PyTorch path for stage 2
+}
+
+
+@pytest.mark.parametrize("forced", ["slots", "union"])
+@pytest.mark.parametrize("case", list(HISA_CASES))
+def test_hisa_is_exact_top_k_of_reference_candidates(rng, path, case, forced):
+    seq_lens, block, block_topk, topk = HISA_CASES[case]
+    q, k, weights, ks, ke = packed_inputs(rng, seq_lens, heads=8, dim=32, dtype=torch.float16)
+    got = hisa_indexer(q, k, weights, ks, ke, block_size=block, block_topk=block_topk, topk=topk, forced=forced)
+    _, candidates = hisa_indexer_reference(
+        q, k, weights, ks, ke, block_size=block, block_topk=block_topk, topk=topk, forced=forced
+    )
+    scores = scores64(q, k, weights)
+    for t in range(q.shape[0]):
+        start, end = int(ks[t]), int(ke[t])
+        omega = [s for b in candidates[t] for s in range(b, min(b + block, end))]
+        selected = valid_entries(got[t])
+        assert_top_of(selected, omega, scores[t], min(topk, len(omega)), f"row {t}")
+        # Structure: the first and last eligible blocks are candidates; short prefixes keep every token.
+        last_block = start + (end - 1 - start) // block * block
+        assert {start, last_block} <= set(candidates[t])
+        if end - start <= topk:
+            assert sorted(selected) == list(range(start, end))
+
+
+@pytest.mark.parametrize("forced", ["slots", "union"])
+def test_hisa_equals_dsa_while_every_block_is_a_candidate(rng, path, forced):
+    block, topk = 16, 24
+    q, k, weights, ks, ke = packed_inputs(rng, [100, 64], heads=4, dim=16)
+    # 'slots' covers 7 blocks with m = 7, 'union' with m = 5 (plus the first and last).
+    block_topk = 7 if forced == "slots" else 5
+    got = hisa_indexer(q, k, weights, ks, ke, block_size=block, block_topk=block_topk, topk=topk, forced=forced)
+    flat = dsa_indexer(q, k, weights, ks, ke, topk=topk)
+    scores = scores64(q, k, weights)
+    for t in range(q.shape[0]):
+        visible = list(range(int(ks[t]), int(ke[t])))
+        assert_top_of(valid_entries(got[t]), visible, scores[t], min(topk, len(visible)), f"HISA row {t}")
+        assert_top_of(valid_entries(flat[t]), visible, scores[t], min(topk, len(visible)), f"DSA row {t}")
+
+
+def test_hisa_relative_offsets(rng, path):
+    q, k, weights, ks, ke = packed_inputs(rng, [50, 70], heads=4, dim=16)
+    absolute = hisa_indexer(q, k, weights, ks, ke, block_size=16, block_topk=3, topk=20)
+    relative = hisa_indexer(q, k, weights, ks, ke, block_size=16, block_topk=3, topk=20, relative=True)
+    assert torch.equal(torch.where(absolute >= 0, absolute - ks[:, None].int(), -1), relative)
+
+
+def test_hisa_planted_spans_match_dsa_at_paper_settings(rng, monkeypatch):
+    """Spec oracle 5: keys planted in contiguous spans that outscore the rest; HISA (B=128, m=64, k=2048)
+    keeps DSA's selection (IoU >= 0.99) on a 32K prefix, and its IoU does not fall as m grows."""
+    monkeypatch.setattr(hisa_module, "_kernel_runs", lambda *args: False)  # the interpreter is too slow here
+    seq, dim, heads, queries = 32768, 16, 2, 4
+    k = 0.3 * torch.randn(seq, dim, generator=rng)
+    direction = torch.nn.functional.normalize(torch.randn(dim, generator=rng), dim=0)
+    for start in torch.randperm(seq // 128 - 2, generator=rng)[:24] * 128 + 64:  # 24 spans of 100 keys
+        k[start : start + 100] += 3.0 * direction
+    q = (direction[None, None, :] * 2.0 + 0.1 * torch.randn(queries, heads, dim, generator=rng)).to(DEVICE)
+    weights = torch.ones(queries, heads, device=DEVICE)
+    ks = torch.zeros(queries, dtype=torch.int64, device=DEVICE)
+    ke = torch.arange(seq - queries + 1, seq + 1, device=DEVICE)
+    k = k.to(DEVICE)
+    flat = dsa_indexer(q, k, weights, ks, ke, topk=2048)
+
+    def iou(block_topk):
+        got = hisa_indexer(q, k, weights, ks, ke, block_size=128, block_topk=block_topk, topk=2048)
+        values = [len(set(valid_entries(a)) & set(valid_entries(b))) / 2048 for a, b in zip(got, flat)]
+        return min(values)
+
+    ious = [iou(m) for m in (16, 32, 64)]
+    assert ious[2] >= 0.99
+    assert ious[0] <= ious[1] <= ious[2]
+
+
+# ---------------------------------------------------------------------------------- batched
+def test_batched_selection_matches_packed_and_decode_rows(rng, path):
+    batch, seq_q, seq_kv, heads, dim = 2, 40, 90, 4, 16
+    q = torch.randn(batch, seq_q, heads, dim, generator=rng).to(DEVICE)
+    k = torch.randn(batch, seq_kv, dim, generator=rng).to(DEVICE)
+    weights = (torch.rand(batch, seq_q, heads, generator=rng) + 0.1).to(DEVICE)
+    options = dict(topk=24, block_size=16, block_topk=3)
+    got = hisa_select(q, k, weights, **options)
+    assert got.shape == (batch, seq_q, 1, 24) and got.dtype == torch.int32
+    for b in range(batch):
+        ks = torch.zeros(seq_q, dtype=torch.int64, device=DEVICE)
+        ke = torch.arange(seq_kv - seq_q + 1, seq_kv + 1, device=DEVICE)
+        packed = hisa_indexer(q[b], k[b], weights[b], ks, ke, **options)
+        for t in range(seq_q):
+            assert set(valid_entries(got[b, t, 0])) == set(valid_entries(packed[t]))
+            assert max(valid_entries(got[b, t, 0])) <= seq_kv - seq_q + t
+    # A decode step (one query) selects what the last prefill row selects.
+    decode = hisa_select(q[:, -1:], k, weights[:, -1:], **options)
+    for b in range(batch):
+        assert set(valid_entries(decode[b, 0, 0])) == set(valid_entries(got[b, -1, 0]))
+    flat = dsa_select(q, k, weights, topk=24, causal=False)
+    assert int(flat.max()) >= seq_kv - seq_q  # non-causal rows see the whole sequence
+
+
+# ---------------------------------------------------------------------------------- errors
+def test_bad_inputs_raise_clear_errors(rng):
+    q, k, weights, ks, ke = packed_inputs(rng, [32], heads=2, dim=16)
+    with pytest.raises(ValueError, match="block_topk \\* block_size"):
+        hisa_indexer(q, k, weights, ks, ke, block_size=16, block_topk=2, topk=64)
+    with pytest.raises(ValueError, match="'slots' mode"):
+        hisa_indexer(q, k, weights, ks, ke, block_size=64, block_topk=1, topk=16)
+    with pytest.raises(ValueError, match="forced"):
+        hisa_indexer(q, k, weights, ks, ke, forced="both")
+    with pytest.raises(ValueError, match="weights"):
+        dsa_indexer_logits(q, k, weights[:, :1], ks, ke)
+    with pytest.raises(ValueError, match="k must be"):
+        dsa_indexer_logits(q, k[:, :8], weights, ks, ke)
+    with pytest.raises(TypeError, match="ks"):
+        dsa_indexer_logits(q, k, weights, ks.float(), ke)
+    with pytest.raises(ValueError, match="ke"):
+        dsa_indexer_logits(q, k, weights, ks, ke[:3])
+    with pytest.raises(TypeError, match="q"):
+        dsa_indexer_logits(q.int(), k, weights, ks, ke)
+    with pytest.raises(ValueError, match="Sq <= Skv"):
+        hisa_select(torch.zeros(1, 8, 2, 16), torch.zeros(1, 4, 16), torch.zeros(1, 8, 2))
+
+
+@pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
+def test_opcheck_indexer_ops(rng):
+    from sparse_attn.kernels.indexer_scores import indexer_gathered_scores_op, indexer_scores_op
+
+    q, k, weights, ks, ke = packed_inputs(rng, [40], heads=4, dim=16)
+    ks, ke = ks.int(), ke.int()
+    starts = torch.tensor([[0, 16, -1]], dtype=torch.int32, device=DEVICE).expand(40, -1).contiguous()
+    # The Triton interpreter executes kernels even on fake tensors: fake/compile checks run on the GPU.
+    utils = ("test_schema",) + (("test_faketensor", "test_aot_dispatch_dynamic") if DEVICE.type == "cuda" else ())
+    torch.library.opcheck(indexer_scores_op, (q, k, weights, ks, ke, None), test_utils=utils)
+    torch.library.opcheck(indexer_gathered_scores_op, (q, k, weights, ks, ke, None, starts, 16), test_utils=utils)
+
+
+# ---------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_real_sizes(rng, fp8):
+    """DeepSeek-V3.2's indexer (64 heads, D=128) in bf16 or fp8 on a 16K prefix: kernel scores against the
+    fp32 reference, and HISA (B=128, m=64 > 16K/128 blocks, k=2048) equal to DSA up to ties."""
+    seq, queries, heads, dim = 16384, 64, 64, 128
+    q, k, weights, ks, ke = packed_inputs(rng, [seq], heads=heads, dim=dim, dtype=torch.bfloat16, queries=queries)
+    k_scale = None
+    if fp8:
+        q, k = q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn)
+        k_scale = (torch.rand(seq, generator=rng) + 0.5).to(DEVICE)
+    got = dsa_indexer_logits(q, k, weights, ks, ke, k_scale)
+    ref = dsa_indexer_logits_reference(q, k, weights, ks, ke, k_scale)
+    inside = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), inside)
+    assert float((got[inside] - ref[inside]).abs().max()) <= 1e-5 * float(ref[inside].abs().max())
+    selected = hisa_indexer(q, k, weights, ks, ke, block_size=128, block_topk=128, topk=2048, k_scale=k_scale)
+    scores = ref.masked_fill(~inside, float("-inf"))
+    for t in range(queries):
+        visible = list(range(int(ks[t]), int(ke[t])))
+        assert_top_of(valid_entries(selected[t]), visible, scores[t], min(2048, len(visible)), f"row {t}")
