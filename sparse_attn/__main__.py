@@ -134,6 +134,27 @@ def _selfcheck_cases(device: torch.device):
         got = proxy_estimate(inputs.q, inputs.k, stride=4, block_size=64)
         return (got.double() - proxy_estimate_reference(inputs.q, inputs.k, stride=4, block_size=64)).abs().max()
 
+    def dsa_indexer():
+        from .methods.hisa import dsa_indexer_logits, dsa_indexer_logits_reference
+
+        q, k, weights = rand(128, 8, 64) - 0.5, rand(256, 64) - 0.5, rand(128, 8)
+        ks = torch.zeros(128, dtype=torch.int32, device=device)
+        ke = torch.arange(129, 257, dtype=torch.int32, device=device)
+        got, ref = dsa_indexer_logits(q, k, weights, ks, ke), dsa_indexer_logits_reference(q, k, weights, ks, ke)
+        inside = torch.isfinite(ref)
+        if not torch.equal(torch.isfinite(got), inside):
+            return torch.tensor(float("inf"))
+        return (got[inside].double() - ref[inside]).abs().max() / ref[inside].abs().max()
+
+    def token_sparse():
+        from .token_sparse import token_sparse_attn
+
+        q, k, v = rand(1, 8, 64, 64) - 0.5, rand(1, 2, 512, 64) - 0.5, rand(1, 2, 512, 64)
+        indices = torch.stack([torch.randperm(512, generator=gen)[:100] for _ in range(64 * 2)])
+        indices = indices.view(1, 64, 2, 100).to(device)
+        ref, _ = reference.token_sparse_attention_reference(q, k, v, indices, causal=False)
+        return (token_sparse_attn(q, k, v, indices).double() - ref).abs().max()
+
     # (name, check, tolerance): exact for the integer selections, rounding-level for the rest.
     return [
         ("block_mean_pool", mean_pool, 1e-5),
@@ -146,6 +167,8 @@ def _selfcheck_cases(device: torch.device):
         ("MoBA routing", moba_routing, 0),
         ("XAttention estimator", xattention, 1e-3),
         ("ProxyAttn estimator", proxyattn, 1e-3),
+        ("DSA indexer scores", dsa_indexer, 1e-5),
+        ("token-sparse attention", token_sparse, 2e-3),
     ]
 
 

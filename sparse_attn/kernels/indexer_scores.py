@@ -49,6 +49,7 @@ def _indexer_scores_kernel(
     GATHERED: tl.constexpr,
     HAS_K_SCALE: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     WIDE_INDEX: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -67,7 +68,7 @@ def _indexer_scores_kernel(
     )
     # Padded heads weigh 0, so their (zero) logits add nothing.
     w = tl.load(W + row * stride_wm + offs_h, mask=offs_h < num_heads, other=0.0).to(tl.float32)
-    if FP32_DOT:  # tf32 tensor cores (exact fp32 FMAs spill the [heads, D] operands)
+    if FP32_DOT:
         q = q.to(tl.float32)
     for i in range(TILES_PER_PROGRAM):
         tile = tl.program_id(1) * TILES_PER_PROGRAM + i
@@ -87,7 +88,7 @@ def _indexer_scores_kernel(
             k = tl.load(K + keys[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
             if FP32_DOT:
                 k = k.to(tl.float32)
-            logits = tl.dot(q, tl.trans(k))
+            logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], 0)
             if HAS_K_SCALE:
                 score *= tl.load(K_SCALE + keys, mask=valid, other=0.0).to(tl.float32)
@@ -147,6 +148,9 @@ def _launch(q, k, weights, k_scale, ks, ke, tile_starts, block_n, num_out_cols):
         GATHERED=gathered,
         HAS_K_SCALE=k_scale is not None,
         FP32_DOT=torch.float32 in (q.dtype, k.dtype),
+        # Exact fp32 for fp32 queries; 16-bit queries against fp32 keys (HISA's block means) take tf32
+        # tensor cores, since exact fp32 FMAs spill the [heads, D] operands.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WIDE_INDEX=wide_index(q, k, out, tile_starts),
         num_warps=4,
     )
