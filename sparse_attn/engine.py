@@ -46,6 +46,17 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a method's Triton kernel takes a tensor of `dtype` on `device`: Triton runs there and the
+    dtype is 16/32-bit, except bfloat16 under the interpreter (its bf16 tl.dot is wrong)."""
+    if not triton_available(device) or dtype not in KERNEL_DTYPES:
+        return False
+    return not (device.type == "cpu" and dtype == torch.bfloat16)
+
+
 # ---------------------------------------------------------------------------------- validation
 def _check_qkv(q, k, v, packed: bool):
     rank, shape_text = (3, "(total, H, D)") if packed else (4, "(B, H, S, D)")

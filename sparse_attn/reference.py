@@ -20,6 +20,7 @@ __all__ = [
     "working_dtype",
     "causal_token_mask",
     "masked_attention",
+    "masked_softmax",
     "block_sparse_attention_reference",
     "token_sparse_attention_reference",
     "block_mean_pool_reference",
@@ -75,16 +76,19 @@ def masked_attention(q, k, v, allowed, *, softmax_scale=None, compute_dtype=torc
     q, k, v = (t.to(compute_dtype) for t in (q, k, v))
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    probs, lse = masked_softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, allowed)
+    return torch.matmul(probs, v), lse
+
+
+def masked_softmax(logits, allowed):
+    """(softmax of `logits` over the last axis restricted to `allowed` (broadcastable), lse): a row with
+    nothing allowed gets probabilities 0 and lse -inf, and no NaN in either or in their gradients."""
     allowed = allowed.expand_as(logits)
     has_key = allowed.any(dim=-1, keepdim=True)
     logits = logits.masked_fill(~allowed, float("-inf"))
     # Empty rows take a finite stand-in so that neither the lse nor its gradient becomes NaN.
     lse_safe = torch.logsumexp(logits.masked_fill(~has_key, 0.0), dim=-1, keepdim=True)
-    probs = torch.exp(logits - lse_safe)
-    out = torch.matmul(probs, v)
-    lse = lse_safe.masked_fill(~has_key, float("-inf")).squeeze(-1)
-    return out, lse
+    return torch.exp(logits - lse_safe), lse_safe.masked_fill(~has_key, float("-inf")).squeeze(-1)
 
 
 def _layout_token_mask(layout, num_q_heads: int, num_kv_heads: int) -> torch.Tensor:

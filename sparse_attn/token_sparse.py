@@ -19,12 +19,11 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .engine import BACKENDS, _check_qkv, _default_scale, triton_available
+from .engine import BACKENDS, KERNEL_DTYPES, _check_qkv, _default_scale, triton_available, triton_runs
 from .selection import _check_int, _check_tensor
 
 __all__ = ["sparse_mla", "token_sparse_attn"]
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_KERNEL_HEAD_DIM = 1024
 _MAX_KERNEL_VALUE_DIM = 512
 # Gathered elements (query rows x heads x indices x head dim) of the PyTorch path at a time.
@@ -48,7 +47,7 @@ def _check_inputs(q, k, v, indices, attn_sink):
     if indices.shape[2] not in (k.shape[1], 1):
         raise ValueError(f"indices dim 2 must be the number of KV heads ({k.shape[1]}) or 1, got {indices.shape[2]}")
     if attn_sink is not None:
-        _check_tensor(attn_sink, "attn_sink", dim=1, dtypes=(torch.float32, torch.float64, *_KERNEL_DTYPES))
+        _check_tensor(attn_sink, "attn_sink", dim=1, dtypes=(torch.float64, *KERNEL_DTYPES))
         if attn_sink.shape[0] != q.shape[1] or attn_sink.device != q.device:
             raise ValueError(f"attn_sink must be ({q.shape[1]},) on {q.device}, got {tuple(attn_sink.shape)}")
 
@@ -71,12 +70,10 @@ def _check_unique(indices, seq_len_kv: int) -> None:
 def _resolve(backend: str, q, k, v) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    runs = triton_available(q.device) and q.dtype in _KERNEL_DTYPES
-    runs = runs and q.shape[-1] <= _MAX_KERNEL_HEAD_DIM and v.shape[-1] <= _MAX_KERNEL_VALUE_DIM
+    fits = q.shape[-1] <= _MAX_KERNEL_HEAD_DIM and v.shape[-1] <= _MAX_KERNEL_VALUE_DIM
     if backend == "auto":
-        # The interpreter's bf16 tl.dot is wrong: bf16 CPU tensors take the PyTorch path.
-        return "triton" if runs and not (q.device.type == "cpu" and q.dtype == torch.bfloat16) else "torch"
-    if backend == "triton" and not runs:
+        return "triton" if fits and triton_runs(q.device, q.dtype) else "torch"
+    if backend == "triton" and not (fits and triton_available(q.device) and q.dtype in KERNEL_DTYPES):
         raise ValueError(
             "backend='triton' needs triton with a CUDA tensor (or TRITON_INTERPRET=1), a float16/bfloat16/"
             f"float32 q, head dim <= {_MAX_KERNEL_HEAD_DIM} and value dim <= {_MAX_KERNEL_VALUE_DIM}"
@@ -104,11 +101,8 @@ def _gathered_attention(q, k, v, indices, scale):
         queries = q[:, :, lo : lo + step].to(compute)
         queries = queries.unflatten(1, (num_kv_heads, group)).permute(0, 3, 1, 2, 4)  # [B, c, Hkv, g, D]
         logits = torch.einsum("bchgd,bchkd->bchgk", queries, keys) * scale
-        logits = logits.masked_fill(~valid[:, :, :, None, :], float("-inf"))
-        has_key = valid.any(dim=-1)[:, :, :, None, None]
-        lse = torch.logsumexp(logits.masked_fill(~has_key, 0.0), dim=-1, keepdim=True)
-        out = torch.einsum("bchgk,bchkd->bchgd", torch.exp(logits - lse), values)
-        lse = lse.squeeze(-1).masked_fill(~has_key.squeeze(-1), float("-inf"))
+        probs, lse = reference.masked_softmax(logits, valid[:, :, :, None, :])
+        out = torch.einsum("bchgk,bchkd->bchgd", probs, values)
         outs.append(out.flatten(2, 3).permute(0, 2, 1, 3))  # [B, Hq, c, Dv]
         lses.append(lse.flatten(2, 3).permute(0, 2, 1))
     if not outs:

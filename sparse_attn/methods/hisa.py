@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import triton_available
+from ..engine import KERNEL_DTYPES, triton_runs
 from ..selection import _check_int, _check_tensor
 
 __all__ = [
@@ -37,8 +37,7 @@ __all__ = [
 ]
 
 FORCED_MODES = ("slots", "union")
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FLOAT_INPUTS = (*_KERNEL_DTYPES, torch.float64, torch.float8_e4m3fn)
+_FLOAT_INPUTS = (*KERNEL_DTYPES, torch.float64, torch.float8_e4m3fn)
 # Scores held at a time by the functions that return indices (query rows x candidate keys).
 _SCORE_CHUNK_ELEMENTS = 1 << 28
 # Query rows x heads x keys of the PyTorch path's logits at a time.
@@ -104,10 +103,8 @@ def _check_batched(q, k, weights):
 
 # ---------------------------------------------------------------------------------- scores
 def _kernel_runs(q, k, heads: int, tile: int) -> bool:
-    """Triton on q's device (the interpreter's bf16 tl.dot is wrong), 16/32-bit inputs, and shapes the kernel takes."""
-    if not triton_available(q.device) or q.dtype not in _KERNEL_DTYPES or k.dtype not in _KERNEL_DTYPES:
-        return False
-    if q.device.type == "cpu" and torch.bfloat16 in (q.dtype, k.dtype):
+    """Triton takes q and k on their device, and the kernel takes the shapes."""
+    if not (triton_runs(q.device, q.dtype) and triton_runs(k.device, k.dtype)):
         return False
     from ..kernels.indexer_scores import kernel_supports
 
@@ -133,27 +130,36 @@ def _mask_outside(scores, keys, ks, ke, valid=None):
     return scores.masked_fill(~inside, float("-inf"))
 
 
-def dsa_indexer_logits_reference(q, k, weights, ks, ke, k_scale=None, *, compute_dtype=torch.float64):
-    """I[t, s] in `compute_dtype` [M, N], -inf outside [ks[t], ke[t]): the spec's formula over all keys,
-    in row chunks (float32 is also the CPU path of `dsa_indexer_logits`)."""
-    q, k, weights, ks, ke, k_scale = _check_indexer_inputs(q, k, weights, ks, ke, k_scale)
-    out = torch.empty(q.shape[0], k.shape[0], dtype=compute_dtype, device=q.device)
-    positions = torch.arange(k.shape[0], device=q.device)
-    for lo, hi in _row_chunks(q.shape[0], q.shape[1] * k.shape[0], _TORCH_CHUNK_ELEMENTS):
-        scores = _head_sum(q[lo:hi], k, weights[lo:hi], compute_dtype)
+def _torch_scores(q, k, weights, ks, ke, k_scale, positions, dtype, valid=None):
+    """The PyTorch path in `dtype`, a chunk of rows at a time: scores of each row against k[positions]
+    (positions [N] shared by all rows: every key, in order; or [M, C] per row), -inf outside [ks, ke)
+    and where `valid` [M, C] is False."""
+    shared = positions.dim() == 1
+    out = torch.empty(q.shape[0], positions.shape[-1], dtype=dtype, device=q.device)
+    for lo, hi in _row_chunks(q.shape[0], q.shape[1] * positions.shape[-1], _TORCH_CHUNK_ELEMENTS):
+        rows = positions[None, :] if shared else positions[lo:hi]
+        safe = rows.clamp(0, k.shape[0] - 1)
+        scores = _head_sum(q[lo:hi], k if shared else k[safe], weights[lo:hi], dtype)
         if k_scale is not None:
-            scores *= k_scale.to(compute_dtype)
-        out[lo:hi] = _mask_outside(scores, positions[None, :], ks[lo:hi], ke[lo:hi])
+            scores *= k_scale.to(dtype)[safe]
+        out[lo:hi] = _mask_outside(scores, rows, ks[lo:hi], ke[lo:hi], None if valid is None else valid[lo:hi])
     return out
 
 
+def dsa_indexer_logits_reference(q, k, weights, ks, ke, k_scale=None, *, compute_dtype=torch.float64):
+    """I[t, s] in `compute_dtype` [M, N], -inf outside [ks[t], ke[t]): the spec's formula over all keys,
+    in row chunks (in float32 it is also the CPU path of `dsa_indexer_logits`)."""
+    q, k, weights, ks, ke, k_scale = _check_indexer_inputs(q, k, weights, ks, ke, k_scale)
+    return _torch_scores(q, k, weights, ks, ke, k_scale, torch.arange(k.shape[0], device=q.device), compute_dtype)
+
+
 def _dense_scores(q, k, weights, ks, ke, k_scale):
-    """DSA scores of q against every key: the fused kernel, or the float32 reference."""
+    """DSA scores of q against every key: the fused kernel, or the float32 PyTorch path."""
     if _kernel_runs(q, k, q.shape[1], 16):
         from ..kernels.indexer_scores import indexer_scores_op
 
         return indexer_scores_op(q, k, weights, ks, ke, k_scale)
-    return dsa_indexer_logits_reference(q, k, weights, ks, ke, k_scale, compute_dtype=torch.float32)
+    return _torch_scores(q, k, weights, ks, ke, k_scale, torch.arange(k.shape[0], device=q.device), torch.float32)
 
 
 def _gathered_scores(q, k, weights, ks, ke, k_scale, tile_starts, tile: int):
@@ -164,14 +170,7 @@ def _gathered_scores(q, k, weights, ks, ke, k_scale, tile_starts, tile: int):
         return indexer_gathered_scores_op(q, k, weights, ks, ke, k_scale, tile_starts.contiguous(), tile)
     keys = (tile_starts[:, :, None] + torch.arange(tile, device=q.device)).flatten(1)
     valid = (tile_starts >= 0).repeat_interleave(tile, dim=1) & (keys < k.shape[0])
-    out = torch.empty(keys.shape, dtype=torch.float32, device=q.device)
-    for lo, hi in _row_chunks(q.shape[0], q.shape[1] * keys.shape[1], _TORCH_CHUNK_ELEMENTS):
-        rows = keys[lo:hi].clamp(0, k.shape[0] - 1)
-        scores = _head_sum(q[lo:hi], k[rows], weights[lo:hi], torch.float32)
-        if k_scale is not None:
-            scores *= k_scale.float()[rows]
-        out[lo:hi] = _mask_outside(scores, keys[lo:hi], ks[lo:hi], ke[lo:hi], valid[lo:hi])
-    return out
+    return _torch_scores(q, k, weights, ks, ke, k_scale, keys, torch.float32, valid)
 
 
 def dsa_indexer_logits(q, k, weights, ks, ke, k_scale=None):

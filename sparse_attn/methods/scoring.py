@@ -3,11 +3,9 @@ score blocks with it (XAttention, ProxyAttn); elsewhere they take their PyTorch 
 
 from __future__ import annotations
 
-import torch
+from ..engine import KERNEL_DTYPES, _check_qkv, triton_runs
 
-from ..engine import _check_qkv, triton_available
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["KERNEL_DTYPES", "block_scores_kernel_runs", "check_scored_qk"]
 _KERNEL_MAX_HEAD_DIM = 256
 
 
@@ -15,9 +13,7 @@ def block_scores_kernel_runs(q, block_size: int, stride: int = 1) -> bool:
     """Whether the kernel takes q: Triton runs on its device (CUDA, or the interpreter for fp16/fp32 CPU
     tensors: its bf16 tl.dot is wrong), a 16/32-bit float, head dim <= 256, and block_size / stride a
     power of two (the in-kernel tile reductions reshape by it)."""
-    if not triton_available(q.device) or q.dtype not in KERNEL_DTYPES or q.shape[-1] > _KERNEL_MAX_HEAD_DIM:
-        return False
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    if not triton_runs(q.device, q.dtype) or q.shape[-1] > _KERNEL_MAX_HEAD_DIM:
         return False
     from ..kernels.block_scores import kernel_supports
 
