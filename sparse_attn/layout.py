@@ -81,6 +81,17 @@ def sink_and_diagonal_blocks(seq_len_q: int, seq_len_kv: int, block_size: int, d
     return forced
 
 
+def selectable_blocks(seq_len_q: int, seq_len_kv: int, block_size: int, causal: bool, device=None):
+    """(allowed, forced) bool [Mq, N] of a block selection: with `causal`, the causally visible blocks with
+    the sink and the diagonal forced; without, every block allowed and none forced."""
+    if causal:
+        allowed = causal_block_mask(seq_len_q, seq_len_kv, block_size, block_size, device)
+        return allowed, sink_and_diagonal_blocks(seq_len_q, seq_len_kv, block_size, device)
+    _check_block_geometry(seq_len_q, seq_len_kv, block_size, block_size)
+    shape = (-(-seq_len_q // block_size), -(-seq_len_kv // block_size))
+    return torch.ones(shape, dtype=torch.bool, device=device), torch.zeros(shape, dtype=torch.bool, device=device)
+
+
 def causal_full_block_mask(seq_len_q: int, seq_len_kv: int, q_block_size: int, kv_block_size: int, device=None):
     """Bool [Mq, N]: blocks whose every (query, key) pair is causally visible (no token mask needed)."""
     _check_block_geometry(seq_len_q, seq_len_kv, q_block_size, kv_block_size)

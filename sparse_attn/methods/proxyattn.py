@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import _check_cu_seqlens, _check_qkv, block_sparse_attn, block_sparse_attn_varlen
-from ..layout import BlockSparseLayout, causal_block_mask, sink_and_diagonal_blocks
+from ..layout import BlockSparseLayout, selectable_blocks
 from ..reference import working_dtype
 from ..selection import _check_int, block_score_lengths, threshold_select
 from .scoring import KERNEL_DTYPES, block_scores_kernel_runs, check_scored_qk
@@ -270,12 +270,7 @@ def proxy_select(
 
 def _selected_blocks(scores, budget, causal, seq_len_q, seq_len_kv, block_size, min_budget_tokens):
     """`proxy_select`'s kept blocks on checked arguments: bool [B, Hq, Mq, Nk]."""
-    if causal:
-        allowed = causal_block_mask(seq_len_q, seq_len_kv, block_size, block_size, scores.device)
-        forced = sink_and_diagonal_blocks(seq_len_q, seq_len_kv, block_size, scores.device)
-    else:
-        allowed = torch.ones(scores.shape[2:], dtype=torch.bool, device=scores.device)
-        forced = torch.zeros_like(allowed)
+    allowed, forced = selectable_blocks(seq_len_q, seq_len_kv, block_size, causal, scores.device)
     visible = allowed.sum(dim=-1)  # N_m
     keep = (budget[..., None] * visible + visible[-1] - 1) // visible[-1]  # ceil(k_h N_m / N_last), exact
     keep = torch.minimum(keep.clamp_min(-(-min_budget_tokens // block_size)), visible)  # [B, Hq, Mq]

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import _check_qkv, block_sparse_attn
-from ..layout import BlockSparseLayout, causal_block_mask, sink_and_diagonal_blocks
+from ..layout import BlockSparseLayout, causal_block_mask, selectable_blocks
 from ..reference import working_dtype
 from ..selection import _check_int, block_score_lengths, threshold_select
 from .scoring import block_scores_kernel_runs, check_scored_qk
@@ -232,12 +232,7 @@ def xattention_select(
     block_size = _check_int(block_size, "block_size", 1)
     seq_len_q, seq_len_kv = block_score_lengths(scores, seq_len_q, seq_len_kv, block_size, causal)
     tau = _threshold_per_head(threshold, scores.shape[1], layer_idx, scores.device)
-    if causal:
-        allowed = causal_block_mask(seq_len_q, seq_len_kv, block_size, block_size, scores.device)
-        forced = sink_and_diagonal_blocks(seq_len_q, seq_len_kv, block_size, scores.device)
-    else:
-        allowed = torch.ones(scores.shape[2:], dtype=torch.bool, device=scores.device)
-        forced = torch.zeros_like(allowed)
+    allowed, forced = selectable_blocks(seq_len_q, seq_len_kv, block_size, causal, scores.device)
     count, indices = threshold_select(
         scores, tau[:, None], forced=forced.expand(scores.shape), allowed=allowed.expand(scores.shape)
     )
