@@ -44,7 +44,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from sparse_attn import _engine_ops, _moba_ops, tiles
-from sparse_attn.kernels import block_scores, indexer_scores, launch, token_sparse_attn
+from sparse_attn.kernels import block_scores, indexer_scores, launch, s2o_attn, token_sparse_attn
 from sparse_attn.layout import BlockSparseLayout
 from sparse_attn.methods import proxyattn
 
@@ -108,6 +108,8 @@ def _label(kernel, kwargs, args) -> str:
         for name in ("BLOCK_M", "BLOCK_N", "BLOCK_R", "HEADS_PAD", "BLOCK_H", "TILE_K")
         if name in kwargs
     )
+    if "SUB_N" in kwargs:
+        tile += f" sub {kwargs.get('SUB_M', kwargs['BLOCK_M'])}x{kwargs['SUB_N']}"
     flags = [f"D={kwargs['HEAD_DIM']}", dtype, tile, f"w{kwargs.get('num_warps', 4)}"]  # triton's default warps
     flags += [name.lower() for name in ("CAUSAL", "VARLEN", "BACKWARD") if kwargs.get(name)]
     flags += ["tma"] if kwargs.get("USE_TMA") else []
@@ -225,6 +227,20 @@ def _token_sparse_launches(dtype, dim, varlen):
         token_sparse_attn.token_sparse_attn_bwd(out, None, q, k, v, out, lse, indices, 0.1)
 
 
+def _s2o_launches(dtype, dim, varlen):
+    """S2O forward (both stop rules) and backward at Llama-3.1-8B's GQA (4 query heads per KV head) with
+    the spec's 64 x 64 tiles, two segments of 1024 after a 2048-key history (chunked prefill)."""
+    if varlen:
+        return
+    q, k, v = _qkv(dtype, dim, heads=(8, 2), seq=2048)
+    k, v = (torch.randn(1, 2, 4096, dim, dtype=dtype) for _ in range(2))
+    key_order = torch.randint(0, 2048, (1, 2, 2048 + 3072), dtype=torch.int32)
+    query_order = torch.arange(2048, dtype=torch.int32).repeat(1, 8, 1)
+    for stop_mean in (False, True):
+        out, lse, n_blocks = s2o_attn.s2o_attn_fwd(q, k, v, key_order, query_order, 1024, 64, 64, 0.01, stop_mean, 0.1)
+    s2o_attn.s2o_attn_bwd(out, None, q, k, v, out, lse, key_order, query_order, n_blocks, 1024, 64, 64, 0.1)
+
+
 def _wide_launches(dtype, dim, varlen):
     """The int64-offset variants (WIDE_INDEX: a tensor spans 2^31 elements) of every kernel, at D=128
     bf16 only: they must compile; they may spill (only launches that large take them)."""
@@ -252,6 +268,7 @@ FAMILIES = {
     "proxyattn": _proxyattn_launches,
     "hisa": _hisa_launches,
     "token_sparse": _token_sparse_launches,
+    "s2o": _s2o_launches,
     "wide": _wide_launches,
 }
 DEFAULT_TILE_FAMILIES = ("engine", "moba", "xattention", "proxyattn")

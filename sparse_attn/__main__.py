@@ -155,6 +155,14 @@ def _selfcheck_cases(device: torch.device):
         ref, _ = reference.token_sparse_attention_reference(q, k, v, indices, causal=False)
         return (token_sparse_attn(q, k, v, indices).double() - ref).abs().max()
 
+    def s2o():
+        from .methods.s2o import s2o_attention, s2o_reference
+
+        q, k, v = rand(1, 4, 256, 64) - 0.5, rand(1, 2, 320, 64) - 0.5, rand(1, 2, 320, 64)
+        out, stats = s2o_attention(q * 8, k, v, tau=0.05, segment_len=64, return_stats=True)
+        ref, _ = s2o_reference(q * 8, k, v, stats.plan, stats.n_blocks)
+        return (out.double() - ref).abs().max()
+
     # (name, check, tolerance): exact for the integer selections, rounding-level for the rest.
     return [
         ("block_mean_pool", mean_pool, 1e-5),
@@ -169,6 +177,7 @@ def _selfcheck_cases(device: torch.device):
         ("ProxyAttn estimator", proxyattn, 1e-3),
         ("DSA indexer scores", dsa_indexer, 1e-5),
         ("token-sparse attention", token_sparse, 2e-3),
+        ("S2O attention", s2o, 2e-3),
     ]
 
 

@@ -57,6 +57,22 @@ def triton_runs(device: torch.device, dtype: torch.dtype) -> bool:
     return not (device.type == "cpu" and dtype == torch.bfloat16)
 
 
+def choose_backend(backend: str, q, fits: bool, requirement: str) -> str:
+    """The backend a method runs for `backend` (one of BACKENDS): 'auto' takes its Triton kernel where it
+    runs and the kernel takes the shapes (`fits`), else the PyTorch path; an explicit 'triton' that cannot
+    run raises, naming what it needs (`requirement`: the method's shape limits, as text)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if fits and triton_runs(q.device, q.dtype) else "torch"
+    if backend == "triton" and not (fits and triton_available(q.device) and q.dtype in KERNEL_DTYPES):
+        raise ValueError(
+            "backend='triton' needs triton with a CUDA tensor (or TRITON_INTERPRET=1), a float16/bfloat16/"
+            f"float32 q and {requirement}"
+        )
+    return backend
+
+
 # ---------------------------------------------------------------------------------- validation
 def _check_qkv(q, k, v, packed: bool):
     rank, shape_text = (3, "(total, H, D)") if packed else (4, "(B, H, S, D)")

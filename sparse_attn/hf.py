@@ -49,6 +49,8 @@ from .methods.moba import check_options as check_moba_options
 from .methods.moba import moba_attn, moba_decode, moba_route
 from .methods.proxyattn import check_options as check_proxy_options
 from .methods.proxyattn import proxy_attn
+from .methods.s2o import check_options as check_s2o_options
+from .methods.s2o import s2o_attention
 from .methods.xattention import check_options as check_xattention_options
 from .methods.xattention import load_thresholds, xattention_attn
 from .reference import causal_token_mask
@@ -78,6 +80,7 @@ _METHOD_OPTIONS = {
     "xattention": {"threshold": 0.9, "stride": 8, "block_size": 128, "chunk_size": None},
     "moba": {"block_size": 512, "topk": 3},
     "proxyattn": {"gamma": 0.95, "num_proxy_groups": 1, "stride": 4, "block_size": 128, "min_budget_tokens": 2048},
+    "s2o": {"segment_len": 1024, "tau": 1e-2, "block_m": 64, "block_n": 64, "stop_rule": "max"},
 }
 _SPARSE_DECODE = {"moba"}
 
@@ -190,6 +193,8 @@ def _method_options(method: str, options: dict, inherited: dict | None = None) -
         check_moba_options(**resolved)
     elif method == "proxyattn":
         check_proxy_options(**resolved)
+    elif method == "s2o":
+        check_s2o_options(**resolved)
     return resolved
 
 
@@ -230,8 +235,9 @@ class SparseAttnConfig:
     """The attention plan of one model (or the process default): a method and per-layer choices.
 
     method: 'dense' (SDPA), 'xattention' (options threshold, stride, block_size, chunk_size), 'moba'
-        (options block_size, topk) or 'proxyattn' (options gamma, num_proxy_groups, stride, block_size,
-        min_budget_tokens); `options` are the method's keyword options.
+        (options block_size, topk), 'proxyattn' (options gamma, num_proxy_groups, stride, block_size,
+        min_budget_tokens) or 's2o' (options segment_len, tau, block_m, block_n, stop_rule; causal layers
+        only); `options` are the method's keyword options.
     layers: the layer indices that run the method (None: all); dense_layers: layers that stay dense.
     layer_config: {layer_idx: {"method": ..., "decode": ..., **options}} adjusting the sparse layers;
         options are inherited from the top level when the layer keeps the top-level method.
@@ -779,6 +785,14 @@ def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats:
     if plan.method == "proxyattn":
         result = proxy_attn(q, k, v, **options, causal=causal, softmax_scale=scale, return_layout=stats.track_density)
         return _record_layout_density(result, stats, layer_idx, causal)
+    if plan.method == "s2o":
+        if not causal:
+            raise NotImplementedError("S2O is a causal prefill method; run non-causal layers dense (dense_layers=...)")
+        result = s2o_attention(q, k, v, **options, softmax_scale=scale, return_stats=stats.track_density)
+        if not stats.track_density:
+            return result
+        stats.densities.append((layer_idx, result[1].density.item()))
+        return result[0]
     raise AssertionError(f"no sparse path for method {plan.method!r}")
 
 

@@ -287,6 +287,12 @@ def structured_qkv(
     if a_lat:
         knots = torch.randn(B, Hkv, S // local_window + 2, D, generator=g).mul_(content_mask * a_lat)
         shift = int(torch.randint(0, local_window, (1,), generator=g))
+        # The last position reads knot (S - 1 + shift) // W + 1, one past the S // W + 2 drawn when the
+        # phase carries over: draw it then (only such lengths change; the others keep their values).
+        missing = (S - 1 + shift) // local_window + 2 - knots.shape[2]
+        if missing > 0:
+            extra = torch.randn(B, Hkv, missing, D, generator=g).mul_(content_mask * a_lat)
+            knots = torch.cat([knots, extra], dim=2)
     heavy = torch.zeros(B, Hkv, 0, dtype=torch.int64)
     if num_heavy_hitters:
         # Top-k of uniform keys: a vectorised sample without replacement per (batch, kv head).

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .engine import BACKENDS, KERNEL_DTYPES, _check_qkv, _default_scale, triton_available, triton_runs
+from .engine import KERNEL_DTYPES, _check_qkv, _default_scale, choose_backend
 from .selection import _check_int, _check_tensor
 
 __all__ = ["sparse_mla", "token_sparse_attn"]
@@ -68,17 +68,9 @@ def _check_unique(indices, seq_len_kv: int) -> None:
 
 
 def _resolve(backend: str, q, k, v) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     fits = q.shape[-1] <= _MAX_KERNEL_HEAD_DIM and v.shape[-1] <= _MAX_KERNEL_VALUE_DIM
-    if backend == "auto":
-        return "triton" if fits and triton_runs(q.device, q.dtype) else "torch"
-    if backend == "triton" and not (fits and triton_available(q.device) and q.dtype in KERNEL_DTYPES):
-        raise ValueError(
-            "backend='triton' needs triton with a CUDA tensor (or TRITON_INTERPRET=1), a float16/bfloat16/"
-            f"float32 q, head dim <= {_MAX_KERNEL_HEAD_DIM} and value dim <= {_MAX_KERNEL_VALUE_DIM}"
-        )
-    return backend
+    limits = f"head dim <= {_MAX_KERNEL_HEAD_DIM} and value dim <= {_MAX_KERNEL_VALUE_DIM}"
+    return choose_backend(backend, q, fits, limits)
 
 
 def _gathered_attention(q, k, v, indices, scale):

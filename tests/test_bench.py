@@ -126,6 +126,24 @@ EXPECTED = {
         "reference_ms",
         "reference_output_rel_error",
     ),
+    "s2o": (
+        "seq_len",
+        "stop_rule",
+        "tau",
+        "mass_recall",
+        "kernel_rel_error",
+        "kernel_error_bound",
+        "plan_ms",
+        "attention_ms",
+        "attention_tflops",
+        "s2o_ms",
+        "s2o_first_call_ms",
+        "s2o_peak_bytes",
+        "speedup_over_best_dense",
+        "block_topk_rel_error",
+        "mse_ratio_block_topk_over_s2o",
+        "sdpa_cpu_ms",
+    ),
 }
 ENVIRONMENT = ("date", "device", "driver", "torch", "triton", "cuda", "backends")
 

@@ -103,12 +103,19 @@ def test_full_budget_xattention_matches_sdpa(family):
 # topk covers every block of the prompt and of the generated tokens (MoBA routes the decode queries too).
 FULL_MOBA = {"block_size": BLOCK, "topk": SEQ_LEN // BLOCK + 1, "decode": "sparse"}
 FULL_PROXY = {"gamma": 1.0, "block_size": BLOCK}
+FULL_S2O = {"tau": 0.0, "segment_len": BLOCK, "block_m": 16, "block_n": 16}  # tau = 0 never stops
 
 
 @pytest.mark.parametrize(
-    "method, options, decode", [("dense", {}, "dense"), ("moba", FULL_MOBA, "moba"), ("proxyattn", FULL_PROXY, "dense")]
+    "method, options, decode",
+    [
+        ("dense", {}, "dense"),
+        ("moba", FULL_MOBA, "moba"),
+        ("proxyattn", FULL_PROXY, "dense"),
+        ("s2o", FULL_S2O, "dense"),
+    ],
 )
-def test_full_budget_dense_moba_and_proxyattn_match_sdpa(reference_engine, method, options, decode):
+def test_full_budget_dense_moba_proxyattn_and_s2o_match_sdpa(reference_engine, method, options, decode):
     model, ids = _model("llama"), _ids()
     with torch.no_grad():
         expected_logits, expected_tokens = model(ids).logits, _greedy(model, ids)
@@ -117,7 +124,7 @@ def test_full_budget_dense_moba_and_proxyattn_match_sdpa(reference_engine, metho
     torch.testing.assert_close(logits, expected_logits, atol=2e-4, rtol=1e-4)
     assert torch.equal(tokens, expected_tokens)
     assert handle.stats.calls[(0, "prefill", method)] == 2
-    assert handle.stats.calls[(0, "decode", decode)] == 5  # MoBA routes the decode queries too; ProxyAttn's are dense
+    assert handle.stats.calls[(0, "decode", decode)] == 5  # MoBA routes the decode queries too; the others' are dense
 
 
 def _static_cache(model, length):
@@ -215,10 +222,14 @@ def _oracle(q, k, v, allowed):
 
 @pytest.mark.parametrize(
     "method, options",
-    [("xattention", {"threshold": 0.6}), ("proxyattn", {"gamma": 0.6, "min_budget_tokens": BLOCK, "stride": 8})],
+    [
+        ("xattention", {"threshold": 0.6, "block_size": BLOCK}),
+        ("proxyattn", {"gamma": 0.6, "min_budget_tokens": BLOCK, "stride": 8, "block_size": BLOCK}),
+        ("s2o", {"tau": 0.2, "stop_rule": "mean", "segment_len": 64, "block_m": 16, "block_n": 16}),
+    ],
 )
 def test_function_padding_and_packing_equal_separate_runs(reference_engine, method, options):
-    config = hf.SparseAttnConfig(method, block_size=BLOCK, track_density=True, **options)
+    config = hf.SparseAttnConfig(method, track_density=True, **options)
     module = _module(config)
     q, k, v = _qkv(1, 300, 300)
     alone = [
@@ -330,6 +341,9 @@ def test_unsupported_features_raise():
         ("proxyattn", {"gamma": 0.0}, ValueError, "gamma"),
         ("proxyattn", {"stride": 200}, ValueError, "stride=200"),
         ("proxyattn", {"threshold": 0.9}, TypeError, "no option"),
+        ("s2o", {"segment_len": 100}, ValueError, "multiple of block_m"),
+        ("s2o", {"tau": -1.0}, ValueError, "tau"),
+        ("s2o", {"stop_rule": "min"}, ValueError, "stop_rule"),
     ],
 )
 def test_bad_options_raise_when_configured(method, options, error, match):
@@ -384,7 +398,12 @@ def test_unpatch_restores_bit_identical_outputs(reference_engine):
 
 @pytest.mark.parametrize(
     "method, options",
-    [("xattention", FULL_XATTN), ("moba", {"block_size": BLOCK, "topk": 2}), ("proxyattn", FULL_PROXY)],
+    [
+        ("xattention", FULL_XATTN),
+        ("moba", {"block_size": BLOCK, "topk": 2}),
+        ("proxyattn", FULL_PROXY),
+        ("s2o", FULL_S2O),
+    ],
 )
 def test_backward_matches_dense_at_full_budget(reference_engine, method, options):
     model, ids = _model("llama"), _ids(length=128)

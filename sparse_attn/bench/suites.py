@@ -3,7 +3,7 @@ and for the report COLUMNS, SEQ_KEY, SPEEDUP and family(row)."""
 
 from __future__ import annotations
 
-from . import decode, engine, moba, moba_varlen, proxyattn, xattention
+from . import decode, engine, moba, moba_varlen, proxyattn, s2o, xattention
 
 SUITES = {
     "engine": engine,
@@ -12,4 +12,5 @@ SUITES = {
     "moba_varlen": moba_varlen,
     "xattention": xattention,
     "proxyattn": proxyattn,
+    "s2o": s2o,
 }

@@ -105,6 +105,21 @@ def _values(v_base, k_main, rows, valid, stride_vs, VALUE_DIM, VALUE_PAD: tl.con
 
 
 @triton.jit
+def _online_softmax_step(s, v, allowed, m_i, l_i, acc, scale_log2, DOT_PRECISION: tl.constexpr):
+    """One key tile of the base-2 online softmax over logits s (unscaled): (running max, running sum,
+    accumulator, the tile's exp-sum at the new max, the factor that moved the old state to the new max).
+    A row with nothing allowed yet keeps max -inf and sum 0, without NaN."""
+    s = tl.where(allowed, s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    gain = tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i * alpha + gain, acc, gain, alpha
+
+
+@triton.jit
 def _token_sparse_fwd_kernel(
     Q, K, V, IDX, O, LSE,
     stride_qb, stride_qh, stride_qs,
@@ -137,15 +152,8 @@ def _token_sparse_fwd_kernel(
     for start in range(0, num_indices, TILE_K):
         rows, valid = _tile_rows(IDX, idx_base, start, num_indices, seq_len_kv, TILE_K)
         s, k_main = _scores(q_main, q_rest, k_base, rows, valid, stride_ks, HEAD_DIM, MAIN, REST, DOT_PRECISION)
-        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = _values(v_base, k_main, rows, valid, stride_vs, VALUE_DIM, VALUE_PAD, V_IS_K)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc, _, _ = _online_softmax_step(s, v, valid[None, :], m_i, l_i, acc, scale_log2, DOT_PRECISION)
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)

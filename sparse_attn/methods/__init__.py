@@ -12,11 +12,14 @@ from .moba import (
     moba_route_varlen,
 )
 from .proxyattn import proxy_attn, proxy_attn_varlen, proxy_budget, proxy_estimate, proxy_select
+from .s2o import S2OPlan, S2OStats, s2o_attention, s2o_plan, s2o_processed_mask, s2o_reference
 from .xattention import calibrate_xattention, xattention_attn, xattention_estimate, xattention_select
 
 __all__ = [
     "KeyShortConv",
     "MoBABlockMeans",
+    "S2OPlan",
+    "S2OStats",
     "calibrate_xattention",
     "dsa_indexer",
     "dsa_indexer_logits",
@@ -34,6 +37,10 @@ __all__ = [
     "proxy_budget",
     "proxy_estimate",
     "proxy_select",
+    "s2o_attention",
+    "s2o_plan",
+    "s2o_processed_mask",
+    "s2o_reference",
     "topk_indices",
     "xattention_attn",
     "xattention_estimate",
