@@ -27,6 +27,7 @@ __all__ = [
     "assert_flash_rule",
     "assert_flash_rule_with_grads",
     "max_err",
+    "planted_indexer_inputs",
     "random_block_layout",
     "structured_qkv",
 ]
@@ -474,6 +475,38 @@ def random_block_layout(
         seq_len_q=seq_len_q,
         seq_len_kv=seq_len_kv,
     )
+
+
+def planted_indexer_inputs(
+    seq_len: int,
+    queries: int,
+    heads: int,
+    dim: int,
+    *,
+    spans: int,
+    span_len: int = 100,
+    block_size: int = 128,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+):
+    """DSA indexer inputs with planted retrieval spans (spec hisa_dsa.md oracle 5): q (queries, heads, dim),
+    k (seq_len, dim), weights (queries, heads), the last `queries` positions causal (ks = 0, ke = t + 1).
+
+    `spans` runs of `span_len` keys, each starting `block_size // 2` into a distinct block, lie along one
+    direction that every query follows, so they outscore the noise keys: a selection with a block
+    structure (HISA) can keep what the flat top-k keeps. Returns (q, k, weights, ks, ke)."""
+    if (seq_len // block_size - 2) < spans:
+        raise ValueError(f"{spans} spans do not fit {seq_len // block_size} blocks of {block_size}")
+    k = 0.3 * torch.randn(seq_len, dim, generator=generator)
+    direction = torch.nn.functional.normalize(torch.randn(dim, generator=generator), dim=0)
+    for start in torch.randperm(seq_len // block_size - 2, generator=generator)[:spans] * block_size + block_size // 2:
+        k[start : start + span_len] += 3.0 * direction
+    q = direction[None, None, :] * 2.0 + 0.1 * torch.randn(queries, heads, dim, generator=generator)
+    weights = torch.ones(queries, heads)
+    ks = torch.zeros(queries, dtype=torch.int64)
+    ke = torch.arange(seq_len - queries + 1, seq_len + 1)
+    return q.to(device, dtype), k.to(device, dtype), weights.to(device), ks.to(device), ke.to(device)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -144,6 +144,19 @@ EXPECTED = {
         "mse_ratio_block_topk_over_s2o",
         "sdpa_cpu_ms",
     ),
+    "hisa": (
+        "seq_len",
+        "block_topk",
+        "dsa_ms",
+        "hisa_ms",
+        "hisa_first_call_ms",
+        "hisa_peak_bytes",
+        "sparse_mla_ms",
+        "iou_mean",
+        "iou_min",
+        "kernel_rel_error",
+        "kernel_error_bound",
+    ),
 }
 ENVIRONMENT = ("date", "device", "driver", "torch", "triton", "cuda", "backends")
 

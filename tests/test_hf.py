@@ -76,6 +76,7 @@ def reference_engine(monkeypatch):
     # process's own mode first, so other tests still find interpreted kernels.
     import sparse_attn.kernels.block_scores  # noqa: F401
     import sparse_attn.kernels.block_sparse_attn  # noqa: F401
+    import sparse_attn.kernels.s2o_attn  # noqa: F401
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 

@@ -19,6 +19,7 @@ from sparse_attn.methods.hisa import (
     hisa_select,
     topk_indices,
 )
+from sparse_attn.testing import planted_indexer_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TIE_EPS = 1e-4
@@ -192,16 +193,7 @@ def test_hisa_planted_spans_match_dsa_at_paper_settings(rng, monkeypatch):
     """Spec oracle 5: keys planted in contiguous spans that outscore the rest; HISA (B=128, m=64, k=2048)
     keeps DSA's selection (IoU >= 0.99) on a 32K prefix, and its IoU does not fall as m grows."""
     monkeypatch.setattr(hisa_module, "_kernel_runs", lambda *args: False)  # the interpreter is too slow here
-    seq, dim, heads, queries = 32768, 16, 2, 4
-    k = 0.3 * torch.randn(seq, dim, generator=rng)
-    direction = torch.nn.functional.normalize(torch.randn(dim, generator=rng), dim=0)
-    for start in torch.randperm(seq // 128 - 2, generator=rng)[:24] * 128 + 64:  # 24 spans of 100 keys
-        k[start : start + 100] += 3.0 * direction
-    q = (direction[None, None, :] * 2.0 + 0.1 * torch.randn(queries, heads, dim, generator=rng)).to(DEVICE)
-    weights = torch.ones(queries, heads, device=DEVICE)
-    ks = torch.zeros(queries, dtype=torch.int64, device=DEVICE)
-    ke = torch.arange(seq - queries + 1, seq + 1, device=DEVICE)
-    k = k.to(DEVICE)
+    q, k, weights, ks, ke = planted_indexer_inputs(32768, 4, 2, 16, spans=24, generator=rng, device=DEVICE)
     flat = dsa_indexer(q, k, weights, ks, ke, topk=2048)
 
     def iou(block_topk):

@@ -305,6 +305,20 @@ def test_empty_query_chunk():
     assert out.shape == q.shape and stats.n_blocks.shape == (2, 2, 0, 2)
 
 
+@needs_triton
+def test_opcheck_s2o_ops(rng):
+    from sparse_attn.kernels.s2o_attn import s2o_attn_fwd
+
+    q, k, v = (t.detach() for t in make_qkv(rng, "gqa_chunk_ragged", torch.float32))
+    plan = s2o_plan(q, k, segment_len=32, block_n=16)
+    args = (q, k, v, plan.key_order, plan.query_order, 32, 16, 16, 0.05, False, 0.2)
+    # The Triton interpreter executes kernels even on fake tensors: fake/compile checks run on the GPU.
+    utils = ("test_schema", "test_autograd_registration")
+    if DEVICE.type == "cuda":
+        utils += ("test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(s2o_attn_fwd, args, test_utils=utils)
+
+
 # ---------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

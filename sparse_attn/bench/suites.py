@@ -3,7 +3,7 @@ and for the report COLUMNS, SEQ_KEY, SPEEDUP and family(row)."""
 
 from __future__ import annotations
 
-from . import decode, engine, moba, moba_varlen, proxyattn, s2o, xattention
+from . import decode, engine, hisa, moba, moba_varlen, proxyattn, s2o, xattention
 
 SUITES = {
     "engine": engine,
@@ -13,4 +13,5 @@ SUITES = {
     "xattention": xattention,
     "proxyattn": proxyattn,
     "s2o": s2o,
+    "hisa": hisa,
 }

@@ -28,7 +28,6 @@ from .block_sparse_attn import LOG2E, _widen
 from .launch import launcher, wide_index
 from .token_sparse_attn import _gather_rows, _online_softmax_step, _outputs_like, _scatter_add
 
-MAX_HEAD_DIM = 256
 # Rows x keys x padded head dim per step, by element size (see _forward_tiles, _backward_tiles).
 FORWARD_STEP_ELEMENTS = {2: 64 * 64 * 128, 4: 64 * 16 * 128}
 BACKWARD_STEP_ELEMENTS = {2: 64 * 32 * 128, 4: 32 * 32 * 128}

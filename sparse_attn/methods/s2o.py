@@ -45,6 +45,7 @@ __all__ = [
 
 STOP_RULES = ("max", "mean")
 BLOCK_SIZES = (16, 32, 64, 128)
+_MAX_KERNEL_HEAD_DIM = 256
 # Elements of scores sorted at once by the planner, and of logits held at once by the PyTorch path.
 _SORT_CHUNK_ELEMENTS = 1 << 26
 _TORCH_CHUNK_ELEMENTS = 1 << 25
@@ -394,10 +395,8 @@ def _head_chunks(num_kv_heads: int, per_head: int):
 
 # ---------------------------------------------------------------------------------- public API
 def _resolve(backend: str, q) -> str:
-    from ..kernels.s2o_attn import MAX_HEAD_DIM
-
-    fits = q.shape[-1] <= MAX_HEAD_DIM and q.shape[2] > 0
-    return choose_backend(backend, q, fits, f"at least one query and head dim <= {MAX_HEAD_DIM}")
+    fits = q.shape[-1] <= _MAX_KERNEL_HEAD_DIM and q.shape[2] > 0
+    return choose_backend(backend, q, fits, f"at least one query and head dim <= {_MAX_KERNEL_HEAD_DIM}")
 
 
 def _per_segment(n_tiles, plan: S2OPlan, block_m: int) -> torch.Tensor:
