@@ -142,6 +142,8 @@ EXPECTED = {
         "speedup_over_best_dense",
         "block_topk_rel_error",
         "mse_ratio_block_topk_over_s2o",
+        "pbs_rel_error",
+        "pbs_density_sampled",
         "sdpa_cpu_ms",
     ),
     "hisa": (

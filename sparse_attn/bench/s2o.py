@@ -8,8 +8,9 @@ the dense causal peers; TFLOP/s on the processed pairs; the plan's share of the 
 fastest dense peer (the paper: under 10%); density; and on sampled rows the kernel's error against the
 oracle of its processed set, the output's error against dense, and the error of block top-k at the
 same per-row key count (mean-pooled key blocks of block_n, own block forced; the paper reports 3.82x
-lower MSE than top-k-style selection at matched sparsity). PBS-Attn, the paper's strongest peer, is
-not built.
+lower MSE than top-k-style selection at matched sparsity), and PBS-Attn's selection (the paper's
+strongest peer: segment 256, block 128, mass 0.9; our reading of its description) on the same rows,
+at its own density.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ FULL = dict(
     head_dim=128,
     dtype=torch.bfloat16,
     error_rows=128,
+    pbs=dict(segment=256, block=128, mass=0.9, probe_queries=128),
 )
 QUICK = dict(
     seq_lens=[256, 512],
@@ -46,6 +48,7 @@ QUICK = dict(
     head_dim=32,
     dtype=torch.float32,
     error_rows=256,
+    pbs=dict(segment=64, block=32, mass=0.9, probe_queries=32),
 )
 ERROR_RULE = (
     "kernel: output vs the fp64 oracle of its processed set (sampled rows), FlashAttention's rule; vs dense: "
@@ -76,6 +79,7 @@ def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
     plan = plan_orders()
     rows = quality.sample_rows(seq, config["error_rows"], device)
     dense = quality.dense_reference(q, k, v, rows)
+    common.update(_pbs_fields(q, k, v, rows, dense, **config["pbs"]))
     results = []
     for rule, tau in config["cases"]:
         row = {**common, "stop_rule": rule, "tau": tau}
@@ -153,6 +157,61 @@ def _block_topk(q, k, rows, counts, block_n: int) -> torch.Tensor:
     return keys & quality.causal_rows(rows, q.shape[2], k.shape[2])
 
 
+def _pbs_fields(q, k, v, rows, dense: quality.Reference, **pbs) -> dict:
+    """PBS-Attn's selection (the paper's strongest peer; our reading of its description, no code run) on the
+    sampled rows: its density there and its error against dense."""
+    allowed = _pbs_rows(q, k, rows, **pbs)
+    out = quality.oracle(q, k, v, rows, allowed)[0]
+    causal = quality.causal_rows(rows, q.shape[2], k.shape[2]).sum()
+    density = (allowed.sum() / (causal * q.shape[0] * q.shape[1])).item()
+    return {"pbs_rel_error": quality.rel_error(out, dense.out), "pbs_density_sampled": density}
+
+
+def _pbs_rows(q, k, rows, *, segment: int, block: int, mass: float, probe_queries: int) -> torch.Tensor:
+    """bool [B, Hq, R, Skv]. Per query head: key importance is the mean causal softmax of the last
+    `probe_queries` queries; keys are sorted by it within segments of `segment`; blocks of `block` sorted
+    keys are scored by softmax(mean block query . mean block key) and kept, best first, until they hold
+    `mass`, with token 0's block; the row's own segment is attended causally in full."""
+    batch, num_q_heads, seq_q, dim = q.shape
+    seq_kv, group = k.shape[2], num_q_heads // k.shape[1]
+    positions = rows + (seq_kv - seq_q)
+    causal = quality.causal_rows(rows, seq_q, seq_kv)
+    own_segment = torch.arange(seq_kv, device=q.device)[None, :] >= (positions // segment * segment)[:, None]
+    allowed = (causal & own_segment).expand(batch, num_q_heads, -1, -1).clone()
+    padded = -(-seq_kv // segment) * segment
+    probe_rows = torch.arange(seq_q - min(probe_queries, seq_q), seq_q, device=q.device)
+    probe_causal = quality.causal_rows(probe_rows, seq_q, seq_kv)
+    for b in range(batch):
+        for h in range(num_q_heads):
+            keys = k[b, h // group].float()
+            probe = q[b, h, probe_rows].float() @ keys.T * dim**-0.5
+            importance = probe.masked_fill(~probe_causal, float("-inf")).softmax(-1).mean(0)
+            importance = torch.nn.functional.pad(importance, (0, padded - seq_kv), value=-1.0)
+            within = importance.view(-1, segment).argsort(dim=-1, descending=True)
+            order = (within + torch.arange(0, padded, segment, device=q.device)[:, None]).flatten()
+            order = order[order < seq_kv]  # keys in PBS order; blocks stay inside their segment
+            block_of = torch.arange(seq_kv, device=q.device) // block  # block of each ordered slot
+            block_keys = _means(keys[order], block_of)
+            key_block = torch.empty_like(order).scatter_(0, order, block_of)  # block of each key
+            query_means = _means(q[b, h].float(), torch.arange(seq_q, device=q.device) // block)[rows // block]
+            scores = query_means @ block_keys.T * dim**-0.5  # [R, N]
+            earlier = (order[::block] // segment)[None, :] < (positions // segment)[:, None]
+            probs = scores.masked_fill(~earlier, float("-inf")).softmax(-1).nan_to_num(0.0)
+            ranked, rank_order = probs.sort(dim=-1, descending=True)
+            held = (ranked.cumsum(-1) - ranked) < mass  # the fewest blocks holding `mass`
+            keep = torch.zeros_like(held).scatter_(-1, rank_order, held) & earlier
+            keep[:, key_block[0]] |= earlier[:, key_block[0]]  # token 0's block
+            allowed[b, h] |= keep[:, key_block] & causal
+    return allowed
+
+
+def _means(x, groups) -> torch.Tensor:
+    """Row means of x [n, D] per group id (sorted, from 0)."""
+    count = int(groups[-1]) + 1
+    sums = torch.zeros(count, x.shape[-1], device=x.device).index_add_(0, groups, x)
+    return sums / torch.bincount(groups, minlength=count)[:, None]
+
+
 def family(row: dict) -> str:
     """The rows that form one line of the speedup plot."""
     return f"{row['stop_rule']} tau {row['tau']:g}"
@@ -177,6 +236,8 @@ COLUMNS = [
     ("err vs dense", "output_rel_error", ".4f"),
     ("top-k err", "block_topk_rel_error", ".4f"),
     ("MSE top-k/s2o", "mse_ratio_block_topk_over_s2o", ".2f"),
+    ("PBS density", "pbs_density_sampled", ".3f"),
+    ("PBS err", "pbs_rel_error", ".4f"),
     ("bound", "error_bound", ".3g"),
     ("check", "error_ok", "flag"),
 ]
