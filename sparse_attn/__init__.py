@@ -13,6 +13,7 @@ from .engine import block_sparse_attn, block_sparse_attn_varlen
 from .hf import configure, patch, patched, unpatch
 from .layout import BlockSparseLayout, causal_block_mask, validate_token_indices
 from .methods import (
+    HISABlockMeans,
     KeyShortConv,
     MoBABlockMeans,
     S2OPlan,
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HAS_NATIVE",
     "BlockSparseLayout",
+    "HISABlockMeans",
     "KeyShortConv",
     "MoBABlockMeans",
     "S2OPlan",

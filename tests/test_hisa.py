@@ -10,6 +10,8 @@ import torch
 import sparse_attn.methods.hisa as hisa_module
 from sparse_attn.engine import triton_available
 from sparse_attn.methods.hisa import (
+    HISABlockMeans,
+    _pool_segments,
     dsa_indexer,
     dsa_indexer_logits,
     dsa_indexer_logits_reference,
@@ -204,6 +206,61 @@ def test_hisa_planted_spans_match_dsa_at_paper_settings(rng, monkeypatch):
     ious = [iou(m) for m in (16, 32, 64)]
     assert ious[2] >= 0.99
     assert ious[0] <= ious[1] <= ious[2]
+
+
+# ---------------------------------------------------------------------------------- decode (oracle 6)
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_incremental_block_means_equal_batch_pooling(rng, with_scale):
+    """The decode state adds each step's keys to their block: the means (a partial last block averaging its
+    real rows) equal pooling the whole cache, bit for bit on the CPU, as the cache grows a row or many
+    at a time; a cache that shrinks starts over."""
+    k = torch.randn(300, 16, generator=rng).to(DEVICE)
+    scale = (torch.rand(300, generator=rng) + 0.5).to(DEVICE) if with_scale else None
+    cache = HISABlockMeans(32)
+    zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    for n in (1, 2, 31, 32, 33, 64, 100, 101, 299, 300, 40):
+        means = cache.update(k[:n], None if scale is None else scale[:n])
+        batch = _pool_segments(k[:n], zero, 32, None if scale is None else scale[:n])[0]
+        assert means.shape == (-(-n // 32), 16)
+        if DEVICE.type == "cpu":
+            assert torch.equal(means, batch), n
+        else:
+            torch.testing.assert_close(means, batch, rtol=1e-6, atol=1e-6)
+
+
+def test_decode_selection_equals_the_prefill_row(rng, path):
+    """Decode from the cached block means selects what the prefill selects for the same position."""
+    seq, heads, dim, block = 260, 4, 32, 16
+    k = torch.randn(seq, dim, generator=rng).to(DEVICE)
+    q = torch.randn(8, heads, dim, generator=rng).to(DEVICE)
+    weights = torch.rand(8, heads, generator=rng).to(DEVICE)
+    positions = torch.tensor([5, 40, 100, 128, 200, 240, 250, 259], device=DEVICE)
+    options = dict(block_size=block, block_topk=4, topk=24)
+    zeros = torch.zeros(8, dtype=torch.int64, device=DEVICE)
+    prefill = hisa_indexer(q, k, weights, zeros, positions + 1, **options)
+    cache = HISABlockMeans(block)
+    for row, position in enumerate(positions.tolist()):
+        cached = k[: position + 1]
+        means = cache.update(cached)
+        one = slice(row, row + 1)
+        decoded = hisa_indexer(
+            q[one], cached, weights[one], zeros[one], positions[one] + 1, block_means=means, **options
+        )
+        assert torch.equal(decoded, prefill[one]), position
+
+
+def test_block_means_must_match_the_cache(rng):
+    k = torch.randn(40, 8, generator=rng)
+    q, weights = torch.randn(2, 2, 8, generator=rng), torch.rand(2, 2, generator=rng)
+    ks, ke = torch.zeros(2, dtype=torch.int64), torch.tensor([39, 40])
+    means = HISABlockMeans(16).update(k)
+    options = dict(block_size=16, block_topk=2, topk=8)
+    with pytest.raises(ValueError, match="block_means must be fp32"):
+        hisa_indexer(q, k, weights, ks, ke, block_means=means[:2], **options)
+    with pytest.raises(ValueError, match="every ks must be 0"):
+        hisa_indexer(q, k, weights, ks + 1, ke, block_means=means, **options)
+    with pytest.raises(ValueError, match="k_scale"):
+        HISABlockMeans(16).update(k, torch.ones(3))
 
 
 # ---------------------------------------------------------------------------------- batched

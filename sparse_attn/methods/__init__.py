@@ -1,6 +1,6 @@
 """Sparse-attention methods built on the selection primitives, the block-sparse engine and token-sparse attention."""
 
-from .hisa import dsa_indexer, dsa_indexer_logits, dsa_select, hisa_indexer, hisa_select, topk_indices
+from .hisa import HISABlockMeans, dsa_indexer, dsa_indexer_logits, dsa_select, hisa_indexer, hisa_select, topk_indices
 from .moba import (
     KeyShortConv,
     MoBABlockMeans,
@@ -16,6 +16,7 @@ from .s2o import S2OPlan, S2OStats, s2o_attention, s2o_plan, s2o_processed_mask,
 from .xattention import calibrate_xattention, xattention_attn, xattention_estimate, xattention_select
 
 __all__ = [
+    "HISABlockMeans",
     "KeyShortConv",
     "MoBABlockMeans",
     "S2OPlan",

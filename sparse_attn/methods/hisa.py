@@ -25,6 +25,7 @@ from ..engine import KERNEL_DTYPES, triton_runs
 from ..selection import _check_int, _check_tensor
 
 __all__ = [
+    "HISABlockMeans",
     "check_options",
     "dsa_indexer",
     "dsa_indexer_logits",
@@ -230,6 +231,65 @@ def _pool_segments(k, ks, block_size: int, k_scale):
     return sums / counts[:, None], block_starts.to(torch.int32), row_first.to(torch.int32)
 
 
+def _cached_pool(block_means, k, ks, block_size: int):
+    """(pooled, block starts, first block per row) of one sequence's cache pooled by HISABlockMeans."""
+    _check_tensor(block_means, "block_means", dim=2, dtypes=(torch.float32,))
+    blocks = -(-k.shape[0] // block_size)
+    if tuple(block_means.shape) != (blocks, k.shape[1]) or block_means.device != k.device:
+        raise ValueError(
+            f"block_means must be fp32 ({blocks}, {k.shape[1]}) on {k.device}: the block means of this k "
+            f"(HISABlockMeans.update(k)), got {tuple(block_means.shape)} on {block_means.device}"
+        )
+    if bool((ks != 0).any()):
+        raise ValueError("block_means pools one sequence's cache from position 0: every ks must be 0")
+    starts = torch.arange(0, blocks * block_size, block_size, dtype=torch.int32, device=k.device)
+    return block_means, starts, torch.zeros_like(ks)
+
+
+class HISABlockMeans:
+    """The decode state beside an indexer key cache (spec section 2): fp32 sums and counts of its blocks,
+    so that each step adds only the new keys instead of re-pooling the prefix.
+
+    `update(k, k_scale=None)` takes the whole cache k (N, D) of one sequence (positions 0 .. N-1), adds
+    the rows since the previous call to their blocks, and returns the means [ceil(N / block_size), D]
+    for `hisa_indexer(..., block_means=...)`: a partial last block averages its real rows. Rows are
+    added in position order, as batch pooling adds them, so on the CPU the means equal batch pooling
+    bit for bit. A cache that shrank or changed width or device starts over; a rewritten one needs
+    `reset()`.
+    """
+
+    def __init__(self, block_size: int = 128):
+        self.block_size = _check_int(block_size, "block_size", 1)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums, self.counts, self.length = None, None, 0
+
+    def update(self, k, k_scale=None) -> torch.Tensor:
+        _check_tensor(k, "k", dim=2, dtypes=_FLOAT_INPUTS)
+        if k_scale is not None:
+            _check_tensor(k_scale, "k_scale", dim=1, dtypes=_FLOAT_INPUTS[:-1])
+            if k_scale.shape[0] != k.shape[0]:
+                raise ValueError(f"k_scale must have one entry per key ({k.shape[0]}), got {tuple(k_scale.shape)}")
+        sums = self.sums
+        if sums is None or k.shape[0] < self.length or sums.shape[1] != k.shape[1] or sums.device != k.device:
+            self.reset()
+            sums = torch.zeros(0, k.shape[1], dtype=torch.float32, device=k.device)
+            self.counts = torch.zeros(0, dtype=torch.float32, device=k.device)
+        blocks = -(-k.shape[0] // self.block_size)
+        grow = blocks - sums.shape[0]
+        self.sums = torch.cat([sums, sums.new_zeros(grow, k.shape[1])]) if grow > 0 else sums
+        self.counts = torch.cat([self.counts, self.counts.new_zeros(grow)]) if grow > 0 else self.counts
+        positions = torch.arange(self.length, k.shape[0], device=k.device)
+        rows = k[self.length :].float()
+        if k_scale is not None:
+            rows = rows * k_scale.float()[positions, None]
+        self.sums.index_add_(0, positions // self.block_size, rows)
+        self.counts.index_add_(0, positions // self.block_size, torch.ones_like(rows[:, 0]))
+        self.length = k.shape[0]
+        return self.sums / self.counts[:, None]
+
+
 def _forced_ranking(block_scores, first, last, has_blocks, value):
     """block_scores with the first and last eligible block of every non-empty row set to `value`."""
     ranked = block_scores.clone()
@@ -259,7 +319,19 @@ def _choose_blocks(block_scores, first, end, block_topk: int, forced: str):
 
 
 def hisa_indexer(
-    q, k, weights, ks, ke, *, block_size=128, block_topk=64, topk=2048, forced="slots", k_scale=None, relative=False
+    q,
+    k,
+    weights,
+    ks,
+    ke,
+    *,
+    block_size=128,
+    block_topk=64,
+    topk=2048,
+    forced="slots",
+    k_scale=None,
+    relative=False,
+    block_means=None,
 ):
     """HISA's two-stage indexer: int32 [M, topk] key positions per query row (-1 padding last).
 
@@ -268,12 +340,17 @@ def hisa_indexer(
     returns offsets from ks (the vLLM/TileLang convention) instead of absolute positions (FlashMLA's).
     Identical to `topk_indices(dsa_indexer_logits(...), topk)` (up to ties) while every eligible block is a
     candidate: at most `block_topk` of them ('slots') or `block_topk + 2` ('union').
+    `block_means` (from `HISABlockMeans.update(k)`, decode) replaces the pooling of one sequence's cache:
+    every row's ks must then be 0.
     """
     check_options(block_size=block_size, block_topk=block_topk, topk=topk, forced=forced)
     q, k, weights, ks, ke, k_scale = _check_indexer_inputs(q, k, weights, ks, ke, k_scale)
     if q.shape[0] == 0 or k.shape[0] == 0:
         return torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=q.device)
-    pooled, block_starts, first = _pool_segments(k, ks, block_size, k_scale)
+    if block_means is None:
+        pooled, block_starts, first = _pool_segments(k, ks, block_size, k_scale)
+    else:
+        pooled, block_starts, first = _cached_pool(block_means, k, ks, block_size)
     num_eligible = torch.where(ke > ks, (ke - 1 - ks) // block_size + 1, 0)
     width = block_topk + (2 if forced == "union" else 0)
 
