@@ -15,7 +15,7 @@ import time
 
 import torch
 
-DEFAULT_METHODS = "dense,xattention,moba"
+DEFAULT_METHODS = "dense,xattention,moba,s2o"
 
 
 def add_demo_parser(commands) -> None:
@@ -39,6 +39,9 @@ def _method_options(method: str, block_size: int) -> dict:
         return {"threshold": 0.9, "block_size": block_size, "stride": 8}
     if method == "moba":
         return {"block_size": block_size, "topk": 3}
+    if method == "s2o":
+        segment = -(-2 * block_size // 64) * 64  # S2O's segments hold whole 64-row tiles
+        return {"segment_len": segment, "tau": 0.1, "stop_rule": "mean", "block_m": 64, "block_n": 64}
     return {}
 
 

@@ -497,12 +497,12 @@ def test_demo_command(reference_engine, capsys):
     rows = {
         line.split()[0]: line.split()
         for line in lines
-        if line.split() and line.split()[0] in {"dense", "xattention", "moba"}
+        if line.split() and line.split()[0] in {"dense", "xattention", "moba", "s2o"}
     }
-    assert set(rows) == {"dense", "xattention", "moba"}
+    assert set(rows) == {"dense", "xattention", "moba", "s2o"}
     # Dense through the patcher is SDPA itself: density 1, full agreement, zero KL, identical tokens.
     assert rows["dense"][2:] == ["1.000", "1.000", "0.00e+00", "1.000"]
-    for method in ("xattention", "moba"):
+    for method in ("xattention", "moba", "s2o"):
         density = float(rows[method][2])
         assert 0 < density <= 1 and 0 <= float(rows[method][3]) <= 1
 
