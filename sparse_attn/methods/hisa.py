@@ -77,15 +77,20 @@ def _check_indexer_inputs(q, k, weights, ks, ke, k_scale):
         if t.shape[0] != rows:
             raise ValueError(f"{name} must have one entry per query row ({rows}), got shape {tuple(t.shape)}")
         bounds.append(t.to(torch.int32).contiguous())
-    if k_scale is not None:
-        _check_tensor(k_scale, "k_scale", dim=1, dtypes=_FLOAT_INPUTS[:-1])
-        if k_scale.shape[0] != k.shape[0]:
-            raise ValueError(f"k_scale must have one entry per key ({k.shape[0]}), got shape {tuple(k_scale.shape)}")
+    _check_k_scale(k_scale, k.shape[0])
     for name, t in (("k", k), ("weights", weights), ("ks", ks), ("ke", ke), ("k_scale", k_scale)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     q, k = (t.to(torch.float16) if t.dtype == torch.float8_e4m3fn else t for t in (q, k))
     return q, k, weights, *bounds, k_scale
+
+
+def _check_k_scale(k_scale, num_keys: int) -> None:
+    """An optional per-key scale: one float per key."""
+    if k_scale is not None:
+        _check_tensor(k_scale, "k_scale", dim=1, dtypes=_FLOAT_INPUTS[:-1])
+        if k_scale.shape[0] != num_keys:
+            raise ValueError(f"k_scale must have one entry per key ({num_keys}), got shape {tuple(k_scale.shape)}")
 
 
 def _check_batched(q, k, weights):
@@ -218,17 +223,26 @@ def _pool_segments(k, ks, block_size: int, k_scale):
     positions = torch.arange(int(starts[0]), k.shape[0], device=k.device)
     seq = torch.searchsorted(starts, positions, right=True) - 1
     block = first_block[seq] + (positions - starts[seq]) // block_size
-    keys = k[positions].float()
-    if k_scale is not None:
-        keys *= k_scale.float()[positions, None]
-    sums = torch.zeros(num_blocks, k.shape[1], dtype=torch.float32, device=k.device).index_add_(0, block, keys)
-    counts = torch.zeros(num_blocks, dtype=torch.float32, device=k.device).index_add_(
-        0, block, torch.ones_like(keys[:, 0])
-    )
+    sums = torch.zeros(num_blocks, k.shape[1], dtype=torch.float32, device=k.device)
+    counts = torch.zeros(num_blocks, dtype=torch.float32, device=k.device)
+    _add_to_blocks(sums, counts, block, _scaled_keys(k, positions, k_scale))
     block_starts = torch.empty(num_blocks, dtype=torch.int64, device=k.device)
     block_starts[block] = positions - (positions - starts[seq]) % block_size
     row_first = first_block[torch.searchsorted(starts, ks)]
     return sums / counts[:, None], block_starts.to(torch.int32), row_first.to(torch.int32)
+
+
+def _scaled_keys(k, positions, k_scale):
+    """fp32 keys at `positions`, times their scale when there is one."""
+    keys = k[positions].float()
+    return keys if k_scale is None else keys * k_scale.float()[positions, None]
+
+
+def _add_to_blocks(sums, counts, block, keys) -> None:
+    """Adds each key row to its block's fp32 sum and count, in row order (batch pooling and the decode
+    state add alike, so their means agree bit for bit on the CPU)."""
+    sums.index_add_(0, block, keys)
+    counts.index_add_(0, block, torch.ones_like(keys[:, 0]))
 
 
 def _cached_pool(block_means, k, ks, block_size: int):
@@ -267,25 +281,17 @@ class HISABlockMeans:
 
     def update(self, k, k_scale=None) -> torch.Tensor:
         _check_tensor(k, "k", dim=2, dtypes=_FLOAT_INPUTS)
-        if k_scale is not None:
-            _check_tensor(k_scale, "k_scale", dim=1, dtypes=_FLOAT_INPUTS[:-1])
-            if k_scale.shape[0] != k.shape[0]:
-                raise ValueError(f"k_scale must have one entry per key ({k.shape[0]}), got {tuple(k_scale.shape)}")
+        _check_k_scale(k_scale, k.shape[0])
         sums = self.sums
         if sums is None or k.shape[0] < self.length or sums.shape[1] != k.shape[1] or sums.device != k.device:
-            self.reset()
-            sums = torch.zeros(0, k.shape[1], dtype=torch.float32, device=k.device)
+            self.sums = torch.zeros(0, k.shape[1], dtype=torch.float32, device=k.device)
             self.counts = torch.zeros(0, dtype=torch.float32, device=k.device)
-        blocks = -(-k.shape[0] // self.block_size)
-        grow = blocks - sums.shape[0]
-        self.sums = torch.cat([sums, sums.new_zeros(grow, k.shape[1])]) if grow > 0 else sums
-        self.counts = torch.cat([self.counts, self.counts.new_zeros(grow)]) if grow > 0 else self.counts
+            self.length = 0
+        grow = -(-k.shape[0] // self.block_size) - self.sums.shape[0]
+        self.sums = torch.nn.functional.pad(self.sums, (0, 0, 0, grow))
+        self.counts = torch.nn.functional.pad(self.counts, (0, grow))
         positions = torch.arange(self.length, k.shape[0], device=k.device)
-        rows = k[self.length :].float()
-        if k_scale is not None:
-            rows = rows * k_scale.float()[positions, None]
-        self.sums.index_add_(0, positions // self.block_size, rows)
-        self.counts.index_add_(0, positions // self.block_size, torch.ones_like(rows[:, 0]))
+        _add_to_blocks(self.sums, self.counts, positions // self.block_size, _scaled_keys(k, positions, k_scale))
         self.length = k.shape[0]
         return self.sums / self.counts[:, None]
 
