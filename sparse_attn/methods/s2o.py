@@ -22,8 +22,8 @@ to stay dense; this function is the prefill.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -51,7 +51,7 @@ _SORT_CHUNK_ELEMENTS = 1 << 26
 _TORCH_CHUNK_ELEMENTS = 1 << 25
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class S2OPlan:
     """The loading orders of one call (spec 4.1).
 
@@ -120,18 +120,24 @@ def _check_block(value, name: str) -> int:
 
 def check_options(*, segment_len=1024, tau=1e-2, block_m=64, block_n=64, stop_rule="max") -> None:
     """S2O's scalar options (spec section 4, package decisions)."""
-    segment_len = _check_int(segment_len, "segment_len", 1)
-    for name, size in (("block_m", block_m), ("block_n", block_n)):
-        if _check_block(size, name) and segment_len % size:
-            raise ValueError(f"segment_len={segment_len} must be a multiple of {name}={size}")
+    _check_tiles(segment_len, block_m=block_m, block_n=block_n)
     if not isinstance(tau, (int, float)) or isinstance(tau, bool) or math.isnan(tau) or tau < 0:
         raise ValueError(f"tau must be a float >= 0, got {tau!r}")
     if stop_rule not in STOP_RULES:
         raise ValueError(f"stop_rule must be one of {STOP_RULES}, got {stop_rule!r}")
 
 
-def _check_shapes(q, k) -> None:
-    _check_qkv(q, k, k, packed=False)
+def _check_tiles(segment_len, **blocks) -> None:
+    """segment_len a positive int and a multiple of each tile size in `blocks` (name: size)."""
+    segment_len = _check_int(segment_len, "segment_len", 1)
+    for name, size in blocks.items():
+        if _check_block(size, name) and segment_len % size:
+            raise ValueError(f"segment_len={segment_len} must be a multiple of {name}={size}")
+
+
+def _check_shapes(q, k, v=None) -> None:
+    """q (B, Hq, Sq, D), k and v (B, Hkv, Skv, D) (v: k's own check when absent), Sq <= Skv."""
+    _check_qkv(q, k, k if v is None else v, packed=False)
     if q.shape[2] > k.shape[2]:
         raise ValueError(f"S2O is causal prefill: q's {q.shape[2]} positions exceed k's {k.shape[2]}")
 
@@ -228,16 +234,22 @@ def _query_order(q, k, plan: S2OPlan, block_n: int) -> torch.Tensor:
 def s2o_plan(q, k, *, segment_len: int = 1024, block_n: int = 64) -> S2OPlan:
     """The key and query loading orders of S2O (spec 4.1) for q (B, Hq, Sq, D) and k (B, Hkv, Skv, D)."""
     _check_shapes(q, k)
-    check_options(segment_len=segment_len, block_m=block_n, block_n=block_n)  # the plan has no query tiles
+    _check_tiles(segment_len, block_n=block_n)  # the plan has no query tiles
     empty_order = torch.zeros(q.shape[:3], dtype=torch.int32, device=q.device)
-    bare = S2OPlan(k.new_zeros(k.shape[0], k.shape[1], 0, dtype=torch.int32), empty_order, segment_len, k.shape[2])
-    histories = [(g, bare.history_len(g)) for g in range(bare.num_segments) if bare.history_len(g) > 0]
+    plan = S2OPlan(k.new_zeros(k.shape[0], k.shape[1], 0, dtype=torch.int32), empty_order, segment_len, k.shape[2])
+    histories = [(g, plan.history_len(g)) for g in range(plan.num_segments) if plan.history_len(g) > 0]
     orders = _key_orders(_segment_query_means(q, k.shape[1], segment_len), k, histories)
-    keyed = S2OPlan(torch.cat([bare.key_order, *orders], dim=-1), empty_order, segment_len, k.shape[2])
-    return S2OPlan(keyed.key_order, _query_order(q, k, keyed, block_n), segment_len, k.shape[2])
+    plan = dataclasses.replace(plan, key_order=torch.cat([plan.key_order, *orders], dim=-1))
+    return dataclasses.replace(plan, query_order=_query_order(q, k, plan, block_n))
 
 
 # ---------------------------------------------------------------------------------- processed set (spec 4.3)
+def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """int64: for permutations along the last axis, where each index stands in `order`."""
+    ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order, dtype=torch.long).scatter_(-1, order.long(), ranks)
+
+
 def _entry_blocks(plan: S2OPlan, n_blocks, block_m: int) -> torch.Tensor:
     """int64 [B, Hq, Sq]: the processed pi blocks of each sigma entry's tile (entry e sits in tile e // block_m)."""
     per_entry = n_blocks.flatten(2).repeat_interleave(block_m, dim=-1)
@@ -259,8 +271,8 @@ def s2o_processed_mask(plan: S2OPlan, n_blocks, *, block_m: int = 64, block_n: i
     order = plan.query_order.long()
     device = order.device
     rows = torch.arange(plan.seq_len_q, device=device) if rows is None else rows.to(device).long()
-    entry = torch.empty_like(order).scatter_(2, order, torch.arange(plan.seq_len_q, device=device).expand_as(order))
-    budget = n_blocks.flatten(2).long().gather(2, entry[..., rows] // block_m) * block_n  # [B, Hq, R]
+    entry = _inverse_permutation(order)  # where each row sits in the query order
+    budget = _entry_blocks(plan, n_blocks, block_m).gather(2, entry[..., rows]) * block_n  # [B, Hq, R]
     segment = rows // plan.segment_len
     keys = torch.arange(plan.seq_len_kv, device=device)
     own = (keys <= (rows + plan.seq_offset)[:, None]) & (
@@ -272,8 +284,7 @@ def s2o_processed_mask(plan: S2OPlan, n_blocks, *, block_m: int = 64, block_n: i
         history, picked = plan.history_len(g), segment == g
         if history == 0:
             continue
-        pi = plan.keys(g).long().repeat_interleave(group, dim=1)
-        rank = torch.empty_like(pi).scatter_(2, pi, torch.arange(history, device=device).expand_as(pi))
+        rank = _inverse_permutation(plan.keys(g).long().repeat_interleave(group, dim=1))
         mask[:, :, picked, :history] = rank[:, :, None, :] < budget[:, :, picked, None]
     return mask
 
@@ -419,8 +430,7 @@ def s2o_attention(q, k, v, *, segment_len=1024, tau=1e-2, block_m=64, block_n=64
     floats other than bfloat16), 'torch' (per segment, in float32 or float64 for float64 input),
     'reference' (the same in float64); 'auto' picks.
     """
-    _check_qkv(q, k, v, packed=False)
-    _check_shapes(q, k)
+    _check_shapes(q, k, v)
     check_options(segment_len=segment_len, tau=tau, block_m=block_m, block_n=block_n, stop_rule=stop_rule)
     tau = float(tau)
     scale = _default_scale(softmax_scale, q.shape[-1])
