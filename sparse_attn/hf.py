@@ -30,6 +30,10 @@ starts at its first real token, so a padded batch is unpadded into per-sequence 
 length and batched again) and gives the same result as separate unpadded runs. Packed sequences
 (`cu_seq_lens_q/k` kwargs, or position ids restarting inside one row) are split the same way.
 Sliding-window layers stay dense (windowed SDPA) with a one-time warning.
+
+DeepSeek Sparse Attention models (an indexer hands each layer its token selection as `indices=`) run
+token-sparse attention over that selection under 'dense' and 'hisa', the only methods they take;
+'hisa' swaps their indexers for `HISAIndexer`s at patch time (sparse_attn.hf_dsa).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from .decode import MAX_DECODE_QUERIES
+from .hf_dsa import HISAIndexer, dsa_indexers, indexed_attention, is_indexed_config
+from .methods.hisa import check_options as check_hisa_options
 from .methods.moba import check_options as check_moba_options
 from .methods.moba import moba_attn, moba_decode, moba_route
 from .methods.proxyattn import check_options as check_proxy_options
@@ -81,8 +87,11 @@ _METHOD_OPTIONS = {
     "moba": {"block_size": 512, "topk": 3},
     "proxyattn": {"gamma": 0.95, "num_proxy_groups": 1, "stride": 4, "block_size": 128, "min_budget_tokens": 2048},
     "s2o": {"segment_len": 1024, "tau": 1e-2, "block_m": 64, "block_n": 64, "stop_rule": "max"},
+    "hisa": {"block_size": 128, "block_topk": 64, "forced": "slots"},
 }
-_SPARSE_DECODE = {"moba"}
+_SPARSE_DECODE = {"moba", "hisa"}
+# What a DSA model (its attention takes indexer selections) can run: its own indexer, or HISA's.
+_INDEXED_METHODS = ("dense", "hisa")
 
 
 # ---------------------------------------------------------------------------------- transformers
@@ -121,9 +130,15 @@ def keep_mask(**kwargs):
     to implementations not named "flash" when nothing is padded; a StaticCache's keys are then its
     whole preallocated length, filled only up to the tokens seen. This returns an all-ones mask of
     the filled length instead, which `sparse_attention_forward` reads as "the keys past it are empty".
-    """
-    from transformers.masking_utils import flash_attention_mask
 
+    DSA models get SDPA's 4D boolean mask, always materialised: their indexer masks its (Sq, Skv)
+    scores with it (it slices the 4D mask), and `indexed_attention` reads the causal and padding
+    limits of the selected keys from it.
+    """
+    from transformers.masking_utils import flash_attention_mask, sdpa_mask
+
+    if is_indexed_config(kwargs.get("config")):
+        return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
     mask = flash_attention_mask(**kwargs)
     if mask is not None:
         return mask
@@ -195,6 +210,8 @@ def _method_options(method: str, options: dict, inherited: dict | None = None) -
         check_proxy_options(**resolved)
     elif method == "s2o":
         check_s2o_options(**resolved)
+    elif method == "hisa":
+        check_hisa_options(**resolved, topk=None)  # the model's index_topk is checked at patch time
     return resolved
 
 
@@ -236,8 +253,10 @@ class SparseAttnConfig:
 
     method: 'dense' (SDPA), 'xattention' (options threshold, stride, block_size, chunk_size), 'moba'
         (options block_size, topk), 'proxyattn' (options gamma, num_proxy_groups, stride, block_size,
-        min_budget_tokens) or 's2o' (options segment_len, tau, block_m, block_n, stop_rule; causal layers
-        only); `options` are the method's keyword options.
+        min_budget_tokens), 's2o' (options segment_len, tau, block_m, block_n, stop_rule; causal layers
+        only) or 'hisa' (options block_size, block_topk, forced; DSA models only, through `patch`);
+        `options` are the method's keyword options. A DSA model (DeepSeek-V3.2, GLM-MoE-DSA) attends
+        over its indexer's selection under 'dense' and 'hisa' alike, and takes no other method.
     layers: the layer indices that run the method (None: all); dense_layers: layers that stay dense.
     layer_config: {layer_idx: {"method": ..., "decode": ..., **options}} adjusting the sparse layers;
         options are inherited from the top level when the layer keeps the top-level method.
@@ -296,6 +315,10 @@ class SparseAttnConfig:
             self._plans[layer_idx] = plan
         return plan
 
+    def methods(self) -> set:
+        """Every method some layer may run under this plan (the top-level one and the per-layer ones)."""
+        return {self.method, *(plan.method for plan in self._overrides.values())}
+
     def max_table_layer(self) -> int | None:
         """Rows needed by [layers, Hq] threshold tables: the smallest table height among the plans, if any."""
         heights = [
@@ -328,10 +351,11 @@ def _warn_once(key: str, message: str) -> None:
 class PatchHandle:
     """Returned by `patch`: `config`, `stats`, and `unpatch()`; also a context manager that unpatches on exit."""
 
-    def __init__(self, model, config: SparseAttnConfig, previous):
+    def __init__(self, model, config: SparseAttnConfig, previous, indexers=()):
         self.model = model
         self.config = config
         self._previous = previous  # [(config object, its previous _attn_implementation)]
+        self._indexers = list(indexers)  # [(attention module, its own indexer)] where HISA replaced it
         self.active = True
 
     @property
@@ -345,6 +369,8 @@ class PatchHandle:
         # attribute directly so no recursive setter or dispatch check runs in between.
         for config, previous in self._previous:
             _write_implementation(config, previous)
+        for attention, indexer in self._indexers:
+            attention.indexer = indexer
         for module in self.model.modules():
             module.__dict__.pop(_CONFIG_ATTR, None)
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
@@ -412,8 +438,11 @@ def patch(
     if table_rows is not None and layer_ids and max(layer_ids) >= table_rows:
         raise ValueError(f"the threshold table has {table_rows} layers, but the model has layer {max(layer_ids)}")
     unpatch(model)
+    hisa_indexers = _hisa_indexers(model, config)
     previous = [(c, _read_implementation(c)) for c in _model_configs(model)]
-    handle = PatchHandle(model, config, previous)
+    handle = PatchHandle(model, config, previous, [(attention, attention.indexer) for attention, _ in hisa_indexers])
+    for attention, indexer in hisa_indexers:
+        attention.indexer = indexer
     for module in model.modules():
         setattr(module, _CONFIG_ATTR, config)
     model.__dict__[_HANDLE_ATTR] = handle
@@ -432,6 +461,30 @@ def patch(
         handle.unpatch()
         raise
     return handle
+
+
+def _hisa_indexers(model, config: SparseAttnConfig) -> list:
+    """(attention module, its HISAIndexer) for the layers whose plan is HISA; checks that the plan's methods
+    suit the model (a DSA model runs its indexer's selection: 'dense' or 'hisa'; HISA needs an indexer)."""
+    indexers = dsa_indexers(model)
+    indexed = bool(indexers) or any(is_indexed_config(c) for c in _model_configs(model))
+    name = type(model).__name__
+    if indexed and config.methods() - set(_INDEXED_METHODS):
+        raise ValueError(
+            f"{name} is a DeepSeek Sparse Attention model: its indexer selects every query's keys, so it runs "
+            f"'dense' (its own indexer) or 'hisa', not {sorted(config.methods() - set(_INDEXED_METHODS))}"
+        )
+    if not indexed and "hisa" in config.methods():
+        raise ValueError(
+            f"HISA replaces the lightning indexer of a DeepSeek Sparse Attention model (DeepSeek-V3.2, "
+            f"GLM-MoE-DSA); {name} has none"
+        )
+    swaps = []
+    for attention, indexer in indexers:
+        plan = config.plan(getattr(attention, "layer_idx", None))
+        if plan.method == "hisa":
+            swaps.append((attention, HISAIndexer(indexer, **plan.options, decode=plan.decode)))
+    return swaps
 
 
 def unpatch(model) -> bool:
@@ -471,7 +524,10 @@ def configure(method, **config) -> SparseAttnConfig | None:
     Registers the attention function, so call it before `from_pretrained`."""
     global _default_config
     _require_transformers()
-    _default_config = None if method is None else SparseAttnConfig(method, **config)
+    default = None if method is None else SparseAttnConfig(method, **config)
+    if default is not None and "hisa" in default.methods():
+        raise ValueError("HISA swaps a DSA model's indexer modules: use sparse_attn.hf.patch(model, 'hisa', ...)")
+    _default_config = default
     return _default_config
 
 
@@ -494,6 +550,10 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     _reject_unsupported(dropout, kwargs)
     layer_idx = getattr(module, "layer_idx", None)
     plan = config.plan(layer_idx if isinstance(layer_idx, int) else None)
+    if kwargs.get("indices") is not None:
+        return _indexer_attention(
+            plan, layer_idx, query, key, value, attention_mask, kwargs["indices"], scaling, config
+        )
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
@@ -551,6 +611,22 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
 
 
 _DENSE_FALLBACK = SparseAttnConfig("dense")
+
+
+def _indexer_attention(plan: LayerPlan, layer_idx, query, key, value, attention_mask, indices, scaling, config):
+    """A DSA model's attention over its indexer's selection (under 'dense' its own indexer chose it; under
+    'hisa' a HISAIndexer did, except for decode steps with decode='dense')."""
+    if plan.method not in _INDEXED_METHODS:
+        raise ValueError(
+            f"this DeepSeek Sparse Attention model's indexer selects every query's keys: method {plan.method!r} "
+            f"cannot run on it; use one of {_INDEXED_METHODS}"
+        )
+    seq_q, seq_kv = query.shape[2], key.shape[2]
+    decoding = seq_q < seq_kv and seq_q <= MAX_DECODE_QUERIES
+    path = "dense" if decoding and plan.decode == "dense" else plan.method
+    config.stats.calls[(layer_idx, "decode" if decoding else "prefill", path)] += 1
+    out = indexed_attention(query, key, value, attention_mask, indices, scaling)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _reject_unsupported(dropout, kwargs) -> None:

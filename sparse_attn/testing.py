@@ -25,6 +25,7 @@ __all__ = [
     "StructuredInputs",
     "apply_rope",
     "assert_flash_rule",
+    "assert_patched_bf16_follows_flash_rule",
     "assert_flash_rule_with_grads",
     "max_err",
     "planted_indexer_inputs",
@@ -540,6 +541,23 @@ def assert_flash_rule_with_grads(out, ref64, same_precision, inputs, generator, 
     )
     for name, (got, ref, same) in zip("qkvabcdefgh", grads):
         assert_flash_rule(got, ref, same, 3, f"d{name}")
+
+
+def assert_patched_bf16_follows_flash_rule(model, ids, method, **options):
+    """The fp32 transformers `model`, cast to bf16 and patched with `method`, gives logits no further from its
+    fp32 logits than its own bf16 attention path does (2x, plus 1e-3 of slack). Leaves the model in bf16 and
+    returns the patch's AttentionStats."""
+    from . import hf
+
+    with torch.no_grad():
+        exact = model(ids).logits.double()
+        model.to(torch.bfloat16)
+        own = model(ids).logits
+        with hf.patched(model, method, **options) as handle:
+            patched = model(ids).logits
+    own_error, patched_error = max_err(own, exact), max_err(patched, exact)
+    assert patched_error <= 2 * own_error + 1e-3, f"{method}: logit error {patched_error:.3e}, bf16 own {own_error:.3e}"
+    return handle.stats
 
 
 # Tiny causal-LM dimensions for offline Hugging Face runs (random weights, no download): realistic

@@ -24,6 +24,21 @@ def rng(request):
 
 
 @pytest.fixture
+def reference_engine(monkeypatch):
+    """Run the kernels' callers through their PyTorch paths (the Triton interpreter is exact but slow; the
+    kernels have their own tests): the HF integration's tests."""
+    # Triton reads TRITON_INTERPRET when a kernel module is first imported: import them in the
+    # process's own mode first, so other tests still find interpreted kernels.
+    import sparse_attn.kernels.block_scores  # noqa: F401
+    import sparse_attn.kernels.block_sparse_attn  # noqa: F401
+    import sparse_attn.kernels.indexer_scores  # noqa: F401
+    import sparse_attn.kernels.s2o_attn  # noqa: F401
+    import sparse_attn.kernels.token_sparse_attn  # noqa: F401
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture
 def strided_views():
     """views(q, k, v) -> (leaves, views): the same values as q, k, v through the strides callers hand
     in, as fresh fp32 leaves: q a transposed view (head dim not contiguous), k expanded over the batch

@@ -47,15 +47,14 @@ _TORCH_CHUNK_ELEMENTS = 1 << 24
 
 # ---------------------------------------------------------------------------------- validation
 def check_options(*, block_size=128, block_topk=64, topk=2048, forced="slots") -> None:
-    """HISA's scalar options (spec section 2, package decisions)."""
+    """HISA's scalar options (spec section 2, package decisions); topk=None when a model sets it later."""
     block_size = _check_int(block_size, "block_size", 1)
     block_topk = _check_int(block_topk, "block_topk", 1)
-    topk = _check_int(topk, "topk", 1)
     if forced not in FORCED_MODES:
         raise ValueError(f"forced must be one of {FORCED_MODES}, got {forced!r}")
     if forced == "slots" and block_topk < 2:
         raise ValueError(f"block_topk={block_topk} must be >= 2 in 'slots' mode (the first and last blocks take two)")
-    if block_topk * block_size < topk:
+    if topk is not None and block_topk * block_size < _check_int(topk, "topk", 1):
         raise ValueError(
             f"block_topk * block_size = {block_topk * block_size} candidate tokens cannot hold topk={topk}"
         )

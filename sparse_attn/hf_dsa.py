@@ -1,0 +1,180 @@
+"""DeepSeek Sparse Attention models in transformers (DeepSeek-V3.2, GLM-MoE-DSA), spec hisa_dsa.md.
+
+Such a model's attention module runs a lightning indexer that picks `index_topk` key positions per query
+and hands them to the attention function as `indices=` (its eager and SDPA paths fold them into a dense
+mask instead). Under sparse_attn the selection is the model's semantics, so every method attends over
+exactly those positions with token-sparse attention (`indexed_attention`), causal and padding limits
+taken from the indexer's 4D mask. `method="hisa"` also swaps each chosen layer's indexer for a
+`HISAIndexer`: the same projections (shared parameters, same state_dict keys) with HISA's two-stage
+selection in place of the flat scan over every key.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .decode import MAX_DECODE_QUERIES
+from .methods.hisa import _batched_indices, check_options, hisa_indexer
+from .token_sparse import token_sparse_attn
+
+__all__ = ["HISAIndexer", "dsa_indexers", "indexed_attention", "is_indexed_config"]
+
+# What HISAIndexer reads off the model's indexer: its layers and the attributes its forward uses.
+_INDEXER_PARTS = ("wq_b", "wk", "k_norm", "weights_proj")
+_INDEXER_ATTRS = ("layer_idx", "n_heads", "head_dim", "qk_rope_head_dim", "index_topk", "softmax_scale")
+# The RoPE function (in the indexer's modeling module) each indexer applies to its q and k: DeepSeek-V3.2's
+# is rotate-half (non-interleaved, DeepSeek's 2025-11-17 fix), GLM-MoE-DSA's is interleaved.
+_INDEXER_ROPE = {"DeepseekV32Indexer": "apply_rotary_pos_emb", "GlmMoeDsaIndexer": "apply_rotary_pos_emb_interleave"}
+
+
+def is_indexed_config(config) -> bool:
+    """Whether a transformers config describes a DSA model (its attention takes indexer selections)."""
+    return getattr(config, "index_topk", None) is not None
+
+
+def dsa_indexers(model) -> list:
+    """(attention module, its indexer) for every attention module of `model` that runs an indexer."""
+    return [
+        (module, module.indexer)
+        for module in model.modules()
+        if isinstance(getattr(module, "indexer", None), torch.nn.Module) and not isinstance(module, HISAIndexer)
+    ]
+
+
+def _allowed_keys(mask):
+    """transformers' (B, Sq, Skv) attention mask (bool, or additive with 0 where allowed) as bool."""
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def indexed_attention(query, key, value, attention_mask, indices, scaling):
+    """Attention of query (B, H, Sq, D) over the positions `indices` int (B, Sq, K) of key (B, H, Skv, D)
+    and value (B, H, Skv, Dv) that the mask also allows (-1 and masked positions are dropped: DSA's top-k
+    of a row with fewer than K visible keys names masked ones). Returns (B, H, Sq, Dv).
+
+    attention_mask: transformers' 4D (B, 1, Sq, Skv) mask (bool, or additive with 0 where allowed), or
+    None for plain bottom-right causal attention.
+    """
+    seq_q, seq_kv = query.shape[2], key.shape[2]
+    if indices.dim() != 3 or tuple(indices.shape[:2]) != (query.shape[0], seq_q):
+        raise ValueError(f"indices must be (B, Sq, K) = ({query.shape[0]}, {seq_q}, K), got {tuple(indices.shape)}")
+    positions = indices.long()
+    valid = (positions >= 0) & (positions < seq_kv)
+    columns = positions.clamp(0, max(seq_kv - 1, 0))
+    if attention_mask is None:
+        rows = torch.arange(seq_q, device=query.device)[None, :, None] + (seq_kv - seq_q)
+        valid &= columns <= rows
+    else:
+        valid &= _allowed_keys(attention_mask[:, 0]).expand(query.shape[0], seq_q, seq_kv).gather(-1, columns)
+    chosen = torch.where(valid, positions, -1).to(torch.int32)[:, :, None]
+    return token_sparse_attn(query, key, value, chosen, softmax_scale=scaling)
+
+
+def _key_ranges(allowed):
+    """Per query row the [first, end) interval of keys it may see, as (first, end) int64 (B, Sq), or None
+    when some row's visible keys are not one interval (a custom mask: HISA's blocks need a sequence start).
+    Rows that see no key get (0, 0)."""
+    seq_kv = allowed.shape[-1]
+    count = allowed.sum(dim=-1)
+    first = allowed.int().argmax(dim=-1)
+    end = seq_kv - allowed.flip(-1).int().argmax(dim=-1)
+    empty = count == 0
+    if not bool(((count == end - first) | empty).all()):
+        return None
+    return first.masked_fill(empty, 0), end.masked_fill(empty, 0)
+
+
+class HISAIndexer(torch.nn.Module):
+    """HISA in place of a DSA model's indexer (spec section 2), a drop-in module with its forward signature.
+
+    It holds the model indexer's own layers (so the state_dict keys and the weights are the model's) and
+    computes the same index queries, keys (the model's RoPE on the first `qk_rope_head_dim` dims, the cache
+    update) and head weights; HISA then selects `index_topk` keys per query (-1 padding). Where HISA
+    equals the flat scan, because every eligible block is a candidate (at most `block_topk` blocks of
+    `block_size` keys, `block_topk + 2` in 'union' mode), and for decode steps with decode='dense', the
+    model's indexer runs unchanged; so it does for masks whose rows do not see one interval of keys.
+    """
+
+    def __init__(self, dsa_indexer, *, block_size=128, block_topk=64, forced="slots", decode="dense"):
+        super().__init__()
+        kind = type(dsa_indexer).__name__
+        if kind not in _INDEXER_ROPE:
+            raise NotImplementedError(f"HISA knows the indexers {sorted(_INDEXER_ROPE)}, not {kind}")
+        missing = [name for name in (*_INDEXER_PARTS, *_INDEXER_ATTRS) if not hasattr(dsa_indexer, name)]
+        rope = getattr(sys.modules.get(type(dsa_indexer).__module__), _INDEXER_ROPE[kind], None)
+        if missing or rope is None:
+            raise NotImplementedError(
+                f"HISA cannot replace {kind}: this transformers version's indexer lacks "
+                f"{missing or [_INDEXER_ROPE[kind] + ' in its module']}"
+            )
+        check_options(block_size=block_size, block_topk=block_topk, topk=dsa_indexer.index_topk, forced=forced)
+        for name in _INDEXER_PARTS:
+            setattr(self, name, getattr(dsa_indexer, name))
+        for name in _INDEXER_ATTRS:
+            setattr(self, name, getattr(dsa_indexer, name))
+        # Unregistered, so the parameters appear once under the model's own names.
+        self.__dict__["dsa_indexer"] = dsa_indexer
+        self._rope = rope
+        self.block_size, self.block_topk, self.forced, self.decode = block_size, block_topk, forced, decode
+        self.all_candidates = (block_topk + (2 if forced == "union" else 0)) * block_size
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer_idx={self.layer_idx}, block_size={self.block_size}, block_topk={self.block_topk}, "
+            f"topk={self.index_topk}, forced={self.forced!r}, decode={self.decode!r}"
+        )
+
+    @torch.no_grad()
+    def forward(
+        self, hidden_states, q_resid, position_embeddings, attention_mask, position_ids=None, past_key_values=None
+    ):
+        batch, seq_q = hidden_states.shape[:2]
+        allowed = _allowed_keys(attention_mask)
+        seq_kv = allowed.shape[-1]
+        decoding = seq_q <= MAX_DECODE_QUERIES and seq_q < seq_kv
+        ranges = (
+            None
+            if seq_kv <= self.all_candidates or (decoding and self.decode == "dense")
+            else _key_ranges(allowed.expand(batch, seq_q, seq_kv))
+        )
+        if ranges is None:
+            return self.dsa_indexer(
+                hidden_states,
+                q_resid,
+                position_embeddings,
+                attention_mask,
+                position_ids,
+                past_key_values=past_key_values,
+            )
+        q, k, weights = self._index_inputs(hidden_states, q_resid, position_embeddings, past_key_values)
+        offsets = (torch.arange(batch, device=q.device) * seq_kv)[:, None]
+        first, end = ranges
+        selected = hisa_indexer(
+            q.flatten(0, 1),
+            k.flatten(0, 1),
+            weights.flatten(0, 1),
+            (offsets + first).flatten(),
+            (offsets + end).flatten(),
+            block_size=self.block_size,
+            block_topk=self.block_topk,
+            topk=self.index_topk,
+            forced=self.forced,
+        )
+        return _batched_indices(selected, offsets.expand(batch, seq_q).flatten(), batch, seq_q)[:, :, 0]
+
+    def _index_inputs(self, hidden_states, q_resid, position_embeddings, past_key_values):
+        """The indexer's (q (B, Sq, H, D), cached k (B, Skv, D), weights (B, Sq, H)) as the model computes
+        them, the softmax scale folded into the weights (ReLU(c x) = c ReLU(x) for c > 0)."""
+        batch, seq_q = hidden_states.shape[:2]
+        cos, sin = position_embeddings
+        rope_dim = self.qk_rope_head_dim
+        q = self.wq_b(q_resid).view(batch, seq_q, self.n_heads, self.head_dim)
+        k = self.k_norm(self.wk(hidden_states))[:, :, None]
+        q_rot, k_rot = self._rope(q[..., :rope_dim], k[..., :rope_dim], cos, sin, unsqueeze_dim=2)
+        q = torch.cat([q_rot, q[..., rope_dim:]], dim=-1)
+        k = torch.cat([k_rot, k[..., rope_dim:]], dim=-1)[:, :, 0]
+        if past_key_values is not None:
+            k = past_key_values.update_indexer(k, self.layer_idx)
+        weights = self.weights_proj(hidden_states.to(self.weights_proj.weight.dtype)).float()
+        return q, k, weights * (self.n_heads**-0.5 * self.softmax_scale)

@@ -1,0 +1,285 @@
+"""DeepSeek Sparse Attention models through sparse_attn.hf: tiny offline DeepSeek-V3.2 and GLM-MoE-DSA models
+(random weights, fp32 on the CPU). Spec hisa_dsa.md section 5, oracle 8.
+
+'dense' must reproduce the model's own SDPA path (attention over its indexer's top-k); 'hisa' must equal it
+while every block is a candidate, select what HISA selects beyond that, and keep padding invisible.
+"""
+
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the HF integration needs transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not hasattr(transformers, "DeepseekV32Config"):
+    pytest.skip("this transformers has no DeepSeek-V3.2 model", allow_module_level=True)
+
+from sparse_attn import hf  # noqa: E402
+from sparse_attn.hf_dsa import HISAIndexer, _key_ranges, indexed_attention  # noqa: E402
+from sparse_attn.methods.hisa import dsa_select, hisa_select  # noqa: E402
+from sparse_attn.testing import TINY_CAUSAL_LM, assert_patched_bf16_follows_flash_rule  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("reference_engine")
+TOPK = 8
+COMMON = {
+    "vocab_size": TINY_CAUSAL_LM["vocab_size"],
+    "hidden_size": 64,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "q_lora_rank": 32,
+    "kv_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    "index_n_heads": 4,
+    "index_head_dim": 16,
+    "index_topk": TOPK,
+    "max_position_embeddings": 256,
+    "pad_token_id": 0,
+}
+FAMILIES = ["deepseek_v32"] + (["glm_moe_dsa"] if hasattr(transformers, "GlmMoeDsaConfig") else [])
+# Blocks of 4 keys, 3 candidates: HISA prunes prefixes beyond 12 keys (DSA keeps 8 of them).
+PRUNING = {"block_size": 4, "block_topk": 3}
+
+
+def _model(family="deepseek_v32", seed=0):
+    torch.manual_seed(seed)
+    if family == "deepseek_v32":
+        config = transformers.DeepseekV32Config(**COMMON, attn_implementation="sdpa")
+        return transformers.DeepseekV32ForCausalLM(config).eval()
+    config = transformers.GlmMoeDsaConfig(**COMMON, head_dim=24, attn_implementation="sdpa")
+    return transformers.GlmMoeDsaForCausalLM(config).eval()
+
+
+def _ids(batch=2, length=40, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, COMMON["vocab_size"], (batch, length), generator=generator)
+
+
+def _left_padded(ids, pads):
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _indexers(model):
+    return [layer.self_attn.indexer for layer in model.model.layers if layer.self_attn.indexer is not None]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_matches_the_models_own_indexed_attention(family):
+    model = _model(family)
+    ids, mask = _left_padded(_ids(), [0, 5])
+    expected = model(ids, attention_mask=mask).logits
+    expected_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    with hf.patched(model, "dense") as handle:
+        got = model(ids, attention_mask=mask).logits
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        static = model.generate(
+            ids, attention_mask=mask, max_new_tokens=5, do_sample=False, cache_implementation="static"
+        )
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens, expected_tokens) and torch.equal(static, expected_tokens)
+    assert {path for _, _, path in handle.stats.calls} == {"dense"}
+    assert any(phase == "decode" for _, phase, _ in handle.stats.calls)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hisa_equals_dsa_while_every_block_is_a_candidate(family):
+    """Oracle 8: HISA only changes anything once a prefix exceeds block_topk * block_size keys."""
+    model = _model(family)
+    ids, mask = _left_padded(_ids(length=40), [0, 3])
+    expected = model(ids, attention_mask=mask).logits
+    with hf.patched(model, "hisa", block_size=16, block_topk=3) as handle:  # 48 candidate keys >= 40
+        assert all(isinstance(indexer, HISAIndexer) for indexer in _indexers(model))
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert {path for _, _, path in handle.stats.calls} == {"hisa"}
+
+
+def _capture_indexer_inputs(indexer, inputs):
+    """Run the HISAIndexer's own projections on the inputs its layer received (no cache)."""
+    hidden_states, q_resid, position_embeddings = inputs
+    return indexer._index_inputs(hidden_states, q_resid, position_embeddings, None)
+
+
+def _indexer_calls(model):
+    """Records (hidden_states, q_resid, position_embeddings, mask, output) of every indexer call."""
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        calls.append((module, args[:3], args[3], output))
+
+    handles = [indexer.register_forward_hook(hook, with_kwargs=True) for indexer in _indexers(model)]
+    return calls, handles
+
+
+def _index_scores(q, k, weights):
+    """I[b, t, s] = sum_h w[b, t, h] ReLU(q[b, t, h] . k[b, s]), written out."""
+    return torch.einsum("bth,btsh->bts", weights, torch.einsum("bthd,bsd->btsh", q, k).relu())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hisa_path_reproduces_the_models_indexer_and_its_rope(family):
+    """Forced onto its own path where HISA equals DSA, the HISAIndexer selects what the model's indexer selects:
+    its projections, RoPE (rotate-half for DeepSeek-V3.2), weight scaling and padding ranges are the model's."""
+    model = _model(family)
+    ids, mask = _left_padded(_ids(length=24), [0, 6])
+    dsa_calls, handles = _indexer_calls(model)
+    model(ids, attention_mask=mask)
+    for handle in handles:
+        handle.remove()
+    with hf.patched(model, "hisa", block_size=4, block_topk=8):  # 32 candidates >= 24: HISA = DSA
+        for indexer in _indexers(model):
+            indexer.all_candidates = 0  # take HISA's own path anyway
+        hisa_calls, handles = _indexer_calls(model)
+        model(ids, attention_mask=mask)
+        for handle in handles:
+            handle.remove()
+        inputs = [_capture_indexer_inputs(indexer, layer_inputs) for indexer, layer_inputs, _, _ in hisa_calls]
+        indexer, (hidden_states, _, (cos, sin)), _, _ = hisa_calls[0]
+    allowed = mask.bool()[:, None, :] & torch.ones(24, 24, dtype=torch.bool).tril()[None]
+    for (_, _, _, dsa), (_, _, _, hisa), (q, k, weights) in zip(dsa_calls, hisa_calls, inputs, strict=True):
+        scores = _index_scores(q, k, weights)
+        for row in range(ids.shape[0]):
+            for t in range(ids.shape[1]):
+                visible = int(allowed[row, t].sum())
+                want = dsa[row, t, : min(TOPK, visible)].long() if visible else torch.zeros(0, dtype=torch.long)
+                got = hisa[row, t][hisa[row, t] >= 0].long()
+                assert len(set(got.tolist())) == len(got) and bool(allowed[row, t, got].all()), (row, t)
+                # ReLU makes exact ties (zero scores): equal score multisets, not equal sets.
+                torch.testing.assert_close(scores[row, t, got].sort().values, scores[row, t, want].sort().values)
+    q, k, _ = inputs[0]
+    assert q.shape == (2, 24, COMMON["index_n_heads"], COMMON["index_head_dim"])
+    if family != "deepseek_v32":
+        return
+    # Oracle 8: DeepSeek-V3.2's index keys carry rotate-half (NeoX) RoPE on their first qk_rope_head_dim dims.
+    plain = indexer.k_norm(indexer.wk(hidden_states))
+    rope_dim, half = COMMON["qk_rope_head_dim"], COMMON["qk_rope_head_dim"] // 2
+    x = plain[..., :rope_dim]
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    torch.testing.assert_close(k[..., :rope_dim], x * cos + rotated * sin)
+    torch.testing.assert_close(k[..., rope_dim:], plain[..., rope_dim:])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hisa_prunes_long_prefixes_as_hisa_select_does(family):
+    model = _model(family)
+    ids = _ids(batch=1, length=40)
+    with hf.patched(model, "hisa", **PRUNING):
+        calls, handles = _indexer_calls(model)
+        model(ids)
+        for handle in handles:
+            handle.remove()
+        for indexer, inputs, _, selected in calls:
+            q, k, weights = _capture_indexer_inputs(indexer, inputs)
+            expected = hisa_select(q, k, weights, topk=TOPK, **PRUNING)[:, :, 0]
+            assert torch.equal(selected.sort(dim=-1).values, expected.sort(dim=-1).values)
+            # Beyond 12 keys HISA ranks only its candidates: never more score mass than DSA's top-k, less somewhere.
+            scores = _index_scores(q, k, weights)
+            dsa = dsa_select(q, k, weights, topk=TOPK)[:, :, 0]
+            mass = [torch.where(s >= 0, scores.gather(-1, s.clamp(min=0).long()), 0).sum(-1) for s in (selected, dsa)]
+            assert bool((mass[0] <= mass[1] + 1e-5).all()) and bool((mass[0] < mass[1] - 1e-5).any())
+
+
+@torch.no_grad()
+def test_hisa_padding_and_decode_equal_separate_runs():
+    """Blocks start at every sequence's first real token, so a left-padded row selects and attends as the same
+    sequence run alone; decode='sparse' runs HISA for decode steps too."""
+    model = _model()
+    ids, mask = _left_padded(_ids(length=40), [0, 7])
+    with hf.patched(model, "hisa", decode="sparse", **PRUNING) as handle:
+        batched = model(ids, attention_mask=mask).logits
+        alone = model(ids[1:, 7:]).logits
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        tokens_alone = model.generate(ids[1:, 7:], max_new_tokens=4, do_sample=False)
+        # A StaticCache's unfilled index keys sit in the last eligible block, which is always kept.
+        static = model.generate(
+            ids, attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static"
+        )
+    torch.testing.assert_close(batched[1, 7:], alone[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens[1, -4:], tokens_alone[0, -4:]) and torch.equal(static, tokens)
+    assert any(key[1:] == ("decode", "hisa") for key in handle.stats.calls)
+
+
+@torch.no_grad()
+def test_unpatch_restores_the_indexers_and_outputs():
+    model = _model()
+    ids = _ids()
+    own = _indexers(model)
+    keys = list(model.state_dict())
+    before = model(ids).logits
+    handle = hf.patch(model, "hisa", layer_config={1: {"method": "dense"}}, **PRUNING)
+    assert isinstance(model.model.layers[0].self_attn.indexer, HISAIndexer)
+    assert model.model.layers[1].self_attn.indexer is own[1]
+    assert list(model.state_dict()) == keys
+    assert not torch.equal(model(ids).logits, before)
+    handle.unpatch()
+    assert _indexers(model) == own
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_methods_that_do_not_fit_raise():
+    model = _model()
+    with pytest.raises(ValueError, match="DeepSeek Sparse Attention model"):
+        hf.patch(model, "xattention")
+    with pytest.raises(ValueError, match="DeepSeek Sparse Attention model"):
+        hf.patch(model, "hisa", layer_config={0: {"method": "moba"}}, **PRUNING)
+    with pytest.raises(ValueError, match="topk=8"):
+        hf.patch(model, "hisa", block_size=2, block_topk=3)  # 6 candidate keys cannot hold 8
+    with pytest.raises(ValueError, match="forced"):
+        hf.patch(model, "hisa", forced="both")
+    assert type(_indexers(model)[0]).__name__ != "HISAIndexer"
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_CAUSAL_LM))
+    with pytest.raises(ValueError, match="has none"):
+        hf.patch(llama, "hisa")
+    with pytest.raises(ValueError, match="use sparse_attn.hf.patch"):
+        hf.configure("hisa")
+
+
+def test_key_ranges_and_indexed_attention_masking():
+    allowed = torch.tensor([[[0, 1, 1, 0], [0, 1, 1, 1], [0, 0, 0, 0]]], dtype=torch.bool)
+    first, end = _key_ranges(allowed)
+    assert first.tolist() == [[1, 1, 0]] and end.tolist() == [[3, 4, 0]]
+    assert _key_ranges(torch.tensor([[[1, 0, 1, 0]]], dtype=torch.bool)) is None
+
+    # Indices naming masked, out-of-range or -1 positions are dropped; a row left with none gives 0.
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 5)
+    indices = torch.tensor([[[2, 0, 1], [3, -1, 1], [0, 1, 9]]])
+    out = indexed_attention(q, k, v, allowed[:, None], indices, 0.5)
+    kept = [[2, 1], [3, 1], []]
+    for row, keys in enumerate(kept):
+        if not keys:
+            assert torch.equal(out[0, :, row], torch.zeros(2, 5))
+            continue
+        probs = (torch.einsum("hd,hkd->hk", q[0, :, row], k[0, :, keys]) * 0.5).softmax(-1)
+        torch.testing.assert_close(out[0, :, row], torch.einsum("hk,hkd->hd", probs, v[0, :, keys]))
+    with pytest.raises(ValueError, match="indices must be"):
+        indexed_attention(q, k, v, allowed[:, None], indices[0], 0.5)
+
+
+# ---------------------------------------------------------------------------------- GPU (bf16, Triton kernels)
+@pytest.mark.gpu
+@pytest.mark.parametrize("method, options", [("dense", {}), ("hisa", {"block_size": 16, "block_topk": 4})])
+def test_gpu_bf16_indexed_attention_follows_flash_rule(method, options):
+    """The bf16 model through the token-sparse and indexer kernels is no further from the fp32 model than its own
+    bf16 SDPA path is (2x rule); HISA's 64 candidate keys cover these 48-token prompts, so it equals DSA."""
+    stats = assert_patched_bf16_follows_flash_rule(_model().cuda(), _ids(length=48).cuda(), method, **options)
+    assert stats.calls[(0, "prefill", method)] == 1
