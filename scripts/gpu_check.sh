@@ -55,6 +55,9 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   step wheel bash scripts/wheel_check.sh
   # The main job's demo on the GPU (bf16, Triton engine); transformers is installed there.
   step demo python3 -m sparse_attn demo --prompt-len 4096 --new-tokens 32
+  if python3 -c "import sys, transformers; sys.exit(not hasattr(transformers, 'DeepseekV32Config'))"; then
+    step demo_dsa python3 -m sparse_attn demo --arch deepseek_v32 --prompt-len 4096 --new-tokens 32
+  fi
 fi
 
 # Benchmarks named on the command line (e.g. `engine decode`), the --full setups, one process per

@@ -1,7 +1,9 @@
 """`python -m sparse_attn demo`: a causal LM run dense and through each sparse method, side by side.
 
-Offline by default: a small Llama-style model with seeded random weights (or `--model PATH`, a
-local checkpoint). The prompt repeats random token segments, so attention has structure to find.
+Offline by default: a small Llama-style model with seeded random weights (`--arch deepseek_v32`: a
+small DeepSeek-V3.2, whose indexer's selection runs through its own indexer and through HISA; or
+`--model PATH`, a local checkpoint). The prompt repeats random token segments, so attention has
+structure to find.
 For each method the table gives the prefill time, the density of the blocks computed, and how far
 the prefill logits and the greedy continuation move from the model's own SDPA run.
 """
@@ -15,7 +17,8 @@ import time
 
 import torch
 
-DEFAULT_METHODS = "dense,xattention,moba,s2o"
+# The methods each built-in model runs by default (a DSA model takes its own indexer or HISA's).
+DEFAULT_METHODS = {"llama": "dense,xattention,moba,s2o", "deepseek_v32": "dense,hisa"}
 
 
 def add_demo_parser(commands) -> None:
@@ -23,8 +26,15 @@ def add_demo_parser(commands) -> None:
     demo = commands.add_parser(
         "demo", help="run a small causal LM dense and with each sparse method (needs transformers)"
     )
-    demo.add_argument("--model", default=None, help="local checkpoint directory (default: a random tiny Llama)")
-    demo.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated methods (default {DEFAULT_METHODS})")
+    demo.add_argument("--model", default=None, help="local checkpoint directory (default: a random tiny model)")
+    demo.add_argument(
+        "--arch", choices=sorted(DEFAULT_METHODS), default="llama", help="the random tiny model (default llama)"
+    )
+    demo.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated methods (default: " + "; ".join(f"{a}: {m}" for a, m in DEFAULT_METHODS.items()) + ")",
+    )
     demo.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (default 1024)")
     demo.add_argument("--new-tokens", type=int, default=16, help="greedily generated tokens (default 16)")
     demo.add_argument("--block-size", type=int, default=None, help="block size (default 64 on CPU, 128 on GPU)")
@@ -42,17 +52,24 @@ def _method_options(method: str, block_size: int) -> dict:
     if method == "s2o":
         segment = -(-2 * block_size // 64) * 64  # S2O's segments hold whole 64-row tiles
         return {"segment_len": segment, "tau": 0.1, "stop_rule": "mean", "block_m": 64, "block_n": 64}
+    if method == "hisa":
+        return {"block_size": block_size, "block_topk": 4}  # 4 blocks hold the indexer's 128 keys
     return {}
 
 
-def _tiny_llama(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_model(arch: str, seed: int):
+    import transformers
 
-    from .testing import TINY_CAUSAL_LM
+    from .testing import TINY_CAUSAL_LM, TINY_DSA_LM
 
-    config = LlamaConfig(**TINY_CAUSAL_LM)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config), "random tiny Llama (2 layers, 4 q / 2 kv heads, head dim 64)"
+    if arch == "deepseek_v32":
+        if not hasattr(transformers, "DeepseekV32Config"):
+            raise ImportError(f"transformers {transformers.__version__} has no DeepSeek-V3.2 model (5.x has)")
+        model = transformers.DeepseekV32ForCausalLM(transformers.DeepseekV32Config(**TINY_DSA_LM))
+        return model, "random tiny DeepSeek-V3.2 (2 layers, MLA with 4 heads, an indexer keeping 128 keys)"
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_CAUSAL_LM))
+    return model, "random tiny Llama (2 layers, 4 q / 2 kv heads, head dim 64)"
 
 
 def _structured_prompt(vocab_size: int, length: int, seed: int) -> torch.Tensor:
@@ -129,7 +146,7 @@ def run_demo(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     block_size = args.block_size or (128 if device.type == "cuda" else 64)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or DEFAULT_METHODS[args.arch]).split(",") if m.strip()]
     for method in methods:
         hf.SparseAttnConfig(method, **_method_options(method, block_size))  # reject unknown names before any work
 
@@ -139,7 +156,11 @@ def run_demo(args) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
         description = f"{type(model).__name__} from {args.model}"
     else:
-        model, description = _tiny_llama(args.seed)
+        try:
+            model, description = _tiny_model(args.arch, args.seed)
+        except ImportError as err:
+            print(f"demo: {err}")
+            return 1
     model = model.to(device=device, dtype=dtype).eval()
     ids = _structured_prompt(model.config.vocab_size, args.prompt_len, args.seed).to(device)
     engine = "triton" if triton_available(device) else "PyTorch paths"
@@ -161,7 +182,8 @@ def run_demo(args) -> int:
         agree = (logits.argmax(-1) == base_logits.argmax(-1)).float().mean().item()
         kl = (base_logprobs.exp() * (base_logprobs - logprobs)).sum(-1).mean().item()
         match = (tokens == base_tokens).float().mean().item() if len(tokens) else 1.0
-        density = 1.0 if method == "dense" else handle.stats.mean_density()
+        density = handle.stats.mean_density()
+        density = 1.0 if density is None and method == "dense" else density
         rows.append((method, seconds, density, agree, kl, match))
         progress.step(method)
     progress.close()
@@ -173,7 +195,8 @@ def run_demo(args) -> int:
         density_text = "n/a" if density is None else f"{density:.3f}"
         print(f"{name:<16} {seconds * 1e3:>10.1f} {density_text:>8} {agree:>11.3f} {kl:>10.2e} {match:>9.3f}")
     print(
-        "density: computed blocks over causally visible blocks in the sparse prefill calls (decode runs dense); "
+        "density: computed blocks (for DSA models' token selections, keys) over causally visible ones in the "
+        "sparse prefill calls (decode runs dense); "
         "top-1 agree and KL compare prefill logits per position; gen match: greedy tokens equal to the baseline's."
     )
     if not args.model:

@@ -172,7 +172,8 @@ _DENSE_PLAN = LayerPlan("dense", {}, "dense")
 class AttentionStats:
     """Counters of what ran: `calls[(layer_idx, phase, path)]` with phase 'prefill' or 'decode' and path the
     method that actually ran ('dense' for fallbacks); with `track_density`, `densities` holds
-    (layer_idx, fraction of causally visible blocks computed) per sparse call (costs a device sync)."""
+    (layer_idx, fraction of causally visible blocks computed) per sparse call, and per call of a DSA
+    model the fraction of visible keys its selection attends (costs a device sync)."""
 
     track_density: bool = False
     calls: Counter = field(default_factory=Counter)
@@ -625,7 +626,9 @@ def _indexer_attention(plan: LayerPlan, layer_idx, query, key, value, attention_
     decoding = seq_q < seq_kv and seq_q <= MAX_DECODE_QUERIES
     path = "dense" if decoding and plan.decode == "dense" else plan.method
     config.stats.calls[(layer_idx, "decode" if decoding else "prefill", path)] += 1
-    out = indexed_attention(query, key, value, attention_mask, indices, scaling)
+    out, density = indexed_attention(query, key, value, attention_mask, indices, scaling)
+    if config.stats.track_density:
+        config.stats.densities.append((layer_idx, density.item()))
     return out.transpose(1, 2).contiguous(), None
 
 

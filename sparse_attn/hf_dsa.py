@@ -51,10 +51,11 @@ def _allowed_keys(mask):
 def indexed_attention(query, key, value, attention_mask, indices, scaling):
     """Attention of query (B, H, Sq, D) over the positions `indices` int (B, Sq, K) of key (B, H, Skv, D)
     and value (B, H, Skv, Dv) that the mask also allows (-1 and masked positions are dropped: DSA's top-k
-    of a row with fewer than K visible keys names masked ones). Returns (B, H, Sq, Dv).
+    of a row with fewer than K visible keys names masked ones).
 
     attention_mask: transformers' 4D (B, 1, Sq, Skv) mask (bool, or additive with 0 where allowed), or
-    None for plain bottom-right causal attention.
+    None for plain bottom-right causal attention. Returns the output (B, H, Sq, Dv) and the fraction of
+    visible keys attended, averaged over the rows that see any.
     """
     seq_q, seq_kv = query.shape[2], key.shape[2]
     if indices.dim() != 3 or tuple(indices.shape[:2]) != (query.shape[0], seq_q):
@@ -63,12 +64,17 @@ def indexed_attention(query, key, value, attention_mask, indices, scaling):
     valid = (positions >= 0) & (positions < seq_kv)
     columns = positions.clamp(0, max(seq_kv - 1, 0))
     if attention_mask is None:
-        rows = torch.arange(seq_q, device=query.device)[None, :, None] + (seq_kv - seq_q)
-        valid &= columns <= rows
+        rows = torch.arange(seq_q, device=query.device)[:, None] + (seq_kv - seq_q)
+        allowed = torch.arange(seq_kv, device=query.device)[None, :] <= rows
     else:
-        valid &= _allowed_keys(attention_mask[:, 0]).expand(query.shape[0], seq_q, seq_kv).gather(-1, columns)
+        allowed = _allowed_keys(attention_mask[:, 0])
+    allowed = allowed.expand(query.shape[0], seq_q, seq_kv)
+    valid &= allowed.gather(-1, columns)
     chosen = torch.where(valid, positions, -1).to(torch.int32)[:, :, None]
-    return token_sparse_attn(query, key, value, chosen, softmax_scale=scaling)
+    visible = allowed.sum(dim=-1)
+    seen = visible > 0
+    density = (valid.sum(dim=-1)[seen] / visible[seen]).mean() if bool(seen.any()) else query.new_tensor(1.0)
+    return token_sparse_attn(query, key, value, chosen, softmax_scale=scaling), density
 
 
 def _key_ranges(allowed):

@@ -573,3 +573,28 @@ TINY_CAUSAL_LM = dict(
     num_hidden_layers=2,
     max_position_embeddings=16384,
 )
+# A tiny DeepSeek-V3.2 (MLA, a lightning indexer keeping 128 keys per query, a small MoE) for the same runs.
+TINY_DSA_LM = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=64,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    index_n_heads=4,
+    index_head_dim=16,
+    index_topk=128,
+    max_position_embeddings=16384,
+)

@@ -476,6 +476,20 @@ def test_top_level_api():
     assert sparse_attn.patched is hf.patched and sparse_attn.configure is hf.configure
 
 
+def test_demo_command_dsa(reference_engine, capsys):
+    from sparse_attn.__main__ import main
+
+    if not hasattr(transformers, "DeepseekV32Config"):
+        assert main(["demo", "--arch", "deepseek_v32"]) == 1
+        return
+    assert main(["demo", "--arch", "deepseek_v32", "--prompt-len", "320", "--new-tokens", "2", "--device", "cpu"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.split()}
+    # 'dense' is the model's own indexer: SDPA's logits, at the density of 128 keys out of up to 320.
+    _, _, density, agree, kl, match = rows["dense"]
+    assert (agree, match) == ("1.000", "1.000") and float(kl) < 1e-6
+    assert 0.3 < float(density) < 1 and 0.3 < float(rows["hisa"][2]) < 1
+
+
 def test_demo_command(reference_engine, capsys):
     from sparse_attn.__main__ import main
 

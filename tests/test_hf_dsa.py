@@ -18,35 +18,11 @@ if not hasattr(transformers, "DeepseekV32Config"):
 from sparse_attn import hf  # noqa: E402
 from sparse_attn.hf_dsa import HISAIndexer, _key_ranges, indexed_attention  # noqa: E402
 from sparse_attn.methods.hisa import dsa_select, hisa_select  # noqa: E402
-from sparse_attn.testing import TINY_CAUSAL_LM, assert_patched_bf16_follows_flash_rule  # noqa: E402
+from sparse_attn.testing import TINY_CAUSAL_LM, TINY_DSA_LM, assert_patched_bf16_follows_flash_rule  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("reference_engine")
 TOPK = 8
-COMMON = {
-    "vocab_size": TINY_CAUSAL_LM["vocab_size"],
-    "hidden_size": 64,
-    "intermediate_size": 64,
-    "moe_intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "n_routed_experts": 4,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 2,
-    "n_group": 1,
-    "topk_group": 1,
-    "first_k_dense_replace": 1,
-    "q_lora_rank": 32,
-    "kv_lora_rank": 32,
-    "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 16,
-    "v_head_dim": 16,
-    "index_n_heads": 4,
-    "index_head_dim": 16,
-    "index_topk": TOPK,
-    "max_position_embeddings": 256,
-    "pad_token_id": 0,
-}
+COMMON = {**TINY_DSA_LM, "index_topk": TOPK, "max_position_embeddings": 256, "pad_token_id": 0}
 FAMILIES = ["deepseek_v32"] + (["glm_moe_dsa"] if hasattr(transformers, "GlmMoeDsaConfig") else [])
 # Blocks of 4 keys, 3 candidates: HISA prunes prefixes beyond 12 keys (DSA keeps 8 of them).
 PRUNING = {"block_size": 4, "block_topk": 3}
@@ -84,7 +60,7 @@ def test_dense_matches_the_models_own_indexed_attention(family):
     ids, mask = _left_padded(_ids(), [0, 5])
     expected = model(ids, attention_mask=mask).logits
     expected_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    with hf.patched(model, "dense") as handle:
+    with hf.patched(model, "dense", track_density=True) as handle:
         got = model(ids, attention_mask=mask).logits
         tokens = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
         static = model.generate(
@@ -94,6 +70,8 @@ def test_dense_matches_the_models_own_indexed_attention(family):
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens, expected_tokens) and torch.equal(static, expected_tokens)
     assert {path for _, _, path in handle.stats.calls} == {"dense"}
+    # Density: the indexer's 8 keys over the visible ones, below 1 once rows see more than 8.
+    assert all(0 < density < 1 for _, density in handle.stats.densities)
     assert any(phase == "decode" for _, phase, _ in handle.stats.calls)
 
 
@@ -263,7 +241,8 @@ def test_key_ranges_and_indexed_attention_masking():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 5)
     indices = torch.tensor([[[2, 0, 1], [3, -1, 1], [0, 1, 9]]])
-    out = indexed_attention(q, k, v, allowed[:, None], indices, 0.5)
+    out, density = indexed_attention(q, k, v, allowed[:, None], indices, 0.5)
+    assert density.item() == pytest.approx((2 / 2 + 2 / 3) / 2)  # the third row sees no key
     kept = [[2, 1], [3, 1], []]
     for row, keys in enumerate(kept):
         if not keys:
