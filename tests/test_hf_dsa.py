@@ -197,6 +197,27 @@ def test_hisa_padding_and_decode_equal_separate_runs():
 
 
 @torch.no_grad()
+def test_hisa_decode_selection_equals_the_prefill_row():
+    """Oracle 6 in the model: a decode step through the cache selects what a prefill selects for that position."""
+    model = _model()
+    ids = _ids(batch=1, length=41)
+    with hf.patched(model, "hisa", decode="sparse", **PRUNING):
+        calls, handles = _indexer_calls(model)
+        model(ids)
+        prefill = [selected[:, -1] for _, _, _, selected in calls]
+        calls.clear()
+        cache = model(ids[:, :-1], use_cache=True).past_key_values
+        calls.clear()
+        model(ids[:, -1:], past_key_values=cache, use_cache=True)
+        for handle in handles:
+            handle.remove()
+    decode = [selected[:, 0] for _, _, _, selected in calls]
+    assert len(decode) == len(prefill) == 2
+    for got, want in zip(decode, prefill, strict=True):
+        assert torch.equal(got.sort(dim=-1).values, want.sort(dim=-1).values)
+
+
+@torch.no_grad()
 def test_unpatch_restores_the_indexers_and_outputs():
     model = _model()
     ids = _ids()
