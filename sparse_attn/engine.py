@@ -25,7 +25,6 @@ from .layout import BlockSparseLayout
 
 __all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "triton_available"]
 
-_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # 'auto' runs Triton where it can and the PyTorch path (sparse_attn.gathered) elsewhere; 'reference' is
 # the dense-mask oracle.
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -101,28 +100,36 @@ def _check_qkv(q, k, v, packed: bool):
         raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of KV heads ({hkv})")
 
 
-def _check_triton_inputs(q):
-    if q.dtype not in _GPU_DTYPES:
+def _check_block_kernel_inputs(q, block_sizes: dict) -> None:
+    """What the block kernels (the engine's and MoBA's) take: 16/32-bit q, head dim <= 256, and block
+    sizes ({name: size}) that are multiples of 16."""
+    if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"q dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)")
     if q.shape[-1] > _MAX_HEAD_DIM:
         raise ValueError(f"head dim {q.shape[-1]} exceeds the kernels' maximum of {_MAX_HEAD_DIM}")
-
-
-def _check_triton_shapes(q, layout):
-    _check_triton_inputs(q)
-    for name, size in (("q_block_size", layout.q_block_size), ("kv_block_size", layout.kv_block_size)):
+    for name, size in block_sizes.items():
         if size % 16:
-            raise ValueError(f"layout {name}={size} must be a multiple of 16 for the Triton kernels")
+            raise ValueError(
+                f"{name}={size} must be a multiple of 16 for the Triton kernels (backend='reference' takes any size)"
+            )
 
 
-def _resolve_backend(backend: str, q) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if triton_available(q.device) else "torch"
-    if backend == "triton" and not triton_available(q.device):
-        raise ValueError(f"backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1), got {q.device}")
-    return backend
+def _resolve_backend(backend: str, q, block_sizes: dict) -> str:
+    """`choose_backend` for the block kernels: 'auto' takes the PyTorch path for inputs they cannot take
+    (a float64 q, a head dim over 256, a block size of 8, bfloat16 under the interpreter); an explicit
+    'triton' raises, naming the input."""
+    try:
+        _check_block_kernel_inputs(q, block_sizes)
+        fits = True
+    except (TypeError, ValueError):
+        if backend == "triton":
+            raise
+        fits = False
+    return choose_backend(backend, q, fits, "inputs the block kernels take")
+
+
+def _layout_block_sizes(layout: BlockSparseLayout) -> dict:
+    return {"layout q_block_size": layout.q_block_size, "layout kv_block_size": layout.kv_block_size}
 
 
 def _default_scale(scale, head_dim) -> float:
@@ -140,17 +147,17 @@ def block_sparse_attn(
     """Attention of q (B, Hq, Sq, D) over the KV blocks of k, v (B, Hkv, Skv, D) that `layout` selects.
 
     Differentiable in q, k and v. Returns the output (B, Hq, Sq, D) in q's dtype, and with
-    `return_lse` also the fp32 log-sum-exp (B, Hq, Sq). `backend` is 'auto' (Triton where it runs,
-    else 'torch'), 'triton', 'torch' (gathered blocks in PyTorch ops) or 'reference' (dense masks).
+    `return_lse` also the fp32 log-sum-exp (B, Hq, Sq). `backend` is 'auto' (Triton where it runs
+    and takes the inputs, else 'torch'), 'triton', 'torch' (gathered blocks in PyTorch ops) or
+    'reference' (dense masks).
     """
     _check_qkv(q, k, v, packed=False)
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
     layout.check_compatible(q, k)
     scale = _default_scale(softmax_scale, q.shape[-1])
-    resolved = _resolve_backend(backend, q)
+    resolved = _resolve_backend(backend, q, _layout_block_sizes(layout))
     if resolved == "triton":
-        _check_triton_shapes(q, layout)
         out, lse = _triton_attention(q, k, v, layout, causal, scale, None, None)
     else:
         out, lse = _pytorch_path(resolved, return_lse)(q, k, v, layout, causal, scale)
@@ -192,9 +199,8 @@ def block_sparse_attn_varlen(
         )
     layout.head_map(q.shape[1], k.shape[1])
     scale = _default_scale(softmax_scale, q.shape[-1])
-    resolved = _resolve_backend(backend, q)
+    resolved = _resolve_backend(backend, q, _layout_block_sizes(layout))
     if resolved == "triton":
-        _check_triton_shapes(q, layout)
         out, lse = _packed_call(_triton_attention, q, k, v, cu_seqlens_q, cu_seqlens_k, layout, causal, scale)
     else:
         attention = _pytorch_path(resolved, return_lse)

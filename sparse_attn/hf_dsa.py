@@ -132,9 +132,11 @@ class HISAIndexer(torch.nn.Module):
         )
 
     @torch.no_grad()
-    def forward(
-        self, hidden_states, q_resid, position_embeddings, attention_mask, position_ids=None, past_key_values=None
-    ):
+    def forward(self, hidden_states, q_resid, position_embeddings, attention_mask, position_ids=None, **cache):
+        """The model indexer's call. `cache` holds the model's cache object under the name this transformers
+        passes it by (`past_key_values` up to 5.23, `cache` from 5.24), handed on as it came."""
+        if set(cache) - {"cache", "past_key_values"} or len(cache) > 1:
+            raise TypeError(f"HISAIndexer takes one cache argument (cache= or past_key_values=), got {sorted(cache)}")
         batch, seq_q = hidden_states.shape[:2]
         allowed = _allowed_keys(attention_mask)
         seq_kv = allowed.shape[-1]
@@ -145,15 +147,9 @@ class HISAIndexer(torch.nn.Module):
             else _key_ranges(allowed.expand(batch, seq_q, seq_kv))
         )
         if ranges is None:
-            return self.dsa_indexer(
-                hidden_states,
-                q_resid,
-                position_embeddings,
-                attention_mask,
-                position_ids,
-                past_key_values=past_key_values,
-            )
-        q, k, weights = self._index_inputs(hidden_states, q_resid, position_embeddings, past_key_values)
+            return self.dsa_indexer(hidden_states, q_resid, position_embeddings, attention_mask, position_ids, **cache)
+        cache = next(iter(cache.values()), None)
+        q, k, weights = self._index_inputs(hidden_states, q_resid, position_embeddings, cache)
         offsets = (torch.arange(batch, device=q.device) * seq_kv)[:, None]
         first, end = ranges
         selected = hisa_indexer(
@@ -169,7 +165,7 @@ class HISAIndexer(torch.nn.Module):
         )
         return _batched_indices(selected, offsets.expand(batch, seq_q).flatten(), batch, seq_q)[:, :, 0]
 
-    def _index_inputs(self, hidden_states, q_resid, position_embeddings, past_key_values):
+    def _index_inputs(self, hidden_states, q_resid, position_embeddings, cache):
         """The indexer's (q (B, Sq, H, D), cached k (B, Skv, D), weights (B, Sq, H)) as the model computes
         them, the softmax scale folded into the weights (ReLU(c x) = c ReLU(x) for c > 0)."""
         batch, seq_q = hidden_states.shape[:2]
@@ -180,7 +176,7 @@ class HISAIndexer(torch.nn.Module):
         q_rot, k_rot = self._rope(q[..., :rope_dim], k[..., :rope_dim], cos, sin, unsqueeze_dim=2)
         q = torch.cat([q_rot, q[..., rope_dim:]], dim=-1)
         k = torch.cat([k_rot, k[..., rope_dim:]], dim=-1)[:, :, 0]
-        if past_key_values is not None:
-            k = past_key_values.update_indexer(k, self.layer_idx)
+        if cache is not None:
+            k = cache.update_indexer(k, self.layer_idx)
         weights = self.weights_proj(hidden_states.to(self.weights_proj.weight.dtype)).float()
         return q, k, weights * (self.n_heads**-0.5 * self.softmax_scale)

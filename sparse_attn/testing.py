@@ -26,6 +26,7 @@ __all__ = [
     "apply_rope",
     "assert_flash_rule",
     "assert_patched_bf16_follows_flash_rule",
+    "cache_argument",
     "assert_flash_rule_with_grads",
     "max_err",
     "planted_indexer_inputs",
@@ -541,6 +542,15 @@ def assert_flash_rule_with_grads(out, ref64, same_precision, inputs, generator, 
     )
     for name, (got, ref, same) in zip("qkvabcdefgh", grads):
         assert_flash_rule(got, ref, same, 3, f"d{name}")
+
+
+def cache_argument(model, cache) -> dict:
+    """{name: cache} for a transformers model's forward: `cache` from transformers 5.24, `past_key_values`
+    before (5.24 renamed it, keeping the old name deprecated until 5.40)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def assert_patched_bf16_follows_flash_rule(model, ids, method, **options):

@@ -427,6 +427,12 @@ def test_layout_mismatch_and_block_size_errors(rng):
         block_sparse_attn(q, k, v, odd, backend="triton")
     out = block_sparse_attn(q, k, v, odd, backend="reference")  # the reference takes any block size
     assert out.shape == q.shape
+    # 'auto' takes the PyTorch path for inputs the kernels cannot take: a block size of 8, a float64 q.
+    torch.testing.assert_close(block_sparse_attn(q, k, v, odd), out)
+    wide = block_sparse_attn(q.double(), k.double(), v.double(), odd)
+    torch.testing.assert_close(wide, block_sparse_attn(q.double(), k.double(), v.double(), odd, backend="reference"))
+    with pytest.raises(TypeError, match="float64 is not supported"):
+        block_sparse_attn(q.double(), k.double(), v.double(), odd, backend="triton")
     with pytest.raises(ValueError, match="softmax_scale"):
         block_sparse_attn(q, k, v, odd, softmax_scale=-1.0)
 

@@ -20,7 +20,7 @@ from sparse_attn import hf  # noqa: E402
 from sparse_attn.methods.moba import moba_attn  # noqa: E402
 from sparse_attn.methods.xattention import save_thresholds  # noqa: E402
 from sparse_attn.reference import masked_attention  # noqa: E402
-from sparse_attn.testing import TINY_CAUSAL_LM, assert_patched_bf16_follows_flash_rule  # noqa: E402
+from sparse_attn.testing import TINY_CAUSAL_LM, assert_patched_bf16_follows_flash_rule, cache_argument  # noqa: E402
 
 SEQ_LEN, BLOCK = 256, 64
 FULL_XATTN = {"threshold": 1.0, "block_size": BLOCK, "stride": 8}
@@ -130,12 +130,12 @@ def test_static_cache_without_padding_matches_sdpa(reference_engine, method, opt
     be attended."""
     model, ids = _model("llama"), _ids()
     with torch.no_grad():
-        expected = model(ids, past_key_values=_static_cache(model, 2 * SEQ_LEN)).logits
+        expected = model(ids, **cache_argument(model, _static_cache(model, 2 * SEQ_LEN))).logits
         expected_tokens = _greedy(model, ids, cache_implementation="static")
         with hf.patched(model, method, **options):
             for mask in (None, torch.ones_like(ids)):
                 cache = _static_cache(model, 2 * SEQ_LEN)
-                logits = model(ids, attention_mask=mask, past_key_values=cache).logits
+                logits = model(ids, attention_mask=mask, **cache_argument(model, cache)).logits
                 torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
             tokens = _greedy(model, ids, cache_implementation="static")
     assert torch.equal(tokens, expected_tokens)

@@ -18,7 +18,12 @@ if not hasattr(transformers, "DeepseekV32Config"):
 from sparse_attn import hf  # noqa: E402
 from sparse_attn.hf_dsa import HISAIndexer, _key_ranges, indexed_attention  # noqa: E402
 from sparse_attn.methods.hisa import dsa_select, hisa_select  # noqa: E402
-from sparse_attn.testing import TINY_CAUSAL_LM, TINY_DSA_LM, assert_patched_bf16_follows_flash_rule  # noqa: E402
+from sparse_attn.testing import (  # noqa: E402
+    TINY_CAUSAL_LM,
+    TINY_DSA_LM,
+    assert_patched_bf16_follows_flash_rule,
+    cache_argument,
+)
 
 pytestmark = pytest.mark.usefixtures("reference_engine")
 TOPK = 8
@@ -206,9 +211,10 @@ def test_hisa_decode_selection_equals_the_prefill_row():
         model(ids)
         prefill = [selected[:, -1] for _, _, _, selected in calls]
         calls.clear()
-        cache = model(ids[:, :-1], use_cache=True).past_key_values
+        cache = cache_argument(model, transformers.DynamicCache(config=model.config))
+        model(ids[:, :-1], use_cache=True, **cache)
         calls.clear()
-        model(ids[:, -1:], past_key_values=cache, use_cache=True)
+        model(ids[:, -1:], use_cache=True, **cache)
         for handle in handles:
             handle.remove()
     decode = [selected[:, 0] for _, _, _, selected in calls]

@@ -231,10 +231,9 @@ def _attend_routes(q, k, v, routes, block_size, causal, scale, backend="auto"):
     """Each query over the blocks of its own routes [B, Hq, Sq, K]: (out in q's dtype, fp32 LSE)."""
     from .. import engine
 
-    resolved = engine._resolve_backend(backend, q)
+    resolved = engine._resolve_backend(backend, q, {"block_size": block_size})
     if resolved != "triton":
         return _pytorch_path(resolved)(q, k, v, routes, block_size, causal, scale)
-    _check_kernel_inputs(q, block_size, "block_size")
     from .._moba_ops import routed_attention
 
     return routed_attention(q, k, v, routes, block_size, causal, scale, k.shape[2])
@@ -297,7 +296,7 @@ def moba_attn_varlen_qk(
     routes = _route_packed(
         q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, moba_chunk_size, moba_topk, causal
     )
-    resolved = engine._resolve_backend(backend, q)
+    resolved = engine._resolve_backend(backend, q, {"moba_chunk_size": moba_chunk_size})
     if resolved != "triton":
         parts = [
             _pytorch_path(resolved)(
@@ -314,23 +313,12 @@ def moba_attn_varlen_qk(
         out = torch.cat([o[0].transpose(0, 1) for o, _ in parts])
         lse = torch.cat([lse[0] for _, lse in parts], dim=1)
     else:
-        _check_kernel_inputs(q, moba_chunk_size, "moba_chunk_size")
         from .._moba_ops import routed_attention
 
         out, lse = engine._packed_call(
             routed_attention, q, k, v, cu_seqlens_q, cu_seqlens_k, routes, moba_chunk_size, causal, scale, max_seqlen_k
         )
     return (out, lse) if return_lse else out
-
-
-def _check_kernel_inputs(q, block_size: int, name: str) -> None:
-    from .. import engine
-
-    engine._check_triton_inputs(q)
-    if block_size % 16:
-        raise ValueError(
-            f"{name}={block_size} must be a multiple of 16 for the Triton kernels (backend='reference' takes any size)"
-        )
 
 
 def _pairs(cu_seqlens) -> list:

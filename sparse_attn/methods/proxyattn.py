@@ -340,7 +340,7 @@ def proxy_attn(
     engine (the selection is not). gamma in (0, 1] (1: dense causal attention); num_proxy_groups
     divides Hkv (1 for MHA-like GQA ratios, Hkv for high ones); stride in [1, block_size];
     `softmax_scale` only affects the attention (the estimate uses 1 / sqrt(D)). The Triton engine
-    needs `block_size` to be a multiple of 16.
+    takes block sizes that are multiples of 16 (others run the PyTorch path).
     """
     _check_qkv(q, k, v, packed=False)
     options = dict(gamma=gamma, num_proxy_groups=num_proxy_groups, stride=stride, block_size=block_size)

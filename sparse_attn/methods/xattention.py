@@ -268,7 +268,8 @@ def xattention_attn(
     with `return_layout`, the `BlockSparseLayout` used. Differentiable in q, k and v through the
     engine (the selection itself is not). `threshold` is a float, a [Hq] tensor or a calibrated
     [layers, Hq] table read at row `layer_idx`; `softmax_scale` only affects the attention, the
-    estimate always uses 1 / (sqrt(D) S). The Triton engine needs `block_size` to be a multiple of 16.
+    estimate always uses 1 / (sqrt(D) S). The Triton engine takes block sizes that are multiples of 16
+    (others run the PyTorch path).
     """
     _check_qkv(q, k, v, packed=False)
     _check_stride(stride, block_size)
