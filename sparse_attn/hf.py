@@ -626,9 +626,10 @@ def _indexer_attention(plan: LayerPlan, layer_idx, query, key, value, attention_
     decoding = seq_q < seq_kv and seq_q <= MAX_DECODE_QUERIES
     path = "dense" if decoding and plan.decode == "dense" else plan.method
     config.stats.calls[(layer_idx, "decode" if decoding else "prefill", path)] += 1
-    out, density = indexed_attention(query, key, value, attention_mask, indices, scaling)
-    if config.stats.track_density:
-        config.stats.densities.append((layer_idx, density.item()))
+    result = indexed_attention(
+        query, key, value, attention_mask, indices, scaling, return_density=config.stats.track_density
+    )
+    out = _record_density(result, config.stats, layer_idx, lambda density: density.item())
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -848,7 +849,7 @@ def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats:
             softmax_scale=scale,
             return_layout=stats.track_density,
         )
-        return _record_layout_density(result, stats, layer_idx, causal)
+        return _record_density(result, stats, layer_idx, lambda layout: layout.density(causal=causal))
     if plan.method == "moba":
         block_size, topk = options["block_size"], options["topk"]
         if causal and q.shape[2] <= MAX_DECODE_QUERIES and q.shape[2] < k.shape[2]:
@@ -863,24 +864,22 @@ def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats:
         return out
     if plan.method == "proxyattn":
         result = proxy_attn(q, k, v, **options, causal=causal, softmax_scale=scale, return_layout=stats.track_density)
-        return _record_layout_density(result, stats, layer_idx, causal)
+        return _record_density(result, stats, layer_idx, lambda layout: layout.density(causal=causal))
     if plan.method == "s2o":
         if not causal:
             raise NotImplementedError("S2O is a causal prefill method; run non-causal layers dense (dense_layers=...)")
         result = s2o_attention(q, k, v, **options, softmax_scale=scale, return_stats=stats.track_density)
-        if not stats.track_density:
-            return result
-        stats.densities.append((layer_idx, result[1].density.item()))
-        return result[0]
+        return _record_density(result, stats, layer_idx, lambda s2o_stats: s2o_stats.density.item())
     raise AssertionError(f"no sparse path for method {plan.method!r}")
 
 
-def _record_layout_density(result, stats: AttentionStats, layer_idx, causal):
-    """The output of a layout method called with return_layout=stats.track_density, its density recorded."""
+def _record_density(result, stats: AttentionStats, layer_idx, density_of):
+    """The output of a method called to return (out, extra) when stats.track_density (else just out), with
+    `density_of(extra)` recorded."""
     if not stats.track_density:
         return result
-    out, layout = result
-    stats.densities.append((layer_idx, layout.density(causal=causal)))
+    out, extra = result
+    stats.densities.append((layer_idx, density_of(extra)))
     return out
 
 

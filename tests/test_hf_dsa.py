@@ -268,7 +268,8 @@ def test_key_ranges_and_indexed_attention_masking():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 5)
     indices = torch.tensor([[[2, 0, 1], [3, -1, 1], [0, 1, 9]]])
-    out, density = indexed_attention(q, k, v, allowed[:, None], indices, 0.5)
+    out, density = indexed_attention(q, k, v, allowed[:, None], indices, 0.5, return_density=True)
+    assert torch.equal(indexed_attention(q, k, v, allowed[:, None], indices, 0.5), out)
     assert density.item() == pytest.approx((2 / 2 + 2 / 3) / 2)  # the third row sees no key
     kept = [[2, 1], [3, 1], []]
     for row, keys in enumerate(kept):
