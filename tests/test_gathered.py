@@ -254,9 +254,9 @@ def test_chunks_are_recomputed_in_backward_above_the_saved_budget(monkeypatch):
 def test_auto_backend_on_the_cpu_is_the_gathered_path(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q = torch.zeros(1, 1, 4, 8)
-    assert engine._resolve_backend("auto", q) == "torch"
+    assert engine._resolve_backend("auto", q, {"block_size": 16}) == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
-        engine._resolve_backend("dense", q)
+        engine._resolve_backend("dense", q, {"block_size": 16})
 
 
 def test_runs_eagerly_under_torch_compile():
