@@ -202,6 +202,24 @@ def test_hisa_padding_and_decode_equal_separate_runs():
 
 
 @torch.no_grad()
+def test_packed_documents_in_a_custom_4d_mask():
+    """A block-diagonal 4D mask (two documents in one row): 'dense' follows it as SDPA does, and HISA anchors
+    the second document's blocks at its own start, so it selects and attends as that document run alone."""
+    model = _model()
+    ids = _ids(batch=1, length=40)
+    allowed = torch.ones(40, 40, dtype=torch.bool).tril()
+    allowed[20:, :20] = False
+    expected = model(ids, attention_mask=allowed[None, None]).logits
+    with hf.patched(model, "dense"):
+        dense = model(ids, attention_mask=allowed[None, None]).logits
+    with hf.patched(model, "hisa", **PRUNING):
+        packed = model(ids, attention_mask=allowed[None, None]).logits
+        alone = model(ids[:, 20:]).logits
+    torch.testing.assert_close(dense, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[0, 20:], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
 def test_hisa_decode_selection_equals_the_prefill_row():
     """Oracle 6 in the model: a decode step through the cache selects what a prefill selects for that position."""
     model = _model()
