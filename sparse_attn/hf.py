@@ -438,10 +438,10 @@ def patch(
     table_rows = config.max_table_layer()
     if table_rows is not None and layer_ids and max(layer_ids) >= table_rows:
         raise ValueError(f"the threshold table has {table_rows} layers, but the model has layer {max(layer_ids)}")
+    hisa_indexers = _hisa_indexers(model, config)  # before unpatch: a plan that fails leaves the old patch
     unpatch(model)
-    hisa_indexers = _hisa_indexers(model, config)
     previous = [(c, _read_implementation(c)) for c in _model_configs(model)]
-    handle = PatchHandle(model, config, previous, [(attention, attention.indexer) for attention, _ in hisa_indexers])
+    handle = PatchHandle(model, config, previous, [(attention, hisa.dsa_indexer) for attention, hisa in hisa_indexers])
     for attention, indexer in hisa_indexers:
         attention.indexer = indexer
     for module in model.modules():

@@ -35,11 +35,12 @@ def is_indexed_config(config) -> bool:
 
 
 def dsa_indexers(model) -> list:
-    """(attention module, its indexer) for every attention module of `model` that runs an indexer."""
+    """(attention module, the model's own indexer) for every attention module of `model` that runs an
+    indexer; where a HISAIndexer stands in, the indexer it replaced."""
     return [
-        (module, module.indexer)
+        (module, module.indexer.dsa_indexer if isinstance(module.indexer, HISAIndexer) else module.indexer)
         for module in model.modules()
-        if isinstance(getattr(module, "indexer", None), torch.nn.Module) and not isinstance(module, HISAIndexer)
+        if isinstance(getattr(module, "indexer", None), torch.nn.Module)
     ]
 
 

@@ -253,6 +253,12 @@ def test_unpatch_restores_the_indexers_and_outputs():
     assert model.model.layers[1].self_attn.indexer is own[1]
     assert list(model.state_dict()) == keys
     assert not torch.equal(model(ids).logits, before)
+    # A plan that fails leaves the patch in place; a new plan replaces the HISAIndexers of the old one.
+    with pytest.raises(ValueError, match="topk=8"):
+        hf.patch(model, "hisa", block_size=2, block_topk=3)
+    assert handle.active and isinstance(model.model.layers[0].self_attn.indexer, HISAIndexer)
+    handle = hf.patch(model, "hisa", block_size=4, block_topk=4)
+    assert [indexer.block_topk for indexer in _indexers(model)] == [4, 4]
     handle.unpatch()
     assert _indexers(model) == own
     assert torch.equal(model(ids).logits, before)
