@@ -1,6 +1,7 @@
 """Sparse-attention methods built on the selection primitives, the block-sparse engine and token-sparse attention."""
 
 from .hisa import HISABlockMeans, dsa_indexer, dsa_indexer_logits, dsa_select, hisa_indexer, hisa_select, topk_indices
+from .indexer_loss import indexer_kl_loss
 from .moba import (
     KeyShortConv,
     MoBABlockMeans,
@@ -27,6 +28,7 @@ __all__ = [
     "dsa_select",
     "hisa_indexer",
     "hisa_select",
+    "indexer_kl_loss",
     "moba_attn",
     "moba_attn_varlen",
     "moba_attn_varlen_qk",
