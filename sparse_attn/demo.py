@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from .hf_dsa import is_indexed_config
+
 # The methods each built-in model runs by default (a DSA model takes its own indexer or HISA's).
 DEFAULT_METHODS = {"llama": "dense,xattention,moba,s2o", "deepseek_v32": "dense,hisa"}
 
@@ -41,6 +43,10 @@ def add_demo_parser(commands) -> None:
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=run_demo)
+
+
+def _method_names(text: str) -> list:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _method_options(method: str, block_size: int) -> dict:
@@ -146,9 +152,8 @@ def run_demo(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     block_size = args.block_size or (128 if device.type == "cuda" else 64)
-    methods = [m.strip() for m in (args.methods or DEFAULT_METHODS[args.arch]).split(",") if m.strip()]
-    for method in methods:
-        hf.SparseAttnConfig(method, **_method_options(method, block_size))  # reject unknown names before any work
+    for method in _method_names(args.methods or ""):  # unknown names: before any work
+        hf.SparseAttnConfig(method, **_method_options(method, block_size))
 
     if args.model:
         from transformers import AutoModelForCausalLM
@@ -162,6 +167,15 @@ def run_demo(args) -> int:
             print(f"demo: {err}")
             return 1
     model = model.to(device=device, dtype=dtype).eval()
+    # A DSA model (a checkpoint, or --arch deepseek_v32) runs its own indexer and HISA by default.
+    dsa = any(is_indexed_config(c) for c in hf._model_configs(model))
+    methods = _method_names(args.methods or DEFAULT_METHODS["deepseek_v32" if dsa else "llama"])
+    try:
+        for method in methods:  # whether this model takes the method: patch's own check, before any work
+            hf._hisa_indexers(model, hf.SparseAttnConfig(method, **_method_options(method, block_size)))
+    except ValueError as err:
+        print(f"demo: {err}")
+        return 1
     ids = _structured_prompt(model.config.vocab_size, args.prompt_len, args.seed).to(device)
     engine = "triton" if triton_available(device) else "PyTorch paths"
     print(

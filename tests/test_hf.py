@@ -488,6 +488,10 @@ def test_demo_command_dsa(reference_engine, capsys):
     _, _, density, agree, kl, match = rows["dense"]
     assert (agree, match) == ("1.000", "1.000") and float(kl) < 1e-6
     assert 0.3 < float(density) < 1 and 0.3 < float(rows["hisa"][2]) < 1
+    # A method the model cannot take is refused before any work, with patch's reason.
+    assert main(["demo", "--arch", "deepseek_v32", "--methods", "dense,moba", "--device", "cpu"]) == 1
+    assert main(["demo", "--methods", "hisa", "--device", "cpu"]) == 1
+    assert "has none" in capsys.readouterr().out
 
 
 def test_demo_command(reference_engine, capsys):
