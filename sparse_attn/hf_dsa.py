@@ -111,13 +111,16 @@ class HISAIndexer(torch.nn.Module):
         kind = type(dsa_indexer).__name__
         if kind not in _INDEXER_ROPE:
             raise NotImplementedError(f"HISA knows the indexers {sorted(_INDEXER_ROPE)}, not {kind}")
+        from transformers.cache_utils import Cache
+
         missing = [name for name in (*_INDEXER_PARTS, *_INDEXER_ATTRS) if not hasattr(dsa_indexer, name)]
-        rope = getattr(sys.modules.get(type(dsa_indexer).__module__), _INDEXER_ROPE[kind], None)
-        if missing or rope is None:
-            raise NotImplementedError(
-                f"HISA cannot replace {kind}: this transformers version's indexer lacks "
-                f"{missing or [_INDEXER_ROPE[kind] + ' in its module']}"
-            )
+        if getattr(sys.modules.get(type(dsa_indexer).__module__), _INDEXER_ROPE[kind], None) is None:
+            missing.append(f"{_INDEXER_ROPE[kind]} in its module")
+        if not hasattr(Cache, "update_indexer"):
+            missing.append("Cache.update_indexer (the indexer key cache)")
+        if missing:
+            raise NotImplementedError(f"HISA cannot replace {kind}: this transformers version lacks {missing}")
+        rope = getattr(sys.modules[type(dsa_indexer).__module__], _INDEXER_ROPE[kind])
         check_options(block_size=block_size, block_topk=block_topk, topk=dsa_indexer.index_topk, forced=forced)
         for name in _INDEXER_PARTS:
             setattr(self, name, getattr(dsa_indexer, name))

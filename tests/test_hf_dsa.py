@@ -12,8 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the HF integration needs transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if not hasattr(transformers, "DeepseekV32Config"):
-    pytest.skip("this transformers has no DeepSeek-V3.2 model", allow_module_level=True)
+if not hasattr(transformers, "DeepseekV32Config") or not hasattr(transformers.Cache, "update_indexer"):
+    pytest.skip("this transformers has no DeepSeek-V3.2 model with an indexer key cache", allow_module_level=True)
 
 from sparse_attn import hf  # noqa: E402
 from sparse_attn.hf_dsa import HISAIndexer, _key_ranges, indexed_attention  # noqa: E402
@@ -264,7 +264,7 @@ def test_unpatch_restores_the_indexers_and_outputs():
     assert torch.equal(model(ids).logits, before)
 
 
-def test_methods_that_do_not_fit_raise():
+def test_methods_that_do_not_fit_raise(monkeypatch):
     model = _model()
     with pytest.raises(ValueError, match="DeepSeek Sparse Attention model"):
         hf.patch(model, "xattention")
@@ -280,6 +280,11 @@ def test_methods_that_do_not_fit_raise():
         hf.patch(llama, "hisa")
     with pytest.raises(ValueError, match="use sparse_attn.hf.patch"):
         hf.configure("hisa")
+    # A transformers whose caches keep no indexer keys cannot host HISA: said at patch time.
+    monkeypatch.delattr(transformers.cache_utils.Cache, "update_indexer")
+    with pytest.raises(NotImplementedError, match="update_indexer"):
+        hf.patch(model, "hisa", **PRUNING)
+    assert not getattr(model, "_sparse_attn_handle", None)
 
 
 def test_key_ranges_and_indexed_attention_masking():
