@@ -86,9 +86,10 @@ def _key_ranges(allowed):
     when some row's visible keys are not one interval (a custom mask: HISA's blocks need a sequence start).
     Rows that see no key get (0, 0)."""
     seq_kv = allowed.shape[-1]
-    count = allowed.sum(dim=-1)
-    first = allowed.int().argmax(dim=-1)
-    end = seq_kv - allowed.flip(-1).int().argmax(dim=-1)
+    as_int = allowed.int()
+    count = as_int.sum(dim=-1)
+    first = as_int.argmax(dim=-1)
+    end = seq_kv - as_int.flip(-1).argmax(dim=-1)
     empty = count == 0
     if not bool(((count == end - first) | empty).all()):
         return None
@@ -114,13 +115,13 @@ class HISAIndexer(torch.nn.Module):
         from transformers.cache_utils import Cache
 
         missing = [name for name in (*_INDEXER_PARTS, *_INDEXER_ATTRS) if not hasattr(dsa_indexer, name)]
-        if getattr(sys.modules.get(type(dsa_indexer).__module__), _INDEXER_ROPE[kind], None) is None:
+        rope = getattr(sys.modules.get(type(dsa_indexer).__module__), _INDEXER_ROPE[kind], None)
+        if rope is None:
             missing.append(f"{_INDEXER_ROPE[kind]} in its module")
         if not hasattr(Cache, "update_indexer"):
             missing.append("Cache.update_indexer (the indexer key cache)")
         if missing:
             raise NotImplementedError(f"HISA cannot replace {kind}: this transformers version lacks {missing}")
-        rope = getattr(sys.modules[type(dsa_indexer).__module__], _INDEXER_ROPE[kind])
         check_options(block_size=block_size, block_topk=block_topk, topk=dsa_indexer.index_topk, forced=forced)
         for name in _INDEXER_PARTS:
             setattr(self, name, getattr(dsa_indexer, name))

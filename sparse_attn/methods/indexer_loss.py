@@ -25,12 +25,11 @@ _CHUNK_ELEMENTS = 1 << 24
 def _check_inputs(index_scores, q, k, indices, reduction):
     _check_qkv(q, k, k, packed=False)
     batch, _, seq_q, _ = q.shape
-    width = k.shape[2] if indices is None else None
     if indices is not None:
         _check_tensor(indices, "indices", dim=3, dtypes=(torch.int32, torch.int64))
         if tuple(indices.shape[:2]) != (batch, seq_q) or indices.device != q.device:
             raise ValueError(f"indices must be (B={batch}, Sq={seq_q}, K) on {q.device}, got {tuple(indices.shape)}")
-        width = indices.shape[2]
+    width = k.shape[2] if indices is None else indices.shape[2]
     _check_tensor(index_scores, "index_scores", dim=3, dtypes=(*KERNEL_DTYPES, torch.float64))
     if tuple(index_scores.shape) != (batch, seq_q, width) or index_scores.device != q.device:
         raise ValueError(
@@ -90,8 +89,9 @@ def indexer_kl_loss(index_scores, q, k, *, indices=None, softmax_scale=None, cau
     for start in range(0, seq_q, step):
         rows = slice(start, min(seq_q, start + step))
         target = _targets(q.detach(), k.detach(), rows, indices, allowed[:, rows], scale, dtype)
-        _, lse = reference.masked_softmax(index_scores[:, rows].to(dtype), allowed[:, rows])
-        log_model = index_scores[:, rows].to(dtype) - lse[..., None]
+        scores = index_scores[:, rows].to(dtype)
+        _, lse = reference.masked_softmax(scores, allowed[:, rows])
+        log_model = scores - lse[..., None]
         terms = torch.xlogy(target, target) - target * log_model.masked_fill(~allowed[:, rows], 0.0)
         losses.append(terms.sum(dim=-1))
     per_row = torch.cat(losses, dim=1) if losses else index_scores.new_zeros(q.shape[0], 0, dtype=dtype)
