@@ -14,6 +14,7 @@ import torch
 from ._native import HAS_NATIVE, _has_kernel
 from .engine import _check_qkv, _default_scale
 from .layout import BlockSparseLayout
+from .sinks import check_attn_sink, with_attn_sink
 
 __all__ = ["block_sparse_decode", "decode_available", "decode_kernel_accepts", "MAX_DECODE_QUERIES"]
 
@@ -44,7 +45,16 @@ def decode_kernel_accepts(q, k, v) -> bool:
 
 
 def block_sparse_decode(
-    q, k, v, layout: BlockSparseLayout, *, causal=True, softmax_scale=None, num_splits=0, return_lse=False
+    q,
+    k,
+    v,
+    layout: BlockSparseLayout,
+    *,
+    causal=True,
+    softmax_scale=None,
+    attn_sink=None,
+    num_splits=0,
+    return_lse=False,
 ):
     """Attention of q (B, Hq, Sq, D), Sq <= 16, over the KV blocks of k, v (B, Hkv, Skv, D) that `layout` selects.
 
@@ -52,12 +62,14 @@ def block_sparse_decode(
     block list. `num_splits` cuts each row's block list into that many shares computed in parallel
     and merged by log-sum-exp; 0 lets the op choose from the shapes. Returns the output (B, Hq, Sq, D)
     in q's dtype, and with `return_lse` also the fp32 natural-log LSE (B, Hq, Sq); rows without a
-    visible key give 0 and -inf. Inference only: use `block_sparse_attn` for gradients.
+    visible key give 0 and -inf. `attn_sink` as in `block_sparse_attn` (the LSE stays the sink-free
+    one). Inference only: use `block_sparse_attn` for gradients.
     """
     _check_qkv(q, k, v, packed=False)
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
     layout.check_compatible(q, k)
+    check_attn_sink(attn_sink, q.shape[1], q.device)
     seq_len_q, head_dim = q.shape[2], q.shape[3]
     if seq_len_q > MAX_DECODE_QUERIES:
         raise ValueError(
@@ -98,6 +110,7 @@ def block_sparse_decode(
     out, lse = torch.ops.sparse_attn.block_sparse_decode(
         q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.kv_block_size, causal, scale, num_splits
     )
+    out = with_attn_sink(out, lse, attn_sink)
     return (out, lse) if return_lse else out
 
 

@@ -22,6 +22,7 @@ import torch
 
 from . import gathered, reference
 from .layout import BlockSparseLayout
+from .sinks import check_attn_sink, with_attn_sink
 
 __all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "triton_available"]
 
@@ -142,25 +143,37 @@ def _default_scale(scale, head_dim) -> float:
 
 # ---------------------------------------------------------------------------------- public API
 def block_sparse_attn(
-    q, k, v, layout: BlockSparseLayout, *, causal=True, softmax_scale=None, return_lse=False, backend="auto"
+    q,
+    k,
+    v,
+    layout: BlockSparseLayout,
+    *,
+    causal=True,
+    softmax_scale=None,
+    attn_sink=None,
+    return_lse=False,
+    backend="auto",
 ):
     """Attention of q (B, Hq, Sq, D) over the KV blocks of k, v (B, Hkv, Skv, D) that `layout` selects.
 
-    Differentiable in q, k and v. Returns the output (B, Hq, Sq, D) in q's dtype, and with
-    `return_lse` also the fp32 log-sum-exp (B, Hq, Sq). `backend` is 'auto' (Triton where it runs
-    and takes the inputs, else 'torch'), 'triton', 'torch' (gathered blocks in PyTorch ops) or
-    'reference' (dense masks).
+    Differentiable in q, k and v (and `attn_sink`, one logit per query head that joins every row's
+    softmax with no value, as GPT-OSS's sinks; see `sparse_attn.sinks`). Returns the output
+    (B, Hq, Sq, D) in q's dtype, and with `return_lse` also the fp32 log-sum-exp (B, Hq, Sq) of the
+    attended logits (without the sink). `backend` is 'auto' (Triton where it runs and takes the
+    inputs, else 'torch'), 'triton', 'torch' (gathered blocks in PyTorch ops) or 'reference' (dense masks).
     """
     _check_qkv(q, k, v, packed=False)
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
     layout.check_compatible(q, k)
+    check_attn_sink(attn_sink, q.shape[1], q.device)
     scale = _default_scale(softmax_scale, q.shape[-1])
     resolved = _resolve_backend(backend, q, _layout_block_sizes(layout))
     if resolved == "triton":
         out, lse = _triton_attention(q, k, v, layout, causal, scale, None, None)
     else:
-        out, lse = _pytorch_path(resolved, return_lse)(q, k, v, layout, causal, scale)
+        out, lse = _pytorch_path(resolved, return_lse or attn_sink is not None)(q, k, v, layout, causal, scale)
+    out = with_attn_sink(out, lse, attn_sink)
     return (out, lse) if return_lse else out
 
 
@@ -176,15 +189,18 @@ def block_sparse_attn_varlen(
     *,
     causal=True,
     softmax_scale=None,
+    attn_sink=None,
     return_lse=False,
     backend="auto",
 ):
     """Packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D), int32 cumulative lengths.
 
     Block grids restart at every sequence start: the layout's batch axis is the sequence index and
-    its query blocks cover `max_seqlen_q`. The LSE, if returned, is fp32 (Hq, total_q).
+    its query blocks cover `max_seqlen_q`. The LSE, if returned, is fp32 (Hq, total_q). `attn_sink`
+    as in `block_sparse_attn`.
     """
     _check_qkv(q, k, v, packed=True)
+    check_attn_sink(attn_sink, q.shape[1], q.device)
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
     num_seqs = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
@@ -203,8 +219,9 @@ def block_sparse_attn_varlen(
     if resolved == "triton":
         out, lse = _packed_call(_triton_attention, q, k, v, cu_seqlens_q, cu_seqlens_k, layout, causal, scale)
     else:
-        attention = _pytorch_path(resolved, return_lse)
+        attention = _pytorch_path(resolved, return_lse or attn_sink is not None)
         out, lse = _per_sequence(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, layout, causal, scale)
+    out = with_attn_sink(out.transpose(0, 1), lse, attn_sink, head_axis=0).transpose(0, 1)
     return (out, lse) if return_lse else out
 
 

@@ -60,6 +60,7 @@ from .methods.s2o import s2o_attention
 from .methods.xattention import check_options as check_xattention_options
 from .methods.xattention import load_thresholds, xattention_attn
 from .reference import causal_token_mask
+from .sinks import check_attn_sink, sdpa_with_sink
 
 __all__ = [
     "ATTENTION_NAME",
@@ -553,11 +554,11 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     plan = config.plan(layer_idx if isinstance(layer_idx, int) else None)
     if kwargs.get("indices") is not None:
         return _indexer_attention(
-            plan, layer_idx, query, key, value, attention_mask, kwargs["indices"], scaling, config
+            plan, layer_idx, query, key, value, attention_mask, kwargs["indices"], scaling, kwargs.get("s_aux"), config
         )
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    window, softcap, sink = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
 
     custom_mask = attention_mask is not None and attention_mask.dim() == 4
     keep = None
@@ -593,7 +594,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     config.stats.calls[(layer_idx, "decode" if decoding else "prefill", path)] += 1
 
     if path == "dense":
-        dense = _DenseArgs(causal, scaling, window, softcap)
+        dense = _DenseArgs(causal, scaling, window, softcap, sink)
         if custom_mask:
             out = _dense_attention(query, key, value, dense, custom_mask=attention_mask)
         elif keep is not None and decoding:
@@ -605,7 +606,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         pieces = _sequence_pieces(keep, query.shape[0], seq_q, seq_kv, kwargs, query.device)
 
         def method(q, k, v):
-            return _method_attention(plan, layer_idx, q, k, v, causal, scaling, config.stats)
+            return _method_attention(plan, layer_idx, q, k, v, causal, scaling, sink, config.stats)
 
         out = _run_pieces(method, query, key, value, pieces)
     return out.transpose(1, 2).contiguous(), None
@@ -614,7 +615,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
 _DENSE_FALLBACK = SparseAttnConfig("dense")
 
 
-def _indexer_attention(plan: LayerPlan, layer_idx, query, key, value, attention_mask, indices, scaling, config):
+def _indexer_attention(plan: LayerPlan, layer_idx, query, key, value, attention_mask, indices, scaling, sink, config):
     """A DSA model's attention over its indexer's selection (under 'dense' its own indexer chose it; under
     'hisa' a HISAIndexer did, except for decode steps with decode='dense')."""
     if plan.method not in _INDEXED_METHODS:
@@ -627,7 +628,7 @@ def _indexer_attention(plan: LayerPlan, layer_idx, query, key, value, attention_
     path = "dense" if decoding and plan.decode == "dense" else plan.method
     config.stats.calls[(layer_idx, "decode" if decoding else "prefill", path)] += 1
     result = indexed_attention(
-        query, key, value, attention_mask, indices, scaling, return_density=config.stats.track_density
+        query, key, value, attention_mask, indices, scaling, attn_sink=sink, return_density=config.stats.track_density
     )
     out = _record_density(result, config.stats, layer_idx, lambda density: density.item())
     return out.transpose(1, 2).contiguous(), None
@@ -644,8 +645,6 @@ def _reject_unsupported(dropout, kwargs) -> None:
             "output_attentions=True is not supported by sparse_attn (no attention weights are formed); "
             "use attn_implementation='eager' to inspect attention weights"
         )
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks (s_aux) are not supported by sparse_attn")
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError(
             "an additive position_bias (T5-style relative attention bias) is not supported by sparse_attn; "
@@ -777,10 +776,12 @@ class _DenseArgs:
     scale: float | None
     window: int | None
     softcap: float | None
+    sink: torch.Tensor | None  # one logit per query head (transformers' s_aux)
 
 
 def _dense_attention(query, key, value, args: _DenseArgs, *, keep=None, custom_mask=None):
-    """SDPA (eager when softcapping) with native GQA; causal bottom-right, sliding window, padding keep-mask."""
+    """SDPA (eager when softcapping) with native GQA; causal bottom-right, sliding window, padding keep-mask,
+    attention sinks."""
     seq_q, seq_kv = query.shape[2], key.shape[2]
     allowed, is_causal = custom_mask, False
     if custom_mask is None:
@@ -803,6 +804,11 @@ def _dense_attention(query, key, value, args: _DenseArgs, *, keep=None, custom_m
             allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
         else:
             is_causal = args.causal and seq_q > 1
+    if args.sink is not None:
+        if args.softcap is not None:
+            raise NotImplementedError("attention sinks (s_aux) together with logit softcapping are not supported")
+        check_attn_sink(args.sink, query.shape[1], query.device)
+        return sdpa_with_sink(query, key, value, args.sink, attn_mask=allowed, is_causal=is_causal, scale=args.scale)
     if args.softcap is not None:
         return _softcapped_attention(query, key, value, allowed, is_causal, args.scale, args.softcap)
     return F.scaled_dot_product_attention(
@@ -833,7 +839,7 @@ def _softcapped_attention(query, key, value, allowed, is_causal, scale, softcap)
 
 
 # ---------------------------------------------------------------------------------- methods
-def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats: AttentionStats):
+def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, sink, stats: AttentionStats):
     options = plan.options
     if plan.method == "xattention":
         result = xattention_attn(
@@ -847,6 +853,7 @@ def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats:
             causal=causal,
             chunk_size=options["chunk_size"],
             softmax_scale=scale,
+            attn_sink=sink,
             return_layout=stats.track_density,
         )
         return _record_density(result, stats, layer_idx, lambda layout: layout.density(causal=causal))
@@ -856,19 +863,25 @@ def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, stats:
             # Routed decode: the split-KV kernel over the routed blocks. Block means are pooled from the
             # cache each step: transformers does not hand the cache object to attention functions, so an
             # incremental MoBABlockMeans could not notice beam reordering or a new sequence.
-            out = moba_decode(q, k, v, block_size=block_size, topk=topk, softmax_scale=scale)
+            out = moba_decode(q, k, v, block_size=block_size, topk=topk, softmax_scale=scale, attn_sink=sink)
         else:
-            out = moba_attn(q, k, v, block_size=block_size, topk=topk, causal=causal, softmax_scale=scale)
+            out = moba_attn(
+                q, k, v, block_size=block_size, topk=topk, causal=causal, softmax_scale=scale, attn_sink=sink
+            )
         if stats.track_density:
             stats.densities.append((layer_idx, _moba_density(q, k, block_size, topk, causal)))
         return out
     if plan.method == "proxyattn":
-        result = proxy_attn(q, k, v, **options, causal=causal, softmax_scale=scale, return_layout=stats.track_density)
+        result = proxy_attn(
+            q, k, v, **options, causal=causal, softmax_scale=scale, attn_sink=sink, return_layout=stats.track_density
+        )
         return _record_density(result, stats, layer_idx, lambda layout: layout.density(causal=causal))
     if plan.method == "s2o":
         if not causal:
             raise NotImplementedError("S2O is a causal prefill method; run non-causal layers dense (dense_layers=...)")
-        result = s2o_attention(q, k, v, **options, softmax_scale=scale, return_stats=stats.track_density)
+        result = s2o_attention(
+            q, k, v, **options, softmax_scale=scale, attn_sink=sink, return_stats=stats.track_density
+        )
         return _record_density(result, stats, layer_idx, lambda s2o_stats: s2o_stats.density.item())
     raise AssertionError(f"no sparse path for method {plan.method!r}")
 

@@ -49,13 +49,14 @@ def _allowed_keys(mask):
     return mask if mask.dtype == torch.bool else mask == 0
 
 
-def indexed_attention(query, key, value, attention_mask, indices, scaling, *, return_density=False):
+def indexed_attention(query, key, value, attention_mask, indices, scaling, *, attn_sink=None, return_density=False):
     """Attention of query (B, H, Sq, D) over the positions `indices` int (B, Sq, K) of key (B, H, Skv, D)
     and value (B, H, Skv, Dv) that the mask also allows (-1 and masked positions are dropped: DSA's top-k
     of a row with fewer than K visible keys names masked ones).
 
     attention_mask: transformers' 4D (B, 1, Sq, Skv) mask (bool, or additive with 0 where allowed), or
-    None for plain bottom-right causal attention. Returns the output (B, H, Sq, Dv), and with
+    None for plain bottom-right causal attention. `attn_sink`: one logit per head (transformers' s_aux), or
+    None. Returns the output (B, H, Sq, Dv), and with
     `return_density` also the fraction of visible keys attended, averaged over the rows that see any
     (a 0-d tensor: reading it is the caller's device sync).
     """
@@ -73,7 +74,7 @@ def indexed_attention(query, key, value, attention_mask, indices, scaling, *, re
     allowed = allowed.expand(query.shape[0], seq_q, seq_kv)
     valid &= allowed.gather(-1, columns)
     chosen = torch.where(valid, positions, -1).to(torch.int32)[:, :, None]
-    out = token_sparse_attn(query, key, value, chosen, softmax_scale=scaling)
+    out = token_sparse_attn(query, key, value, chosen, softmax_scale=scaling, attn_sink=attn_sink)
     if not return_density:
         return out
     visible = allowed.sum(dim=-1)

@@ -65,18 +65,25 @@ def _disabled(fn):
 
 
 @eager_under_compile
-def masked_attention(q, k, v, allowed, *, softmax_scale=None, compute_dtype=torch.float64):
+def masked_attention(q, k, v, allowed, *, softmax_scale=None, attn_sink=None, compute_dtype=torch.float64):
     """softmax(scale * q k^T restricted to `allowed`) v, with GQA by head repetition.
 
-    q (B, Hq, Sq, D); k, v (B, Hkv, Skv, D); allowed bool broadcastable to (B, Hq, Sq, Skv).
-    Returns (out (B, Hq, Sq, D), lse (B, Hq, Sq)) in `compute_dtype`. torch.compile runs it eagerly.
+    q (B, Hq, Sq, D); k, v (B, Hkv, Skv, D); allowed bool broadcastable to (B, Hq, Sq, Skv);
+    attn_sink None or one logit per query head, joining every row's softmax as one more column with
+    no value. Returns (out (B, Hq, Sq, D), lse (B, Hq, Sq) of the attended logits, without the sink)
+    in `compute_dtype`. torch.compile runs it eagerly.
     """
     group = q.shape[1] // k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = (t.to(compute_dtype) for t in (q, k, v))
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    probs, lse = masked_softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, allowed)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    probs, lse = masked_softmax(logits, allowed)
+    if attn_sink is not None:
+        sink = attn_sink.to(compute_dtype)[None, :, None, None].expand(*logits.shape[:-1], 1)
+        with_sink = torch.cat([allowed.expand_as(logits), torch.ones_like(sink, dtype=torch.bool)], dim=-1)
+        probs = masked_softmax(torch.cat([logits, sink], dim=-1), with_sink)[0][..., :-1]
     return torch.matmul(probs, v), lse
 
 
@@ -98,12 +105,16 @@ def _layout_token_mask(layout, num_q_heads: int, num_kv_heads: int) -> torch.Ten
 
 
 @eager_under_compile
-def block_sparse_attention_reference(q, k, v, layout, *, causal=True, softmax_scale=None, compute_dtype=torch.float64):
+def block_sparse_attention_reference(
+    q, k, v, layout, *, causal=True, softmax_scale=None, attn_sink=None, compute_dtype=torch.float64
+):
     """Attention over the KV blocks that `layout` selects for each query block (and head)."""
     allowed = _layout_token_mask(layout, q.shape[1], k.shape[1])
     if causal:
         allowed = allowed & causal_token_mask(q.shape[2], k.shape[2], q.device)
-    return masked_attention(q, k, v, allowed, softmax_scale=softmax_scale, compute_dtype=compute_dtype)
+    return masked_attention(
+        q, k, v, allowed, softmax_scale=softmax_scale, attn_sink=attn_sink, compute_dtype=compute_dtype
+    )
 
 
 @eager_under_compile

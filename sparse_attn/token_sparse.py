@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .engine import KERNEL_DTYPES, _check_qkv, _default_scale, choose_backend
+from .engine import _check_qkv, _default_scale, choose_backend
 from .selection import _check_int, _check_tensor
+from .sinks import check_attn_sink, with_attn_sink
 
 __all__ = ["sparse_mla", "token_sparse_attn"]
 
@@ -46,10 +47,7 @@ def _check_inputs(q, k, v, indices, attn_sink):
         raise ValueError(f"indices must start with [B={batch}, Sq={seq_q}], got shape {tuple(indices.shape)}")
     if indices.shape[2] not in (k.shape[1], 1):
         raise ValueError(f"indices dim 2 must be the number of KV heads ({k.shape[1]}) or 1, got {indices.shape[2]}")
-    if attn_sink is not None:
-        _check_tensor(attn_sink, "attn_sink", dim=1, dtypes=(torch.float64, *KERNEL_DTYPES))
-        if attn_sink.shape[0] != q.shape[1] or attn_sink.device != q.device:
-            raise ValueError(f"attn_sink must be ({q.shape[1]},) on {q.device}, got {tuple(attn_sink.shape)}")
+    check_attn_sink(attn_sink, q.shape[1], q.device)
 
 
 def _as_kernel_indices(indices, seq_len_kv: int):
@@ -132,9 +130,7 @@ def token_sparse_attn(
         out, lse = _gathered_attention(q, k, v, indices, scale)
     else:
         out, lse = _reference_attention(q, k, v, indices, scale)
-    if attn_sink is not None:
-        kept = torch.sigmoid(lse - attn_sink.float()[:, None])  # exp(lse) / (exp(lse) + exp(sink))
-        out = (out * kept[..., None]).to(q.dtype)
+    out = with_attn_sink(out, lse, attn_sink)
     return (out, lse) if return_lse else out
 
 

@@ -299,8 +299,8 @@ def test_unsupported_features_raise():
         hf.sparse_attention_forward(module, q, k, v, None, dropout=0.1)
     with pytest.raises(NotImplementedError, match="output_attentions"):
         hf.sparse_attention_forward(module, q, k, v, None, output_attentions=True)
-    with pytest.raises(NotImplementedError, match="s_aux"):
-        hf.sparse_attention_forward(module, q, k, v, None, s_aux=torch.zeros(4))
+    with pytest.raises(ValueError, match="attn_sink must be one logit per query head"):  # sinks work (test_hf_sinks)
+        hf.sparse_attention_forward(module, q, k, v, None, s_aux=torch.zeros(3))
     with pytest.raises(NotImplementedError, match="position_bias"):
         hf.sparse_attention_forward(module, q, k, v, None, position_bias=torch.zeros(1, 4, 64, 64))
     with pytest.raises(NotImplementedError, match="4D attention mask"):

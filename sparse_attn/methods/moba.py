@@ -30,6 +30,7 @@ from torch import nn
 from .. import reference, routed_torch
 from .._native import HAS_NATIVE, _has_kernel
 from ..selection import _FLOAT_TYPES, _check_int, _check_tensor, block_mean_pool, topk_rows
+from ..sinks import check_attn_sink, with_attn_sink
 
 __all__ = [
     "KeyShortConv",
@@ -211,19 +212,24 @@ def _ascending_padded(indices: torch.Tensor) -> torch.Tensor:
     return torch.where(ascending == missing, -1, ascending)
 
 
-def moba_attn(q, k, v, *, block_size, topk, causal=True, softmax_scale=None, return_lse=False, backend="auto"):
+def moba_attn(
+    q, k, v, *, block_size, topk, causal=True, softmax_scale=None, attn_sink=None, return_lse=False, backend="auto"
+):
     """MoBA attention: q (B, Hq, S, D), k and v (B, Hkv, S, D) (Sq <= Skv: bottom-right aligned).
 
     Routes with :func:`moba_route` (no gradient through routing), then attends to the routed
     blocks; differentiable in q, k and v. When topk * block_size covers every block, the result is
-    dense causal attention. `backend` is 'auto', 'triton', 'torch' or 'reference' as in `block_sparse_attn`.
+    dense causal attention. `attn_sink`, `return_lse` and `backend` ('auto', 'triton', 'torch' or
+    'reference') as in `block_sparse_attn`; the sink does not take part in routing.
     """
     from .. import engine
 
     engine._check_qkv(q, k, v, packed=False)
+    check_attn_sink(attn_sink, q.shape[1], q.device)
     routes = moba_route(q.detach(), k.detach(), block_size=block_size, topk=topk, causal=causal)
     scale = engine._default_scale(softmax_scale, q.shape[-1])
     out, lse = _attend_routes(q, k, v, routes, block_size, causal, scale, backend)
+    out = with_attn_sink(out, lse, attn_sink)
     return (out, lse) if return_lse else out
 
 
@@ -393,14 +399,15 @@ class MoBABlockMeans:
         return means
 
 
-def moba_decode(q, k, v, *, block_size, topk, block_means=None, softmax_scale=None):
+def moba_decode(q, k, v, *, block_size, topk, block_means=None, softmax_scale=None, attn_sink=None):
     """Routed MoBA decode: q (B, Hq, Sq <= 16, D), the newest queries, against the cache k, v (B, Hkv, Skv, D).
 
     Causal, bottom-right aligned: each query routes exactly as row t of a full prefill would (the
     current block plus the top topk - 1 complete past blocks by q . block mean), then attends to
     those blocks. `block_means`, a :class:`MoBABlockMeans` that follows this cache, saves pooling
     the whole cache every step. One query per sequence runs the split-KV decode kernel; more, or
-    inputs it cannot take (gradients, dtypes), run the engine. Returns (B, Hq, Sq, D).
+    inputs it cannot take (gradients, dtypes), run the engine. `attn_sink` as in `moba_attn`.
+    Returns (B, Hq, Sq, D).
     """
     from .. import engine
     from ..decode import MAX_DECODE_QUERIES, block_sparse_decode, decode_kernel_accepts
@@ -408,6 +415,7 @@ def moba_decode(q, k, v, *, block_size, topk, block_means=None, softmax_scale=No
 
     engine._check_qkv(q, k, v, packed=False)
     _check_route_args(q, k, block_size, topk, True)
+    check_attn_sink(attn_sink, q.shape[1], q.device)
     if q.shape[2] > MAX_DECODE_QUERIES:
         raise ValueError(f"moba_decode takes at most {MAX_DECODE_QUERIES} queries, got Sq={q.shape[2]}; use moba_attn")
     if block_means is None:
@@ -426,8 +434,8 @@ def moba_decode(q, k, v, *, block_size, topk, block_means=None, softmax_scale=No
             seq_len_q=1,
             seq_len_kv=k.shape[2],
         )
-        return block_sparse_decode(q, k, v, layout, softmax_scale=scale)
-    return _attend_routes(q, k, v, routes, block_size, True, scale)[0]
+        return block_sparse_decode(q, k, v, layout, softmax_scale=scale, attn_sink=attn_sink)
+    return with_attn_sink(*_attend_routes(q, k, v, routes, block_size, True, scale), attn_sink)
 
 
 def _register_fake() -> None:

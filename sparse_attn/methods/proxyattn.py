@@ -32,6 +32,7 @@ from ..engine import _check_cu_seqlens, _check_qkv, block_sparse_attn, block_spa
 from ..layout import BlockSparseLayout, selectable_blocks
 from ..reference import working_dtype
 from ..selection import _check_int, block_score_lengths, threshold_select
+from ..sinks import check_attn_sink
 from .scoring import KERNEL_DTYPES, block_scores_kernel_runs, check_scored_qk
 
 __all__ = [
@@ -331,6 +332,7 @@ def proxy_attn(
     min_budget_tokens=2048,
     causal=True,
     softmax_scale=None,
+    attn_sink=None,
     return_layout=False,
 ):
     """ProxyAttn prefill: proxy estimate, per-head budgets, selection, then the block-sparse engine.
@@ -340,16 +342,18 @@ def proxy_attn(
     engine (the selection is not). gamma in (0, 1] (1: dense causal attention); num_proxy_groups
     divides Hkv (1 for MHA-like GQA ratios, Hkv for high ones); stride in [1, block_size];
     `softmax_scale` only affects the attention (the estimate uses 1 / sqrt(D)). The Triton engine
-    takes block sizes that are multiples of 16 (others run the PyTorch path).
+    takes block sizes that are multiples of 16 (others run the PyTorch path). `attn_sink` as in
+    `block_sparse_attn` (it does not take part in the estimate or the budget).
     """
     _check_qkv(q, k, v, packed=False)
+    check_attn_sink(attn_sink, q.shape[1], q.device)
     options = dict(gamma=gamma, num_proxy_groups=num_proxy_groups, stride=stride, block_size=block_size)
     check_options(**options, min_budget_tokens=min_budget_tokens)
     mask = _selection(q, k, **options, min_budget_tokens=min_budget_tokens, causal=causal)
     layout = BlockSparseLayout.from_dense_mask(
         mask, q_block_size=block_size, kv_block_size=block_size, seq_len_q=q.shape[2], seq_len_kv=k.shape[2]
     )
-    out = block_sparse_attn(q, k, v, layout, causal=causal, softmax_scale=softmax_scale)
+    out = block_sparse_attn(q, k, v, layout, causal=causal, softmax_scale=softmax_scale, attn_sink=attn_sink)
     return (out, layout) if return_layout else out
 
 
@@ -369,14 +373,17 @@ def proxy_attn_varlen(
     min_budget_tokens=2048,
     causal=True,
     softmax_scale=None,
+    attn_sink=None,
     return_layout=False,
 ):
     """ProxyAttn on packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D), int32 cumulative lengths.
 
     Every sequence is estimated, budgeted and selected on its own (blocks restart at its start), then
     one varlen engine call attends all of them; the layout's batch axis is the sequence index.
+    `attn_sink` as in `proxy_attn`.
     """
     _check_qkv(q, k, v, packed=True)
+    check_attn_sink(attn_sink, q.shape[1], q.device)
     options = dict(gamma=gamma, num_proxy_groups=num_proxy_groups, stride=stride, block_size=block_size)
     check_options(**options, min_budget_tokens=min_budget_tokens)
     num_seqs = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
@@ -396,6 +403,6 @@ def proxy_attn_varlen(
     )
     out = block_sparse_attn_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layout,
-        causal=causal, softmax_scale=softmax_scale,
+        causal=causal, softmax_scale=softmax_scale, attn_sink=attn_sink,
     )  # fmt: skip
     return (out, layout) if return_layout else out

@@ -31,6 +31,7 @@ import torch
 from .. import reference
 from ..engine import _check_qkv, _default_scale, choose_backend
 from ..selection import _check_int
+from ..sinks import check_attn_sink, with_attn_sink
 
 __all__ = [
     "check_options",
@@ -344,8 +345,8 @@ def _heads_of(kv_heads: slice, group: int) -> slice:
 
 
 def _segment_attention(q, k, v, plan: S2OPlan, g: int, kv_heads: slice, options, scale, compute):
-    """(segment g's output rows in physical order, the pi blocks of its tiles) for a slice of KV heads,
-    computed in `compute` and differentiable in q, k and v (the stop decision is not)."""
+    """(segment g's output rows and their LSE in physical order, the pi blocks of its tiles) for a slice
+    of KV heads, computed in `compute` and differentiable in q, k and v (the stop decision is not)."""
     block_m, block_n, tau, stop_rule = options
     rows, history = plan.rows(g), plan.history_len(g)
     group = q.shape[1] // k.shape[1]
@@ -373,30 +374,31 @@ def _segment_attention(q, k, v, plan: S2OPlan, g: int, kv_heads: slice, options,
             n = torch.zeros(*order.shape[:2], -(-len(rows) // block_m), dtype=torch.long, device=q.device)
     budget = n.repeat_interleave(block_m, dim=-1)[..., : len(rows), None] * block_n
     allowed = torch.cat([local_allowed, torch.arange(history, device=q.device) < budget], dim=-1)
-    probs, _ = reference.masked_softmax(torch.cat([local, past], dim=-1), allowed)
+    probs, lse = reference.masked_softmax(torch.cat([local, past], dim=-1), allowed)
     out = probs @ torch.cat([own_v, past_v], dim=2)
-    return torch.empty_like(out).scatter(2, order[..., None].expand_as(out), out), n
+    return torch.empty_like(out).scatter(2, order[..., None].expand_as(out), out), lse.scatter(2, order, lse), n
 
 
 def _torch_s2o(q, k, v, plan: S2OPlan, options, scale, compute):
-    """The PyTorch path: (out in q's dtype, n_blocks int32 [B, Hq, segments, tiles]), a segment and a slice
-    of KV heads at a time."""
+    """The PyTorch path: (out in q's dtype, fp32 lse, n_blocks int32 [B, Hq, segments, tiles]), a segment
+    and a slice of KV heads at a time."""
     batch, num_q_heads, _, dim = q.shape
     group, tiles = num_q_heads // k.shape[1], plan.segment_len // options[0]
-    outs, counts = [], []
+    outs, lses, counts = [], [], []
     for g in range(plan.num_segments):
         span = len(plan.rows(g)) * (len(plan.rows(g)) + plan.history_len(g)) * batch * group * dim
         parts = [
             _segment_attention(q, k, v, plan, g, heads, options, scale, compute)
             for heads in _head_chunks(k.shape[1], span)
         ]
-        outs.append(torch.cat([o for o, _ in parts], dim=1))
-        n = torch.cat([n for _, n in parts], dim=1)
+        outs.append(torch.cat([o for o, _, _ in parts], dim=1))
+        lses.append(torch.cat([lse for _, lse, _ in parts], dim=1))
+        n = torch.cat([n for _, _, n in parts], dim=1)
         counts.append(torch.nn.functional.pad(n, (0, tiles - n.shape[-1])))
     if not outs:
         empty = torch.zeros(batch, num_q_heads, 0, tiles, dtype=torch.int32, device=q.device)
-        return q.new_zeros(batch, num_q_heads, 0, dim), empty
-    return torch.cat(outs, dim=2).to(q.dtype), torch.stack(counts, dim=2).int()
+        return q.new_zeros(batch, num_q_heads, 0, dim), q.new_zeros(batch, num_q_heads, 0).float(), empty
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2).float(), torch.stack(counts, dim=2).int()
 
 
 def _head_chunks(num_kv_heads: int, per_head: int):
@@ -418,7 +420,8 @@ def _per_segment(n_tiles, plan: S2OPlan, block_m: int) -> torch.Tensor:
 
 
 def s2o_attention(q, k, v, *, segment_len=1024, tau=1e-2, block_m=64, block_n=64, stop_rule="max",
-                  softmax_scale=None, return_stats=False, plan=None, check_plan=True, backend="auto"):  # fmt: skip
+                  softmax_scale=None, attn_sink=None, return_stats=False, plan=None, check_plan=True,
+                  backend="auto"):  # fmt: skip
     """Causal S2O prefill attention of q (B, Hq, Sq, D) over k, v (B, Hkv, Skv, D), Sq <= Skv (spec 4).
 
     `tau` >= 0 is the stop threshold on a pi block's mass gain (0: dense causal attention); `stop_rule`
@@ -426,12 +429,14 @@ def s2o_attention(q, k, v, *, segment_len=1024, tau=1e-2, block_m=64, block_n=64
     loading orders; it is checked to be one (one sort per segment; `check_plan=False` skips that for
     plans `s2o_plan` made: a malformed plan gives wrong outputs, never an out-of-bounds access).
     Differentiable in q, k and v. Returns the output in q's dtype, and with `return_stats` also an
-    `S2OStats` (plan, n_blocks, density). Backends: 'triton' (CUDA, or the interpreter for 16/32-bit
-    floats other than bfloat16), 'torch' (per segment, in float32 or float64 for float64 input),
-    'reference' (the same in float64); 'auto' picks.
+    `S2OStats` (plan, n_blocks, density). `attn_sink` as in `block_sparse_attn` (the stop rule does
+    not see it: a block's gain is measured against the attended mass only). Backends: 'triton' (CUDA,
+    or the interpreter for 16/32-bit floats other than bfloat16), 'torch' (per segment, in float32 or
+    float64 for float64 input), 'reference' (the same in float64); 'auto' picks.
     """
     _check_shapes(q, k, v)
     check_options(segment_len=segment_len, tau=tau, block_m=block_m, block_n=block_n, stop_rule=stop_rule)
+    check_attn_sink(attn_sink, q.shape[1], q.device)
     tau = float(tau)
     scale = _default_scale(softmax_scale, q.shape[-1])
     resolved = _resolve(backend, q)
@@ -442,13 +447,14 @@ def s2o_attention(q, k, v, *, segment_len=1024, tau=1e-2, block_m=64, block_n=64
     if resolved == "triton":
         from ..kernels.s2o_attn import s2o_attn_fwd
 
-        out, _, n_tiles = s2o_attn_fwd(
+        out, lse, n_tiles = s2o_attn_fwd(
             q, k, v, plan.key_order, plan.query_order, segment_len, block_m, block_n, tau, stop_rule == "mean", scale
         )
         n_blocks = _per_segment(n_tiles, plan, block_m)
     else:
         compute = torch.float64 if resolved == "reference" else reference.working_dtype(q.dtype)
-        out, n_blocks = _torch_s2o(q, k, v, plan, (block_m, block_n, tau, stop_rule), scale, compute)
+        out, lse, n_blocks = _torch_s2o(q, k, v, plan, (block_m, block_n, tau, stop_rule), scale, compute)
+    out = with_attn_sink(out, lse, attn_sink)
     if not return_stats:
         return out
     return out, S2OStats(plan, n_blocks, _density(plan, n_blocks, block_m, block_n))

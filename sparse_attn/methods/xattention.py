@@ -44,6 +44,7 @@ from ..engine import _check_qkv, block_sparse_attn
 from ..layout import BlockSparseLayout, causal_block_mask, selectable_blocks
 from ..reference import working_dtype
 from ..selection import _check_int, block_score_lengths, threshold_select
+from ..sinks import check_attn_sink
 from .scoring import block_scores_kernel_runs, check_scored_qk
 
 __all__ = [
@@ -259,6 +260,7 @@ def xattention_attn(
     causal=True,
     chunk_size=None,
     softmax_scale=None,
+    attn_sink=None,
     return_layout=False,
     layer_idx=None,
 ):
@@ -268,10 +270,11 @@ def xattention_attn(
     with `return_layout`, the `BlockSparseLayout` used. Differentiable in q, k and v through the
     engine (the selection itself is not). `threshold` is a float, a [Hq] tensor or a calibrated
     [layers, Hq] table read at row `layer_idx`; `softmax_scale` only affects the attention, the
-    estimate always uses 1 / (sqrt(D) S). The Triton engine takes block sizes that are multiples of 16
-    (others run the PyTorch path).
+    estimate always uses 1 / (sqrt(D) S). `attn_sink` as in `block_sparse_attn` (it does not take part in
+    the estimate). The Triton engine takes block sizes that are multiples of 16 (others run the PyTorch path).
     """
     _check_qkv(q, k, v, packed=False)
+    check_attn_sink(attn_sink, q.shape[1], q.device)
     _check_stride(stride, block_size)
     _threshold_per_head(threshold, q.shape[1], layer_idx, q.device)  # fail before the estimate's work
     scores = xattention_estimate(
@@ -286,7 +289,7 @@ def xattention_attn(
         block_size=block_size,
         layer_idx=layer_idx,
     )
-    out = block_sparse_attn(q, k, v, layout, causal=causal, softmax_scale=softmax_scale)
+    out = block_sparse_attn(q, k, v, layout, causal=causal, softmax_scale=softmax_scale, attn_sink=attn_sink)
     return (out, layout) if return_layout else out
 
 
