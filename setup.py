@@ -18,6 +18,10 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "80;90a"
+# The extension touches only the stable ABI (PyInit__C makes an empty module; the ops register through
+# TORCH_LIBRARY), so one cp310-abi3 wheel serves every CPython >= 3.10 (per torch and CUDA pair).
+LIMITED_API = "cp310"
+LIMITED_API_MACRO = "-DPy_LIMITED_API=0x030A0000"
 
 
 def env_flag(name):
@@ -92,10 +96,10 @@ def extensions():
         locate_cuda_home()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++17", LIMITED_API_MACRO]
     cpp_sources = sources("csrc/ops.cpp") + sources("csrc/cpu/*.cpp")
     if not want_cuda():
-        return [CppExtension("sparse_attn._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})]
+        return [CppExtension("sparse_attn._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True)]
     nvcc_threads = os.environ.get("NVCC_THREADS", "4")
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs(int(nvcc_threads))))
     # Explicit -gencode flags make torch skip its own arch detection, which would query the GPU.
@@ -108,6 +112,7 @@ def extensions():
             "sparse_attn._C",
             cpp_sources + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu"),
             extra_compile_args={"cxx": cxx_flags + ["-DSPARSE_ATTN_WITH_CUDA"], "nvcc": nvcc_flags},
+            py_limited_api=True,
         )
     ]
 
@@ -118,4 +123,4 @@ def cmdclass():
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-setup(ext_modules=extensions(), cmdclass=cmdclass())
+setup(ext_modules=extensions(), cmdclass=cmdclass(), options={"bdist_wheel": {"py_limited_api": LIMITED_API}})

@@ -15,7 +15,16 @@ trap 'rm -rf "$work"' EXIT
 
 want_cuda=1
 if [ -n "${SPARSE_ATTN_SKIP_CUDA_BUILD:-}" ]; then want_cuda=0; else export SPARSE_ATTN_FORCE_BUILD=1; fi
+# setuptools packs every extension binary it finds in build/lib: one left by a build against another
+# torch, or under another file name (before the abi3 tag), would ride along and shadow the new one.
+rm -f build/lib*/sparse_attn/_C*.so
 "$PYTHON" -m pip wheel . --no-build-isolation --no-deps -q -w "$work/wheels"
+# One wheel per (torch, CUDA) pair, for every CPython >= 3.10: the stable-ABI tag.
+wheel=$(ls "$work"/wheels/sparse_attn-*.whl)
+case "$(basename "$wheel")" in
+  *-cp310-abi3-*) echo "[wheel] $(basename "$wheel")" ;;
+  *) echo "[wheel] expected a cp310-abi3 wheel, got $(basename "$wheel")" >&2; exit 1 ;;
+esac
 "$PYTHON" -m venv "$work/venv"
 fresh="$work/venv/bin/python"
 # torch's site directory (the base interpreter's, or a virtual environment's) appended by a .pth
@@ -24,7 +33,7 @@ fresh="$work/venv/bin/python"
 # there stays inert.
 purelib=$("$fresh" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 "$PYTHON" -c "import pathlib, torch; print(pathlib.Path(torch.__file__).resolve().parents[1])" >"$purelib/outer_torch.pth"
-"$fresh" -m pip install -q --no-deps --disable-pip-version-check "$work"/wheels/sparse_attn-*.whl
+"$fresh" -m pip install -q --no-deps --disable-pip-version-check "$wheel"
 cd "$work"
 env -u PYTHONPATH "$fresh" - "$work/venv" "$want_cuda" <<'EOF'
 import sys
