@@ -14,6 +14,7 @@ import torch
 from ._native import HAS_NATIVE, _has_kernel
 from .engine import _check_qkv, _default_scale
 from .layout import BlockSparseLayout
+from .selection import _check_bool
 from .sinks import check_attn_sink, with_attn_sink
 
 __all__ = ["block_sparse_decode", "decode_available", "decode_kernel_accepts", "MAX_DECODE_QUERIES"]
@@ -81,8 +82,7 @@ def block_sparse_decode(
             f"block_sparse_decode needs a single query block, but Sq={seq_len_q} exceeds the layout's "
             f"q_block_size={layout.q_block_size}"
         )
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    _check_bool(causal, "causal")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int):
         raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}")
     if num_splits < 0:

@@ -22,6 +22,7 @@ import torch
 
 from . import gathered, reference
 from .layout import BlockSparseLayout
+from .selection import _check_bool
 from .sinks import check_attn_sink, with_attn_sink
 
 __all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "triton_available"]
@@ -166,6 +167,7 @@ def block_sparse_attn(
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
     layout.check_compatible(q, k)
+    _check_bool(causal, "causal")
     check_attn_sink(attn_sink, q.shape[1], q.device)
     scale = _default_scale(softmax_scale, q.shape[-1])
     resolved = _resolve_backend(backend, q, _layout_block_sizes(layout))
@@ -200,6 +202,7 @@ def block_sparse_attn_varlen(
     as in `block_sparse_attn`.
     """
     _check_qkv(q, k, v, packed=True)
+    _check_bool(causal, "causal")
     check_attn_sink(attn_sink, q.shape[1], q.device)
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")

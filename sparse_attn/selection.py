@@ -34,6 +34,12 @@ def _check_tensor(t, name: str, *, dim: int | None = None, dtypes=None) -> None:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
 
 
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def _check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -49,6 +55,7 @@ def block_score_lengths(scores, seq_len_q, seq_len_kv, block_size: int, causal: 
         raise ValueError(f"scores must be a 4-D tensor [B, H, Mq, Nk], got {getattr(scores, 'shape', scores)!r}")
     if scores.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"scores must be float32 or float64, got {scores.dtype}")
+    _check_bool(causal, "causal")
     num_q_blocks, num_kv_blocks = scores.shape[2:]
     seq_len_q = num_q_blocks * block_size if seq_len_q is None else _check_int(seq_len_q, "seq_len_q", 1)
     seq_len_kv = num_kv_blocks * block_size if seq_len_kv is None else _check_int(seq_len_kv, "seq_len_kv", 1)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import KERNEL_DTYPES, triton_runs
-from ..selection import _check_int, _check_tensor
+from ..selection import _check_bool, _check_int, _check_tensor
 
 __all__ = [
     "HISABlockMeans",
@@ -388,6 +388,7 @@ def dsa_indexer(q, k, weights, ks, ke, *, topk=2048, k_scale=None):
 def _flatten_batched(q, k, weights, causal: bool):
     """(q (B*Sq, H, D), k (B*Skv, D), weights, ks, ke, batch key offsets [B*Sq]) of batched inputs."""
     _check_batched(q, k, weights)
+    _check_bool(causal, "causal")
     batch, seq_q, heads, dim = q.shape
     seq_kv = k.shape[1]
     offsets = (torch.arange(batch, device=q.device) * seq_kv).repeat_interleave(seq_q)

@@ -13,7 +13,7 @@ import torch
 
 from .. import reference
 from ..engine import KERNEL_DTYPES, _check_qkv, _default_scale
-from ..selection import _check_tensor
+from ..selection import _check_bool, _check_tensor
 
 __all__ = ["indexer_kl_loss"]
 
@@ -75,6 +75,7 @@ def indexer_kl_loss(index_scores, q, k, *, indices=None, softmax_scale=None, cau
     reduction: 'mean' over rows with keys (a 0-d tensor), 'sum', or 'none' (B, Sq), in fp32 (fp64 for fp64).
     """
     _check_inputs(index_scores, q, k, indices, reduction)
+    _check_bool(causal, "causal")
     scale = _default_scale(softmax_scale, q.shape[-1])
     dtype = reference.working_dtype(q.dtype)
     seq_q, seq_kv = q.shape[2], k.shape[2]

@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import reference, routed_torch
 from .._native import HAS_NATIVE, _has_kernel
-from ..selection import _FLOAT_TYPES, _check_int, _check_tensor, block_mean_pool, topk_rows
+from ..selection import _FLOAT_TYPES, _check_bool, _check_int, _check_tensor, block_mean_pool, topk_rows
 from ..sinks import check_attn_sink, with_attn_sink
 
 __all__ = [
@@ -93,8 +93,7 @@ def _check_route_args(q, k, block_size, topk, causal, packed=False) -> None:
     if not packed and q.shape[2] > k.shape[2]:
         raise ValueError(f"q has more rows ({q.shape[2]}) than k ({k.shape[2]}); routing needs Sq <= Skv")
     check_options(block_size=block_size, topk=topk)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    _check_bool(causal, "causal")
 
 
 def moba_route(q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk: int, causal: bool = True) -> torch.Tensor:

@@ -4,6 +4,7 @@ score blocks with it (XAttention, ProxyAttn); elsewhere they take their PyTorch 
 from __future__ import annotations
 
 from ..engine import KERNEL_DTYPES, _check_qkv, triton_runs
+from ..selection import _check_bool
 
 __all__ = ["KERNEL_DTYPES", "block_scores_kernel_runs", "check_scored_qk"]
 _KERNEL_MAX_HEAD_DIM = 256
@@ -21,8 +22,15 @@ def block_scores_kernel_runs(q, block_size: int, stride: int = 1) -> bool:
 
 
 def check_scored_qk(q, k, causal: bool, method: str) -> None:
-    """q (B, Hq, Sq, D) and k (B, Hkv, Skv, D) as the engine takes them, and Sq <= Skv in causal mode."""
+    """q (B, Hq, Sq, D) and k (B, Hkv, Skv, D) as the engine takes them, none of B, Sq, Skv empty (there
+    would be nothing to score), and Sq <= Skv in causal mode."""
     _check_qkv(q, k, k, packed=False)
+    _check_bool(causal, "causal")
+    if 0 in (q.shape[0], q.shape[2], k.shape[2]):
+        raise ValueError(
+            f"{method} scores blocks of at least one sequence with at least one query and one key, got q of shape "
+            f"{tuple(q.shape)} and k of shape {tuple(k.shape)}"
+        )
     if causal and q.shape[2] > k.shape[2]:
         raise ValueError(
             f"causal {method} needs seq_len_q <= seq_len_kv (bottom-right aligned), got {q.shape[2]} > {k.shape[2]}"

@@ -1,0 +1,58 @@
+"""Bad input across the public functions, on every path: a clear TypeError/ValueError naming the argument,
+never an error from inside an op (a str `causal` reached the Triton ops' schemas; an empty sequence
+reached the estimators' reshapes)."""
+
+import pytest
+import torch
+
+import sparse_attn
+from sparse_attn.testing import random_block_layout
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _qkv(batch=1, seq_q=32, seq_kv=32):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, 4, seq_q, 16, generator=g).to(DEVICE)
+    k, v = (torch.randn(batch, 2, seq_kv, 16, generator=g).to(DEVICE) for _ in range(2))
+    return q, k, v
+
+
+def _with_causal(causal):
+    """name -> a call of that public function with `causal`."""
+    q, k, v = _qkv()
+    layout = random_block_layout(1, 4, 32, 32, 16, 16, 0.5, seed=0, device=DEVICE)
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+    cu = torch.tensor([0, 32], dtype=torch.int32, device=DEVICE)
+    scores = torch.rand(1, 4, 2, 2, device=DEVICE)
+    dsa_q, dsa_k, weights = torch.randn(1, 32, 2, 16), torch.randn(1, 32, 16), torch.rand(1, 32, 2)
+    return {
+        "block_sparse_attn": lambda: sparse_attn.block_sparse_attn(q, k, v, layout, causal=causal),
+        "block_sparse_attn_varlen": lambda: sparse_attn.block_sparse_attn_varlen(
+            *packed, cu, cu, 32, 32, layout, causal=causal
+        ),
+        "moba_attn": lambda: sparse_attn.moba_attn(q, k, v, block_size=16, topk=2, causal=causal),
+        "xattention_attn": lambda: sparse_attn.xattention_attn(q, k, v, block_size=16, stride=4, causal=causal),
+        "xattention_select": lambda: sparse_attn.xattention_select(scores, 0.9, causal=causal, block_size=16),
+        "proxy_attn": lambda: sparse_attn.proxy_attn(q, k, v, block_size=16, stride=4, causal=causal),
+        "proxy_estimate": lambda: sparse_attn.proxy_estimate(q, k, block_size=16, stride=4, causal=causal),
+        "dsa_select": lambda: sparse_attn.dsa_select(dsa_q, dsa_k, weights, topk=8, causal=causal),
+        "indexer_kl_loss": lambda: sparse_attn.indexer_kl_loss(torch.zeros(1, 32, 32), q, k, causal=causal),
+    }
+
+
+@pytest.mark.parametrize("function", sorted(_with_causal(True)))
+def test_causal_must_be_a_bool(function):
+    with pytest.raises(TypeError, match="causal must be a bool, got str"):
+        _with_causal("yes")[function]()
+
+
+@pytest.mark.parametrize("shape", [(0, 32, 32), (1, 0, 32), (1, 0, 0)], ids=["no-batch", "no-query", "no-key"])
+@pytest.mark.parametrize("method", ["xattention", "proxyattn"])
+def test_estimators_refuse_empty_inputs(method, shape):
+    q, k, v = _qkv(*shape)
+    with pytest.raises(ValueError, match="at least one sequence with at least one query and one key"):
+        if method == "xattention":
+            sparse_attn.xattention_attn(q, k, v, block_size=16, stride=4)
+        else:
+            sparse_attn.proxy_attn(q, k, v, block_size=16, stride=4)
