@@ -79,6 +79,8 @@ def _gathered_attention(q, k, v, indices, scale):
     group = num_q_heads // num_kv_heads
     per_row = num_q_heads * indices.shape[-1] * (k.shape[-1] + v.shape[-1])
     step = max(1, _TORCH_CHUNK_ELEMENTS // max(per_row, 1))
+    if seq_kv == 0:  # no key: one zero row to gather from keeps the shapes; every index stays invalid
+        k, v = (torch.nn.functional.pad(t, (0, 0, 0, 1)) for t in (k, v))
     batch_ids = torch.arange(batch, device=q.device)[:, None, None, None]
     head_ids = torch.arange(num_kv_heads, device=q.device)[None, None, :, None]
     outs, lses = [], []

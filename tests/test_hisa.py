@@ -345,3 +345,15 @@ def test_gpu_real_sizes(rng, fp8):
     for t in range(queries):
         visible = list(range(int(ks[t]), int(ke[t])))
         assert_top_of(valid_entries(selected[t]), visible, scores[t], min(2048, len(visible)), f"row {t}")
+
+
+def test_hisa_key_ends_past_the_keys_are_clamped():
+    """ke beyond the last key names keys that do not exist: HISA selects as with ke = N, as the flat
+    indexer's logits (which have N columns) do."""
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(40, 2, 16, generator=g).to(DEVICE), torch.randn(40, 16, generator=g).to(DEVICE)
+    weights = torch.rand(40, 2, generator=g).to(DEVICE)
+    ks = torch.zeros(40, dtype=torch.int32, device=DEVICE)
+    past = hisa_indexer(q, k, weights, ks, ks + 1000, topk=8, block_size=8, block_topk=2)
+    at_end = hisa_indexer(q, k, weights, ks, ks + 40, topk=8, block_size=8, block_topk=2)
+    assert torch.equal(past, at_end)

@@ -193,3 +193,13 @@ def test_opcheck_token_sparse_op(rng):
     utils = ("test_schema", "test_autograd_registration")
     utils += ("test_faketensor", "test_aot_dispatch_dynamic") if DEVICE.type == "cuda" else ()
     torch.library.opcheck(token_sparse_attn_fwd, (q, k, v, indices, 0.25), test_utils=utils)
+
+
+def test_no_keys_at_all(rng, backend):
+    """Skv = 0: every index is out of range, so every row gives 0 and -inf, with zero gradients."""
+    q, k, v = make_inputs(rng, 1, 4, 2, 6, 0, 16, 16, torch.float32)
+    indices = random_indices(rng, 1, 6, 2, 4, 10)
+    out, lse = token_sparse_attn(q, k, v, indices, return_lse=True, backend=backend)
+    assert bool((out == 0).all()) and bool((lse == float("-inf")).all())
+    out.sum().backward()
+    assert bool((q.grad == 0).all()) and k.grad.shape == k.shape

@@ -352,6 +352,7 @@ def hisa_indexer(
     q, k, weights, ks, ke, k_scale = _check_indexer_inputs(q, k, weights, ks, ke, k_scale)
     if q.shape[0] == 0 or k.shape[0] == 0:
         return torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=q.device)
+    ke = ke.clamp(max=k.shape[0])  # keys past the end do not exist (as in the flat indexer's logits)
     if block_means is None:
         pooled, block_starts, first = _pool_segments(k, ks, block_size, k_scale)
     else:
