@@ -56,8 +56,10 @@ def _left_padded_batch():
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def _greedy(model, ids, mask):
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+def _greedy(model, ids, mask, **options):
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, **options
+    )
     return out[:, ids.shape[1] :]
 
 
@@ -74,6 +76,16 @@ def test_full_budget_matches_the_models_eager_attention_with_sinks(reference_eng
     calls = handle.stats.calls
     assert calls[(0, "prefill", "dense")] == 2  # the sliding layer
     assert calls[(1, "prefill", method)] == 2
+
+
+@pytest.mark.parametrize("method", ["dense", "moba"])
+def test_static_cache_decode_with_sinks(reference_engine, method):
+    """A StaticCache (keys padded to its length, so the padding mask is always there) decodes as eager does."""
+    model, (ids, mask) = _model(), _left_padded_batch()
+    with torch.no_grad():
+        expected = _greedy(model, ids, mask, cache_implementation="static")
+        with hf.patched(model, method, **FULL_BUDGET[method]):
+            assert torch.equal(_greedy(model, ids, mask, cache_implementation="static"), expected)
 
 
 def test_sinks_matter():
