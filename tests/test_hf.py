@@ -565,3 +565,37 @@ def test_gpu_full_budget_bf16_follows_flash_rule(method, options):
     """At full budget the patched bf16 model is no further from the fp32 model than SDPA in bf16 is (2x rule)."""
     stats = assert_patched_bf16_follows_flash_rule(_model("llama").cuda(), _ids(length=512).cuda(), method, **options)
     assert stats.calls[(0, "prefill", method)] == 1
+
+
+# ---------------------------------------------------------------------------------- torch.compile
+COMPILED_METHODS = [
+    ("dense", {}),
+    ("moba", {"block_size": BLOCK, "topk": 2}),
+    ("xattention", {"threshold": 0.9, "block_size": BLOCK, "stride": 8}),
+    ("s2o", {"segment_len": BLOCK, "block_m": 16, "block_n": 16}),
+]
+
+
+@pytest.mark.parametrize("method, options", COMPILED_METHODS[:2], ids=[m for m, _ in COMPILED_METHODS[:2]])
+def test_torch_compile_of_a_patched_model(reference_engine, method, options):
+    """torch.compile(model) traces through the patched attention (graph breaks where selection is data-dependent)
+    and computes what the eager model does."""
+    model, ids = _model("llama"), _ids()
+    with torch.no_grad(), hf.patched(model, method, **options):
+        eager = model(ids).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")(ids).logits
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method, options", COMPILED_METHODS, ids=[m for m, _ in COMPILED_METHODS])
+def test_gpu_inductor_compiles_the_patched_model(method, options):
+    """On the GPU Inductor sees the Triton kernels through torch.library.triton_op: the compiled bf16 model's logits
+    are the eager patched model's, up to bf16 rounding."""
+    model, ids = _model("llama").cuda().to(torch.bfloat16), _ids(length=1024).cuda()
+    with torch.no_grad(), hf.patched(model, method, **options):
+        eager = model(ids).logits.float()
+        torch._dynamo.reset()
+        compiled = torch.compile(model)(ids).logits.float()
+    assert (compiled - eager).abs().max() <= 0.05 * eager.abs().max()
