@@ -224,7 +224,7 @@ def block_sparse_attn_varlen(
     else:
         attention = _pytorch_path(resolved, return_lse or attn_sink is not None)
         out, lse = _per_sequence(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, layout, causal, scale)
-    out = with_attn_sink(out.transpose(0, 1), lse, attn_sink, head_axis=0).transpose(0, 1)
+    out = with_attn_sink(out, lse.t(), attn_sink)  # lse (Hq, total) against out (total, Hq, D)
     return (out, lse) if return_lse else out
 
 

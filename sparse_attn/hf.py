@@ -552,13 +552,14 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     _reject_unsupported(dropout, kwargs)
     layer_idx = getattr(module, "layer_idx", None)
     plan = config.plan(layer_idx if isinstance(layer_idx, int) else None)
+    sink = kwargs.get("s_aux")
     if kwargs.get("indices") is not None:
         return _indexer_attention(
-            plan, layer_idx, query, key, value, attention_mask, kwargs["indices"], scaling, kwargs.get("s_aux"), config
+            plan, layer_idx, query, key, value, attention_mask, kwargs["indices"], scaling, sink, config
         )
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    window, softcap, sink = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
 
     custom_mask = attention_mask is not None and attention_mask.dim() == 4
     keep = None

@@ -32,13 +32,13 @@ def check_attn_sink(attn_sink, num_q_heads: int, device) -> None:
         )
 
 
-def with_attn_sink(out: torch.Tensor, lse: torch.Tensor, attn_sink, *, head_axis: int = 1) -> torch.Tensor:
-    """`out` (lse's shape plus a last axis) as if `attn_sink` had joined each row's softmax: scaled by
-    sigmoid(lse - sink of the row's head), in out's dtype. No sink: out unchanged."""
+def with_attn_sink(out: torch.Tensor, lse: torch.Tensor, attn_sink) -> torch.Tensor:
+    """`out` (lse's shape plus a last axis; heads on axis 1 of both) as if `attn_sink` had joined each
+    row's softmax: scaled by sigmoid(lse - sink of the row's head), in out's dtype. No sink: out unchanged."""
     if attn_sink is None:
         return out
     shape = [1] * lse.dim()
-    shape[head_axis] = -1
+    shape[1] = -1
     lse = lse.float()
     # A row without a key keeps output 0 whatever the sink (-inf - -inf would be NaN).
     kept = torch.sigmoid(torch.where(lse == float("-inf"), lse, lse - attn_sink.float().view(shape)))

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers", reason="the HF integration ne
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sparse_attn import hf  # noqa: E402
+from sparse_attn.testing import TINY_CAUSAL_LM  # noqa: E402
 
 # Families with their own attention quirks: Gemma's query_pre_attn_scalar and (Gemma 3) sliding layers and
 # QK norms, Phi-3's fused projections, OLMo-2's QK norms, Cohere 2's sliding layers, Granite's attention
@@ -33,19 +34,13 @@ FAMILIES = [
     "helium",
     "ernie4_5",
 ]
+# The shared tiny dimensions, plus what MoE, sliding-window and tokenizer-id fields these families read.
 TINY = dict(
-    vocab_size=256,
-    hidden_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    intermediate_size=128,
+    TINY_CAUSAL_LM,
     moe_intermediate_size=64,
     num_local_experts=4,
     num_experts=4,
     num_experts_per_tok=2,
-    num_hidden_layers=2,
-    max_position_embeddings=2048,
     sliding_window=64,
     pad_token_id=0,
     bos_token_id=1,
