@@ -25,10 +25,11 @@ encoders outside the decoder stack) cannot be addressed per layer and run dense.
 
 Phases. Prefill (Sq == Skv) and chunked prefill (Sq < Skv, bottom-right aligned) run the method;
 decode (Sq <= 16 and Sq < Skv) runs dense SDPA unless `decode="sparse"` and the method routes
-decode queries itself (MoBA). Padding: the package decision is that every sequence's block grid
-starts at its first real token, so a padded batch is unpadded into per-sequence pieces (grouped by
-length and batched again) and gives the same result as separate unpadded runs. Packed sequences
-(`cu_seq_lens_q/k` kwargs, or position ids restarting inside one row) are split the same way.
+decode queries itself (MoBA; its block means follow the cache: sparse_attn.hf_block_means).
+Padding: the package decision is that every sequence's block grid starts at its first real token, so
+a padded batch is unpadded into per-sequence pieces (grouped by length and batched again) and gives
+the same result as separate unpadded runs. Packed sequences (`cu_seq_lens_q/k` kwargs, or position
+ids restarting inside one row) are split the same way.
 Sliding-window layers stay dense (windowed SDPA) with a one-time warning.
 
 DeepSeek Sparse Attention models (an indexer hands each layer its token selection as `indices=`) run
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import hf_block_means
 from .decode import MAX_DECODE_QUERIES
 from .hf_dsa import HISAIndexer, dsa_indexers, indexed_attention, is_indexed_config
 from .methods.hisa import check_options as check_hisa_options
@@ -358,6 +360,7 @@ class PatchHandle:
         self.config = config
         self._previous = previous  # [(config object, its previous _attn_implementation)]
         self._indexers = list(indexers)  # [(attention module, its own indexer)] where HISA replaced it
+        self._hooks = []  # the block-mean trackers of routed MoBA decode layers
         self.active = True
 
     @property
@@ -373,6 +376,8 @@ class PatchHandle:
             _write_implementation(config, previous)
         for attention, indexer in self._indexers:
             attention.indexer = indexer
+        for hook in self._hooks:
+            hook.remove()
         for module in self.model.modules():
             module.__dict__.pop(_CONFIG_ATTR, None)
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
@@ -447,6 +452,8 @@ def patch(
         attention.indexer = indexer
     for module in model.modules():
         setattr(module, _CONFIG_ATTR, config)
+        if _routes_moba_decode(config, module):
+            handle._hooks += hf_block_means.track(module)
     model.__dict__[_HANDLE_ATTR] = handle
     try:
         if hasattr(model, "set_attn_implementation"):
@@ -463,6 +470,14 @@ def patch(
         handle.unpatch()
         raise
     return handle
+
+
+def _routes_moba_decode(config: SparseAttnConfig, module) -> bool:
+    layer_idx = getattr(module, "layer_idx", None)
+    if not isinstance(layer_idx, int):
+        return False
+    plan = config.plan(layer_idx)
+    return plan.method == "moba" and plan.decode == "sparse"
 
 
 def _hisa_indexers(model, config: SparseAttnConfig) -> list:
@@ -605,9 +620,12 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
             out = _run_pieces(lambda q, k, v: _dense_attention(q, k, v, dense), query, key, value, pieces)
     else:
         pieces = _sequence_pieces(keep, query.shape[0], seq_q, seq_kv, kwargs, query.device)
+        block_means = None
+        if path == "moba" and decoding and causal and pieces is None:
+            block_means = hf_block_means.block_means_for(module, key, seq_q, plan.options["block_size"])
 
         def method(q, k, v):
-            return _method_attention(plan, layer_idx, q, k, v, causal, scaling, sink, config.stats)
+            return _method_attention(plan, layer_idx, q, k, v, causal, scaling, sink, config.stats, block_means)
 
         out = _run_pieces(method, query, key, value, pieces)
     return out.transpose(1, 2).contiguous(), None
@@ -840,7 +858,8 @@ def _softcapped_attention(query, key, value, allowed, is_causal, scale, softcap)
 
 
 # ---------------------------------------------------------------------------------- methods
-def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, sink, stats: AttentionStats):
+def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, sink, stats: AttentionStats, block_means):
+    """`block_means`: the MoBABlockMeans following this layer's cache (routed MoBA decode of a whole batch), or None."""
     options = plan.options
     if plan.method == "xattention":
         result = xattention_attn(
@@ -861,10 +880,11 @@ def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, sink, 
     if plan.method == "moba":
         block_size, topk = options["block_size"], options["topk"]
         if causal and q.shape[2] <= MAX_DECODE_QUERIES and q.shape[2] < k.shape[2]:
-            # Routed decode: the split-KV kernel over the routed blocks. Block means are pooled from the
-            # cache each step: transformers does not hand the cache object to attention functions, so an
-            # incremental MoBABlockMeans could not notice beam reordering or a new sequence.
-            out = moba_decode(q, k, v, block_size=block_size, topk=topk, softmax_scale=scale, attn_sink=sink)
+            # Routed decode: the split-KV kernel over the routed blocks, with block means pooled once per
+            # block where hf_block_means follows the cache, else from the whole cache each step.
+            out = moba_decode(
+                q, k, v, block_size=block_size, topk=topk, block_means=block_means, softmax_scale=scale, attn_sink=sink
+            )
         else:
             out = moba_attn(
                 q, k, v, block_size=block_size, topk=topk, causal=causal, softmax_scale=scale, attn_sink=sink

@@ -1,0 +1,187 @@
+"""Routed MoBA decode in a patched transformers model: the block means follow the KV cache.
+
+Each decode step must route exactly as the same row of a full prefill does, while pooling every key
+block once per cache rather than the whole cache every step; and any edit of the cache (beam reorder,
+crop, batch selection, an in-place write, a new cache) must pool afresh, never reuse a stale mean.
+A spy on the pooling counts the keys pooled.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the HF integration needs transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import sparse_attn.methods.moba as moba_module  # noqa: E402
+from sparse_attn import hf, hf_block_means  # noqa: E402
+from sparse_attn.testing import TINY_CAUSAL_LM, cache_argument  # noqa: E402
+
+PROMPT, BLOCK, TOPK = 250, 64, 2
+ROUTED = {"block_size": BLOCK, "topk": TOPK, "decode": "sparse"}
+LAYERS = TINY_CAUSAL_LM["num_hidden_layers"]
+
+
+def _model():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**TINY_CAUSAL_LM, pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _prompts(batch=2, length=PROMPT, seed=1):
+    return torch.randint(1, 1000, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def pooled(monkeypatch):
+    """The number of keys each call of the block pooling took, in order."""
+    lengths = []
+    pool = moba_module.block_mean_pool
+
+    def spy(k, block_size):
+        lengths.append(k.shape[2])
+        return pool(k, block_size)
+
+    monkeypatch.setattr(moba_module, "block_mean_pool", spy)
+    return lengths
+
+
+def _complete_keys(length):
+    return length // BLOCK * BLOCK
+
+
+def test_generation_pools_each_block_once_and_routes_like_the_prefill(pooled):
+    model, ids = _model(), _prompts()
+    new_tokens = 80
+    with torch.no_grad(), hf.patched(model, "moba", **ROUTED) as handle:
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        decode_pooled = sum(pooled)
+        # The same rows from one prefill of the whole text (moba_attn's routing).
+        logits = model(out.sequences[:, :-1]).logits[:, PROMPT - 1 :]
+    assert handle.stats.calls[(0, "decode", "moba")] == new_tokens - 1
+    # Per layer: the blocks complete at the first decode step, then each block as it completes.
+    assert decode_pooled == LAYERS * _complete_keys(PROMPT + new_tokens - 1)
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), logits, atol=2e-4, rtol=1e-4)
+
+
+def _step(model, cache, token, run=None):
+    """One decode step of every row with `token` (B, 1) through `run` (default the model itself); returns its
+    logits (B, vocab)."""
+    return (model if run is None else run)(token, use_cache=True, **cache_argument(model, cache)).logits[:, -1]
+
+
+def _prefilled(model, ids):
+    cache = transformers.DynamicCache()
+    model(ids, use_cache=True, **cache_argument(model, cache))
+    return cache
+
+
+def _assert_step_pools(model, cache, token, pooled, keys):
+    """Runs a step and checks that it pooled `keys` keys in every layer (or per layer, a list) and equals the
+    same step run on a copy of the cache (a cache the tracker has never seen pools every block)."""
+    untracked = copy.deepcopy(cache)
+    pooled.clear()
+    logits = _step(model, cache, token)
+    per_layer = keys if isinstance(keys, list) else [keys] * LAYERS
+    assert pooled == [n for n in per_layer if n]
+    torch.testing.assert_close(logits, _step(model, untracked, token), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("edit", ["reorder", "crop", "select", "in-place write", "new cache"])
+def test_cache_edits_pool_afresh(pooled, edit):
+    model, ids = _model(), _prompts()
+    token = torch.tensor([[7], [11]])
+    with torch.no_grad(), hf.patched(model, "moba", **ROUTED):
+        cache = _prefilled(model, ids)
+        length = PROMPT
+        for _ in range(3):  # the first step pools the prompt's blocks; the next two pool nothing
+            _assert_step_pools(model, cache, token, pooled, _complete_keys(length + 1) if length == PROMPT else 0)
+            length += 1
+        if edit == "reorder":
+            cache.reorder_cache(torch.tensor([1, 0]))
+        elif edit == "crop":
+            cache.crop(-5)  # negative: tokens to remove, in every transformers version
+            length -= 5
+        elif edit == "select":
+            cache.batch_select_indices(torch.tensor([1]))
+            token = token[1:]
+        elif edit == "in-place write":
+            stored = hf_block_means._appending_keys(cache, 0)
+            stored[:, :, 3] *= 2.0  # layer 0 only: layer 1 still continues
+            _assert_step_pools(model, cache, token, pooled, [_complete_keys(length + 1), 0])
+            return
+        else:
+            cache = _prefilled(model, _prompts(seed=2)[:, :length])
+        _assert_step_pools(model, cache, token, pooled, _complete_keys(length + 1))
+        _assert_step_pools(model, cache, token, pooled, 0)  # and follows the edited cache from then on
+
+
+def test_chunked_prefill_between_steps_pools_afresh(pooled):
+    """A multi-token chunk (the prefill path, which does not follow the means) breaks the chain."""
+    model, ids = _model(), _prompts()
+    token = torch.tensor([[7], [11]])
+    with torch.no_grad(), hf.patched(model, "moba", **ROUTED):
+        cache = _prefilled(model, ids)
+        _assert_step_pools(model, cache, token, pooled, _complete_keys(PROMPT + 1))
+        model(_prompts(length=40, seed=3), use_cache=True, **cache_argument(model, cache))
+        _assert_step_pools(model, cache, token, pooled, _complete_keys(PROMPT + 42))
+
+
+def test_inference_mode_and_unpatch(pooled):
+    model, ids = _model(), _prompts()
+    token = torch.tensor([[7], [11]])
+    with hf.patched(model, "moba", **ROUTED) as handle:
+        attention = model.model.layers[0].self_attn
+        assert attention._forward_pre_hooks and attention._forward_hooks
+        with torch.inference_mode():  # tensors without version counters
+            cache = _prefilled(model, ids)
+            _assert_step_pools(model, cache, token, pooled, _complete_keys(PROMPT + 1))
+            _assert_step_pools(model, cache, token, pooled, 0)
+    assert not attention._forward_pre_hooks and not attention._forward_hooks
+    assert handle.stats.calls[(0, "decode", "moba")] == 4
+
+
+def test_only_routed_decode_layers_are_followed():
+    model = _model()
+    with hf.patched(model, "moba", block_size=BLOCK, topk=TOPK, layer_config={1: {"decode": "sparse"}}):
+        assert not model.model.layers[0].self_attn._forward_pre_hooks
+        assert model.model.layers[1].self_attn._forward_pre_hooks
+    with hf.patched(model, "xattention"):
+        assert not any(module._forward_pre_hooks for module in model.modules())
+
+
+def test_compiled_decode_steps_equal_eager(reference_engine):
+    """Under torch.compile the hooks stand aside (each traced step pools the whole cache) and the steps equal eager."""
+    model, ids = _model(), _prompts()
+    token = torch.tensor([[7], [11]])
+    with torch.no_grad(), hf.patched(model, "moba", **ROUTED):
+        eager_cache, compiled_cache = _prefilled(model, ids), _prefilled(model, ids)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")
+        for _ in range(2):
+            expected = _step(model, eager_cache, token)
+            torch.testing.assert_close(_step(model, compiled_cache, token, compiled), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_followed_means_equal_pooling_every_step(pooled):
+    """bf16 on the GPU (the split-KV decode kernel): steps with followed block means equal the same steps pooling
+    the whole cache each time (a fresh copy of the cache per step)."""
+    model, ids = _model().cuda().to(torch.bfloat16), _prompts(length=1000).cuda()
+    token = torch.tensor([[7], [11]], device="cuda")
+    with torch.no_grad(), hf.patched(model, "moba", block_size=BLOCK, topk=4, decode="sparse"):
+        cache = _prefilled(model, ids)
+        for length in range(1001, 1031):  # the cache's length after the step; block 15 completes at 1024
+            completed = _complete_keys(length) if length == 1001 else BLOCK if length % BLOCK == 0 else 0
+            _assert_step_pools(model, cache, token, pooled, completed)
