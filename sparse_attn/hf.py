@@ -622,7 +622,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         pieces = _sequence_pieces(keep, query.shape[0], seq_q, seq_kv, kwargs, query.device)
         block_means = None
         if path == "moba" and decoding and causal and pieces is None:
-            block_means = hf_block_means.block_means_for(module, key, seq_q, plan.options["block_size"])
+            block_means = hf_block_means.moba_block_means(module, key, seq_q, plan.options["block_size"])
 
         def method(q, k, v):
             return _method_attention(plan, layer_idx, q, k, v, causal, scaling, sink, config.stats, block_means)

@@ -1,16 +1,19 @@
-"""MoBA block means that follow a transformers KV cache from one decode step to the next.
+"""Block means that follow a transformers KV cache from one decode step to the next.
 
-Routed MoBA decode needs the mean of every complete key block. Pooling them from the whole cache at
-each step reads every cached key, about half of what dense decode reads, so the patcher keeps one
-`MoBABlockMeans` per (cache, layer) and pools each block once.
+Routed MoBA decode needs the mean of every complete key block, and HISA's decode the means of the
+indexer key blocks. Pooling them from the whole cache at each step reads every cached key (for MoBA
+about half of what dense decode reads; for HISA all that the flat DSA indexer reads), so the patcher
+keeps one state (`MoBABlockMeans`, `HISABlockMeans`) per (cache, layer) and pools each block once.
 
-The attention function is not handed the cache object, so a forward pre-hook on each patched
-attention module reads it from the call's keyword arguments. Reusing the means is exact only if this
-step's keys are the keys we pooled last step with the new tokens appended. The pre-hook checks that
-before the cache update: the layer must be one whose `update` only concatenates (transformers'
-`DynamicLayer`, or a 4.x `DynamicCache`), and the keys it holds must be the very tensor the last step
-saw, with an unchanged version counter. Beam reordering, cropping, batch selection, offloading and a
-new cache all replace that tensor, so they pool afresh: never a stale mean.
+Reusing a state is exact only if this step's keys are the keys it was last updated from with the new
+tokens appended. That is checked before the cache update: the cache layer must be one whose update only
+concatenates (transformers' `DynamicLayer` for keys, `DynamicIndexedLayer` for indexer keys, or a 4.x
+`DynamicCache`), and the keys it holds must be the very tensor the state last saw, with an unchanged
+version counter. Beam reordering, cropping, batch selection, offloading and a new cache all replace that
+tensor, so they pool afresh: never a stale mean.
+
+MoBA's attention function is not handed the cache object, so a forward pre-hook on each routed
+attention module reads it from the call's keyword arguments (`track`); HISA's indexer module is.
 """
 
 from __future__ import annotations
@@ -26,21 +29,21 @@ from .methods.moba import MoBABlockMeans
 # The names transformers passes the cache by: `cache` from 5.24, `past_key_values` in 4.56 to 5.23 (and
 # deprecated after), `past_key_value` before.
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+# Which cache layer classes only ever append to each kind of keys (exact types: not their sliding,
+# quantized or static relatives).
+_APPENDING_LAYERS = {"keys": "DynamicLayer", "indexer_keys": "DynamicIndexedLayer"}
 
 
 @dataclass
-class _LayerMeans:
-    means: MoBABlockMeans
-    keys: weakref.ref | None = None  # the keys tensor the means were last updated from
+class _Followed:
+    state: object  # a MoBABlockMeans or HISABlockMeans
+    keys: weakref.ref | None = None  # the keys tensor the state was last updated from
     version: int | None = None
     length: int = 0
 
 
-# cache object -> {layer_idx: _LayerMeans}; entries go when the cache is garbage-collected.
+# cache object -> {(kind, layer_idx): _Followed}; entries go when the cache is garbage-collected.
 _tracked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# id(attention module) -> (that cache's layer table, layer_idx, whether its stored keys continue the
-# last step's), written by the pre-hook and read by the attention function in the same call.
-_calls = threading.local()
 
 
 def _version(tensor: torch.Tensor) -> int | None:
@@ -48,44 +51,70 @@ def _version(tensor: torch.Tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version
 
 
-def _appending_keys(cache, layer_idx: int) -> torch.Tensor | None:
-    """The keys `cache` holds for `layer_idx` when its update only appends to them, else None."""
+def _appending_keys(cache, layer_idx: int, kind: str = "keys") -> torch.Tensor | None:
+    """The `kind` keys ('keys' or 'indexer_keys') `cache` holds for `layer_idx` when its updates only append
+    to them, else None."""
     from transformers import cache_utils
 
     layers = getattr(cache, "layers", None)
     if layers is not None:  # transformers >= 4.54: one object per layer
-        dynamic = getattr(cache_utils, "DynamicLayer", None)
-        if layer_idx < len(layers) and type(layers[layer_idx]) is dynamic:  # not its subclasses (sliding, quantized)
-            return layers[layer_idx].keys
+        appending = getattr(cache_utils, _APPENDING_LAYERS[kind], None)
+        if layer_idx < len(layers) and type(layers[layer_idx]) is appending:
+            return getattr(layers[layer_idx], kind)
         return None
-    if type(cache) is cache_utils.DynamicCache and layer_idx < len(cache.key_cache):
+    if kind == "keys" and type(cache) is cache_utils.DynamicCache and layer_idx < len(cache.key_cache):
         return cache.key_cache[layer_idx]
     return None
 
 
-def _before_attention(module, args, kwargs) -> None:
-    """Forward pre-hook: note whether this layer's cached keys are the ones its means were pooled from."""
-    if torch.compiler.is_compiling():  # traced code does not follow caches: it pools every step
-        return
-    calls = _calls.__dict__
-    calls.pop(id(module), None)
-    cache = next((kwargs[name] for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
-    layer_idx = getattr(module, "layer_idx", None)
-    if cache is None or not isinstance(layer_idx, int):
-        return
+def keys_unchanged(cache, layer_idx: int, kind: str) -> bool:
+    """Before the cache update: whether the layer's `kind` keys are those its followed state last saw."""
     try:
-        layers = _tracked.setdefault(cache, {})
-    except TypeError:  # a cache that cannot be weakly referenced: pool every step
-        return
-    entry, stored = layers.get(layer_idx), _appending_keys(cache, layer_idx)
-    continues = (
+        entry = _tracked.get(cache, {}).get((kind, layer_idx))
+    except TypeError:  # a cache that cannot be weakly referenced is never followed
+        return False
+    stored = _appending_keys(cache, layer_idx, kind)
+    return (
         entry is not None
         and stored is not None
         and entry.keys is not None
         and entry.keys() is stored
         and entry.version == _version(stored)
     )
-    calls[id(module)] = (layers, layer_idx, continues)
+
+
+def followed_state(cache, layer_idx: int, kind: str, keys, new_tokens: int, unchanged: bool, make, fits=None):
+    """After the cache update, given `keys` (the whole cache as it returned them) and `unchanged` (from
+    `keys_unchanged` before the update): the layer's state when the keys are its last keys plus
+    `new_tokens` (and `fits(state)`), else a fresh `make()`, which later steps continue. The caller
+    updates the state with `keys` (the state pools what it has not seen)."""
+    try:
+        layers = _tracked.setdefault(cache, {})
+    except TypeError:
+        return make()
+    entry = layers.get((kind, layer_idx))
+    keep = unchanged and entry is not None and entry.length + new_tokens == keys.shape[-2]
+    if not (keep and (fits is None or fits(entry.state))):
+        entry = layers[(kind, layer_idx)] = _Followed(make())
+    entry.keys, entry.version, entry.length = weakref.ref(keys), _version(keys), keys.shape[-2]
+    return entry.state
+
+
+# ---------------------------------------------------------------------------------- MoBA (hooks)
+# id(attention module) -> (cache, layer_idx, keys_unchanged), written by the pre-hook and read by the
+# attention function in the same call.
+_calls = threading.local()
+
+
+def _before_attention(module, args, kwargs) -> None:
+    if torch.compiler.is_compiling():  # traced code does not follow caches: it pools every step
+        return
+    calls = _calls.__dict__
+    calls.pop(id(module), None)
+    cache = next((kwargs[name] for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if cache is not None and isinstance(layer_idx, int):
+        calls[id(module)] = (cache, layer_idx, keys_unchanged(cache, layer_idx, "keys"))
 
 
 def _after_attention(module, args, kwargs, output) -> None:
@@ -93,19 +122,23 @@ def _after_attention(module, args, kwargs, output) -> None:
         _calls.__dict__.pop(id(module), None)
 
 
-def block_means_for(module, key: torch.Tensor, new_tokens: int, block_size: int) -> MoBABlockMeans | None:
-    """The `MoBABlockMeans` to route this decode step with: the layer's running means when `key` (this step's
-    whole cache, as the cache returned it) is last step's keys plus `new_tokens`, else fresh ones that
-    later steps continue. None when the module's call was not seen by the pre-hook (unpatched, compiled)."""
+def moba_block_means(module, key: torch.Tensor, new_tokens: int, block_size: int) -> MoBABlockMeans | None:
+    """The `MoBABlockMeans` to route this decode step of `module` with (`key`: the whole cache as the cache
+    returned it), or None when the pre-hook did not see the call (unpatched, compiled, no cache)."""
     call = None if torch.compiler.is_compiling() else _calls.__dict__.get(id(module))
     if call is None:
         return None
-    layers, layer_idx, continues = call
-    entry = layers.get(layer_idx)
-    if not (continues and entry.means.block_size == block_size and entry.length + new_tokens == key.shape[2]):
-        entry = layers[layer_idx] = _LayerMeans(MoBABlockMeans(block_size))
-    entry.keys, entry.version, entry.length = weakref.ref(key), _version(key), key.shape[2]
-    return entry.means
+    cache, layer_idx, unchanged = call
+    return followed_state(
+        cache,
+        layer_idx,
+        "keys",
+        key,
+        new_tokens,
+        unchanged,
+        lambda: MoBABlockMeans(block_size),
+        lambda state: state.block_size == block_size,
+    )
 
 
 def track(module) -> list:

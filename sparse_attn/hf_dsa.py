@@ -15,8 +15,9 @@ import sys
 
 import torch
 
+from . import hf_block_means
 from .decode import MAX_DECODE_QUERIES
-from .methods.hisa import _batched_indices, check_options, hisa_indexer
+from .methods.hisa import HISABlockMeans, _batched_indices, check_options, hisa_indexer
 from .token_sparse import token_sparse_attn
 
 __all__ = ["HISAIndexer", "dsa_indexers", "indexed_attention", "is_indexed_config"]
@@ -158,9 +159,14 @@ class HISAIndexer(torch.nn.Module):
         if ranges is None:
             return self.dsa_indexer(hidden_states, q_resid, position_embeddings, attention_mask, position_ids, **cache)
         cache = next(iter(cache.values()), None)
+        follow = decoding and cache is not None and not torch.compiler.is_compiling()
+        unchanged = follow and hf_block_means.keys_unchanged(cache, self.layer_idx, "indexer_keys")
         q, k, weights = self._index_inputs(hidden_states, q_resid, position_embeddings, cache)
         offsets = (torch.arange(batch, device=q.device) * seq_kv)[:, None]
         first, end = ranges
+        block_means = None
+        if follow and not bool(first.any()):  # unpadded: each sequence's blocks start at its key 0
+            block_means = self._followed_means(cache, k, seq_q, unchanged)
         selected = hisa_indexer(
             q.flatten(0, 1),
             k.flatten(0, 1),
@@ -171,8 +177,24 @@ class HISAIndexer(torch.nn.Module):
             block_topk=self.block_topk,
             topk=self.index_topk,
             forced=self.forced,
+            block_means=block_means,
         )
         return _batched_indices(selected, offsets.expand(batch, seq_q).flatten(), batch, seq_q)[:, :, 0]
+
+    def _followed_means(self, cache, k, new_tokens: int, unchanged: bool):
+        """The indexer key blocks' means [B * blocks, D] from the HISABlockMeans that follows this layer's
+        cache (sparse_attn.hf_block_means): each step pools only its new keys."""
+        state = hf_block_means.followed_state(
+            cache,
+            self.layer_idx,
+            "indexer_keys",
+            k,
+            new_tokens,
+            unchanged,
+            lambda: HISABlockMeans(self.block_size),
+            lambda state: state.block_size == self.block_size,
+        )
+        return state.update(k).flatten(0, 1)
 
     def _index_inputs(self, hidden_states, q_resid, position_embeddings, cache):
         """The indexer's (q (B, Sq, H, D), cached k (B, Skv, D), weights (B, Sq, H)) as the model computes

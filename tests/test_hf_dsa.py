@@ -5,6 +5,7 @@
 while every block is a candidate, select what HISA selects beyond that, and keep padding invisible.
 """
 
+import copy
 import os
 
 import pytest
@@ -15,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not hasattr(transformers, "DeepseekV32Config") or not hasattr(transformers.Cache, "update_indexer"):
     pytest.skip("this transformers has no DeepSeek-V3.2 model with an indexer key cache", allow_module_level=True)
 
+import sparse_attn.methods.hisa as hisa_module  # noqa: E402
 from sparse_attn import hf  # noqa: E402
 from sparse_attn.hf_dsa import HISAIndexer, _key_ranges, indexed_attention  # noqa: E402
 from sparse_attn.methods.hisa import dsa_select, hisa_select  # noqa: E402
@@ -239,6 +241,38 @@ def test_hisa_decode_selection_equals_the_prefill_row():
     assert len(decode) == len(prefill) == 2
     for got, want in zip(decode, prefill, strict=True):
         assert torch.equal(got.sort(dim=-1).values, want.sort(dim=-1).values)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("edit", [None, "reorder", "padded"])
+def test_hisa_decode_follows_the_indexer_key_cache(monkeypatch, edit):
+    """decode='sparse': each step adds only its new index keys to the block means that follow the cache (every
+    key on the first step, after a beam reorder, never for a padded batch, which pools its pieces), and
+    equals the same step on a copy of the cache, which pools everything afresh."""
+    added = []
+    add = hisa_module._add_to_blocks
+    monkeypatch.setattr(hisa_module, "_add_to_blocks", lambda *a: (added.append(a[-1].shape[-2]), add(*a))[1])
+    model, length = _model(), 40
+    ids, mask = _left_padded(_ids(length=length), [0, 3] if edit == "padded" else [0, 0])
+    token = torch.tensor([[5], [9]])
+    with hf.patched(model, "hisa", decode="sparse", **PRUNING):
+        layers = len(_indexers(model))
+        cache = transformers.DynamicCache(config=model.config)
+        model(ids, attention_mask=mask, use_cache=True, **cache_argument(model, cache))
+        for step in range(4):
+            if edit == "reorder" and step == 2:
+                cache.reorder_cache(torch.tensor([1, 0]))
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            untracked = copy.deepcopy(cache)
+            added.clear()
+            logits = model(token, attention_mask=mask, use_cache=True, **cache_argument(model, cache)).logits
+            fresh = step == 0 or (edit == "reorder" and step == 2)
+            if edit == "padded":  # pooled afresh from the packed keys of both rows
+                assert added == [2 * (length + step + 1)] * layers
+            else:
+                assert added == [length + step + 1 if fresh else 1] * layers, step
+            again = model(token, attention_mask=mask, use_cache=True, **cache_argument(model, untracked)).logits
+            torch.testing.assert_close(logits, again, atol=0, rtol=0)
 
 
 @torch.no_grad()

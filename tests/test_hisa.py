@@ -249,6 +249,33 @@ def test_decode_selection_equals_the_prefill_row(rng, path):
         assert torch.equal(decoded, prefill[one]), position
 
 
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_batched_block_means_serve_a_batch_of_decode_rows(rng, with_scale, path):
+    """A batch of equal-length caches (B, N, D): the batched state's means equal pooling the packed caches,
+    and flattened they give every sequence's decode row the selection of the pooled path."""
+    batch, dim, block = 3, 16, 16
+    k = torch.randn(batch, 120, dim, generator=rng).to(DEVICE)
+    scale = (torch.rand(batch, 120, generator=rng) + 0.5).to(DEVICE) if with_scale else None
+    q = torch.randn(batch, 4, dim, generator=rng).to(DEVICE)
+    weights = torch.rand(batch, 4, generator=rng).to(DEVICE)
+    state = HISABlockMeans(block)
+    for n in (1, 17, 32, 33, 90, 120):
+        cached = k[:, :n].flatten(0, 1)
+        cached_scale = None if scale is None else scale[:, :n].flatten()
+        ks = torch.arange(batch, device=DEVICE) * n
+        means = state.update(k[:, :n], None if scale is None else scale[:, :n])
+        assert means.shape == (batch, -(-n // block), dim)
+        pooled = _pool_segments(cached, ks, block, cached_scale)[0]
+        if DEVICE.type == "cpu":
+            assert torch.equal(means.flatten(0, 1), pooled), n
+        else:
+            torch.testing.assert_close(means.flatten(0, 1), pooled, rtol=1e-6, atol=1e-6)
+        options = dict(block_size=block, block_topk=2, topk=16, k_scale=cached_scale)
+        expected = hisa_indexer(q, cached, weights, ks, ks + n, **options)
+        got = hisa_indexer(q, cached, weights, ks, ks + n, block_means=means.flatten(0, 1), **options)
+        assert torch.equal(got, expected), n
+
+
 def test_block_means_must_match_the_cache(rng):
     k = torch.randn(40, 8, generator=rng)
     q, weights = torch.randn(2, 2, 8, generator=rng), torch.rand(2, 2, generator=rng)
@@ -257,7 +284,7 @@ def test_block_means_must_match_the_cache(rng):
     options = dict(block_size=16, block_topk=2, topk=8)
     with pytest.raises(ValueError, match="block_means must be fp32"):
         hisa_indexer(q, k, weights, ks, ke, block_means=means[:2], **options)
-    with pytest.raises(ValueError, match="every ks must be 0"):
+    with pytest.raises(ValueError, match="smallest ks must be 0"):
         hisa_indexer(q, k, weights, ks + 1, ke, block_means=means, **options)
     with pytest.raises(ValueError, match="k_scale"):
         HISABlockMeans(16).update(k, torch.ones(3))

@@ -209,66 +209,79 @@ def _select_rows(q, topk: int, scores_per_row: int, select):
 
 
 # ---------------------------------------------------------------------------------- HISA
-def _pool_segments(k, ks, block_size: int, k_scale):
-    """fp32 means of each sequence's key blocks, blocks anchored at each distinct ks (a sequence runs to
-    the next distinct ks, or the end of k). Returns (pooled [P, D], block start positions [P], first
-    pooled block of every row [M]). A ragged tail block averages its real keys."""
-    ks = ks.long()
+def _segments(ks, num_keys: int, block_size: int):
+    """The block grid of the sequences that start at the distinct ks, each running to the next distinct ks
+    (the last to num_keys): (starts [S], blocks per sequence [S], first block of each sequence [S],
+    block start positions [P])."""
     starts = torch.unique(ks)
-    ends = torch.cat([starts[1:], starts.new_tensor([k.shape[0]])])
+    ends = torch.cat([starts[1:], starts.new_tensor([num_keys])])
     blocks_per_seq = (ends - starts + block_size - 1) // block_size
     first_block = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq
     num_blocks = int(blocks_per_seq.sum())
+    seq_of_block = torch.repeat_interleave(blocks_per_seq, output_size=num_blocks)
+    block_starts = starts[seq_of_block] + (torch.arange(num_blocks, device=ks.device) - first_block[seq_of_block]) * (
+        block_size
+    )
+    return starts, first_block, block_starts.to(torch.int32)
+
+
+def _pool_segments(k, ks, block_size: int, k_scale):
+    """fp32 means of each sequence's key blocks (sequences as `_segments` draws them). Returns (pooled
+    [P, D], block start positions [P], first pooled block of every row [M]). A ragged tail block
+    averages its real keys."""
+    ks = ks.long()
+    starts, first_block, block_starts = _segments(ks, k.shape[0], block_size)
     positions = torch.arange(int(starts[0]), k.shape[0], device=k.device)
     seq = torch.searchsorted(starts, positions, right=True) - 1
     block = first_block[seq] + (positions - starts[seq]) // block_size
-    sums = torch.zeros(num_blocks, k.shape[1], dtype=torch.float32, device=k.device)
-    counts = torch.zeros(num_blocks, dtype=torch.float32, device=k.device)
+    sums = torch.zeros(block_starts.shape[0], k.shape[1], dtype=torch.float32, device=k.device)
+    counts = torch.zeros(block_starts.shape[0], dtype=torch.float32, device=k.device)
     _add_to_blocks(sums, counts, block, _scaled_keys(k, positions, k_scale))
-    block_starts = torch.empty(num_blocks, dtype=torch.int64, device=k.device)
-    block_starts[block] = positions - (positions - starts[seq]) % block_size
     row_first = first_block[torch.searchsorted(starts, ks)]
-    return sums / counts[:, None], block_starts.to(torch.int32), row_first.to(torch.int32)
+    return sums / counts[:, None], block_starts, row_first.to(torch.int32)
 
 
 def _scaled_keys(k, positions, k_scale):
-    """fp32 keys at `positions`, times their scale when there is one."""
-    keys = k[positions].float()
-    return keys if k_scale is None else keys * k_scale.float()[positions, None]
+    """fp32 keys at `positions` ([..., N, D] -> [..., len(positions), D]), times their scale when there is one."""
+    keys = k.index_select(-2, positions).float()
+    return keys if k_scale is None else keys * k_scale.index_select(-1, positions).float()[..., None]
 
 
 def _add_to_blocks(sums, counts, block, keys) -> None:
-    """Adds each key row to its block's fp32 sum and count, in row order (batch pooling and the decode
-    state add alike, so their means agree bit for bit on the CPU)."""
-    sums.index_add_(0, block, keys)
-    counts.index_add_(0, block, torch.ones_like(keys[:, 0]))
+    """Adds each key row to its block's fp32 sum ([..., P, D]) and count ([P]), in row order (batch pooling
+    and the decode state add alike, so their means agree bit for bit on the CPU)."""
+    sums.index_add_(-2, block, keys)
+    counts.index_add_(0, block, torch.ones_like(block, dtype=torch.float32))
 
 
 def _cached_pool(block_means, k, ks, block_size: int):
-    """(pooled, block starts, first block per row) of one sequence's cache pooled by HISABlockMeans."""
+    """(pooled, block starts, first block per row) with the pooling done by HISABlockMeans: its means of
+    every sequence (as `_segments` draws them), concatenated in order."""
     _check_tensor(block_means, "block_means", dim=2, dtypes=(torch.float32,))
-    blocks = -(-k.shape[0] // block_size)
-    if tuple(block_means.shape) != (blocks, k.shape[1]) or block_means.device != k.device:
+    ks = ks.long()
+    if int(ks.min()) != 0:
+        raise ValueError("block_means pools sequences from position 0: the smallest ks must be 0")
+    starts, first_block, block_starts = _segments(ks, k.shape[0], block_size)
+    if tuple(block_means.shape) != (block_starts.shape[0], k.shape[1]) or block_means.device != k.device:
         raise ValueError(
-            f"block_means must be fp32 ({blocks}, {k.shape[1]}) on {k.device}: the block means of this k "
-            f"(HISABlockMeans.update(k)), got {tuple(block_means.shape)} on {block_means.device}"
+            f"block_means must be fp32 ({block_starts.shape[0]}, {k.shape[1]}) on {k.device}: the block means of "
+            f"the sequences starting at the distinct ks (HISABlockMeans.update of each, concatenated), got "
+            f"{tuple(block_means.shape)} on {block_means.device}"
         )
-    if bool((ks != 0).any()):
-        raise ValueError("block_means pools one sequence's cache from position 0: every ks must be 0")
-    starts = torch.arange(0, blocks * block_size, block_size, dtype=torch.int32, device=k.device)
-    return block_means, starts, torch.zeros_like(ks)
+    return block_means, block_starts, first_block[torch.searchsorted(starts, ks)].to(torch.int32)
 
 
 class HISABlockMeans:
     """The decode state beside an indexer key cache (spec section 2): fp32 sums and counts of its blocks,
     so that each step adds only the new keys instead of re-pooling the prefix.
 
-    `update(k, k_scale=None)` takes the whole cache k (N, D) of one sequence (positions 0 .. N-1), adds
-    the rows since the previous call to their blocks, and returns the means [ceil(N / block_size), D]
-    for `hisa_indexer(..., block_means=...)`: a partial last block averages its real rows. Rows are
-    added in position order, as batch pooling adds them, so on the CPU the means equal batch pooling
-    bit for bit. A cache that shrank or changed width or device starts over; a rewritten one needs
-    `reset()`.
+    `update(k, k_scale=None)` takes the whole cache k (N, D) of one sequence (positions 0 .. N-1), or
+    (B, N, D) of B sequences of equal length, adds the rows since the previous call to their blocks, and
+    returns the means [ceil(N / block_size), D] (or [B, ceil(N / block_size), D]) for
+    `hisa_indexer(..., block_means=...)` (batched: flattened to [B * blocks, D], the sequences at ks = b * N).
+    A partial last block averages its real rows. Rows are added in position order, as batch pooling adds
+    them, so on the CPU the means equal batch pooling bit for bit. A cache that shrank or changed batch,
+    width or device starts over; a rewritten one needs `reset()`.
     """
 
     def __init__(self, block_size: int = 128):
@@ -279,20 +292,31 @@ class HISABlockMeans:
         self.sums, self.counts, self.length = None, None, 0
 
     def update(self, k, k_scale=None) -> torch.Tensor:
-        _check_tensor(k, "k", dim=2, dtypes=_FLOAT_INPUTS)
-        _check_k_scale(k_scale, k.shape[0])
-        sums = self.sums
-        if sums is None or k.shape[0] < self.length or sums.shape[1] != k.shape[1] or sums.device != k.device:
-            self.sums = torch.zeros(0, k.shape[1], dtype=torch.float32, device=k.device)
+        _check_tensor(k, "k", dtypes=_FLOAT_INPUTS)
+        if k.dim() not in (2, 3):
+            raise ValueError(f"k must be 2-D (N, D) or 3-D (B, N, D), got shape {tuple(k.shape)}")
+        batched = k.dim() == 3
+        keys = k if batched else k[None]
+        if k_scale is not None:
+            _check_tensor(k_scale, "k_scale", dtypes=_FLOAT_INPUTS[:-1])
+            if k_scale.shape != k.shape[:-1]:
+                raise ValueError(
+                    f"k_scale must have one entry per key {tuple(k.shape[:-1])}, got {tuple(k_scale.shape)}"
+                )
+        sums, (batch, num_keys, dim) = self.sums, keys.shape
+        if sums is None or num_keys < self.length or sums.shape[::2] != (batch, dim) or sums.device != k.device:
+            self.sums = torch.zeros(batch, 0, dim, dtype=torch.float32, device=k.device)
             self.counts = torch.zeros(0, dtype=torch.float32, device=k.device)
             self.length = 0
-        grow = -(-k.shape[0] // self.block_size) - self.sums.shape[0]
+        grow = -(-num_keys // self.block_size) - self.sums.shape[1]
         self.sums = torch.nn.functional.pad(self.sums, (0, 0, 0, grow))
         self.counts = torch.nn.functional.pad(self.counts, (0, grow))
-        positions = torch.arange(self.length, k.shape[0], device=k.device)
-        _add_to_blocks(self.sums, self.counts, positions // self.block_size, _scaled_keys(k, positions, k_scale))
-        self.length = k.shape[0]
-        return self.sums / self.counts[:, None]
+        positions = torch.arange(self.length, num_keys, device=k.device)
+        scale = k_scale if k_scale is None or batched else k_scale[None]
+        _add_to_blocks(self.sums, self.counts, positions // self.block_size, _scaled_keys(keys, positions, scale))
+        self.length = num_keys
+        means = self.sums / self.counts[:, None]
+        return means if batched else means[0]
 
 
 def _forced_ranking(block_scores, first, last, has_blocks, value):
@@ -345,8 +369,8 @@ def hisa_indexer(
     returns offsets from ks (the vLLM/TileLang convention) instead of absolute positions (FlashMLA's).
     Identical to `topk_indices(dsa_indexer_logits(...), topk)` (up to ties) while every eligible block is a
     candidate: at most `block_topk` of them ('slots') or `block_topk + 2` ('union').
-    `block_means` (from `HISABlockMeans.update(k)`, decode) replaces the pooling of one sequence's cache:
-    every row's ks must then be 0.
+    `block_means` (from `HISABlockMeans.update(k)`, decode) replaces the pooling: the means of every
+    sequence, concatenated in order (the smallest ks must then be 0).
     """
     check_options(block_size=block_size, block_topk=block_topk, topk=topk, forced=forced)
     q, k, weights, ks, ke, k_scale = _check_indexer_inputs(q, k, weights, ks, ke, k_scale)
