@@ -83,7 +83,7 @@ done
 # The report (report.md, speedup.png, pareto.png) is of the suites, rendered from whatever suite JSON
 # is in bench/results/ (the tile sweep prints its own table).
 any_suite=""
-for name in engine decode moba moba_varlen xattention proxyattn s2o hisa; do [ -f "$RESULTS/$name.json" ] && any_suite=1; done
+for name in engine decode moba moba_varlen moba_decode xattention proxyattn s2o hisa; do [ -f "$RESULTS/$name.json" ] && any_suite=1; done
 if [ "$#" -gt 0 ] && [ -n "$any_suite" ]; then
   rm -f "$RESULTS/report.md"
   step bench_report python3 -m sparse_attn.bench report "$RESULTS" >/dev/null

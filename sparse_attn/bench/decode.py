@@ -62,7 +62,7 @@ def selected_kv_bytes(layout, num_q_heads: int, num_kv_heads: int, batch: int, h
     return 2 * keys * head_dim * element_size
 
 
-def _timed(record: dict, name: str, fn, device, nbytes: int, *, peer: bool = True):
+def timed_with_bandwidth(record: dict, name: str, fn, device, nbytes: int, *, peer: bool = True):
     """`timed` of fn and, given the bytes it must read, its bandwidth and share of the H100's."""
     ms = timed(record, name, fn, device, peer=peer)
     if ms:
@@ -77,12 +77,14 @@ def _case(q, k, v, layout, device) -> dict:
     hkv = k.shape[1]
     nbytes = selected_kv_bytes(layout, hq, hkv, b, d, k.element_size())
     row = {"density": layout.density(), "selected_kv_bytes": nbytes, "selected_kv_mb": nbytes / 1e6}
-    _timed(row, "block_sparse_decode", lambda: block_sparse_decode(q, k, v, layout), device, nbytes, peer=False)
+    timed_with_bandwidth(
+        row, "block_sparse_decode", lambda: block_sparse_decode(q, k, v, layout), device, nbytes, peer=False
+    )
     rows = torch.arange(seq_q, device=q.device)
     selection = quality.reference(q, k, v, rows, quality.layout_rows(layout, rows, hq, hkv))
     row.update(quality.selection_fields(block_sparse_decode(q, k, v, layout), selection))
     for name, run in layout_peers(device, layout, hq, hkv).items():
-        if _timed(row, name, lambda run=run: run(q, k, v), device, nbytes) is not None:
+        if timed_with_bandwidth(row, name, lambda run=run: run(q, k, v), device, nbytes) is not None:
             row[f"{name}_output_rel_error"] = quality.rel_error(run(q, k, v), selection.out)
     return row
 
@@ -101,7 +103,7 @@ def run(config: dict, device: torch.device) -> list[dict]:
             dense = {}
             # No mask: flash and cuDNN take no bottom-right causal mask, and a decode reads every key anyway.
             for name, peer in dense_peers(device, causal=False).items():
-                _timed(dense, name, lambda peer=peer: peer(q, k, v), device, cache_bytes)
+                timed_with_bandwidth(dense, name, lambda peer=peer: peer(q, k, v), device, cache_bytes)
             for density in config["densities"]:
                 # One query block holds all Sq rows: the layout's q block is the KV block size (>= 16).
                 layout = random_block_layout(

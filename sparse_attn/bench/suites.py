@@ -3,13 +3,14 @@ and for the report COLUMNS, SEQ_KEY, SPEEDUP and family(row)."""
 
 from __future__ import annotations
 
-from . import decode, engine, hisa, moba, moba_varlen, proxyattn, s2o, xattention
+from . import decode, engine, hisa, moba, moba_decode, moba_varlen, proxyattn, s2o, xattention
 
 SUITES = {
     "engine": engine,
     "decode": decode,
     "moba": moba,
     "moba_varlen": moba_varlen,
+    "moba_decode": moba_decode,
     "xattention": xattention,
     "proxyattn": proxyattn,
     "s2o": s2o,

@@ -398,6 +398,20 @@ class MoBABlockMeans:
         return means
 
 
+def routed_decode_layout(routes: torch.Tensor, block_size: int, seq_len_kv: int):
+    """The BlockSparseLayout of one decode query's routes int32 [B, Hq, 1, topk] (-1 padded), per query head."""
+    from ..layout import BlockSparseLayout
+
+    return BlockSparseLayout.from_kv_blocks(
+        (routes >= 0).sum(dim=-1, dtype=torch.int32),
+        routes,
+        q_block_size=1,
+        kv_block_size=block_size,
+        seq_len_q=1,
+        seq_len_kv=seq_len_kv,
+    )
+
+
 def moba_decode(q, k, v, *, block_size, topk, block_means=None, softmax_scale=None, attn_sink=None):
     """Routed MoBA decode: q (B, Hq, Sq <= 16, D), the newest queries, against the cache k, v (B, Hkv, Skv, D).
 
@@ -410,7 +424,6 @@ def moba_decode(q, k, v, *, block_size, topk, block_means=None, softmax_scale=No
     """
     from .. import engine
     from ..decode import MAX_DECODE_QUERIES, block_sparse_decode, decode_kernel_accepts
-    from ..layout import BlockSparseLayout
 
     engine._check_qkv(q, k, v, packed=False)
     _check_route_args(q, k, block_size, topk, True)
@@ -425,14 +438,7 @@ def moba_decode(q, k, v, *, block_size, topk, block_means=None, softmax_scale=No
     routes = _route_with_means(q.detach(), means, k.shape[2], block_size, topk)
     scale = engine._default_scale(softmax_scale, q.shape[-1])
     if q.shape[2] == 1 and decode_kernel_accepts(q, k, v):
-        layout = BlockSparseLayout.from_kv_blocks(
-            (routes >= 0).sum(dim=-1, dtype=torch.int32),
-            routes,
-            q_block_size=1,
-            kv_block_size=block_size,
-            seq_len_q=1,
-            seq_len_kv=k.shape[2],
-        )
+        layout = routed_decode_layout(routes, block_size, k.shape[2])
         return block_sparse_decode(q, k, v, layout, softmax_scale=scale, attn_sink=attn_sink)
     return with_attn_sink(*_attend_routes(q, k, v, routes, block_size, True, scale), attn_sink)
 
