@@ -620,14 +620,19 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
             out = _run_pieces(lambda q, k, v: _dense_attention(q, k, v, dense), query, key, value, pieces)
     else:
         pieces = _sequence_pieces(keep, query.shape[0], seq_q, seq_kv, kwargs, query.device)
-        block_means = None
-        if path == "moba" and decoding and causal and pieces is None:
-            block_means = hf_block_means.moba_block_means(module, key, seq_q, plan.options["block_size"])
+        suffixes = pieces.suffixes if decoding and pieces is not None else None
+        followed = None
+        if path == "moba" and decoding and causal and (pieces is None or suffixes is not None):
+            followed = hf_block_means.moba_block_means(module, key, seq_q, plan.options["block_size"])
 
-        def method(q, k, v):
-            return _method_attention(plan, layer_idx, q, k, v, causal, scaling, sink, config.stats, block_means)
+        def method(q, k, v, sequence=None):
+            means = None if followed is None else followed.of(sequence)
+            return _method_attention(plan, layer_idx, q, k, v, causal, scaling, sink, config.stats, means)
 
-        out = _run_pieces(method, query, key, value, pieces)
+        if suffixes is not None:
+            out = _run_suffixes(method, query, key, value, suffixes)
+        else:
+            out = _run_pieces(method, query, key, value, pieces)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -688,10 +693,13 @@ def _align_padding_mask(mask, key, value):
 # ---------------------------------------------------------------------------------- sequences
 @dataclass
 class _Pieces:
-    """Sequences to run separately: per piece, rows into the flattened (B * Sq) queries and (B * Skv) keys."""
+    """Sequences to run separately: per piece, rows into the flattened (B * Sq) queries and (B * Skv) keys;
+    `suffixes`, when every batch row's real queries and keys are a suffix of its own (left padding), the
+    (first query, first key) of each row, so that a decode step can take views instead of copies."""
 
     q_rows: list
     k_rows: list
+    suffixes: list | None = None
 
 
 # One entry: the mask (or position ids) of the last call and its pieces. Every layer of a forward
@@ -732,13 +740,15 @@ def _pieces_from_mask(keep, seq_q, seq_kv, device) -> _Pieces:
     # Queries are the last Sq key positions, so each sequence's real queries are the last of its real
     # keys: unpadded, they are bottom-right aligned against its real keys, exactly as without padding.
     keep = keep.cpu()
-    q_rows, k_rows = [], []
+    q_rows, k_rows, suffixes = [], [], []
     for b in range(keep.shape[0]):
         k_pos = keep[b].nonzero().squeeze(1)
         q_pos = keep[b, seq_kv - seq_q :].nonzero().squeeze(1)
         q_rows.append((q_pos + b * seq_q).to(device))
         k_rows.append((k_pos + b * seq_kv).to(device))
-    return _Pieces(q_rows, k_rows)
+        suffixes.append((seq_q - q_pos.numel(), seq_kv - k_pos.numel()))
+    left_padded = all(bool(keep[b, start:].all()) for b, (_, start) in enumerate(suffixes))
+    return _Pieces(q_rows, k_rows, suffixes if left_padded else None)
 
 
 def _pieces_from_cu(cu_q, cu_k, batch, seq_q, seq_kv, device) -> _Pieces:
@@ -760,6 +770,21 @@ def _pieces_from_positions(positions, device) -> _Pieces | None:
     bounds = [*starts, positions.numel()]
     rows = [torch.arange(a, b, device=device) for a, b in zip(bounds[:-1], bounds[1:])]
     return _Pieces(rows, rows)
+
+
+def _run_suffixes(attention, query, key, value, suffixes: list):
+    """attention(q, k, v, (row, first key)) on each batch row's real suffix of queries and keys, as views: in a
+    decode step the keys are the whole cache, which a gather would copy for a handful of queries. Rows of
+    padding queries stay 0."""
+    outputs = []
+    for b, (q_start, k_start) in enumerate(suffixes):
+        if q_start == query.shape[2]:
+            outputs.append(query.new_zeros(query.shape[1], query.shape[2], value.shape[-1]))
+            continue
+        row = slice(b, b + 1)
+        out = attention(query[row, :, q_start:], key[row, :, k_start:], value[row, :, k_start:], (b, k_start))
+        outputs.append(F.pad(out[0], (0, 0, q_start, 0)))
+    return torch.stack(outputs)
 
 
 def _run_pieces(attention, query, key, value, pieces: _Pieces | None):

@@ -122,8 +122,22 @@ def _after_attention(module, args, kwargs, output) -> None:
         _calls.__dict__.pop(id(module), None)
 
 
-def moba_block_means(module, key: torch.Tensor, new_tokens: int, block_size: int) -> MoBABlockMeans | None:
-    """The `MoBABlockMeans` to route this decode step of `module` with (`key`: the whole cache as the cache
+class SequenceMeans(dict):
+    """One layer's MoBA block means: a `MoBABlockMeans` for the whole batch (`of(None)`) or, for a left-padded
+    batch run row by row, one per (batch row, first real key) (`of((row, start))`)."""
+
+    def __init__(self, block_size: int):
+        super().__init__()
+        self.block_size = block_size
+
+    def of(self, sequence) -> MoBABlockMeans:
+        if sequence not in self:
+            self[sequence] = MoBABlockMeans(self.block_size)
+        return self[sequence]
+
+
+def moba_block_means(module, key: torch.Tensor, new_tokens: int, block_size: int) -> SequenceMeans | None:
+    """The `SequenceMeans` to route this decode step of `module` with (`key`: the whole cache as the cache
     returned it), or None when the pre-hook did not see the call (unpatched, compiled, no cache)."""
     call = None if torch.compiler.is_compiling() else _calls.__dict__.get(id(module))
     if call is None:
@@ -136,7 +150,7 @@ def moba_block_means(module, key: torch.Tensor, new_tokens: int, block_size: int
         key,
         new_tokens,
         unchanged,
-        lambda: MoBABlockMeans(block_size),
+        lambda: SequenceMeans(block_size),
         lambda state: state.block_size == block_size,
     )
 

@@ -75,27 +75,28 @@ def test_generation_pools_each_block_once_and_routes_like_the_prefill(pooled):
     torch.testing.assert_close(torch.stack(out.logits, dim=1), logits, atol=2e-4, rtol=1e-4)
 
 
-def _step(model, cache, token, run=None):
-    """One decode step of every row with `token` (B, 1) through `run` (default the model itself); returns its
-    logits (B, vocab)."""
-    return (model if run is None else run)(token, use_cache=True, **cache_argument(model, cache)).logits[:, -1]
+def _step(model, cache, token, run=None, mask=None):
+    """One decode step of every row with `token` (B, 1) through `run` (default the model itself), with the
+    padding `mask` (B, cache length + 1) if any; returns its logits (B, vocab)."""
+    run = model if run is None else run
+    return run(token, attention_mask=mask, use_cache=True, **cache_argument(model, cache)).logits[:, -1]
 
 
-def _prefilled(model, ids):
+def _prefilled(model, ids, mask=None):
     cache = transformers.DynamicCache()
-    model(ids, use_cache=True, **cache_argument(model, cache))
+    model(ids, attention_mask=mask, use_cache=True, **cache_argument(model, cache))
     return cache
 
 
-def _assert_step_pools(model, cache, token, pooled, keys):
-    """Runs a step and checks that it pooled `keys` keys in every layer (or per layer, a list) and equals the
-    same step run on a copy of the cache (a cache the tracker has never seen pools every block)."""
+def _assert_step_pools(model, cache, token, pooled, keys, mask=None):
+    """Runs a step and checks that it pooled `keys` keys in every layer (a list: the pools in order) and equals
+    the same step run on a copy of the cache (a cache the tracker has never seen pools every block)."""
     untracked = copy.deepcopy(cache)
     pooled.clear()
-    logits = _step(model, cache, token)
-    per_layer = keys if isinstance(keys, list) else [keys] * LAYERS
-    assert pooled == [n for n in per_layer if n]
-    torch.testing.assert_close(logits, _step(model, untracked, token), atol=0, rtol=0)
+    logits = _step(model, cache, token, mask=mask)
+    expected = keys if isinstance(keys, list) else [keys] * LAYERS
+    assert pooled == [n for n in expected if n]
+    torch.testing.assert_close(logits, _step(model, untracked, token, mask=mask), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("edit", ["reorder", "crop", "select", "in-place write", "new cache"])
@@ -125,6 +126,36 @@ def test_cache_edits_pool_afresh(pooled, edit):
             cache = _prefilled(model, _prompts(seed=2)[:, :length])
         _assert_step_pools(model, cache, token, pooled, _complete_keys(length + 1))
         _assert_step_pools(model, cache, token, pooled, 0)  # and follows the edited cache from then on
+
+
+def test_left_padded_batch_runs_views_and_follows_each_row(pooled, monkeypatch):
+    """A left-padded batch decodes row by row on views of the cache (no copy of it), each row's means following
+    its own block grid (anchored at its first real token), pooled once per block."""
+    model, ids = _model(), _prompts()
+    pad = 37
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    token = torch.tensor([[7], [11]])
+    storages = []
+    decode = hf.moba_decode
+    monkeypatch.setattr(
+        hf, "moba_decode", lambda q, k, v, **o: (storages.append(k.untyped_storage()), decode(q, k, v, **o))[1]
+    )
+    with torch.no_grad(), hf.patched(model, "moba", **ROUTED):
+        cache = _prefilled(model, ids.masked_fill(mask == 0, 0), mask)
+        for step in range(8):
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            real = [PROMPT + step + 1, PROMPT - pad + step + 1]  # each row's real keys after the step
+            if step == 0:
+                keys = [_complete_keys(n) for n in real] * LAYERS
+            else:
+                keys = [BLOCK if n % BLOCK == 0 else 0 for n in real] * LAYERS
+            storages.clear()
+            _assert_step_pools(model, cache, token, pooled, keys, mask)
+            cached = [hf_block_means._appending_keys(cache, layer).untyped_storage() for layer in range(LAYERS)]
+            # Each layer's two rows read the cache in place (the copy of the cache that the check ran next
+            # appended its own calls after these).
+            assert [s.data_ptr() for s in storages[: 2 * LAYERS]] == [s.data_ptr() for s in cached for _ in "ab"]
 
 
 def test_chunked_prefill_between_steps_pools_afresh(pooled):

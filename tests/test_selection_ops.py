@@ -32,6 +32,15 @@ def test_block_mean_pool_matches_slices(rng, dtype, seq, block):
     torch.testing.assert_close(pooled, reference.block_mean_pool_reference(keys, block))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_block_mean_pool_of_a_view_equals_pooling_a_copy(rng, dtype):
+    """A window of a larger cache (strided along heads and sequence; one sequence of a padded batch) pools,
+    bit for bit, as its contiguous copy does."""
+    big = torch.randn(3, 4, 300, 16, generator=rng).to(dtype)
+    for view in (big[1:2, :, 37:], big[:, ::2, 5:205], big[..., 3:11]):
+        assert torch.equal(sparse_attn.block_mean_pool(view, 32), sparse_attn.block_mean_pool(view.contiguous(), 32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_block_mean_pool_divides_exact_sums_like_the_reference(rng, dtype):
     """Integer keys sum exactly; the mean is then one correctly rounded division, bit-identical to the

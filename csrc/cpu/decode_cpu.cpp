@@ -110,11 +110,24 @@ namespace {
 // comes from a fp32 PyTorch implementation, whose matmuls sum in blocks).
 using Acc = double;
 
+// A [B, H, S, D] tensor read in place: its element strides (the last dim has stride 1).
+template <typename In>
+struct Strided4d {
+  const In* data;
+  int64_t batch, head, row;
+
+  explicit Strided4d(const at::Tensor& t)
+      : data(t.const_data_ptr<In>()), batch(t.stride(0)), head(t.stride(1)), row(t.stride(2)) {}
+  const In* at(int64_t b, int64_t h, int64_t s) const { return data + b * batch + h * head + s * row; }
+};
+
+// q, k and v are read where they are, in their own dtype and strides: a decode step reads a few
+// blocks of a cache that is often a view (one sequence of a padded batch), which a copy would read whole.
 template <typename In>
 struct DecodeInputs {
-  const In* q;  // [B, Hq, Sq, D], contiguous
-  const In* k;  // [B, Hkv, Skv, D]
-  const In* v;
+  Strided4d<In> q;  // [B, Hq, Sq, D]
+  Strided4d<In> k;  // [B, Hkv, Skv, D]
+  Strided4d<In> v;
   const int32_t* counts;   // [layout_batch, layout_heads]
   const int32_t* indices;  // [layout_batch, layout_heads, max_blocks]
 };
@@ -146,10 +159,9 @@ void decode_one_split(const DecodeInputs<In>& in, const decode::DecodeShape& sha
       keys.push_back(key);
   }
 
-  const In* k_head = in.k + (batch * shape.kv_heads + head / (shape.q_heads / shape.kv_heads)) * Skv * D;
-  const In* v_head = in.v + (k_head - in.k);
+  const int64_t kv_head = head / (shape.q_heads / shape.kv_heads);
   for (int64_t i = 0; i < Sq; ++i) {
-    const In* q_row = in.q + ((batch * shape.q_heads + head) * Sq + i) * D;
+    const In* q_row = in.q.at(batch, head, i);
     Acc* out_row = partial_out + ((batch * shape.q_heads + head) * Sq + i) * D;
     Acc& lse = partial_lse[(batch * shape.q_heads + head) * Sq + i];
     // Query i sits at key position i + Skv - Sq (bottom-right causal alignment).
@@ -158,7 +170,7 @@ void decode_one_split(const DecodeInputs<In>& in, const decode::DecodeShape& sha
     Acc max_score = -std::numeric_limits<Acc>::infinity();
     for (int64_t key : keys) {
       if (key > last_visible) break;  // keys ascend
-      const In* k_row = k_head + key * D;
+      const In* k_row = in.k.at(batch, kv_head, key);
       Acc dot = 0;
       for (int64_t d = 0; d < D; ++d) dot += Acc(q_row[d]) * Acc(k_row[d]);
       scores.push_back(dot * scale_log2);
@@ -173,8 +185,8 @@ void decode_one_split(const DecodeInputs<In>& in, const decode::DecodeShape& sha
     for (size_t n = 0; n < scores.size(); ++n) {
       const Acc weight = std::exp2(scores[n] - max_score);
       denominator += weight;
-      const In* v_row = v_head + keys[n] * D;
-      for (int64_t d = 0; d < D; ++d) out_row[d] += weight * v_row[d];
+      const In* v_row = in.v.at(batch, kv_head, keys[n]);
+      for (int64_t d = 0; d < D; ++d) out_row[d] += weight * Acc(v_row[d]);
     }
     for (int64_t d = 0; d < D; ++d) out_row[d] /= denominator;
     lse = max_score + std::log2(denominator);
@@ -228,22 +240,17 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_decode(const at::Tensor& q, cons
   const int64_t splits = decode::resolve_num_splits(shape, num_splits);
 
   const int64_t B = shape.batch, Hq = shape.q_heads, Sq = shape.seq_len_q, D = shape.head_dim;
-  const at::ScalarType input_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
   if (B * Hq * Sq == 0) return {at::empty({B, Hq, Sq, D}, q.options()), lse};
 
-  // 16-bit caches are read as float (one copy); float and double ones are read in place when contiguous.
-  const at::Tensor qa = q.to(input_type).contiguous(), ka = k.to(input_type).contiguous(),
-                   va = v.to(input_type).contiguous();
   const at::Tensor counts = kv_num_blocks.contiguous(), lists = kv_indices.contiguous();
   at::Tensor partial_out = at::empty({splits, B, Hq, Sq, D}, q.options().dtype(at::kDouble));
   at::Tensor partial_lse = at::empty({splits, B, Hq, Sq}, q.options().dtype(at::kDouble));
   at::Tensor out = at::empty({B, Hq, Sq, D}, q.options().dtype(at::kDouble));
 
-  AT_DISPATCH_FLOATING_TYPES(input_type, "block_sparse_decode", [&] {
-    const DecodeInputs<scalar_t> inputs{qa.const_data_ptr<scalar_t>(), ka.const_data_ptr<scalar_t>(),
-                                        va.const_data_ptr<scalar_t>(), counts.const_data_ptr<int32_t>(),
-                                        lists.const_data_ptr<int32_t>()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "block_sparse_decode", [&] {
+    const DecodeInputs<scalar_t> inputs{Strided4d<scalar_t>(q), Strided4d<scalar_t>(k), Strided4d<scalar_t>(v),
+                                        counts.const_data_ptr<int32_t>(), lists.const_data_ptr<int32_t>()};
     const Acc scale_log2 = static_cast<Acc>(softmax_scale) * static_cast<Acc>(M_LOG2E);
     Acc* partial_out_ptr = partial_out.mutable_data_ptr<Acc>();
     Acc* partial_lse_ptr = partial_lse.mutable_data_ptr<Acc>();

@@ -41,19 +41,26 @@ at::Tensor block_mean_pool(const at::Tensor& keys, int64_t block_size) {
   TORCH_CHECK_VALUE(keys.dim() == 4, "keys must be 4-D [B, H, S, D], got ", keys.dim(), " dims");
   TORCH_CHECK_VALUE(block_size > 0, "block_size must be positive, got ", block_size);
   const auto acc_type = keys.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor src = keys.contiguous().to(acc_type);
-  const int64_t BH = keys.size(0) * keys.size(1), S = keys.size(2), D = keys.size(3);
+  // Keys are read in place, in their dtype and strides (a cache is often a view: one sequence of a
+  // padded batch); only a last dim with a stride other than 1 is copied first.
+  const at::Tensor src = keys.size(3) <= 1 || keys.stride(3) == 1 ? keys : keys.contiguous();
+  const int64_t B = keys.size(0), H = keys.size(1), S = keys.size(2), D = keys.size(3);
   const int64_t num_blocks = (S + block_size - 1) / block_size;
-  at::Tensor out = at::empty({keys.size(0), keys.size(1), num_blocks, D}, keys.options().dtype(acc_type));
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "block_mean_pool", [&] {
-    const scalar_t* in = src.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, BH * num_blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t job = begin; job < end; ++job) {
-        const int64_t bh = job / num_blocks, blk = job % num_blocks;
-        const int64_t start = blk * block_size, stop = std::min(S, start + block_size);
-        mean_of_rows(in + (bh * S + start) * D, D, stop - start, D, o + job * D);
-      }
+  at::Tensor out = at::empty({B, H, num_blocks, D}, keys.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "block_mean_pool", [&] {
+    const scalar_t* in = src.const_data_ptr<scalar_t>();
+    const int64_t batch_stride = src.stride(0), head_stride = src.stride(1), row_stride = src.stride(2);
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "block_mean_pool_acc", [&] {
+      using acc_t = scalar_t;
+      acc_t* o = out.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, B * H * num_blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t job = begin; job < end; ++job) {
+          const int64_t b = job / (H * num_blocks), h = job / num_blocks % H, blk = job % num_blocks;
+          const int64_t start = blk * block_size, stop = std::min(S, start + block_size);
+          mean_of_rows(in + b * batch_stride + h * head_stride + start * row_stride, row_stride, stop - start, D,
+                       o + job * D);
+        }
+      });
     });
   });
   return out;
