@@ -41,7 +41,7 @@ if [ "$status" -eq 0 ] && [ -z "${SPARSE_ATTN_SKIP_TRANSFORMERS_MATRIX:-}" ]; th
     # The 0.x hub still needs requests, which the current transformers no longer installs.
     "$PYTHON" -m pip install --disable-pip-version-check --no-input -q --target "$old_tf" requests
   fi
-  SPARSE_ATTN_EXPECT_TRANSFORMERS=4.53.3 PYTHONPATH="$old_tf${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_hf.py tests/test_hf_architectures.py tests/test_hf_sinks.py || status=$?
+  SPARSE_ATTN_EXPECT_TRANSFORMERS=4.53.3 PYTHONPATH="$old_tf${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_hf.py tests/test_hf_architectures.py tests/test_hf_sinks.py tests/test_hf_moba_decode.py || status=$?
 fi
 echo "[test] finished in $((SECONDS - start)) s"
 exit "$status"

@@ -624,6 +624,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         followed = None
         if path == "moba" and decoding and causal and (pieces is None or suffixes is not None):
             followed = hf_block_means.moba_block_means(module, key, seq_q, plan.options["block_size"])
+            if followed is None and module.__dict__.get(_CONFIG_ATTR) is None:
+                # A model loaded under `configure` was never patched: follow its cache from the next step.
+                hf_block_means.track_once(module)
 
         def method(q, k, v, sequence=None):
             means = None if followed is None else followed.of(sequence)

@@ -161,3 +161,11 @@ def track(module) -> list:
         module.register_forward_pre_hook(_before_attention, with_kwargs=True),
         module.register_forward_hook(_after_attention, with_kwargs=True, always_call=True),
     ]
+
+
+def track_once(module) -> None:
+    """`track` for a module that no patch handle owns (a model loaded under `configure`): the hooks stay, and
+    cost a lookup per call once the module no longer routes decode."""
+    if not torch.compiler.is_compiling() and not module.__dict__.get("_sparse_attn_follows_cache"):
+        track(module)
+        module.__dict__["_sparse_attn_follows_cache"] = True

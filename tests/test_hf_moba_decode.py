@@ -216,3 +216,23 @@ def test_gpu_followed_means_equal_pooling_every_step(pooled):
         for length in range(1001, 1031):  # the cache's length after the step; block 15 completes at 1024
             completed = _complete_keys(length) if length == 1001 else BLOCK if length % BLOCK == 0 else 0
             _assert_step_pools(model, cache, token, pooled, completed)
+
+
+def test_a_model_loaded_under_configure_follows_from_its_second_step(pooled):
+    """No patch handle registers hooks on a model loaded with attn_implementation="sparse_attn": its first routed
+    decode step pools the whole cache and starts following, the second pools afresh once, then blocks only."""
+    try:
+        hf.configure("moba", **ROUTED)
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(**TINY_CAUSAL_LM, pad_token_id=0)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sparse_attn").eval()
+        token = torch.tensor([[7], [11]])
+        with torch.no_grad():
+            cache = _prefilled(model, _prompts())
+            for step in range(8):  # cache lengths 251 .. 258: block 3 completes at 256
+                length = PROMPT + step + 1
+                keys = _complete_keys(length) if step < 2 else BLOCK if length % BLOCK == 0 else 0
+                _assert_step_pools(model, cache, token, pooled, keys)
+        assert model.model.layers[0].self_attn._forward_pre_hooks
+    finally:
+        hf.configure(None)
