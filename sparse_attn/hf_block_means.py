@@ -100,6 +100,34 @@ def followed_state(cache, layer_idx: int, kind: str, keys, new_tokens: int, unch
     return entry.state
 
 
+class SequenceMeans(dict):
+    """One layer's block-mean states: one for the whole batch (`of(None)`) or, for a left-padded batch run
+    row by row, one per (batch row, first real key) (`of((row, start))`), each made by `make()`."""
+
+    def __init__(self, make, block_size: int):
+        super().__init__()
+        self.make, self.block_size = make, block_size
+
+    def of(self, sequence):
+        if sequence not in self:
+            self[sequence] = self.make()
+        return self[sequence]
+
+
+def followed_means(cache, layer_idx: int, kind: str, keys, new_tokens: int, unchanged: bool, make, block_size: int):
+    """`followed_state` of a `SequenceMeans` of `make()` states with this block size."""
+    return followed_state(
+        cache,
+        layer_idx,
+        kind,
+        keys,
+        new_tokens,
+        unchanged,
+        lambda: SequenceMeans(make, block_size),
+        lambda state: state.block_size == block_size,
+    )
+
+
 # ---------------------------------------------------------------------------------- MoBA (hooks)
 # id(attention module) -> (cache, layer_idx, keys_unchanged), written by the pre-hook and read by the
 # attention function in the same call.
@@ -122,20 +150,6 @@ def _after_attention(module, args, kwargs, output) -> None:
         _calls.__dict__.pop(id(module), None)
 
 
-class SequenceMeans(dict):
-    """One layer's MoBA block means: a `MoBABlockMeans` for the whole batch (`of(None)`) or, for a left-padded
-    batch run row by row, one per (batch row, first real key) (`of((row, start))`)."""
-
-    def __init__(self, block_size: int):
-        super().__init__()
-        self.block_size = block_size
-
-    def of(self, sequence) -> MoBABlockMeans:
-        if sequence not in self:
-            self[sequence] = MoBABlockMeans(self.block_size)
-        return self[sequence]
-
-
 def moba_block_means(module, key: torch.Tensor, new_tokens: int, block_size: int) -> SequenceMeans | None:
     """The `SequenceMeans` to route this decode step of `module` with (`key`: the whole cache as the cache
     returned it), or None when the pre-hook did not see the call (unpatched, compiled, no cache)."""
@@ -143,15 +157,8 @@ def moba_block_means(module, key: torch.Tensor, new_tokens: int, block_size: int
     if call is None:
         return None
     cache, layer_idx, unchanged = call
-    return followed_state(
-        cache,
-        layer_idx,
-        "keys",
-        key,
-        new_tokens,
-        unchanged,
-        lambda: SequenceMeans(block_size),
-        lambda state: state.block_size == block_size,
+    return followed_means(
+        cache, layer_idx, "keys", key, new_tokens, unchanged, lambda: MoBABlockMeans(block_size), block_size
     )
 
 

@@ -164,9 +164,7 @@ class HISAIndexer(torch.nn.Module):
         q, k, weights = self._index_inputs(hidden_states, q_resid, position_embeddings, cache)
         offsets = (torch.arange(batch, device=q.device) * seq_kv)[:, None]
         first, end = ranges
-        block_means = None
-        if follow and not bool(first.any()):  # unpadded: each sequence's blocks start at its key 0
-            block_means = self._followed_means(cache, k, seq_q, unchanged)
+        block_means = self._followed_means(cache, k, seq_q, unchanged, first, end) if follow else None
         selected = hisa_indexer(
             q.flatten(0, 1),
             k.flatten(0, 1),
@@ -181,20 +179,25 @@ class HISAIndexer(torch.nn.Module):
         )
         return _batched_indices(selected, offsets.expand(batch, seq_q).flatten(), batch, seq_q)[:, :, 0]
 
-    def _followed_means(self, cache, k, new_tokens: int, unchanged: bool):
-        """The indexer key blocks' means [B * blocks, D] from the HISABlockMeans that follows this layer's
-        cache (sparse_attn.hf_block_means): each step pools only its new keys."""
-        state = hf_block_means.followed_state(
-            cache,
-            self.layer_idx,
-            "indexer_keys",
-            k,
-            new_tokens,
-            unchanged,
-            lambda: HISABlockMeans(self.block_size),
-            lambda state: state.block_size == self.block_size,
+    def _followed_means(self, cache, k, new_tokens: int, unchanged: bool, first, end):
+        """The indexer key blocks' means, every sequence's concatenated, from the HISABlockMeans that follow
+        this layer's cache (sparse_attn.hf_block_means): each step pools only its new keys. A sequence is a
+        batch row's keys [first, end) of its last query (end < Skv in a StaticCache); one state serves an
+        unpadded batch, one per row a left-padded one. None when a row's queries do not share their first
+        key (the pooling then runs)."""
+        starts, ends = first[:, 0], end[:, -1]
+        if bool((first != starts[:, None]).any()):
+            return None
+        means = hf_block_means.followed_means(
+            cache, self.layer_idx, "indexer_keys", k, new_tokens, unchanged, self._new_means, self.block_size
         )
-        return state.update(k).flatten(0, 1)
+        if not bool(starts.any()) and bool((ends == ends[0]).all()):
+            return means.of(None).update(k[:, : int(ends[0])]).flatten(0, 1)
+        spans = enumerate(zip(starts.tolist(), ends.tolist()))
+        return torch.cat([means.of((b, start)).update(k[b, start:stop]) for b, (start, stop) in spans])
+
+    def _new_means(self) -> HISABlockMeans:
+        return HISABlockMeans(self.block_size)
 
     def _index_inputs(self, hidden_states, q_resid, position_embeddings, cache):
         """The indexer's (q (B, Sq, H, D), cached k (B, Skv, D), weights (B, Sq, H)) as the model computes

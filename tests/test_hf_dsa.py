@@ -247,13 +247,13 @@ def test_hisa_decode_selection_equals_the_prefill_row():
 @pytest.mark.parametrize("edit", [None, "reorder", "padded"])
 def test_hisa_decode_follows_the_indexer_key_cache(monkeypatch, edit):
     """decode='sparse': each step adds only its new index keys to the block means that follow the cache (every
-    key on the first step, after a beam reorder, never for a padded batch, which pools its pieces), and
-    equals the same step on a copy of the cache, which pools everything afresh."""
+    key on the first step and after a beam reorder; a left-padded batch row by row, each from its first real
+    key), and equals the same step on a copy of the cache, which pools everything afresh."""
     added = []
     add = hisa_module._add_to_blocks
     monkeypatch.setattr(hisa_module, "_add_to_blocks", lambda *a: (added.append(a[-1].shape[-2]), add(*a))[1])
-    model, length = _model(), 40
-    ids, mask = _left_padded(_ids(length=length), [0, 3] if edit == "padded" else [0, 0])
+    model, length, pad = _model(), 40, 3
+    ids, mask = _left_padded(_ids(length=length), [0, pad] if edit == "padded" else [0, 0])
     token = torch.tensor([[5], [9]])
     with hf.patched(model, "hisa", decode="sparse", **PRUNING):
         layers = len(_indexers(model))
@@ -266,11 +266,12 @@ def test_hisa_decode_follows_the_indexer_key_cache(monkeypatch, edit):
             untracked = copy.deepcopy(cache)
             added.clear()
             logits = model(token, attention_mask=mask, use_cache=True, **cache_argument(model, cache)).logits
+            keys = length + step + 1
             fresh = step == 0 or (edit == "reorder" and step == 2)
-            if edit == "padded":  # pooled afresh from the packed keys of both rows
-                assert added == [2 * (length + step + 1)] * layers
-            else:
-                assert added == [length + step + 1 if fresh else 1] * layers, step
+            if edit == "padded":  # one state per row, anchored at its first real key
+                assert added == ([keys, keys - pad] if fresh else [1, 1]) * layers, step
+            else:  # one state for the batch
+                assert added == [keys if fresh else 1] * layers, step
             again = model(token, attention_mask=mask, use_cache=True, **cache_argument(model, untracked)).logits
             torch.testing.assert_close(logits, again, atol=0, rtol=0)
 

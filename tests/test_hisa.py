@@ -220,7 +220,7 @@ def test_incremental_block_means_equal_batch_pooling(rng, with_scale):
     zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     for n in (1, 2, 31, 32, 33, 64, 100, 101, 299, 300, 40):
         means = cache.update(k[:n], None if scale is None else scale[:n])
-        batch = _pool_segments(k[:n], zero, 32, None if scale is None else scale[:n])[0]
+        batch = _pool_segments(k[:n], zero, zero + n, 32, None if scale is None else scale[:n])[0]
         assert means.shape == (-(-n // 32), 16)
         if DEVICE.type == "cpu":
             assert torch.equal(means, batch), n
@@ -265,7 +265,7 @@ def test_batched_block_means_serve_a_batch_of_decode_rows(rng, with_scale, path)
         ks = torch.arange(batch, device=DEVICE) * n
         means = state.update(k[:, :n], None if scale is None else scale[:, :n])
         assert means.shape == (batch, -(-n // block), dim)
-        pooled = _pool_segments(cached, ks, block, cached_scale)[0]
+        pooled = _pool_segments(cached, ks, ks + n, block, cached_scale)[0]
         if DEVICE.type == "cpu":
             assert torch.equal(means.flatten(0, 1), pooled), n
         else:
@@ -276,6 +276,30 @@ def test_batched_block_means_serve_a_batch_of_decode_rows(rng, with_scale, path)
         assert torch.equal(got, expected), n
 
 
+def test_keys_between_sequences_are_pooled_by_neither(rng, path):
+    """Two sequences packed with a gap between them (the second row's left padding in a batch): each pools only
+    up to its rows' furthest ke, so per-sequence decode states, concatenated, serve both rows."""
+    dim, block = 16, 16
+    k = torch.randn(110, dim, generator=rng).to(DEVICE)
+    q = torch.randn(2, 4, dim, generator=rng).to(DEVICE)
+    weights = torch.rand(2, 4, generator=rng).to(DEVICE)
+    ks, ke = torch.tensor([0, 60], device=DEVICE), torch.tensor([50, 110], device=DEVICE)  # keys 50..59: the gap
+    pooled = _pool_segments(k, ks, ke, block, None)[0]
+    means = torch.cat([HISABlockMeans(block).update(k[0:50]), HISABlockMeans(block).update(k[60:110])])
+    assert pooled.shape == (4 + 4, dim)
+    torch.testing.assert_close(
+        pooled, means, rtol=0 if DEVICE.type == "cpu" else 1e-6, atol=0 if DEVICE.type == "cpu" else 1e-6
+    )
+    options = dict(block_size=block, block_topk=2, topk=16)
+    expected = hisa_indexer(q, k, weights, ks, ke, **options)
+    assert torch.equal(hisa_indexer(q, k, weights, ks, ke, block_means=means, **options), expected)
+    for row in range(2):  # and each row selects as its sequence alone
+        alone = hisa_indexer(
+            q[row : row + 1], k[ks[row] : ke[row]], weights[row : row + 1], ks[:1] * 0, ke[:1] * 0 + 50, **options
+        )
+        assert torch.equal(alone + torch.where(alone >= 0, ks[row], 0), expected[row : row + 1])
+
+
 def test_block_means_must_match_the_cache(rng):
     k = torch.randn(40, 8, generator=rng)
     q, weights = torch.randn(2, 2, 8, generator=rng), torch.rand(2, 2, generator=rng)
@@ -284,8 +308,8 @@ def test_block_means_must_match_the_cache(rng):
     options = dict(block_size=16, block_topk=2, topk=8)
     with pytest.raises(ValueError, match="block_means must be fp32"):
         hisa_indexer(q, k, weights, ks, ke, block_means=means[:2], **options)
-    with pytest.raises(ValueError, match="smallest ks must be 0"):
-        hisa_indexer(q, k, weights, ks + 1, ke, block_means=means, **options)
+    with pytest.raises(ValueError, match=r"block_means must be fp32 \(2, 8\)"):  # keys 17..39: two blocks
+        hisa_indexer(q, k, weights, ks + 17, ke, block_means=means, **options)
     with pytest.raises(ValueError, match="k_scale"):
         HISABlockMeans(16).update(k, torch.ones(3))
 

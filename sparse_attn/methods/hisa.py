@@ -209,12 +209,14 @@ def _select_rows(q, topk: int, scores_per_row: int, select):
 
 
 # ---------------------------------------------------------------------------------- HISA
-def _segments(ks, num_keys: int, block_size: int):
-    """The block grid of the sequences that start at the distinct ks, each running to the next distinct ks
-    (the last to num_keys): (starts [S], blocks per sequence [S], first block of each sequence [S],
-    block start positions [P])."""
-    starts = torch.unique(ks)
-    ends = torch.cat([starts[1:], starts.new_tensor([num_keys])])
+def _segments(ks, ke, num_keys: int, block_size: int):
+    """The block grid of the sequences that start at the distinct ks, each running to the furthest ke of its
+    rows, or to the next distinct ks (the last to num_keys) if that comes first: keys between two sequences
+    (the next row's left padding) belong to neither. Returns (starts [S], ends [S], first block of each
+    sequence [S], first block of each row [M], block start positions [P])."""
+    starts, sequence_of_row = torch.unique(ks, return_inverse=True)
+    reach = starts.scatter_reduce(0, sequence_of_row, ke, "amax")  # include_self: an empty row reaches its ks
+    ends = torch.minimum(torch.cat([starts[1:], starts.new_tensor([num_keys])]), reach)
     blocks_per_seq = (ends - starts + block_size - 1) // block_size
     first_block = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq
     num_blocks = int(blocks_per_seq.sum())
@@ -222,23 +224,23 @@ def _segments(ks, num_keys: int, block_size: int):
     block_starts = starts[seq_of_block] + (torch.arange(num_blocks, device=ks.device) - first_block[seq_of_block]) * (
         block_size
     )
-    return starts, first_block, block_starts.to(torch.int32)
+    return starts, ends, first_block, first_block[sequence_of_row].to(torch.int32), block_starts.to(torch.int32)
 
 
-def _pool_segments(k, ks, block_size: int, k_scale):
+def _pool_segments(k, ks, ke, block_size: int, k_scale):
     """fp32 means of each sequence's key blocks (sequences as `_segments` draws them). Returns (pooled
     [P, D], block start positions [P], first pooled block of every row [M]). A ragged tail block
     averages its real keys."""
-    ks = ks.long()
-    starts, first_block, block_starts = _segments(ks, k.shape[0], block_size)
+    starts, ends, first_block, row_first, block_starts = _segments(ks.long(), ke.long(), k.shape[0], block_size)
     positions = torch.arange(int(starts[0]), k.shape[0], device=k.device)
     seq = torch.searchsorted(starts, positions, right=True) - 1
+    inside = positions < ends[seq]
+    positions, seq = positions[inside], seq[inside]
     block = first_block[seq] + (positions - starts[seq]) // block_size
     sums = torch.zeros(block_starts.shape[0], k.shape[1], dtype=torch.float32, device=k.device)
     counts = torch.zeros(block_starts.shape[0], dtype=torch.float32, device=k.device)
     _add_to_blocks(sums, counts, block, _scaled_keys(k, positions, k_scale))
-    row_first = first_block[torch.searchsorted(starts, ks)]
-    return sums / counts[:, None], block_starts, row_first.to(torch.int32)
+    return sums / counts[:, None], block_starts, row_first
 
 
 def _scaled_keys(k, positions, k_scale):
@@ -254,21 +256,18 @@ def _add_to_blocks(sums, counts, block, keys) -> None:
     counts.index_add_(0, block, torch.ones_like(block, dtype=torch.float32))
 
 
-def _cached_pool(block_means, k, ks, block_size: int):
+def _cached_pool(block_means, k, ks, ke, block_size: int):
     """(pooled, block starts, first block per row) with the pooling done by HISABlockMeans: its means of
     every sequence (as `_segments` draws them), concatenated in order."""
     _check_tensor(block_means, "block_means", dim=2, dtypes=(torch.float32,))
-    ks = ks.long()
-    if int(ks.min()) != 0:
-        raise ValueError("block_means pools sequences from position 0: the smallest ks must be 0")
-    starts, first_block, block_starts = _segments(ks, k.shape[0], block_size)
+    _, _, _, row_first, block_starts = _segments(ks.long(), ke.long(), k.shape[0], block_size)
     if tuple(block_means.shape) != (block_starts.shape[0], k.shape[1]) or block_means.device != k.device:
         raise ValueError(
             f"block_means must be fp32 ({block_starts.shape[0]}, {k.shape[1]}) on {k.device}: the block means of "
-            f"the sequences starting at the distinct ks (HISABlockMeans.update of each, concatenated), got "
-            f"{tuple(block_means.shape)} on {block_means.device}"
+            f"the sequences from each distinct ks to its rows' furthest ke (HISABlockMeans.update of each, "
+            f"concatenated), got {tuple(block_means.shape)} on {block_means.device}"
         )
-    return block_means, block_starts, first_block[torch.searchsorted(starts, ks)].to(torch.int32)
+    return block_means, block_starts, row_first
 
 
 class HISABlockMeans:
@@ -364,13 +363,14 @@ def hisa_indexer(
 ):
     """HISA's two-stage indexer: int32 [M, topk] key positions per query row (-1 padding last).
 
-    Inputs as `dsa_indexer_logits`; each distinct ks starts a sequence whose keys are pooled in blocks of
-    `block_size`. Row t's eligible blocks are those of its sequence starting before ke[t]. `relative=True`
-    returns offsets from ks (the vLLM/TileLang convention) instead of absolute positions (FlashMLA's).
+    Inputs as `dsa_indexer_logits`; each distinct ks starts a sequence whose keys (up to the furthest ke of
+    its rows) are pooled in blocks of `block_size`. Row t's eligible blocks are those of its sequence
+    starting before ke[t]. `relative=True` returns offsets from ks (the vLLM/TileLang convention) instead of
+    absolute positions (FlashMLA's).
     Identical to `topk_indices(dsa_indexer_logits(...), topk)` (up to ties) while every eligible block is a
     candidate: at most `block_topk` of them ('slots') or `block_topk + 2` ('union').
     `block_means` (from `HISABlockMeans.update(k)`, decode) replaces the pooling: the means of every
-    sequence, concatenated in order (the smallest ks must then be 0).
+    sequence (from its ks to its rows' furthest ke), concatenated in order.
     """
     check_options(block_size=block_size, block_topk=block_topk, topk=topk, forced=forced)
     q, k, weights, ks, ke, k_scale = _check_indexer_inputs(q, k, weights, ks, ke, k_scale)
@@ -378,9 +378,9 @@ def hisa_indexer(
         return torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=q.device)
     ke = ke.clamp(max=k.shape[0])  # keys past the end do not exist (as in the flat indexer's logits)
     if block_means is None:
-        pooled, block_starts, first = _pool_segments(k, ks, block_size, k_scale)
+        pooled, block_starts, first = _pool_segments(k, ks, ke, block_size, k_scale)
     else:
-        pooled, block_starts, first = _cached_pool(block_means, k, ks, block_size)
+        pooled, block_starts, first = _cached_pool(block_means, k, ks, ke, block_size)
     num_eligible = torch.where(ke > ks, (ke - 1 - ks) // block_size + 1, 0)
     width = block_topk + (2 if forced == "union" else 0)
 
