@@ -887,7 +887,8 @@ def _softcapped_attention(query, key, value, allowed, is_causal, scale, softcap)
 
 # ---------------------------------------------------------------------------------- methods
 def _method_attention(plan: LayerPlan, layer_idx, q, k, v, causal, scale, sink, stats: AttentionStats, block_means):
-    """`block_means`: the MoBABlockMeans following this layer's cache (routed MoBA decode of a whole batch), or None."""
+    """`block_means`: the MoBABlockMeans following this layer's cache for these sequences (routed MoBA decode of
+    an unpadded batch, or of one row of a left-padded one), or None."""
     options = plan.options
     if plan.method == "xattention":
         result = xattention_attn(

@@ -34,10 +34,24 @@ _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 _APPENDING_LAYERS = {"keys": "DynamicLayer", "indexer_keys": "DynamicIndexedLayer"}
 
 
+class SequenceMeans(dict):
+    """One layer's block-mean states: one for the whole batch (`of(None)`) or, for a left-padded batch run
+    row by row, one per (batch row, first real key) (`of((row, start))`), each made by `make()`."""
+
+    def __init__(self, make, block_size: int):
+        super().__init__()
+        self.make, self.block_size = make, block_size
+
+    def of(self, sequence):
+        if sequence not in self:
+            self[sequence] = self.make()
+        return self[sequence]
+
+
 @dataclass
 class _Followed:
-    state: object  # a MoBABlockMeans or HISABlockMeans
-    keys: weakref.ref | None = None  # the keys tensor the state was last updated from
+    means: SequenceMeans
+    keys: weakref.ref | None = None  # the keys tensor the means were last updated from
     version: int | None = None
     length: int = 0
 
@@ -68,7 +82,7 @@ def _appending_keys(cache, layer_idx: int, kind: str = "keys") -> torch.Tensor |
 
 
 def keys_unchanged(cache, layer_idx: int, kind: str) -> bool:
-    """Before the cache update: whether the layer's `kind` keys are those its followed state last saw."""
+    """Before the cache update: whether the layer's `kind` keys are those its followed means last saw."""
     try:
         entry = _tracked.get(cache, {}).get((kind, layer_idx))
     except TypeError:  # a cache that cannot be weakly referenced is never followed
@@ -83,49 +97,21 @@ def keys_unchanged(cache, layer_idx: int, kind: str) -> bool:
     )
 
 
-def followed_state(cache, layer_idx: int, kind: str, keys, new_tokens: int, unchanged: bool, make, fits=None):
+def followed_means(cache, layer_idx: int, kind: str, keys, new_tokens: int, unchanged: bool, make, block_size: int):
     """After the cache update, given `keys` (the whole cache as it returned them) and `unchanged` (from
-    `keys_unchanged` before the update): the layer's state when the keys are its last keys plus
-    `new_tokens` (and `fits(state)`), else a fresh `make()`, which later steps continue. The caller
-    updates the state with `keys` (the state pools what it has not seen)."""
+    `keys_unchanged` before the update): the layer's `SequenceMeans` when the keys are its last keys plus
+    `new_tokens` and its block size is `block_size`, else a fresh one of `make()` states, which later steps
+    continue. The caller updates the states with its keys (each pools what it has not seen)."""
     try:
         layers = _tracked.setdefault(cache, {})
     except TypeError:
-        return make()
+        return SequenceMeans(make, block_size)
     entry = layers.get((kind, layer_idx))
     keep = unchanged and entry is not None and entry.length + new_tokens == keys.shape[-2]
-    if not (keep and (fits is None or fits(entry.state))):
-        entry = layers[(kind, layer_idx)] = _Followed(make())
+    if not (keep and entry.means.block_size == block_size):
+        entry = layers[(kind, layer_idx)] = _Followed(SequenceMeans(make, block_size))
     entry.keys, entry.version, entry.length = weakref.ref(keys), _version(keys), keys.shape[-2]
-    return entry.state
-
-
-class SequenceMeans(dict):
-    """One layer's block-mean states: one for the whole batch (`of(None)`) or, for a left-padded batch run
-    row by row, one per (batch row, first real key) (`of((row, start))`), each made by `make()`."""
-
-    def __init__(self, make, block_size: int):
-        super().__init__()
-        self.make, self.block_size = make, block_size
-
-    def of(self, sequence):
-        if sequence not in self:
-            self[sequence] = self.make()
-        return self[sequence]
-
-
-def followed_means(cache, layer_idx: int, kind: str, keys, new_tokens: int, unchanged: bool, make, block_size: int):
-    """`followed_state` of a `SequenceMeans` of `make()` states with this block size."""
-    return followed_state(
-        cache,
-        layer_idx,
-        kind,
-        keys,
-        new_tokens,
-        unchanged,
-        lambda: SequenceMeans(make, block_size),
-        lambda state: state.block_size == block_size,
-    )
+    return entry.means
 
 
 # ---------------------------------------------------------------------------------- MoBA (hooks)

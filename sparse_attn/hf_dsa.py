@@ -11,6 +11,7 @@ selection in place of the flat scan over every key.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -188,16 +189,14 @@ class HISAIndexer(torch.nn.Module):
         starts, ends = first[:, 0], end[:, -1]
         if bool((first != starts[:, None]).any()):
             return None
+        make = functools.partial(HISABlockMeans, self.block_size)
         means = hf_block_means.followed_means(
-            cache, self.layer_idx, "indexer_keys", k, new_tokens, unchanged, self._new_means, self.block_size
+            cache, self.layer_idx, "indexer_keys", k, new_tokens, unchanged, make, self.block_size
         )
         if not bool(starts.any()) and bool((ends == ends[0]).all()):
             return means.of(None).update(k[:, : int(ends[0])]).flatten(0, 1)
         spans = enumerate(zip(starts.tolist(), ends.tolist()))
         return torch.cat([means.of((b, start)).update(k[b, start:stop]) for b, (start, stop) in spans])
-
-    def _new_means(self) -> HISABlockMeans:
-        return HISABlockMeans(self.block_size)
 
     def _index_inputs(self, hidden_states, q_resid, position_embeddings, cache):
         """The indexer's (q (B, Sq, H, D), cached k (B, Skv, D), weights (B, Sq, H)) as the model computes

@@ -76,7 +76,7 @@ def _check_indexer_inputs(q, k, weights, ks, ke, k_scale):
         if t.shape[0] != rows:
             raise ValueError(f"{name} must have one entry per query row ({rows}), got shape {tuple(t.shape)}")
         bounds.append(t.to(torch.int32).contiguous())
-    _check_k_scale(k_scale, k.shape[0])
+    _check_k_scale(k_scale, k.shape[:1])
     for name, t in (("k", k), ("weights", weights), ("ks", ks), ("ke", ke), ("k_scale", k_scale)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
@@ -84,12 +84,14 @@ def _check_indexer_inputs(q, k, weights, ks, ke, k_scale):
     return q, k, weights, *bounds, k_scale
 
 
-def _check_k_scale(k_scale, num_keys: int) -> None:
-    """An optional per-key scale: one float per key."""
+def _check_k_scale(k_scale, key_shape) -> None:
+    """An optional per-key scale: one float per key, shaped as the keys without their last dim."""
     if k_scale is not None:
-        _check_tensor(k_scale, "k_scale", dim=1, dtypes=_FLOAT_INPUTS[:-1])
-        if k_scale.shape[0] != num_keys:
-            raise ValueError(f"k_scale must have one entry per key ({num_keys}), got shape {tuple(k_scale.shape)}")
+        _check_tensor(k_scale, "k_scale", dtypes=_FLOAT_INPUTS[:-1])
+        if tuple(k_scale.shape) != tuple(key_shape):
+            raise ValueError(
+                f"k_scale must have one entry per key {tuple(key_shape)}, got shape {tuple(k_scale.shape)}"
+            )
 
 
 def _check_batched(q, k, weights):
@@ -296,12 +298,7 @@ class HISABlockMeans:
             raise ValueError(f"k must be 2-D (N, D) or 3-D (B, N, D), got shape {tuple(k.shape)}")
         batched = k.dim() == 3
         keys = k if batched else k[None]
-        if k_scale is not None:
-            _check_tensor(k_scale, "k_scale", dtypes=_FLOAT_INPUTS[:-1])
-            if k_scale.shape != k.shape[:-1]:
-                raise ValueError(
-                    f"k_scale must have one entry per key {tuple(k.shape[:-1])}, got {tuple(k_scale.shape)}"
-                )
+        _check_k_scale(k_scale, k.shape[:-1])
         sums, (batch, num_keys, dim) = self.sums, keys.shape
         if sums is None or num_keys < self.length or sums.shape[::2] != (batch, dim) or sums.device != k.device:
             self.sums = torch.zeros(batch, 0, dim, dtype=torch.float32, device=k.device)
