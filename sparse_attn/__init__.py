@@ -14,6 +14,7 @@ from .hf import configure, patch, patched, unpatch
 from .layout import BlockSparseLayout, causal_block_mask, validate_token_indices
 from .methods import (
     HISABlockMeans,
+    HISASegments,
     KeyShortConv,
     MoBABlockMeans,
     S2OPlan,
@@ -22,6 +23,7 @@ from .methods import (
     dsa_indexer_logits,
     dsa_select,
     hisa_indexer,
+    hisa_segments,
     hisa_select,
     indexer_kl_loss,
     moba_attn,
@@ -51,6 +53,7 @@ __all__ = [
     "HAS_NATIVE",
     "BlockSparseLayout",
     "HISABlockMeans",
+    "HISASegments",
     "KeyShortConv",
     "MoBABlockMeans",
     "S2OPlan",
@@ -67,6 +70,7 @@ __all__ = [
     "dsa_indexer_logits",
     "dsa_select",
     "hisa_indexer",
+    "hisa_segments",
     "hisa_select",
     "indexer_kl_loss",
     "layout_transpose",

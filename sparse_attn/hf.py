@@ -40,6 +40,7 @@ token-sparse attention over that selection under 'dense' and 'hisa', the only me
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import warnings
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 from . import hf_block_means
 from .decode import MAX_DECODE_QUERIES
 from .hf_dsa import HISAIndexer, dsa_indexers, indexed_attention, is_indexed_config
+from .host_memo import HostMemo
 from .methods.hisa import check_options as check_hisa_options
 from .methods.moba import check_options as check_moba_options
 from .methods.moba import moba_attn, moba_decode, moba_route
@@ -83,11 +85,13 @@ MIN_TRANSFORMERS = (4, 53)
 _CONFIG_ATTR = "_sparse_attn_config"
 _HANDLE_ATTR = "_sparse_attn_handle"
 
+# An option without a default: MoBA's reference has none, and its users run from 256/4 to 4096/12 (spec moba.md).
+_REQUIRED = "required"
 # Per method: its options with their defaults, and whether it can route decode queries itself.
 _METHOD_OPTIONS = {
     "dense": {},
     "xattention": {"threshold": 0.9, "stride": 8, "block_size": 128, "chunk_size": None},
-    "moba": {"block_size": 512, "topk": 3},
+    "moba": {"block_size": _REQUIRED, "topk": _REQUIRED},
     "proxyattn": {"gamma": 0.95, "num_proxy_groups": 1, "stride": 4, "block_size": 128, "min_budget_tokens": 2048},
     "s2o": {"segment_len": 1024, "tau": 1e-2, "block_m": 64, "block_n": 64, "stop_rule": "max"},
     "hisa": {"block_size": 128, "block_topk": 64, "forced": "slots"},
@@ -203,6 +207,12 @@ def _method_options(method: str, options: dict, inherited: dict | None = None) -
             f"method {method!r} has no option(s) {sorted(unknown)}; its options are {sorted(_METHOD_OPTIONS[method])}"
         )
     resolved = {**_METHOD_OPTIONS[method], **(inherited or {}), **options}
+    missing = sorted(name for name, value in resolved.items() if value is _REQUIRED)
+    if missing:
+        raise TypeError(
+            f"method {method!r} needs the option(s) {missing}: it has no defaults (MoBA's reference has none; "
+            "settings in use run from block_size=256, topk=4 to block_size=4096, topk=12)"
+        )
     if method == "xattention":
         resolved["threshold"] = _resolve_threshold(resolved["threshold"])
         check_xattention_options(
@@ -679,18 +689,27 @@ def _reject_unsupported(dropout, kwargs) -> None:
         )
 
 
+_keep_memo, _pieces_memo = HostMemo(), HostMemo()
+
+
 def _align_padding_mask(mask, key, value):
     """(key, value, keep (B, Skv) bool or None). A mask shorter than the keys marks a StaticCache's filled prefix."""
     if mask is None:
         return key, value, None
     if mask.dim() != 2:
         raise ValueError(f"expected a 2D (batch, keys) padding mask, got shape {tuple(mask.shape)}")
+    keep = _keep_memo.get(mask, (key.shape[2],), lambda: _padding_keep(mask, key.shape[2]))
+    if mask.shape[1] < key.shape[2]:
+        key, value = key[:, :, : mask.shape[1]], value[:, :, : mask.shape[1]]
+    return key, value, keep
+
+
+def _padding_keep(mask, seq_kv: int):
+    """The bool keep-mask of `mask` for `seq_kv` keys, or None when it keeps every key (one sync)."""
     keep = mask.to(torch.bool)
-    if keep.shape[1] < key.shape[2]:
-        key, value = key[:, :, : keep.shape[1]], value[:, :, : keep.shape[1]]
-    elif keep.shape[1] > key.shape[2]:
-        keep = keep[:, -key.shape[2] :]
-    return key, value, None if bool(keep.all()) else keep
+    if keep.shape[1] > seq_kv:
+        keep = keep[:, -seq_kv:]
+    return None if bool(keep.all()) else keep
 
 
 # ---------------------------------------------------------------------------------- sequences
@@ -705,11 +724,6 @@ class _Pieces:
     suffixes: list | None = None
 
 
-# One entry: the mask (or position ids) of the last call and its pieces. Every layer of a forward
-# pass receives the same tensor, so the host sync that splits it happens once per pass.
-_pieces_cache: list = [None]
-
-
 def _sequence_pieces(keep, batch, seq_q, seq_kv, kwargs, device) -> _Pieces | None:
     """None when the batch runs as is; otherwise the unpadded (or unpacked) sequences."""
     if keep is not None:
@@ -722,21 +736,15 @@ def _sequence_pieces(keep, batch, seq_q, seq_kv, kwargs, device) -> _Pieces | No
         source, kind = kwargs["position_ids"], "positions"
     else:
         return None
-    cached = _pieces_cache[0]
-    # Tensors made under torch.inference_mode() have no version counter (and are not mutated by
-    # transformers between passes): their identity and storage stand for them.
-    version = source.data_ptr() if source.is_inference() else source._version
-    signature = (kind, batch, seq_q, seq_kv, version)
-    if cached is not None and cached[0] is source and cached[1] == signature:
-        return cached[2]
     if kind == "mask":
-        pieces = _pieces_from_mask(keep, seq_q, seq_kv, device)
+        derive = functools.partial(_pieces_from_mask, keep, seq_q, seq_kv, device)
     elif kind == "cu":
-        pieces = _pieces_from_cu(kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], batch, seq_q, seq_kv, device)
+        derive = functools.partial(
+            _pieces_from_cu, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], batch, seq_q, seq_kv, device
+        )
     else:
-        pieces = _pieces_from_positions(kwargs["position_ids"].reshape(-1), device)
-    _pieces_cache[0] = (source, signature, pieces)
-    return pieces
+        derive = functools.partial(_pieces_from_positions, kwargs["position_ids"].reshape(-1), device)
+    return _pieces_memo.get(source, (kind, batch, seq_q, seq_kv), derive)
 
 
 def _pieces_from_mask(keep, seq_q, seq_kv, device) -> _Pieces:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from . import hf_block_means
 from .decode import MAX_DECODE_QUERIES
-from .methods.hisa import HISABlockMeans, _batched_indices, check_options, hisa_indexer
+from .host_memo import HostMemo
+from .methods.hisa import HISABlockMeans, _batched_indices, check_options, hisa_indexer, hisa_segments
 from .token_sparse import token_sparse_attn
 
 __all__ = ["HISAIndexer", "dsa_indexers", "indexed_attention", "is_indexed_config"]
@@ -99,6 +101,36 @@ def _key_ranges(allowed):
     return first.masked_fill(empty, 0), end.masked_fill(empty, 0)
 
 
+@dataclass(frozen=True)
+class _RowRanges:
+    """What HISA needs of a DSA mask (B, Sq, Skv), derived once per pass: the keys [ks, ke) each query row
+    sees, as int32 positions into the batch's flattened keys (B * Skv), or None when some row's keys are not
+    one interval; and `spans`, when each batch row's queries share their first key, per row its (first key,
+    end of its last query's keys) on the host."""
+
+    ks: torch.Tensor | None
+    ke: torch.Tensor | None
+    spans: list | None
+
+    @classmethod
+    def of(cls, allowed, batch: int, seq_q: int) -> _RowRanges:
+        seq_kv = allowed.shape[-1]
+        ranges = _key_ranges(allowed.expand(batch, seq_q, seq_kv))
+        if ranges is None:
+            return cls(None, None, None)
+        first, end = ranges
+        shared = (first == first[:, :1]).all(dim=1)
+        rows = torch.stack([shared.long(), first[:, 0], end[:, -1]], dim=1).tolist()  # one sync
+        spans = [(start, stop) for _, start, stop in rows] if all(row[0] for row in rows) else None
+        offsets = (torch.arange(batch, device=first.device) * seq_kv)[:, None]
+        ks, ke = ((offsets + bound).flatten().to(torch.int32) for bound in (first, end))
+        return cls(ks, ke, spans)
+
+
+# Every layer of a pass gets the same mask: its key ranges and HISA's block grid are derived once.
+_ranges_memo = HostMemo()
+
+
 class HISAIndexer(torch.nn.Module):
     """HISA in place of a DSA model's indexer (spec section 2), a drop-in module with its forward signature.
 
@@ -155,48 +187,51 @@ class HISAIndexer(torch.nn.Module):
         ranges = (
             None
             if seq_kv <= self.all_candidates or (decoding and self.decode == "dense")
-            else _key_ranges(allowed.expand(batch, seq_q, seq_kv))
+            else _ranges_memo.get(attention_mask, (batch, seq_q), lambda: _RowRanges.of(allowed, batch, seq_q))
         )
-        if ranges is None:
+        if ranges is None or ranges.ks is None:
             return self.dsa_indexer(hidden_states, q_resid, position_embeddings, attention_mask, position_ids, **cache)
         cache = next(iter(cache.values()), None)
         follow = decoding and cache is not None and not torch.compiler.is_compiling()
         unchanged = follow and hf_block_means.keys_unchanged(cache, self.layer_idx, "indexer_keys")
         q, k, weights = self._index_inputs(hidden_states, q_resid, position_embeddings, cache)
         offsets = (torch.arange(batch, device=q.device) * seq_kv)[:, None]
-        first, end = ranges
-        block_means = self._followed_means(cache, k, seq_q, unchanged, first, end) if follow else None
+        block_means = self._followed_means(cache, k, seq_q, unchanged, ranges.spans) if follow else None
+        segments = _ranges_memo.get(
+            attention_mask,
+            (batch, seq_q, self.block_size),
+            lambda: hisa_segments(ranges.ks, ranges.ke, batch * seq_kv, block_size=self.block_size),
+        )
         selected = hisa_indexer(
             q.flatten(0, 1),
             k.flatten(0, 1),
             weights.flatten(0, 1),
-            (offsets + first).flatten(),
-            (offsets + end).flatten(),
+            ranges.ks,
+            ranges.ke,
             block_size=self.block_size,
             block_topk=self.block_topk,
             topk=self.index_topk,
             forced=self.forced,
             block_means=block_means,
+            segments=segments,
         )
         return _batched_indices(selected, offsets.expand(batch, seq_q).flatten(), batch, seq_q)[:, :, 0]
 
-    def _followed_means(self, cache, k, new_tokens: int, unchanged: bool, first, end):
+    def _followed_means(self, cache, k, new_tokens: int, unchanged: bool, spans):
         """The indexer key blocks' means, every sequence's concatenated, from the HISABlockMeans that follow
-        this layer's cache (sparse_attn.hf_block_means): each step pools only its new keys. A sequence is a
-        batch row's keys [first, end) of its last query (end < Skv in a StaticCache); one state serves an
-        unpadded batch, one per row a left-padded one. None when a row's queries do not share their first
-        key (the pooling then runs)."""
-        starts, ends = first[:, 0], end[:, -1]
-        if bool((first != starts[:, None]).any()):
+        this layer's cache (sparse_attn.hf_block_means): each step pools only its new keys. `spans`: per batch
+        row the keys [start, stop) of its sequence (stop < Skv in a StaticCache); one state serves an
+        unpadded batch, one per row a left-padded one. None when `spans` is (a row's queries do not share
+        their first key: the pooling then runs)."""
+        if spans is None:
             return None
         make = functools.partial(HISABlockMeans, self.block_size)
         means = hf_block_means.followed_means(
             cache, self.layer_idx, "indexer_keys", k, new_tokens, unchanged, make, self.block_size
         )
-        if not bool(starts.any()) and bool((ends == ends[0]).all()):
-            return means.of(None).update(k[:, : int(ends[0])]).flatten(0, 1)
-        spans = enumerate(zip(starts.tolist(), ends.tolist()))
-        return torch.cat([means.of((b, start)).update(k[b, start:stop]) for b, (start, stop) in spans])
+        if all(start == 0 and stop == spans[0][1] for start, stop in spans):
+            return means.of(None).update(k[:, : spans[0][1]]).flatten(0, 1)
+        return torch.cat([means.of((b, start)).update(k[b, start:stop]) for b, (start, stop) in enumerate(spans)])
 
     def _index_inputs(self, hidden_states, q_resid, position_embeddings, cache):
         """The indexer's (q (B, Sq, H, D), cached k (B, Skv, D), weights (B, Sq, H)) as the model computes

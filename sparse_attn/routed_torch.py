@@ -183,5 +183,7 @@ def _finite(lse):
 
 def _unblock(grad_blocks, like):
     """[B * Hkv * N, block_size, D] gradients back to `like`'s (B, Hkv, Skv, D) shape and dtype."""
+    if grad_blocks.numel() == 0:  # no batch, head or key: a view with -1 would be ambiguous
+        return torch.zeros_like(like)
     batch, heads, seq_kv, dim = like.shape
     return grad_blocks.view(batch, heads, -1, dim)[:, :, :seq_kv].to(like.dtype)

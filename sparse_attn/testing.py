@@ -12,15 +12,20 @@ Only generation lives here (plus :func:`apply_rope`); measuring recall is left t
 
 from __future__ import annotations
 
+import collections
 import math
+import os
+import traceback
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .reference import working_dtype
 from .selection import _check_int
 
 __all__ = [
+    "HostSyncs",
     "RetrievalSpan",
     "StructuredInputs",
     "apply_rope",
@@ -608,3 +613,59 @@ TINY_DSA_LM = dict(
     index_topk=128,
     max_position_embeddings=16384,
 )
+
+
+_ATEN = torch.ops.aten
+# Ops whose CUDA implementation makes the host wait for the device: a scalar read (`item`, `bool`, `int`,
+# `tolist` go through _local_scalar_dense), or an output whose size depends on the data.
+_SYNCING_OPS = {
+    _ATEN._local_scalar_dense.default,
+    _ATEN.nonzero.default,
+    _ATEN.masked_select.default,
+    _ATEN._unique2.default,
+    _ATEN.unique_consecutive.default,
+    _ATEN.unique_dim.default,
+    _ATEN.equal.default,
+    _ATEN.is_nonzero.default,
+}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the ops that would make a CUDA host wait for the device, by the package line that called them,
+    so that a test on the CPU can check that a hot path (a decode step) has none: each one drains the launch
+    queue on a GPU. `sites` maps (op, "module.py:line") to calls, the line being the innermost frame in
+    sparse_attn outside this module ("-" when none: the caller's own or a library's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SYNCING_OPS or _indexes_by_mask(func, args) or _sized_by_data(func, kwargs):
+            self.sites[(func.__name__, _package_line())] += 1
+        return func(*args, **kwargs)
+
+    def in_package(self) -> dict:
+        """The sites inside sparse_attn."""
+        return {site: count for site, count in self.sites.items() if site[1] != "-"}
+
+
+def _sized_by_data(func, kwargs) -> bool:
+    return func is _ATEN.repeat_interleave.Tensor and kwargs.get("output_size") is None
+
+
+def _indexes_by_mask(func, args) -> bool:
+    if func not in (_ATEN.index.Tensor, _ATEN.index_put_.default, _ATEN.index_put.default):
+        return False
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _package_line() -> str:
+    for frame in reversed(traceback.extract_stack()):
+        if frame.filename.startswith(_PACKAGE_DIR) and frame.filename != __file__:
+            return f"{os.path.relpath(frame.filename, _PACKAGE_DIR)}:{frame.lineno}"
+    return "-"

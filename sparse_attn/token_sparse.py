@@ -144,6 +144,8 @@ def sparse_mla(q, kv, indices, sm_scale, d_v=512, attn_sink=None, *, backend="au
     DeepSeek's MLA, 192^-1/2 times the YaRN factor, not d_qk^-1/2). Returns out (..., s_q, h_q, d_v) in q's
     dtype and the fp32 natural-log lse (..., s_q, h_q); rows without a valid index give 0 and -inf.
     """
+    if sm_scale is None:  # token_sparse_attn would take d_qk^-1/2, which is wrong for MLA
+        raise TypeError("sm_scale is required: MLA's softmax scale is the model's (192^-1/2 times YaRN's factor)")
     batched = isinstance(q, torch.Tensor) and q.dim() == 4
     for name, t in (("q", q), ("kv", kv), ("indices", indices)):
         _check_tensor(t, name, dim=4 if batched else 3)

@@ -261,7 +261,9 @@ def test_function_decode_with_padding_and_sparse_decode(reference_engine):
     q, k, v = _qkv(2, 1, 200)
     mask = torch.ones(2, 200, dtype=torch.bool)
     mask[1, :50] = False
-    dense, _ = hf.sparse_attention_forward(_module(hf.SparseAttnConfig("moba")), q, k, v, mask)
+    dense, _ = hf.sparse_attention_forward(
+        _module(hf.SparseAttnConfig("moba", block_size=BLOCK, topk=2)), q, k, v, mask
+    )
     torch.testing.assert_close(dense, _oracle(q, k, v, mask[:, None, None, :]), atol=1e-5, rtol=1e-5)
     routed = hf.SparseAttnConfig("moba", block_size=BLOCK, topk=2, decode="sparse")
     out, _ = hf.sparse_attention_forward(_module(routed), q, k, v, mask)
@@ -315,7 +317,7 @@ def test_unsupported_features_raise():
         hf.SparseAttnConfig("xattention", threshold=1.5)
     for exclusion in ({"layers": [0]}, {"dense_layers": [1]}):
         with pytest.raises(ValueError, match="layer_config names layer 1"):
-            hf.SparseAttnConfig("moba", layer_config={1: {"topk": 2}}, **exclusion)
+            hf.SparseAttnConfig("moba", block_size=64, topk=3, layer_config={1: {"topk": 2}}, **exclusion)
 
 
 @pytest.mark.parametrize(
@@ -336,12 +338,25 @@ def test_unsupported_features_raise():
 )
 def test_bad_options_raise_when_configured(method, options, error, match):
     """Option values are checked when the plan is made, not at the first forward (which may be far away)."""
+    required = {"block_size": 64, "topk": 2} if method == "moba" else {}
     with pytest.raises(error, match=match):
-        hf.SparseAttnConfig(method, **options)
+        hf.SparseAttnConfig(method, **{**required, **options})
     with pytest.raises(error, match=match):
-        hf.SparseAttnConfig(method, layer_config={1: options})
+        hf.SparseAttnConfig(method, **required, layer_config={1: options})
     with pytest.raises(error, match=match):
-        hf.patch(_model("llama"), method, **options)
+        hf.patch(_model("llama"), method, **{**required, **options})
+
+
+def test_moba_options_have_no_defaults():
+    """MoBA's block_size and topk are required (spec moba.md, package decision), also in a layer's config."""
+    with pytest.raises(TypeError, match=r"needs the option\(s\) \['block_size', 'topk'\]"):
+        hf.SparseAttnConfig("moba")
+    with pytest.raises(TypeError, match=r"needs the option\(s\) \['topk'\]"):
+        hf.patch(_model("llama"), "moba", block_size=64)
+    with pytest.raises(TypeError, match=r"\['block_size'\]"):
+        hf.SparseAttnConfig("dense", layer_config={0: {"method": "moba", "topk": 2}})
+    config = hf.SparseAttnConfig("moba", block_size=64, topk=2, layer_config={1: {"topk": 3}})
+    assert config.plan(1).options == {"block_size": 64, "topk": 3}
 
 
 def test_transformers_version_under_test():
@@ -543,16 +558,18 @@ def test_per_layer_configuration(reference_engine, monkeypatch, tmp_path):
             model(ids)
         torch.testing.assert_close(torch.stack(calls), table)
 
-        with hf.patched(model, "xattention", layer_config={1: {"method": "moba", "topk": 1}}, block_size=BLOCK) as h:
+        moba_layer = {"method": "moba", "block_size": 2 * BLOCK, "topk": 1}
+        with hf.patched(model, "xattention", layer_config={1: moba_layer}, block_size=BLOCK) as h:
             model(ids)
-        assert h.stats.calls[(1, "prefill", "moba")] == 1 and h.config.plan(1).options == {"block_size": 512, "topk": 1}
+        assert h.stats.calls[(1, "prefill", "moba")] == 1
+        assert h.config.plan(1).options == {"block_size": 2 * BLOCK, "topk": 1}  # not xattention's block_size
 
     with pytest.raises(ValueError, match="threshold table has 1 layers"):
         hf.patch(model, "xattention", threshold=table[:1])
     # A layer the model lacks once left every layer dense without a word.
     for options in ({"layers": [5]}, {"dense_layers": [7]}, {"layer_config": {9: {"topk": 1}}}):
         with pytest.raises(ValueError, match="does not have"):
-            hf.patch(model, "moba", block_size=BLOCK, **options)
+            hf.patch(model, "moba", block_size=BLOCK, topk=1, **options)
 
 
 # ---------------------------------------------------------------------------------- GPU (bf16, Triton engine)

@@ -304,7 +304,7 @@ def test_methods_that_do_not_fit_raise(monkeypatch):
     with pytest.raises(ValueError, match="DeepSeek Sparse Attention model"):
         hf.patch(model, "xattention")
     with pytest.raises(ValueError, match="DeepSeek Sparse Attention model"):
-        hf.patch(model, "hisa", layer_config={0: {"method": "moba"}}, **PRUNING)
+        hf.patch(model, "hisa", layer_config={0: {"method": "moba", "block_size": 8, "topk": 2}}, **PRUNING)
     with pytest.raises(ValueError, match="topk=8"):
         hf.patch(model, "hisa", block_size=2, block_topk=3)  # 6 candidate keys cannot hold 8
     with pytest.raises(ValueError, match="forced"):

@@ -18,6 +18,7 @@ from sparse_attn.methods.hisa import (
     dsa_select,
     hisa_indexer,
     hisa_indexer_reference,
+    hisa_segments,
     hisa_select,
     topk_indices,
 )
@@ -25,6 +26,11 @@ from sparse_attn.testing import planted_indexer_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TIE_EPS = 1e-4
+
+
+def _pooled(k, ks, ke, block_size, k_scale):
+    """HISA's batch pooling of k's blocks for the sequences that ks and ke draw."""
+    return _pool_segments(k, hisa_segments(ks, ke, k.shape[0], block_size=block_size), k_scale)[0]
 
 
 @pytest.fixture(params=["kernel", "torch"])
@@ -106,6 +112,23 @@ def test_dsa_logits_match_reference(rng, path, dtype, with_scale):
     assert not bool(inside[3].any())
     # fp32 accumulation of exact products of the inputs: error relative to the largest score.
     assert float((got[inside] - ref[inside]).abs().max()) <= 1e-5 * float(ref[inside].abs().max())
+
+
+def test_strided_weights_and_key_scales(rng, path):
+    """weights and k_scale given as strided views (a transposed (H, M) weights, every other entry of a
+    scale vector) score as their contiguous copies do."""
+    q, k, weights, ks, ke = packed_inputs(rng, [48], heads=4, dim=16)
+    strided_weights = weights.t().contiguous().t()
+    scales = (torch.rand(2 * k.shape[0], generator=rng) + 0.5).to(DEVICE)
+    strided_scale = scales[::2]
+    expected = dsa_indexer_logits(q, k, weights.contiguous(), ks, ke, strided_scale.contiguous())
+    got = dsa_indexer_logits(q, k, strided_weights, ks, ke, strided_scale)
+    assert torch.equal(got, expected)
+    options = dict(block_size=8, block_topk=3, topk=12, k_scale=strided_scale)
+    assert torch.equal(
+        hisa_indexer(q, k, strided_weights, ks, ke, **options),
+        hisa_indexer(q, k, weights.contiguous(), ks, ke, **options),
+    )
 
 
 def test_dsa_logits_fp8_inputs_are_exact_widenings(rng, path):
@@ -220,7 +243,7 @@ def test_incremental_block_means_equal_batch_pooling(rng, with_scale):
     zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     for n in (1, 2, 31, 32, 33, 64, 100, 101, 299, 300, 40):
         means = cache.update(k[:n], None if scale is None else scale[:n])
-        batch = _pool_segments(k[:n], zero, zero + n, 32, None if scale is None else scale[:n])[0]
+        batch = _pooled(k[:n], zero, zero + n, 32, None if scale is None else scale[:n])
         assert means.shape == (-(-n // 32), 16)
         if DEVICE.type == "cpu":
             assert torch.equal(means, batch), n
@@ -265,7 +288,7 @@ def test_batched_block_means_serve_a_batch_of_decode_rows(rng, with_scale, path)
         ks = torch.arange(batch, device=DEVICE) * n
         means = state.update(k[:, :n], None if scale is None else scale[:, :n])
         assert means.shape == (batch, -(-n // block), dim)
-        pooled = _pool_segments(cached, ks, ks + n, block, cached_scale)[0]
+        pooled = _pooled(cached, ks, ks + n, block, cached_scale)
         if DEVICE.type == "cpu":
             assert torch.equal(means.flatten(0, 1), pooled), n
         else:
@@ -284,7 +307,7 @@ def test_keys_between_sequences_are_pooled_by_neither(rng, path):
     q = torch.randn(2, 4, dim, generator=rng).to(DEVICE)
     weights = torch.rand(2, 4, generator=rng).to(DEVICE)
     ks, ke = torch.tensor([0, 60], device=DEVICE), torch.tensor([50, 110], device=DEVICE)  # keys 50..59: the gap
-    pooled = _pool_segments(k, ks, ke, block, None)[0]
+    pooled = _pooled(k, ks, ke, block, None)
     means = torch.cat([HISABlockMeans(block).update(k[0:50]), HISABlockMeans(block).update(k[60:110])])
     assert pooled.shape == (4 + 4, dim)
     torch.testing.assert_close(
@@ -312,6 +335,49 @@ def test_block_means_must_match_the_cache(rng):
         hisa_indexer(q, k, weights, ks + 17, ke, block_means=means, **options)
     with pytest.raises(ValueError, match="k_scale"):
         HISABlockMeans(16).update(k, torch.ones(3))
+
+
+def test_rows_that_see_no_key_select_nothing_and_start_no_sequence(rng, path):
+    """A row with ke <= ks sees no key: it selects only -1 (every row of a call may be such), and its ks does
+    not cut the sequence it falls into (as the flat indexer, which knows no sequences)."""
+    q, k, weights, ks, ke = packed_inputs(rng, [48], heads=2, dim=16)
+    options = dict(block_size=8, block_topk=3, topk=12)
+    assert torch.equal(
+        hisa_indexer(q, k, weights, ks * 0, ks * 0, **options), torch.full((48, 12), -1).int().to(DEVICE)
+    )
+    expected = hisa_indexer(q, k, weights, ks, ke, **options)
+    empty_ks, empty_ke = ks.clone(), ke.clone()
+    empty_ks[5], empty_ke[5] = 20, 20  # inside the sequence's keys
+    got = hisa_indexer(q, k, weights, empty_ks, empty_ke, **options)
+    assert bool((got[5] == -1).all())
+    rows = torch.arange(48, device=DEVICE) != 5
+    assert torch.equal(got[rows], expected[rows])
+
+
+def test_ranges_that_overlap_the_next_sequence_are_refused(rng):
+    """HISA's blocks are anchored at sequence starts: sliding-window rows (each its own ks, overlapping the
+    next row's range) have no block grid, and would get duplicate or foreign keys; they get a ValueError."""
+    q, k, weights, _, ke = packed_inputs(rng, [40], heads=2, dim=16)
+    window = (ke - 16).clamp(min=0)
+    with pytest.raises(ValueError, match="reaches past the next sequence"):
+        hisa_indexer(q, k, weights, window, ke, block_size=8, block_topk=2, topk=8)
+    with pytest.raises(ValueError, match="ks must be >= 0"):
+        hisa_indexer(q, k, weights, window - 1, ke, block_size=8, block_topk=2, topk=8)
+
+
+def test_segments_are_checked_against_the_call(rng, path):
+    q, k, weights, ks, ke = packed_inputs(rng, [32, 24], heads=2, dim=16)
+    options = dict(block_size=8, block_topk=3, topk=8)  # one free slot: a misread sequence start shows
+    segments = hisa_segments(ks, ke, 56, block_size=8)
+    expected = hisa_indexer(q, k, weights, ks, ke, **options)
+    assert torch.equal(hisa_indexer(q, k, weights, ks, ke, segments=segments, **options), expected)
+    # A caller's strided view of the rows' first blocks reads as its values.
+    strided = segments._replace(row_first=torch.stack([segments.row_first, segments.row_first], 1)[:, 0])
+    assert torch.equal(hisa_indexer(q, k, weights, ks, ke, segments=strided, **options), expected)
+    with pytest.raises(ValueError, match="segments were drawn for 56 rows, 56 keys, block_size=16"):
+        hisa_indexer(q, k, weights, ks, ke, segments=hisa_segments(ks, ke, 56, block_size=16), **options)
+    with pytest.raises(TypeError, match="segments must be a HISASegments"):
+        hisa_indexer(q, k, weights, ks, ke, segments=tuple(segments), **options)
 
 
 # ---------------------------------------------------------------------------------- batched
@@ -347,6 +413,8 @@ def test_bad_inputs_raise_clear_errors(rng):
         hisa_indexer(q, k, weights, ks, ke, block_size=64, block_topk=1, topk=16)
     with pytest.raises(ValueError, match="forced"):
         hisa_indexer(q, k, weights, ks, ke, forced="both")
+    with pytest.raises(TypeError, match="relative"):
+        hisa_indexer(q, k, weights, ks, ke, block_size=16, block_topk=2, topk=8, relative="yes")
     with pytest.raises(ValueError, match="weights"):
         dsa_indexer_logits(q, k, weights[:, :1], ks, ke)
     with pytest.raises(ValueError, match="k must be"):

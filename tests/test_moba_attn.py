@@ -81,6 +81,17 @@ def test_full_budget_is_dense_causal(rng):
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("shape", [(0, 2, 8), (1, 2, 0)], ids=["no-batch", "no-rows"])
+def test_empty_inputs_have_empty_outputs_and_zero_gradients(backend, shape):
+    batch, heads, seq = shape
+    q, k, v = (torch.randn(batch, heads, seq, 32, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = moba_attn(q, k, v, block_size=16, topk=2, backend=backend)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape and not t.grad.any() for t in (q, k, v))
+
+
 def test_structured_inputs_route_to_planted_spans():
     inputs = structured_qkv(batch=1, num_q_heads=2, num_kv_heads=1, seq_len=512, head_dim=32, seed=3, device=DEVICE)
     out = moba_attn(inputs.q, inputs.k, inputs.v, block_size=32, topk=4)

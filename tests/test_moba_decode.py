@@ -32,6 +32,8 @@ def test_block_means_grow_one_token_at_a_time(rng):
     # A cache that shrank (a new sequence) or changed batch starts over.
     assert torch.equal(cache.update(k[:, :, :40]), block_mean_pool(k[:, :, :32], 32))
     assert torch.equal(cache.update(k[:1, :, :100]), block_mean_pool(k[:1, :, :96], 32))
+    # So does one whose dtype changed (the means are fp64 for an fp64 cache, fp32 otherwise).
+    assert torch.equal(cache.update(k[:1, :, :130].double()), block_mean_pool(k[:1, :, :128].double(), 32))
     cache.reset()
     assert cache.means is None
 

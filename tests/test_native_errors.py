@@ -88,8 +88,11 @@ def test_route_limit_is_checked_before_the_cuda_op():
     limit = CUDA_MAX_RANKED_BLOCKS
     _check_cuda_route_limit(cuda, limit, limit + 1, True)  # causal: the current block is not ranked
     _check_cuda_route_limit(cuda, limit, 10 * limit, False)  # only `limit` blocks exist
+    _check_cuda_route_limit(cuda, limit + 1, 10 * limit, True)  # a causal row ranks all blocks but its own
     _check_cuda_route_limit(torch.device("cpu"), 10 * limit, 10 * limit, False)  # no limit on the CPU
     _check_cuda_route_limit(cuda, lambda: pytest.fail("counted blocks for a small topk"), limit, False)
     for topk, causal in ((limit + 2, True), (limit + 1, False)):
         with pytest.raises(ValueError, match=f"at most {limit}"):
             _check_cuda_route_limit(cuda, lambda: 10 * limit, topk, causal)
+    with pytest.raises(ValueError, match=f"these {limit + 2} KV blocks would need {limit + 1}"):
+        _check_cuda_route_limit(cuda, limit + 2, 10 * limit, True)

@@ -293,6 +293,12 @@ def test_bad_selection_input_raises(rng):
         proxy_select(scores, blocks, block_size=16, seq_len_q=100)
     with pytest.raises(TypeError, match="float32 or float64"):
         proxy_select(scores.half(), blocks, block_size=16)
+    with pytest.raises(ValueError, match="NaN"):
+        proxy_select(scores.clone().fill_(float("nan")), blocks, block_size=16)
+    # Scores outside [0, 1] (a caller's own) rank among themselves: forced blocks still come first, hidden last.
+    expected = proxy_select(scores, blocks, block_size=16).to_dense_mask()
+    for shifted in (scores * 10 + 5, scores - 3):
+        assert torch.equal(proxy_select(shifted, blocks, block_size=16).to_dense_mask(), expected)
     with pytest.raises(ValueError, match="same number of sequences"):
         cu = torch.tensor([0, 64], dtype=torch.int32)
         proxy_attn_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu,

@@ -258,6 +258,8 @@ def test_structured_inputs_stop_early_at_a_small_error():
         (dict(segment_len=24), ValueError, "multiple of block_m"),
         (dict(tau=-0.1), ValueError, "tau"),
         (dict(tau=float("nan")), ValueError, "tau"),
+        (dict(tau=torch.tensor(0.1)), TypeError, "tau must be a float"),
+        (dict(tau="0.1"), TypeError, "tau must be a float"),
         (dict(block_m=48), ValueError, "block_m"),
         (dict(block_n=8), ValueError, "block_n"),
         (dict(stop_rule="median"), ValueError, "stop_rule"),

@@ -104,6 +104,26 @@ def test_gradcheck_float64_torch_path(rng):
     torch.autograd.gradcheck(lambda q, k, v: token_sparse_attn(q, k, v, indices, backend="torch"), (q, k, v))
 
 
+@pytest.mark.parametrize("dim, value_dim", [(8, 16), (24, 32), (64, 32)])
+def test_keys_and_values_over_one_storage(rng, backend, dim, value_dim):
+    """k and v as views of one buffer (MLA's latent: v its leading dims) equal separate copies, whether v is
+    narrower or wider than k (a v wider than k is not k's leading dims, however the kernel pads k)."""
+    buffer = torch.randn(1, 2, 40, max(dim, value_dim), generator=rng).to(DEVICE)
+    q = torch.randn(1, 4, 6, dim, generator=rng).to(DEVICE)
+    indices = random_indices(rng, 1, 6, 1, 10, 40)
+    results = []
+    for shared in (True, False):
+        b, query = buffer.clone().requires_grad_(), q.clone().requires_grad_()
+        k, v = b[..., :dim], b[..., :value_dim]
+        if not shared:
+            k, v = k.clone(), v.clone()
+        out = token_sparse_attn(query, k, v, indices, backend=backend)
+        out.square().sum().backward()
+        results.append((out.detach(), query.grad, b.grad))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_sparse_mla_flashmla_conventions(rng, backend):
     """FlashMLA's layout: q (s_q, h_q, 576), kv (s_kv, 1, 576) with V its first 512 dims, one index list
     per query; the model's sm_scale; lse (s_q, h_q) in natural log."""
@@ -157,6 +177,8 @@ def test_bad_inputs_raise_clear_errors(rng):
         token_sparse_attn(q, k, v, torch.zeros_like(indices), check_indices=True)
     with pytest.raises(ValueError, match="d_v"):
         sparse_mla(q[0].transpose(0, 1), k[0, :1].transpose(0, 1), indices[0, :, :1], 0.1, d_v=32)
+    with pytest.raises(TypeError, match="sm_scale is required"):
+        sparse_mla(q[0].transpose(0, 1), k[0, :1].transpose(0, 1), indices[0, :, :1], None, d_v=8)
     with pytest.raises(ValueError, match="backend"):
         token_sparse_attn(q, k, v, indices, backend="fast")
 

@@ -7,6 +7,7 @@ end-to-end attention against dense attention with FlashAttention's error rule (t
 """
 
 import itertools
+import json
 import math
 
 import pytest
@@ -312,6 +313,16 @@ def test_bad_selection_and_calibration_input_raises(rng, tmp_path):
     (tmp_path / "other.json").write_text('{"thresholds": [[0.5]]}')
     with pytest.raises(ValueError, match="format"):
         load_thresholds(tmp_path / "other.json")
+    save_thresholds(tmp_path / "good.json", torch.full((2, 2), 0.9))
+    good = json.loads((tmp_path / "good.json").read_text())
+    broken = [({k: v for k, v in good.items() if k != "thresholds"}, "must hold 'thresholds'"),
+              ({**good, "meta": [1]}, "'meta' object"),
+              ({**good, "thresholds": [[0.5, 0.6], [0.7]]}, "array of numbers"),
+              ({**good, "thresholds": [["high"]]}, "array of numbers")]  # fmt: skip
+    for payload, match in broken:
+        (tmp_path / "broken.json").write_text(json.dumps(payload))
+        with pytest.raises(ValueError, match=match):
+            load_thresholds(tmp_path / "broken.json")
 
 
 @pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")

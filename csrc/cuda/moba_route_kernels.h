@@ -22,10 +22,11 @@ namespace sparse_attn::cuda {
 constexpr int64_t kMaxMobaRankedBlocks = 64;
 
 // Number of blocks a row ranks by score (its top-k list length): topk, less the current block
-// when causal, and at most the number of blocks.
+// when causal, and at most the blocks it could rank (all but the current one when causal).
 inline int64_t moba_ranked_blocks(int64_t num_blocks, int64_t topk, bool causal) {
   const int64_t ranked = causal ? topk - 1 : topk;
-  return ranked < num_blocks ? ranked : num_blocks;
+  const int64_t candidates = causal ? (num_blocks > 0 ? num_blocks - 1 : 0) : num_blocks;
+  return ranked < candidates ? ranked : candidates;
 }
 
 // q [batch, q_heads, q_len, head_dim], k [batch, kv_heads, kv_len, head_dim] (contiguous) ->

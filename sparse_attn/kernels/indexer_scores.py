@@ -112,7 +112,10 @@ def kernel_supports(heads: int, head_dim: int, tile: int) -> bool:
 
 def _launch(q, k, weights, k_scale, ks, ke, tile_starts, block_n, num_out_cols):
     """fp32 [M, num_out_cols] scores; q (M, H, D), k (N, D), weights (M, H), ks/ke int32 [M]."""
-    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    # The kernel steps q's and k's rows by their strides, but reads a weights row, k_scale, ks, ke and a
+    # row of tile starts as dense runs.
+    q, k, weights = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, weights))
+    k_scale, ks, ke, tile_starts = (None if t is None else t.contiguous() for t in (k_scale, ks, ke, tile_starts))
     rows, heads, head_dim = q.shape
     gathered = tile_starts is not None
     num_tiles = tile_starts.shape[1] if gathered else triton.cdiv(k.shape[0], block_n)

@@ -240,8 +240,10 @@ def head_dim_split(head_dim: int) -> tuple[int, int]:
 
 
 def _v_is_k(k, v, main: int) -> bool:
-    """Whether v is k's leading `main` dims (MLA's latent), which the kernel then loads once."""
-    return v.data_ptr() == k.data_ptr() and v.stride()[:3] == k.stride()[:3] and v.shape[-1] == main
+    """Whether v is k's leading `main` dims (MLA's latent), which the kernel then loads once. k must hold
+    them all: below 16 dims `main` exceeds k's width, and a v wider than k over the same storage is not k."""
+    same_rows = v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
+    return same_rows and v.shape[-1] == main <= k.shape[-1]
 
 
 def _config(q, k, v):

@@ -1,6 +1,16 @@
 """Sparse-attention methods built on the selection primitives, the block-sparse engine and token-sparse attention."""
 
-from .hisa import HISABlockMeans, dsa_indexer, dsa_indexer_logits, dsa_select, hisa_indexer, hisa_select, topk_indices
+from .hisa import (
+    HISABlockMeans,
+    HISASegments,
+    dsa_indexer,
+    dsa_indexer_logits,
+    dsa_select,
+    hisa_indexer,
+    hisa_segments,
+    hisa_select,
+    topk_indices,
+)
 from .indexer_loss import indexer_kl_loss
 from .moba import (
     KeyShortConv,
@@ -18,6 +28,7 @@ from .xattention import calibrate_xattention, xattention_attn, xattention_estima
 
 __all__ = [
     "HISABlockMeans",
+    "HISASegments",
     "KeyShortConv",
     "MoBABlockMeans",
     "S2OPlan",
@@ -27,6 +38,7 @@ __all__ = [
     "dsa_indexer_logits",
     "dsa_select",
     "hisa_indexer",
+    "hisa_segments",
     "hisa_select",
     "indexer_kl_loss",
     "moba_attn",

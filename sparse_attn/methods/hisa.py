@@ -19,6 +19,8 @@ are widened to float16, which holds every e4m3 value exactly; `k_scale` multipli
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..engine import KERNEL_DTYPES, triton_runs
@@ -26,6 +28,7 @@ from ..selection import _check_bool, _check_int, _check_tensor
 
 __all__ = [
     "HISABlockMeans",
+    "HISASegments",
     "check_options",
     "dsa_indexer",
     "dsa_indexer_logits",
@@ -33,6 +36,7 @@ __all__ = [
     "dsa_select",
     "hisa_indexer",
     "hisa_indexer_reference",
+    "hisa_segments",
     "hisa_select",
     "topk_indices",
 ]
@@ -211,29 +215,76 @@ def _select_rows(q, topk: int, scores_per_row: int, select):
 
 
 # ---------------------------------------------------------------------------------- HISA
-def _segments(ks, ke, num_keys: int, block_size: int):
-    """The block grid of the sequences that start at the distinct ks, each running to the furthest ke of its
-    rows, or to the next distinct ks (the last to num_keys) if that comes first: keys between two sequences
-    (the next row's left padding) belong to neither. Returns (starts [S], ends [S], first block of each
-    sequence [S], first block of each row [M], block start positions [P])."""
-    starts, sequence_of_row = torch.unique(ks, return_inverse=True)
-    reach = starts.scatter_reduce(0, sequence_of_row, ke, "amax")  # include_self: an empty row reaches its ks
-    ends = torch.minimum(torch.cat([starts[1:], starts.new_tensor([num_keys])]), reach)
+class HISASegments(NamedTuple):
+    """Where `hisa_indexer` pools key blocks, drawn from the query rows' [ks, ke) bounds by `hisa_segments`:
+    one sequence per distinct ks of the rows that see a key, running to the furthest ke of its rows, cut
+    into blocks from its start. Keys of no sequence (a padded batch's next-row padding) are pooled by none."""
+
+    starts: torch.Tensor  # int64 [S], ascending
+    ends: torch.Tensor  # int64 [S]
+    first_block: torch.Tensor  # int64 [S]: the index of each sequence's first block among all blocks
+    row_first: torch.Tensor  # int32 [M]: each row's sequence's first block (0 for rows that see no key)
+    block_starts: torch.Tensor  # int32 [P]: each block's first key position
+    num_keys: int
+    block_size: int
+
+
+def hisa_segments(ks, ke, num_keys: int, *, block_size: int = 128) -> HISASegments:
+    """The block grid `hisa_indexer` draws from the bounds ks, ke (int [M]) over num_keys keys.
+
+    HISA pools blocks anchored at each sequence's start, so the rows of a sequence share their ks and no
+    row reaches past the next sequence's start (packed causal sequences, left padding); rows whose ranges
+    overlap that way (sliding windows) get a ValueError. A row with ke <= ks (after clamping ke to
+    num_keys) sees no key and starts no sequence. Drawing the grid reads the bounds on the host (a few GPU
+    syncs), so callers that run many indexers over the same bounds (a model's layers in one decode step)
+    compute it once and pass it as `hisa_indexer(..., segments=...)`, as FlashMLA's `get_mla_metadata` is.
+    """
+    for name, t in (("ks", ks), ("ke", ke)):
+        _check_tensor(t, name, dim=1, dtypes=(torch.int32, torch.int64))
+    if ke.shape != ks.shape or ke.device != ks.device:
+        raise ValueError(f"ke must match ks ({tuple(ks.shape)} on {ks.device}), got {tuple(ke.shape)} on {ke.device}")
+    num_keys, block_size = _check_int(num_keys, "num_keys", 0), _check_int(block_size, "block_size", 1)
+    ks, ke = ks.long(), ke.long().clamp(max=num_keys)
+    if bool((ks < 0).any()):
+        raise ValueError("ks must be >= 0 (key positions)")
+    sees = ke > ks
+    starts = torch.unique(ks[sees])
+    sequence_of_row = (torch.searchsorted(starts, ks, right=True) - 1).clamp(min=0)
+    next_start = torch.cat([starts[1:], starts.new_tensor([num_keys])])
+    if bool((sees & (ke > next_start[sequence_of_row])).any()):
+        raise ValueError(
+            "a row's [ks, ke) reaches past the next sequence's start: HISA's blocks are anchored at sequence "
+            "starts, so every row of a sequence must share its ks (packed causal sequences); overlapping "
+            "ranges such as sliding windows are not supported (use dsa_indexer)"
+        )
+    ends = starts.scatter_reduce(0, sequence_of_row[sees], ke[sees], "amax")  # include_self: ks < ke anyway
     blocks_per_seq = (ends - starts + block_size - 1) // block_size
     first_block = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq
     num_blocks = int(blocks_per_seq.sum())
     seq_of_block = torch.repeat_interleave(blocks_per_seq, output_size=num_blocks)
-    block_starts = starts[seq_of_block] + (torch.arange(num_blocks, device=ks.device) - first_block[seq_of_block]) * (
-        block_size
+    offsets = torch.arange(num_blocks, device=ks.device) - first_block[seq_of_block]
+    block_starts = starts[seq_of_block] + offsets * block_size
+    row_first = torch.where(sees, torch.nn.functional.pad(first_block, (0, 1))[sequence_of_row], 0)
+    return HISASegments(
+        starts, ends, first_block, row_first.to(torch.int32), block_starts.to(torch.int32), num_keys, block_size
     )
-    return starts, ends, first_block, first_block[sequence_of_row].to(torch.int32), block_starts.to(torch.int32)
 
 
-def _pool_segments(k, ks, ke, block_size: int, k_scale):
-    """fp32 means of each sequence's key blocks (sequences as `_segments` draws them). Returns (pooled
-    [P, D], block start positions [P], first pooled block of every row [M]). A ragged tail block
-    averages its real keys."""
-    starts, ends, first_block, row_first, block_starts = _segments(ks.long(), ke.long(), k.shape[0], block_size)
+def _check_segments(segments, rows: int, num_keys: int, block_size: int, device) -> None:
+    if not isinstance(segments, HISASegments):
+        raise TypeError(f"segments must be a HISASegments (from hisa_segments), got {type(segments).__name__}")
+    drawn = (segments.row_first.shape[0], segments.num_keys, segments.block_size, segments.row_first.device)
+    if drawn != (rows, num_keys, block_size, torch.device(device)):
+        raise ValueError(
+            f"segments were drawn for {drawn[0]} rows, {drawn[1]} keys, block_size={drawn[2]} on {drawn[3]}; "
+            f"this call has {rows} rows, {num_keys} keys, block_size={block_size} on {device}"
+        )
+
+
+def _pool_segments(k, segments: HISASegments, k_scale):
+    """fp32 means of each sequence's key blocks. Returns (pooled [P, D], block start positions [P], first
+    pooled block of every row [M]). A ragged tail block averages its real keys."""
+    starts, ends, first_block, row_first, block_starts, _, block_size = segments
     positions = torch.arange(int(starts[0]), k.shape[0], device=k.device)
     seq = torch.searchsorted(starts, positions, right=True) - 1
     inside = positions < ends[seq]
@@ -258,18 +309,18 @@ def _add_to_blocks(sums, counts, block, keys) -> None:
     counts.index_add_(0, block, torch.ones_like(block, dtype=torch.float32))
 
 
-def _cached_pool(block_means, k, ks, ke, block_size: int):
+def _cached_pool(block_means, k, segments: HISASegments):
     """(pooled, block starts, first block per row) with the pooling done by HISABlockMeans: its means of
-    every sequence (as `_segments` draws them), concatenated in order."""
+    every sequence, concatenated in order."""
     _check_tensor(block_means, "block_means", dim=2, dtypes=(torch.float32,))
-    _, _, _, row_first, block_starts = _segments(ks.long(), ke.long(), k.shape[0], block_size)
+    block_starts = segments.block_starts
     if tuple(block_means.shape) != (block_starts.shape[0], k.shape[1]) or block_means.device != k.device:
         raise ValueError(
             f"block_means must be fp32 ({block_starts.shape[0]}, {k.shape[1]}) on {k.device}: the block means of "
             f"the sequences from each distinct ks to its rows' furthest ke (HISABlockMeans.update of each, "
             f"concatenated), got {tuple(block_means.shape)} on {block_means.device}"
         )
-    return block_means, block_starts, row_first
+    return block_means, block_starts, segments.row_first
 
 
 class HISABlockMeans:
@@ -318,9 +369,11 @@ class HISABlockMeans:
 def _forced_ranking(block_scores, first, last, has_blocks, value):
     """block_scores with the first and last eligible block of every non-empty row set to `value`."""
     ranked = block_scores.clone()
-    rows = torch.nonzero(has_blocks).squeeze(1)
-    ranked[rows, first[rows].long()] = value
-    ranked[rows, last[rows].long()] = value
+    for column in (first, last):
+        # Masked scatters rather than indexing the non-empty rows: their count would sync the GPU.
+        column = column.long().clamp(0, ranked.shape[1] - 1)[:, None]
+        kept = torch.gather(ranked, 1, column)
+        ranked.scatter_(1, column, torch.where(has_blocks[:, None], torch.full_like(kept, value), kept))
     return ranked
 
 
@@ -357,27 +410,35 @@ def hisa_indexer(
     k_scale=None,
     relative=False,
     block_means=None,
+    segments=None,
 ):
     """HISA's two-stage indexer: int32 [M, topk] key positions per query row (-1 padding last).
 
-    Inputs as `dsa_indexer_logits`; each distinct ks starts a sequence whose keys (up to the furthest ke of
-    its rows) are pooled in blocks of `block_size`. Row t's eligible blocks are those of its sequence
-    starting before ke[t]. `relative=True` returns offsets from ks (the vLLM/TileLang convention) instead of
-    absolute positions (FlashMLA's).
+    Inputs as `dsa_indexer_logits`; each distinct ks (of a row that sees a key) starts a sequence whose
+    keys (up to the furthest ke of its rows) are pooled in blocks of `block_size` (`hisa_segments`: rows
+    of a sequence share its ks; a range reaching into the next sequence is a ValueError). Row t's eligible
+    blocks are those of its sequence starting before ke[t]. `relative=True` returns offsets from ks (the
+    vLLM/TileLang convention) instead of absolute positions (FlashMLA's).
     Identical to `topk_indices(dsa_indexer_logits(...), topk)` (up to ties) while every eligible block is a
     candidate: at most `block_topk` of them ('slots') or `block_topk + 2` ('union').
     `block_means` (from `HISABlockMeans.update(k)`, decode) replaces the pooling: the means of every
-    sequence (from its ks to its rows' furthest ke), concatenated in order.
+    sequence, concatenated in order. `segments`, `hisa_segments(ks, ke, len(k), block_size=block_size)`
+    of these very bounds, saves drawing the grid again (its host syncs) in each call that shares them.
     """
     check_options(block_size=block_size, block_topk=block_topk, topk=topk, forced=forced)
+    _check_bool(relative, "relative")
     q, k, weights, ks, ke, k_scale = _check_indexer_inputs(q, k, weights, ks, ke, k_scale)
-    if q.shape[0] == 0 or k.shape[0] == 0:
+    if segments is None:
+        segments = hisa_segments(ks, ke, k.shape[0], block_size=block_size)
+    else:
+        _check_segments(segments, q.shape[0], k.shape[0], block_size, q.device)
+    if q.shape[0] == 0 or segments.block_starts.shape[0] == 0:  # no row sees a key
         return torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=q.device)
     ke = ke.clamp(max=k.shape[0])  # keys past the end do not exist (as in the flat indexer's logits)
     if block_means is None:
-        pooled, block_starts, first = _pool_segments(k, ks, ke, block_size, k_scale)
+        pooled, block_starts, first = _pool_segments(k, segments, k_scale)
     else:
-        pooled, block_starts, first = _cached_pool(block_means, k, ks, ke, block_size)
+        pooled, block_starts, first = _cached_pool(block_means, k, segments)
     num_eligible = torch.where(ke > ks, (ke - 1 - ks) // block_size + 1, 0)
     width = block_topk + (2 if forced == "union" else 0)
 

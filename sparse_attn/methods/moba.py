@@ -67,11 +67,13 @@ def _check_cuda_route_limit(device, num_blocks, topk, causal) -> None:
     if device.type != "cuda" or ranked_at_most <= CUDA_MAX_RANKED_BLOCKS:
         return
     num_blocks = num_blocks() if callable(num_blocks) else num_blocks
-    if min(ranked_at_most, num_blocks) > CUDA_MAX_RANKED_BLOCKS:
+    # A causal row ranks only past blocks: all but its own (moba_ranked_blocks in the CUDA header).
+    needed = min(ranked_at_most, max(num_blocks - 1, 0) if causal else num_blocks)
+    if needed > CUDA_MAX_RANKED_BLOCKS:
         raise ValueError(
             f"topk={topk}: the CUDA MoBA router ranks at most {CUDA_MAX_RANKED_BLOCKS} blocks per row "
             f"(topk up to {CUDA_MAX_RANKED_BLOCKS + int(causal)} with {'causal' if causal else 'non-causal'} "
-            f"routing), and these {num_blocks} KV blocks would need {min(ranked_at_most, num_blocks)}"
+            f"routing), and these {num_blocks} KV blocks would need {needed}"
         )
 
 
@@ -372,7 +374,7 @@ class MoBABlockMeans:
     `update(k)` takes the whole cache k (B, Hkv, Skv, D), pools only the blocks completed since the
     previous call (with :func:`block_mean_pool`, as routing does) and returns the means
     [B, Hkv, Skv // block_size, D]. The partial last block is never needed: in causal routing it is
-    only ever the current block. A cache that shrank or changed shape starts over; a cache whose
+    only ever the current block. A cache that shrank or changed shape, device or dtype starts over; a cache whose
     rows were reordered (beam search) or rewritten needs `reset()`.
     """
 
@@ -388,7 +390,8 @@ class MoBABlockMeans:
         size = self.block_size
         complete = k.shape[2] // size
         means = self.means
-        stale = means is None or means.device != k.device or means.shape[2] > complete
+        pooled_dtype = torch.float64 if k.dtype == torch.float64 else torch.float32  # block_mean_pool's
+        stale = means is None or (means.device, means.dtype) != (k.device, pooled_dtype) or means.shape[2] > complete
         if stale or (means.shape[0], means.shape[1], means.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
             means = block_mean_pool(k[:, :, : complete * size], size)
         elif means.shape[2] < complete:
@@ -409,6 +412,7 @@ def routed_decode_layout(routes: torch.Tensor, block_size: int, seq_len_kv: int)
         kv_block_size=block_size,
         seq_len_q=1,
         seq_len_kv=seq_len_kv,
+        validate=False,  # routes are ascending, in range, -1 last: the checks would only sync the GPU
     )
 
 

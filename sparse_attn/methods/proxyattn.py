@@ -275,8 +275,11 @@ def _selected_blocks(scores, budget, causal, seq_len_q, seq_len_kv, block_size, 
     visible = allowed.sum(dim=-1)  # N_m
     keep = (budget[..., None] * visible + visible[-1] - 1) // visible[-1]  # ceil(k_h N_m / N_last), exact
     keep = torch.minimum(keep.clamp_min(-(-min_budget_tokens // block_size)), visible)  # [B, Hq, Mq]
-    # Forced blocks score above any probability, hidden ones below zero; a stable sort breaks ties low.
-    ranked = torch.where(forced, 2.0, torch.where(allowed, scores.double(), -1.0))
+    # One reduction (one sync): a NaN has no rank, so it would take an arbitrary place among the kept.
+    if bool((allowed & scores.isnan()).any()):
+        raise ValueError("scores must not be NaN where a block is selectable")
+    # Forced blocks rank above any score, hidden ones below; a stable sort breaks ties low.
+    ranked = torch.where(forced, float("inf"), torch.where(allowed, scores.double(), float("-inf")))
     order = ranked.sort(dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(
         -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)

@@ -122,7 +122,9 @@ def _check_block(value, name: str) -> int:
 def check_options(*, segment_len=1024, tau=1e-2, block_m=64, block_n=64, stop_rule="max") -> None:
     """S2O's scalar options (spec section 4, package decisions)."""
     _check_tiles(segment_len, block_m=block_m, block_n=block_n)
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or math.isnan(tau) or tau < 0:
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool):
+        raise TypeError(f"tau must be a float, got {type(tau).__name__}")
+    if math.isnan(tau) or tau < 0:
         raise ValueError(f"tau must be a float >= 0, got {tau!r}")
     if stop_rule not in STOP_RULES:
         raise ValueError(f"stop_rule must be one of {STOP_RULES}, got {stop_rule!r}")

@@ -438,7 +438,10 @@ def _calibrate_model(model, inputs, options) -> torch.Tensor:
 
 
 def _check_table(table) -> torch.Tensor:
-    table = torch.as_tensor(table, dtype=torch.float32).cpu()
+    try:
+        table = torch.as_tensor(table, dtype=torch.float32).cpu()
+    except (TypeError, ValueError, RuntimeError) as error:  # ragged rows, strings, ...
+        raise ValueError(f"a threshold table must be a [layers, Hq] array of numbers: {error}") from None
     if table.dim() != 2 or table.numel() == 0:
         raise ValueError(f"a threshold table must be 2-D [layers, Hq], got shape {tuple(table.shape)}")
     if bool(((table < 0) | (table > 1) | torch.isnan(table)).any()):
@@ -467,4 +470,10 @@ def load_thresholds(path):
         raise ValueError(f"{path} is not an XAttention threshold file (format {_THRESHOLD_FORMAT!r})")
     if payload.get("version") != _THRESHOLD_VERSION:
         raise ValueError(f"{path} has version {payload.get('version')!r}; this package reads {_THRESHOLD_VERSION}")
-    return _check_table(payload["thresholds"]), payload.get("meta", {})
+    if "thresholds" not in payload or not isinstance(payload.get("meta", {}), dict):
+        raise ValueError(f"{path} must hold 'thresholds' (a [layers, Hq] table) and, optionally, a 'meta' object")
+    try:
+        table = _check_table(payload["thresholds"])
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return table, payload.get("meta", {})
