@@ -79,6 +79,11 @@ def test_full_budget_is_dense_causal(rng):
     out = moba_attn(q, k, v, block_size=32, topk=4)
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_token_mask(128, 128, DEVICE), enable_gqa=True)
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+    # A topk far above the 4 blocks (set to make short inputs dense) is the same, without topk-wide routes.
+    torch.testing.assert_close(moba_attn(q, k, v, block_size=32, topk=2**40), out, rtol=0, atol=0)
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+    cu = torch.tensor([0, 128], dtype=torch.int32, device=DEVICE)
+    torch.testing.assert_close(moba_attn_varlen(*packed, cu, 128, 32, 2**40), out[0].transpose(0, 1))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "reference"])

@@ -206,6 +206,12 @@ def _route_with_means(q, means, kv_len, block_size, topk):
     return _route_from_means(q, means, kv_len, block_size, topk, True, topk_rows)
 
 
+def _routable(topk: int, seq_len_kv: int, block_size: int) -> int:
+    """A checked topk capped at the number of KV blocks: no row selects more, so the internal routes need no
+    wider -1 padding (a topk far above the blocks, set to make short inputs dense, would size them)."""
+    return max(1, min(topk, -(-seq_len_kv // block_size)))
+
+
 def _ascending_padded(indices: torch.Tensor) -> torch.Tensor:
     """Sorts each row's indices ascending with the -1 padding moved to the end."""
     missing = torch.iinfo(torch.int32).max
@@ -227,7 +233,10 @@ def moba_attn(
 
     engine._check_qkv(q, k, v, packed=False)
     check_attn_sink(attn_sink, q.shape[1], q.device)
-    routes = moba_route(q.detach(), k.detach(), block_size=block_size, topk=topk, causal=causal)
+    _check_route_args(q, k, block_size, topk, causal)
+    routes = moba_route(
+        q.detach(), k.detach(), block_size=block_size, topk=_routable(topk, k.shape[2], block_size), causal=causal
+    )
     scale = engine._default_scale(softmax_scale, q.shape[-1])
     out, lse = _attend_routes(q, k, v, routes, block_size, causal, scale, backend)
     out = with_attn_sink(out, lse, attn_sink)
@@ -300,8 +309,9 @@ def moba_attn_varlen_qk(
     _check_route_args(q, k, moba_chunk_size, moba_topk, causal, packed=True)
     _check_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = engine._default_scale(softmax_scale, q.shape[-1])
+    topk = _routable(moba_topk, max_seqlen_k, moba_chunk_size)
     routes = _route_packed(
-        q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, moba_chunk_size, moba_topk, causal
+        q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, moba_chunk_size, topk, causal
     )
     resolved = engine._resolve_backend(backend, q, {"moba_chunk_size": moba_chunk_size})
     if resolved != "triton":
@@ -439,7 +449,7 @@ def moba_decode(q, k, v, *, block_size, topk, block_means=None, softmax_scale=No
     elif not isinstance(block_means, MoBABlockMeans) or block_means.block_size != block_size:
         raise ValueError(f"block_means must be a MoBABlockMeans with block_size={block_size}")
     means = block_means.update(k.detach())
-    routes = _route_with_means(q.detach(), means, k.shape[2], block_size, topk)
+    routes = _route_with_means(q.detach(), means, k.shape[2], block_size, _routable(topk, k.shape[2], block_size))
     scale = engine._default_scale(softmax_scale, q.shape[-1])
     if q.shape[2] == 1 and decode_kernel_accepts(q, k, v):
         layout = routed_decode_layout(routes, block_size, k.shape[2])
