@@ -152,8 +152,12 @@ def run_demo(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     block_size = args.block_size or (128 if device.type == "cuda" else 64)
-    for method in _method_names(args.methods or ""):  # unknown names: before any work
-        hf.SparseAttnConfig(method, **_method_options(method, block_size))
+    try:  # unknown names and options the methods refuse: before any work
+        for method in _method_names(args.methods or ""):
+            hf.SparseAttnConfig(method, **_method_options(method, block_size))
+    except (ValueError, TypeError, NotImplementedError) as err:
+        print(f"demo: {err}")
+        return 1
 
     if args.model:
         from transformers import AutoModelForCausalLM

@@ -66,10 +66,10 @@ def choose_backend(backend: str, q, fits: bool, requirement: str) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if fits and triton_runs(q.device, q.dtype) else "torch"
-    if backend == "triton" and not (fits and triton_available(q.device) and q.dtype in KERNEL_DTYPES):
+    if backend == "triton" and not (fits and triton_runs(q.device, q.dtype)):
         raise ValueError(
             "backend='triton' needs triton with a CUDA tensor (or TRITON_INTERPRET=1), a float16/bfloat16/"
-            f"float32 q and {requirement}"
+            f"float32 q (not bfloat16 under the interpreter, whose bf16 dot is wrong) and {requirement}"
         )
     return backend
 
@@ -270,7 +270,7 @@ def _per_sequence(attention, q, k, v, cu_q, cu_k, layout, causal, scale):
         qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
         len_q, len_k = qs.stop - qs.start, ks.stop - ks.start
         if len_q == 0 or len_k == 0:  # nothing to attend: empty rows, or no rows at all
-            outs.append(q.new_zeros(len_q, q.shape[1], q.shape[2]))
+            outs.append(gathered.unattended(q[qs], k[ks], v[ks]))
             lses.append(torch.full((q.shape[1], len_q), float("-inf"), device=q.device))
             continue
         # Blocks restart at the sequence start; blocks past its own length are ignored.

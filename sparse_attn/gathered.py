@@ -58,8 +58,8 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     aligned; a row with no key gets output 0 and LSE -inf.
     """
     batch, num_q_heads, seq_q, dim = q.shape
-    if seq_q == 0 or k.shape[2] == 0 or blocks.numel() == 0:  # no pair to attend
-        return q.new_zeros(q.shape), torch.full(q.shape[:3], float("-inf"), device=q.device)
+    if q.numel() == 0 or k.shape[2] == 0 or blocks.numel() == 0:  # no pair to attend
+        return unattended(q, k, v), torch.full(q.shape[:3], float("-inf"), device=q.device)
     blocks, members = _kv_head_lists(blocks, k.shape[1], tile_rows)
     list_heads, num_tiles = blocks.shape[1], blocks.shape[2]
     group = num_q_heads // list_heads  # query heads per list: 1, or the GQA ratio
@@ -95,6 +95,23 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     out = _untile(torch.cat(outs)[inverse], batch, list_heads, group, seq_q)
     lse = _untile(torch.cat(lses)[inverse, ..., None], batch, list_heads, group, seq_q)[..., 0]
     return out.to(inputs[0].dtype), lse.float()
+
+
+def unattended(q, k, v) -> torch.Tensor:
+    """The output of queries that attend no key: zeros of q's rows and v's width, differentiable with zero
+    gradients (plain zeros would leave it outside the graph, and backward() through it would fail)."""
+    return _Unattended.apply(q, k, v)
+
+
+class _Unattended(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.inputs = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.inputs)
 
 
 class _Geometry:

@@ -147,19 +147,27 @@ def keep_mask(**kwargs):
     if is_indexed_config(kwargs.get("config")):
         return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
     mask = flash_attention_mask(**kwargs)
+    filled = _filled_keys(kwargs)
     if mask is not None:
-        return mask
+        # A caller's mask over a StaticCache's whole length (0 on the empty slots): the queries are the last
+        # filled keys, not the last slots, so it is cut to the filled ones.
+        return mask[:, :filled] if filled is not None and 0 <= filled < mask.shape[1] else mask
+    if filled is None or filled >= kwargs["kv_length"]:
+        return None
+    device = kwargs.get("device") or getattr(kwargs.get("cache_position"), "device", None)
+    return torch.ones(kwargs["batch_size"], max(filled, 0), dtype=torch.bool, device=device)
+
+
+def _filled_keys(kwargs) -> int | None:
+    """The number of keys the cache holds once this step's are in (from transformers' mask arguments), or
+    None when they do not say. A tensor offset (a StaticCache's) costs one sync per mask."""
     if kwargs.get("q_length") is not None:  # transformers >= 5: the queries' positions and count
         seen = kwargs.get("q_offset", 0) + kwargs["q_length"]
     elif kwargs.get("cache_position") is not None:  # 4.53: the queries' positions
         seen = kwargs["cache_position"][-1] + 1
     else:
         return None
-    filled = int(seen) - kwargs.get("kv_offset", 0)  # a tensor for static caches: one sync per mask
-    if filled >= kwargs["kv_length"]:
-        return None
-    device = kwargs.get("device") or getattr(kwargs.get("cache_position"), "device", None)
-    return torch.ones(kwargs["batch_size"], max(filled, 0), dtype=torch.bool, device=device)
+    return int(seen) - kwargs.get("kv_offset", 0)
 
 
 # ---------------------------------------------------------------------------------- configuration
@@ -273,7 +281,7 @@ class SparseAttnConfig:
         over its indexer's selection under 'dense' and 'hisa' alike, and takes no other method.
     layers: the layer indices that run the method (None: all); dense_layers: layers that stay dense.
     layer_config: {layer_idx: {"method": ..., "decode": ..., **options}} adjusting the sparse layers;
-        options are inherited from the top level when the layer keeps the top-level method.
+        options and decode are inherited from the top level when the layer keeps the top-level method.
     decode: 'dense' (default) or 'sparse' (methods that route decode queries: MoBA).
     track_density: record each sparse call's density in `stats` (a device sync per call).
     """
@@ -309,8 +317,11 @@ class SparseAttnConfig:
                 )
             override = dict(override)
             method_here = _check_method(override.pop("method", self.method))
-            decode_here = _check_decode(method_here, override.pop("decode", self.decode))
-            inherited = self.options if method_here == self.method else None
+            # A layer that keeps the top-level method inherits its options and decode policy; one that switches
+            # method starts from that method's defaults (decode 'dense').
+            same_method = method_here == self.method
+            decode_here = _check_decode(method_here, override.pop("decode", self.decode if same_method else "dense"))
+            inherited = self.options if same_method else None
             self._overrides[idx] = LayerPlan(
                 method_here, _method_options(method_here, override, inherited), decode_here
             )
@@ -589,8 +600,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     custom_mask = attention_mask is not None and attention_mask.dim() == 4
     keep = None
     if not custom_mask:
-        key, value, keep = _align_padding_mask(attention_mask, key, value)
+        key, value, keep = _align_padding_mask(attention_mask, key, value, layer_idx)
     seq_q, seq_kv = query.shape[2], key.shape[2]
+    _refuse_long_chunked_attention(module, layer_idx, seq_kv)
     if config.observer is not None and keep is None and not custom_mask and seq_q == seq_kv:
         config.observer(layer_idx, query.detach(), key.detach())
     if causal and seq_q > seq_kv:
@@ -626,10 +638,10 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         elif keep is not None and decoding:
             out = _dense_attention(query, key, value, dense, keep=keep)  # a (B, 1, Sq, Skv) mask is small here
         else:
-            pieces = _sequence_pieces(keep, query.shape[0], seq_q, seq_kv, kwargs, query.device)
+            pieces = _sequence_pieces(keep, query.shape[0], seq_q, seq_kv, kwargs, query.device, layer_idx)
             out = _run_pieces(lambda q, k, v: _dense_attention(q, k, v, dense), query, key, value, pieces)
     else:
-        pieces = _sequence_pieces(keep, query.shape[0], seq_q, seq_kv, kwargs, query.device)
+        pieces = _sequence_pieces(keep, query.shape[0], seq_q, seq_kv, kwargs, query.device, layer_idx)
         suffixes = pieces.suffixes if decoding and pieces is not None else None
         followed = None
         if path == "moba" and decoding and causal and (pieces is None or suffixes is not None):
@@ -650,6 +662,22 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
 
 
 _DENSE_FALLBACK = SparseAttnConfig("dense")
+
+
+def _refuse_long_chunked_attention(module, layer_idx, seq_kv: int) -> None:
+    """Llama 4's chunked-attention layers see only their own chunk of `attention_chunk_size` keys, a pattern
+    the 2D keep-mask cannot carry (transformers' flash path refuses it the same way): beyond one chunk,
+    running them causally would be a silent wrong answer."""
+    model_config = getattr(module, "config", None)
+    layer_types = getattr(model_config, "layer_types", None)
+    chunk = getattr(model_config, "attention_chunk_size", None)
+    if chunk is None or not isinstance(layer_idx, int) or not layer_types or layer_idx >= len(layer_types):
+        return
+    if layer_types[layer_idx] == "chunked_attention" and seq_kv > chunk:
+        raise NotImplementedError(
+            f"layer {layer_idx} is a chunked-attention layer (attention_chunk_size={chunk}) and sees {seq_kv} keys: "
+            "sparse_attn does not implement chunked attention; load the model with attn_implementation='sdpa'"
+        )
 
 
 def _indexer_attention(plan: LayerPlan, layer_idx, query, key, value, attention_mask, indices, scaling, sink, config):
@@ -692,13 +720,14 @@ def _reject_unsupported(dropout, kwargs) -> None:
 _keep_memo, _pieces_memo = HostMemo(), HostMemo()
 
 
-def _align_padding_mask(mask, key, value):
-    """(key, value, keep (B, Skv) bool or None). A mask shorter than the keys marks a StaticCache's filled prefix."""
+def _align_padding_mask(mask, key, value, layer=None):
+    """(key, value, keep (B, Skv) bool or None). A mask shorter than the keys marks a StaticCache's filled prefix.
+    `layer`: the caller's layer index, for the memo of the mask's reading."""
     if mask is None:
         return key, value, None
     if mask.dim() != 2:
         raise ValueError(f"expected a 2D (batch, keys) padding mask, got shape {tuple(mask.shape)}")
-    keep = _keep_memo.get(mask, (key.shape[2],), lambda: _padding_keep(mask, key.shape[2]))
+    keep = _keep_memo.get(mask, (key.shape[2],), lambda: _padding_keep(mask, key.shape[2]), layer=_layer(layer))
     if mask.shape[1] < key.shape[2]:
         key, value = key[:, :, : mask.shape[1]], value[:, :, : mask.shape[1]]
     return key, value, keep
@@ -724,27 +753,25 @@ class _Pieces:
     suffixes: list | None = None
 
 
-def _sequence_pieces(keep, batch, seq_q, seq_kv, kwargs, device) -> _Pieces | None:
+def _sequence_pieces(keep, batch, seq_q, seq_kv, kwargs, device, layer=None) -> _Pieces | None:
     """None when the batch runs as is; otherwise the unpadded (or unpacked) sequences."""
+    cu_q, cu_k, positions = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"), kwargs.get("position_ids")
     if keep is not None:
-        source, kind = keep, "mask"
-    elif kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None:
-        source, kind = kwargs["cu_seq_lens_q"], "cu"
-    elif (batch == 1 and seq_q == seq_kv > 1 and isinstance(kwargs.get("position_ids"), torch.Tensor)) and kwargs[
-        "position_ids"
-    ].shape[-1] == seq_q:
-        source, kind = kwargs["position_ids"], "positions"
+        sources, kind = keep, "mask"
+        derive = functools.partial(_pieces_from_mask, keep, seq_q, seq_kv, device)
+    elif cu_q is not None and cu_k is not None:
+        sources, kind = (cu_q, cu_k), "cu"
+        derive = functools.partial(_pieces_from_cu, cu_q, cu_k, batch, seq_q, seq_kv, device)
+    elif batch == 1 and seq_q == seq_kv > 1 and isinstance(positions, torch.Tensor) and positions.shape[-1] == seq_q:
+        sources, kind = positions, "positions"
+        derive = functools.partial(_pieces_from_positions, positions.reshape(-1), device)
     else:
         return None
-    if kind == "mask":
-        derive = functools.partial(_pieces_from_mask, keep, seq_q, seq_kv, device)
-    elif kind == "cu":
-        derive = functools.partial(
-            _pieces_from_cu, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], batch, seq_q, seq_kv, device
-        )
-    else:
-        derive = functools.partial(_pieces_from_positions, kwargs["position_ids"].reshape(-1), device)
-    return _pieces_memo.get(source, (kind, batch, seq_q, seq_kv), derive)
+    return _pieces_memo.get(sources, (kind, batch, seq_q, seq_kv), derive, layer=_layer(layer))
+
+
+def _layer(layer_idx):
+    return layer_idx if isinstance(layer_idx, int) else None
 
 
 def _pieces_from_mask(keep, seq_q, seq_kv, device) -> _Pieces:

@@ -187,7 +187,9 @@ class HISAIndexer(torch.nn.Module):
         ranges = (
             None
             if seq_kv <= self.all_candidates or (decoding and self.decode == "dense")
-            else _ranges_memo.get(attention_mask, (batch, seq_q), lambda: _RowRanges.of(allowed, batch, seq_q))
+            else _ranges_memo.get(
+                attention_mask, (batch, seq_q), lambda: _RowRanges.of(allowed, batch, seq_q), layer=self.layer_idx
+            )
         )
         if ranges is None or ranges.ks is None:
             return self.dsa_indexer(hidden_states, q_resid, position_embeddings, attention_mask, position_ids, **cache)
@@ -201,6 +203,7 @@ class HISAIndexer(torch.nn.Module):
             attention_mask,
             (batch, seq_q, self.block_size),
             lambda: hisa_segments(ranges.ks, ranges.ke, batch * seq_kv, block_size=self.block_size),
+            layer=self.layer_idx,
         )
         selected = hisa_indexer(
             q.flatten(0, 1),

@@ -1,37 +1,61 @@
-"""Values derived on the host from a tensor, memoised on that tensor's identity and version.
+"""Values derived on the host from tensors that every layer of a transformers forward pass receives.
 
-Deriving such a value (which rows of a mask are padding, where each packed sequence starts) reads the
-tensor on the host, which on a GPU waits for every queued kernel. The patched attention of a transformers
-model gets the same mask, cu_seq_lens or position ids in every layer of a forward pass, and HISA's
-indexer the same sequence bounds: memoised, the sync happens once per pass instead of once per layer of
-every decode step.
+Deriving such a value (which rows of a mask are padding, where each packed sequence starts, HISA's block
+grid) reads the tensor on the host, which on a GPU waits for every queued kernel. The patched attention
+gets the same mask, cu_seq_lens or position ids in every layer of a pass: memoised, the sync happens once
+per pass instead of once per layer of every decode step.
 """
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
 import torch
 
 
+@dataclass
+class _Entry:
+    key: tuple
+    bases: tuple  # weak references to the sources' base tensors (None for inference tensors)
+    layer: int | None  # the last layer that read it
+    value: object
+
+
 class HostMemo:
-    """The values last derived from a few tensors (a model with sliding and full layers gets two masks per
-    pass). Another tensor, or the same one written in place, derives its value again."""
+    """The values last derived from a few tensors (a model with sliding and full layers gets two masks
+    per pass).
+
+    A tensor is known again by its identity, view geometry and version counter, so another tensor, or the
+    same one written in place, derives its value again. Tensors made under torch.inference_mode() have no
+    version counter (a write in place leaves no trace; a serving loop may refill one buffer each step):
+    such a tensor is known again only within a forward pass, while the callers' `layer` indices keep
+    rising, and by its storage (a fresh view of the same mask in each layer is the same). Sources are
+    held weakly: a memo never keeps a (possibly large) mask alive.
+    """
 
     _ENTRIES = 4
 
     def __init__(self):
         self.entries: list = []
 
-    def get(self, sources, signature: tuple, derive):
-        """derive(), or the value it gave for these very `sources` (a tensor or a tuple of them, each at the
-        same version) and `signature`."""
+    def get(self, sources, signature: tuple, derive, *, layer: int | None = None):
+        """derive(), or the value it gave for these `sources` (a tensor or a tuple of them) and `signature`,
+        read by `layer` (the caller's layer index, None when unknown)."""
         sources = sources if isinstance(sources, tuple) else (sources,)
-        bases = tuple(_base(t) for t in sources)
+        inference = any(t.is_inference() for t in sources)
         key = (*signature, *(_state(t) for t in sources))
+        bases = tuple(None if t.is_inference() else _base(t) for t in sources)
         for entry in self.entries:
-            if entry[1] == key and all(a is b for a, b in zip(entry[0], bases)):
-                return entry[2]
+            if entry.key != key or not all(_same(ref, base) for ref, base in zip(entry.bases, bases)):
+                continue
+            if inference and (layer is None or entry.layer is None or layer <= entry.layer):
+                continue  # another pass may have refilled it
+            entry.layer = layer
+            return entry.value
         value = derive()
-        self.entries = [(bases, key, value), *self.entries[: self._ENTRIES - 1]]
+        refs = tuple(None if base is None else weakref.ref(base) for base in bases)
+        self.entries = [_Entry(key, refs, layer, value), *self.entries[: self._ENTRIES - 1]]
         return value
 
 
@@ -40,8 +64,12 @@ def _base(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor._base is None else tensor._base
 
 
+def _same(ref, base) -> bool:
+    return ref is None if base is None else ref is not None and ref() is base
+
+
 def _state(tensor: torch.Tensor) -> tuple:
-    # Tensors made under torch.inference_mode() have no version counter (and are not mutated by
-    # transformers between passes): their identity and storage stand for them.
-    version = tensor.data_ptr() if tensor.is_inference() else tensor._version
-    return version, tuple(tensor.shape), tensor.stride(), tensor.storage_offset()
+    geometry = (tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.dtype, tensor.device)
+    if tensor.is_inference():
+        return ("inference", tensor.untyped_storage().data_ptr(), *geometry)
+    return (tensor._version, *geometry)

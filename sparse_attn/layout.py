@@ -304,11 +304,15 @@ class BlockSparseLayout:
         return int((selected * pairs).sum().item())
 
     def density(self, causal: bool = True) -> float:
-        """Selected blocks over available blocks (the causally visible ones when `causal`)."""
+        """Selected blocks over available blocks (the causally visible ones when `causal`, which count only the
+        selected blocks they hold: a block wholly in the future is never computed)."""
         selected = self.kv_num_blocks.sum().item()
         if causal:
-            per_head = causal_block_mask(self.seq_len_q, self.seq_len_kv, self.q_block_size, self.kv_block_size).sum()
-            available = per_head.item() * self.batch_size * self.num_heads
+            visible = causal_block_mask(
+                self.seq_len_q, self.seq_len_kv, self.q_block_size, self.kv_block_size, device=self.device
+            )
+            selected = (self.to_dense_mask() & visible).sum().item()
+            available = visible.sum().item() * self.batch_size * self.num_heads
         else:
             available = self.kv_num_blocks.numel() * self.num_kv_blocks
         return selected / max(available, 1)

@@ -82,7 +82,9 @@ def masked_attention(q, k, v, allowed, *, softmax_scale=None, attn_sink=None, co
     probs, lse = masked_softmax(logits, allowed)
     if attn_sink is not None:
         sink = attn_sink.to(compute_dtype)[None, :, None, None].expand(*logits.shape[:-1], 1)
-        with_sink = torch.cat([allowed.expand_as(logits), torch.ones_like(sink, dtype=torch.bool)], dim=-1)
+        allowed = allowed.expand_as(logits)
+        # The sink joins rows that attend a key: a row without one keeps output 0, whatever the sink.
+        with_sink = torch.cat([allowed, allowed.any(dim=-1, keepdim=True)], dim=-1)
         probs = masked_softmax(torch.cat([logits, sink], dim=-1), with_sink)[0][..., :-1]
     return torch.matmul(probs, v), lse
 

@@ -117,6 +117,9 @@ def threshold_select(scores, threshold, *, forced=None, allowed=None):
         raise ValueError(f"threshold of shape {tuple(tau.shape)} does not broadcast to {tuple(lead)}") from exc
     if bool(((tau < 0) | (tau > 1) | torch.isnan(tau)).any()):
         raise ValueError("threshold values must lie in [0, 1]")
+    if n == 0:  # rows without entries keep none (reshape(-1, 0) would be ambiguous)
+        empty = torch.zeros(lead, dtype=torch.int32, device=scores.device)
+        return empty, torch.empty(*lead, 0, dtype=torch.int32, device=scores.device)
     masks = []
     for mask, name, default in ((forced, "forced", False), (allowed, "allowed", True)):
         if mask is None:

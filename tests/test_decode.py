@@ -64,7 +64,7 @@ def check_decode(q, k, v, layout, *, causal=True, scale=None, num_splits=0):
 GQA = {"mha": (4, 4), "gqa4": (8, 2), "gqa8": (8, 1)}
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 64])
+@pytest.mark.parametrize("num_splits", [1, 3, 64, 10**9])
 @pytest.mark.parametrize("layout_heads", ["q", "kv", "one"])
 @pytest.mark.parametrize("gqa", list(GQA))
 @pytest.mark.parametrize("seq_q", [1, 4, 16])

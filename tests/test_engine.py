@@ -122,6 +122,41 @@ def test_rows_emptied_by_causality(rng):
     assert bool(torch.isneginf(lse[0, :, :16]).all())
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_unattended_outputs_stay_in_the_graph_and_empty_heads_are_empty(rng, backend):
+    """Nothing to attend (an empty layout, or zero query heads) gives output 0 with zero gradients, not a
+    detached tensor (backward would fail) nor a crash in a kernel."""
+    empty = BlockSparseLayout.from_kv_blocks(
+        torch.zeros(1, 1, 2, dtype=torch.int32, device=DEVICE),
+        torch.zeros(1, 1, 2, 0, dtype=torch.int32, device=DEVICE),
+        q_block_size=16, kv_block_size=16, seq_len_q=32, seq_len_kv=32,
+    )  # fmt: skip
+    q, k, v = make_qkv(rng, 1, 2, 1, 32, 32, 16, torch.float32)
+    out = block_sparse_attn(q, k, v, empty, backend=backend)
+    out.sum().backward()
+    assert not out.any() and all(t.grad is not None and not t.grad.any() for t in (q, k, v))
+    headless = torch.zeros(1, 0, 32, 16, device=DEVICE)
+    assert block_sparse_attn(headless, k.detach(), v.detach(), empty, backend=backend).shape == headless.shape
+
+
+def test_rows_see_nan_as_nan_not_as_no_key(rng):
+    """A NaN score makes its row's output and LSE NaN (as the reference), never a keyless row's 0 and -inf."""
+    layout = random_layout(rng, 1, 1, 32, 32, 16, 16, 1.0)
+    q, k, v = (t.detach() for t in make_qkv(rng, 1, 1, 1, 32, 32, 16, torch.float32))
+    k[0, 0, 3] = float("nan")
+    for backend in ("triton", "reference"):
+        _, lse = block_sparse_attn(q, k, v, layout, backend=backend, return_lse=True)
+        assert bool(lse[0, 0, 3:].isnan().all()) and bool(lse[0, 0, :3].isfinite().all()), backend
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's bfloat16 dot")
+def test_explicit_triton_refuses_bfloat16_under_the_interpreter(rng):
+    layout = random_layout(rng, 1, 1, 32, 32, 16, 16, 1.0)
+    q, k, v = (t.detach().bfloat16() for t in make_qkv(rng, 1, 1, 1, 32, 32, 16, torch.float32))
+    with pytest.raises(ValueError, match="not bfloat16 under the interpreter"):
+        block_sparse_attn(q, k, v, layout, backend="triton")
+
+
 def test_non_causal_and_custom_scale(rng):
     layout = random_layout(rng, 1, 2, 40, 72, 16, 16, 0.5, causal=False)
     q, k, v = make_qkv(rng, 1, 2, 2, 40, 72, 32, torch.float32)

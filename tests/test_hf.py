@@ -142,6 +142,88 @@ def test_static_cache_without_padding_matches_sdpa(reference_engine, method, opt
 
 
 @pytest.mark.parametrize("method, options", [("dense", {}), ("moba", FULL_MOBA)])
+def test_static_cache_with_a_mask_over_every_slot(reference_engine, method, options):
+    """A caller's 2D mask as long as the StaticCache (0 on the empty slots, as static-shape loops keep it):
+    the queries are the last filled keys, not the last slots."""
+    model, ids = _model("llama"), _ids()
+    length = 2 * SEQ_LEN
+
+    def run():
+        cache, mask = _static_cache(model, length), torch.zeros(1, length, dtype=torch.long)
+        mask[:, :SEQ_LEN] = 1
+        logits = [model(ids, attention_mask=mask, **cache_argument(model, cache)).logits[:, -1]]
+        for step in range(2):
+            mask = mask.clone()
+            mask[:, SEQ_LEN + step] = 1
+            token = logits[-1].argmax(-1, keepdim=True)
+            logits.append(model(token, attention_mask=mask, **cache_argument(model, cache)).logits[:, -1])
+        return torch.stack(logits, 1)
+
+    with torch.no_grad():
+        expected = run()
+        with hf.patched(model, method, **options):
+            torch.testing.assert_close(run(), expected, atol=2e-4, rtol=1e-4)
+
+
+def test_packing_in_place_rewrites_and_new_key_bounds_split_afresh(reference_engine):
+    """The mask-derived pieces are memoised per pass: position ids written in place between passes (also
+    under inference mode, whose tensors have no version counter), or a new cu_seq_lens_k beside the same
+    cu_seq_lens_q, split afresh."""
+    module = _module(hf.SparseAttnConfig("dense"))
+    q, k, v = _qkv(1, 200, 200)
+
+    def alone(bounds):
+        return torch.cat(
+            [hf.sparse_attention_forward(module, *(t[:, :, a:b] for t in (q, k, v)), None)[0] for a, b in bounds], 1
+        )
+
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            positions = torch.cat([torch.arange(80), torch.arange(120)])[None]
+            packed = hf.sparse_attention_forward(module, q, k, v, None, position_ids=positions)[0]
+            torch.testing.assert_close(packed, alone([(0, 80), (80, 200)]))
+            positions[0, 80:] = torch.arange(80, 200)  # one sequence now, in the same tensor
+            positions[0, 150:] = torch.arange(50)
+            packed = hf.sparse_attention_forward(module, q, k, v, None, position_ids=positions)[0]
+            torch.testing.assert_close(packed, alone([(0, 150), (150, 200)]))
+    cu_q = torch.tensor([0, 100, 200], dtype=torch.int32)
+    for cu_k in ([0, 100, 200], [0, 60, 200]):
+        cu_k = torch.tensor(cu_k, dtype=torch.int32)
+        config = hf.SparseAttnConfig("dense")
+        out = hf.sparse_attention_forward(
+            _module(config), q, k, v, None, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, is_causal=False
+        )[0]
+        pieces = [
+            hf.sparse_attention_forward(
+                _module(config), q[:, :, a:b], k[:, :, c:d], v[:, :, c:d], None, is_causal=False
+            )[0]
+            for (a, b), (c, d) in zip([(0, 100), (100, 200)], zip(cu_k[:-1].tolist(), cu_k[1:].tolist()))
+        ]
+        torch.testing.assert_close(out, torch.cat(pieces, 1))
+
+
+@pytest.mark.skipif(not hasattr(transformers, "Llama4TextConfig"), reason="transformers without Llama 4")
+def test_chunked_attention_layers_are_refused_beyond_one_chunk(reference_engine):
+    """Llama 4's chunked layers see only their chunk; the 2D keep-mask cannot say so: refused past one chunk,
+    as transformers' flash path does, and equal to SDPA within it."""
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+        attention_chunk_size=32, pad_token_id=0, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = transformers.Llama4ForCausalLM(config).eval()
+    assert "chunked_attention" in config.layer_types
+    with torch.no_grad():
+        short, long = _ids(length=32), _ids(length=80)
+        expected = model(short).logits
+        with hf.patched(model, "dense"):
+            torch.testing.assert_close(model(short).logits, expected, atol=2e-4, rtol=1e-4)
+            with pytest.raises(NotImplementedError, match="chunked-attention layer"):
+                model(long)
+
+
+@pytest.mark.parametrize("method, options", [("dense", {}), ("moba", FULL_MOBA)])
 def test_inference_mode(reference_engine, method, options):
     """Tensors made under torch.inference_mode() have no version counter (the sequence-piece cache reads it)."""
     model, ids = _model("llama"), _ids(batch=2)
@@ -357,6 +439,9 @@ def test_moba_options_have_no_defaults():
         hf.SparseAttnConfig("dense", layer_config={0: {"method": "moba", "topk": 2}})
     config = hf.SparseAttnConfig("moba", block_size=64, topk=2, layer_config={1: {"topk": 3}})
     assert config.plan(1).options == {"block_size": 64, "topk": 3}
+    # A layer that switches method inherits neither the options nor the decode policy.
+    switched = hf.SparseAttnConfig("moba", block_size=64, topk=2, decode="sparse", layer_config={1: {"method": "s2o"}})
+    assert (switched.plan(0).decode, switched.plan(1).decode) == ("sparse", "dense")
 
 
 def test_transformers_version_under_test():

@@ -32,6 +32,33 @@ def test_host_syncs_counts_the_ops_that_would_sync():
     assert log.in_package() == {}  # called from this test, not from sparse_attn
 
 
+def test_host_memo_holds_its_sources_weakly():
+    """A memo never keeps a mask alive (a DSA model's 4D prefill mask can be gigabytes)."""
+    import gc
+    import weakref
+
+    memo, mask = HostMemo(), torch.ones(4, 64, 64, dtype=torch.bool)
+    memo.get(mask[:, 0], (), lambda: 1)
+    alive = weakref.ref(mask)
+    del mask
+    gc.collect()
+    assert alive() is None
+
+
+def test_host_memo_knows_inference_tensors_only_within_a_pass():
+    """Inference tensors have no version counter: known again by storage while the layers rise (a fresh view
+    per layer included), derived afresh when a pass starts again (its buffer may have been refilled)."""
+    memo, calls = HostMemo(), []
+    with torch.inference_mode():
+        mask = torch.ones(2, 8, 5, dtype=torch.bool)
+        for layer in (0, 1, 2):
+            assert memo.get(mask[:, 0], (), lambda: calls.append(layer) or int(mask[:, 0].sum()), layer=layer) == 10
+        mask[0, 0, 0] = False
+        assert memo.get(mask[:, 0], (), lambda: calls.append(0) or int(mask[:, 0].sum()), layer=0) == 9
+        assert memo.get(mask[:, 0], (), lambda: calls.append(None) or 0, layer=None) == 0  # no layer: no memo
+    assert calls == [0, 0, None]
+
+
 def test_host_memo_derives_again_for_a_new_or_written_tensor():
     memo, calls = HostMemo(), []
 
@@ -101,13 +128,13 @@ def _deepseek_v32(layers):
     return transformers.DeepseekV32ForCausalLM(config).eval()
 
 
-def _decode_step_syncs(model, method, options, padded, prompt):
+def _decode_step_syncs(model, method, options, padded, prompt, context):
     """The package's host syncs in the second decode step after a prefill of 2 rows of `prompt` tokens."""
     ids = torch.randint(1, 1000, (2, prompt), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     if padded:
         mask[0, :9] = 0
-    with torch.no_grad(), hf.patched(model, method, **options):
+    with context(), hf.patched(model, method, **options):
         out = model(ids, attention_mask=mask, use_cache=True)
         cache = out.past_key_values
         for _ in range(2):
@@ -132,9 +159,10 @@ ROUTED = [
 
 
 @pytest.mark.usefixtures("reference_engine")
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("build, method, options, prompt", ROUTED)
-def test_routed_decode_step_syncs_per_pass_not_per_layer(build, method, options, prompt, padded):
+def test_routed_decode_step_syncs_per_pass_not_per_layer(build, method, options, prompt, padded, context):
     """A routed decode step's syncs (the mask's reading) do not grow with the number of layers."""
-    syncs = [_decode_step_syncs(build(layers), method, options, padded, prompt) for layers in (2, 3)]
+    syncs = [_decode_step_syncs(build(layers), method, options, padded, prompt, context) for layers in (2, 3)]
     assert syncs[0] == syncs[1], syncs

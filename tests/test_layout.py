@@ -153,6 +153,11 @@ def test_density_and_compatibility(rng):
         causal.expand(1, 2, mq, mq).clone(), q_block_size=16, kv_block_size=16, seq_len_q=64, seq_len_kv=64
     )
     assert layout.density() == 1.0
+    everything = BlockSparseLayout.from_dense_mask(
+        torch.ones(1, 2, mq, mq, dtype=torch.bool), q_block_size=16, kv_block_size=16, seq_len_q=64, seq_len_kv=64
+    )
+    assert everything.density() == 1.0  # blocks wholly in the future are never computed: not counted
+    assert everything.density(causal=False) == 1.0
     q, k = torch.randn(1, 4, 64, 8), torch.randn(1, 2, 64, 8)
     layout.check_compatible(q, k)
     with pytest.raises(ValueError, match="seq_len"):

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import sparse_attn
 
@@ -54,6 +55,21 @@ def test_selfcheck_passes():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "self-check passed" in result.stdout
+
+
+def test_selfcheck_fails_on_nan_and_skips_only_missing_backends(monkeypatch, capsys):
+    """A NaN error (a broken fast path) fails; None (the backend is not here) skips."""
+    import argparse
+
+    from sparse_attn import __main__ as cli
+
+    cases = [("missing backend", lambda: None, 0.0), ("exact", lambda: 0.0, 0.0)]
+    monkeypatch.setattr(cli, "_selfcheck_cases", lambda device: cases)
+    assert cli._selfcheck(argparse.Namespace(device="cpu")) == 0
+    assert "skip missing backend" in capsys.readouterr().out
+    cases.append(("broken", lambda: torch.tensor(float("nan")), 1.0))
+    assert cli._selfcheck(argparse.Namespace(device="cpu")) == 1
+    assert "FAIL broken" in capsys.readouterr().out
 
 
 @pytest.mark.slow

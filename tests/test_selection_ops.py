@@ -136,6 +136,11 @@ def test_threshold_select_rejects_masses_without_an_order(bad):
     sparse_attn.threshold_select(scores, 0.5, allowed=allowed)
 
 
+def test_selections_of_rows_without_entries():
+    count, indices = sparse_attn.threshold_select(torch.zeros(3, 0), 0.9)
+    assert count.tolist() == [0, 0, 0] and indices.shape == (3, 0)
+
+
 def test_threshold_select_rules(rng):
     scores, forced, allowed = random_masses(rng, 100, 20)
     scores = scores.double()

@@ -93,7 +93,8 @@ int64_t heads_per_cta(const DecodeShape& shape) {
 }
 
 int64_t resolve_num_splits(const DecodeShape& shape, int64_t requested) {
-  if (requested > 0) return requested;
+  // Shares beyond a row's list width would all be empty (and each holds a partial output per row).
+  if (requested > 0) return std::min(requested, std::max<int64_t>(1, shape.max_blocks));
   const int64_t ctas_per_split = std::max<int64_t>(1, shape.batch * shape.q_heads / heads_per_cta(shape));
   const int64_t target_ctas = kWaves * kAssumedSms * kCtasPerSm;
   const int64_t splits = (target_ctas + ctas_per_split - 1) / ctas_per_split;

@@ -88,7 +88,7 @@ def _lse_log2(lse):
 @triton.jit
 def _normalize(acc, m_i, l_i):
     """(output, natural-log LSE) of a finished softmax state; a row without keys gives 0 and -inf."""
-    has_key = l_i > 0.0
+    has_key = l_i != 0.0  # NaN scores make a NaN row (as the reference), not a keyless one
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
     return out, lse

@@ -155,7 +155,7 @@ def _token_sparse_fwd_kernel(
         v = _values(v_base, k_main, rows, valid, stride_vs, VALUE_DIM, VALUE_PAD, V_IS_K)
         m_i, l_i, acc, _, _ = _online_softmax_step(s, v, valid[None, :], m_i, l_i, acc, scale_log2, DOT_PRECISION)
 
-    has_key = l_i > 0.0
+    has_key = l_i != 0.0  # NaN scores make a NaN row (as the reference), not a keyless one
     l_safe = tl.where(has_key, l_i, 1.0)
     ptrs, mask = _head_rows(O, b * stride_ob + heads * stride_oh + pos * stride_os, heads_ok, 0, VALUE_DIM, VALUE_PAD)
     tl.store(ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=mask)
