@@ -727,7 +727,7 @@ def _align_padding_mask(mask, key, value, layer=None):
         return key, value, None
     if mask.dim() != 2:
         raise ValueError(f"expected a 2D (batch, keys) padding mask, got shape {tuple(mask.shape)}")
-    keep = _keep_memo.get(mask, (key.shape[2],), lambda: _padding_keep(mask, key.shape[2]), layer=_layer(layer))
+    keep = _keep_memo.get(mask, (key.shape[2],), lambda: _padding_keep(mask, key.shape[2]), layer=layer)
     if mask.shape[1] < key.shape[2]:
         key, value = key[:, :, : mask.shape[1]], value[:, :, : mask.shape[1]]
     return key, value, keep
@@ -767,11 +767,7 @@ def _sequence_pieces(keep, batch, seq_q, seq_kv, kwargs, device, layer=None) -> 
         derive = functools.partial(_pieces_from_positions, positions.reshape(-1), device)
     else:
         return None
-    return _pieces_memo.get(sources, (kind, batch, seq_q, seq_kv), derive, layer=_layer(layer))
-
-
-def _layer(layer_idx):
-    return layer_idx if isinstance(layer_idx, int) else None
+    return _pieces_memo.get(sources, (kind, batch, seq_q, seq_kv), derive, layer=layer)
 
 
 def _pieces_from_mask(keep, seq_q, seq_kv, device) -> _Pieces:

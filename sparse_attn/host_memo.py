@@ -41,8 +41,9 @@ class HostMemo:
 
     def get(self, sources, signature: tuple, derive, *, layer: int | None = None):
         """derive(), or the value it gave for these `sources` (a tensor or a tuple of them) and `signature`,
-        read by `layer` (the caller's layer index, None when unknown)."""
+        read by `layer` (the caller's layer index; anything but an int counts as unknown)."""
         sources = sources if isinstance(sources, tuple) else (sources,)
+        layer = layer if isinstance(layer, int) else None
         inference = any(t.is_inference() for t in sources)
         key = (*signature, *(_state(t) for t in sources))
         bases = tuple(None if t.is_inference() else _base(t) for t in sources)

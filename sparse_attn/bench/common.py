@@ -259,6 +259,13 @@ def add_speedup(record: dict, ours_key: str, dense_suffix: str) -> None:
     record["speedup_over_best_dense"] = dense_ms / ours if dense_ms and ours else None
 
 
+def add_time_ratios(record: dict, ours: str, peers, key: str = "ratio_over_{peer}") -> None:
+    """Our time (`{ours}_ms`) over each measured peer's (< 1 means faster than the peer), as record[key]."""
+    for peer in peers:
+        if record.get(f"{ours}_ms") and record.get(f"{peer}_ms"):
+            record[key.format(ours=ours, peer=peer)] = record[f"{ours}_ms"] / record[f"{peer}_ms"]
+
+
 # ---------------------------------------------------------------------------------- output
 def write_json(path: str | os.PathLike | None, payload: dict) -> None:
     if path:

@@ -18,7 +18,7 @@ import torch
 from ..decode import block_sparse_decode
 from ..testing import random_block_layout
 from . import quality
-from .common import add_speedup, dense_peers, layout_peers, timed
+from .common import add_speedup, add_time_ratios, dense_peers, layout_peers, timed
 
 PEAK_HBM_GBPS = 3000.0
 
@@ -119,11 +119,9 @@ def run(config: dict, device: torch.device) -> list[dict]:
 
 
 def _add_ratios(row: dict) -> None:
-    """Time relative to the peers (< 1 means faster than the peer)."""
-    ours = row.get("block_sparse_decode_ms")
-    for peer in ("flex", "reference", "sdpa_flash", "sdpa_cudnn", "flash_attn", "sdpa_cpu"):
-        if ours and row.get(f"{peer}_ms"):
-            row[f"ratio_over_{peer}"] = ours / row[f"{peer}_ms"]
+    add_time_ratios(
+        row, "block_sparse_decode", ("flex", "reference", "sdpa_flash", "sdpa_cudnn", "flash_attn", "sdpa_cpu")
+    )
 
 
 def _summary(row: dict) -> str:

@@ -18,7 +18,7 @@ import torch
 from ..engine import block_sparse_attn
 from ..testing import random_block_layout
 from . import quality
-from .common import add_speedup, dense_peers, layout_peers, time_passes
+from .common import add_speedup, add_time_ratios, dense_peers, layout_peers, time_passes
 
 FULL = dict(
     seq_lens=[8192, 32768, 131072],  # the issue's 8K..128K sweep
@@ -108,14 +108,11 @@ def run(config: dict, device: torch.device) -> list[dict]:
 
 
 def _add_ratios(row: dict) -> None:
-    """Time relative to the peers (< 1 means faster than the peer)."""
     for ours, peers in (
         ("block_sparse_attn", ("flex", "reference", "sdpa_cudnn", "sdpa_flash", "flash_attn", "sdpa_cpu")),
         ("block_sparse_attn_fwd_bwd", ("flex_fwd_bwd", "reference_fwd_bwd", "sdpa_cudnn_fwd_bwd")),
     ):
-        for peer in peers:
-            if row.get(f"{ours}_ms") and row.get(f"{peer}_ms"):
-                row[f"ratio_{ours}_over_{peer}"] = row[f"{ours}_ms"] / row[f"{peer}_ms"]
+        add_time_ratios(row, ours, peers, key="ratio_{ours}_over_{peer}")
 
 
 def _summary(row: dict) -> str:

@@ -23,7 +23,7 @@ import torch
 from ..decode import block_sparse_decode
 from ..methods.moba import MoBABlockMeans, _route_with_means, moba_decode, routed_decode_layout
 from . import quality
-from .common import add_speedup, dense_peers, layout_peers
+from .common import add_speedup, add_time_ratios, dense_peers, layout_peers
 from .decode import selected_kv_bytes, timed_with_bandwidth
 
 FULL = dict(
@@ -107,12 +107,8 @@ def _quality(q, k, v, out, routes, block_size: int) -> dict:
 
 
 def _add_ratios(row: dict) -> None:
-    ours = row.get("moba_decode_ms")
-    if ours and row.get("moba_decode_pooling_ms"):
-        row["pooling_over_followed"] = row["moba_decode_pooling_ms"] / ours
-    for peer in ("flex", "reference"):
-        if ours and row.get(f"{peer}_ms"):
-            row[f"ratio_over_{peer}"] = ours / row[f"{peer}_ms"]
+    add_time_ratios(row, "moba_decode_pooling", ("moba_decode",), key="pooling_over_followed")
+    add_time_ratios(row, "moba_decode", ("flex", "reference"))
 
 
 def run(config: dict, device: torch.device) -> list[dict]:

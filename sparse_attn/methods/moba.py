@@ -207,8 +207,9 @@ def _route_with_means(q, means, kv_len, block_size, topk):
 
 
 def _routable(topk: int, seq_len_kv: int, block_size: int) -> int:
-    """A checked topk capped at the number of KV blocks: no row selects more, so the internal routes need no
+    """topk (checked) capped at the number of KV blocks: no row selects more, so the internal routes need no
     wider -1 padding (a topk far above the blocks, set to make short inputs dense, would size them)."""
+    check_options(block_size=block_size, topk=topk)
     return max(1, min(topk, -(-seq_len_kv // block_size)))
 
 
@@ -233,7 +234,6 @@ def moba_attn(
 
     engine._check_qkv(q, k, v, packed=False)
     check_attn_sink(attn_sink, q.shape[1], q.device)
-    _check_route_args(q, k, block_size, topk, causal)
     routes = moba_route(
         q.detach(), k.detach(), block_size=block_size, topk=_routable(topk, k.shape[2], block_size), causal=causal
     )
