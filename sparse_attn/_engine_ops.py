@@ -18,7 +18,7 @@ from .kernels.block_sparse_attn import (
     _block_sparse_dkdv_kernel,
     _block_sparse_rows_kernel,
 )
-from .kernels.launch import descriptor_args, launcher, warp_specialize_args, wide_index
+from .kernels.launch import batch_head_grid, descriptor_args, launcher, warp_specialize_args, wide_index
 from .selection import layout_transpose
 from .tiles import launch_config
 
@@ -61,7 +61,7 @@ def _row_delta(out, grad_out, grad_lse):
 
     lse_strides = row_strides(grad_lse.unsqueeze(-1)) if grad_lse is not None else (0, 0, 0)
     block_rows = 32
-    launcher(_backward_delta_kernel)[(triton.cdiv(rows[2], block_rows), rows[0] * rows[1])](
+    launcher(_backward_delta_kernel)[batch_head_grid(triton.cdiv(rows[2], block_rows), rows[1], rows[0])](
         out, grad_out, grad_lse, delta, rows[1], rows[2], *row_strides(out), *row_strides(grad_out), *lse_strides,
         HAS_DLSE=grad_lse is not None, HEAD_DIM=out.shape[-1], WIDE_INDEX=wide_index(out, grad_out, grad_lse),
         HEAD_DIM_PAD=triton.next_power_of_2(max(out.shape[-1], 16)), BLOCK_R=block_rows,
@@ -144,11 +144,11 @@ def _launch(kernel, name, q, k, v, o, lse, outputs, lists, cu_q, cu_k, heads, si
     if name == "dkdv":
         flags = {**flags, "GROUP_PAD": triton.next_power_of_2(q.shape[1] // k.shape[1])}
     tiles = triton.cdiv(seq_len_kv, config["BLOCK_N"]) if name == "dkdv" else triton.cdiv(seq_len_q, config["BLOCK_M"])
-    launcher(kernel)[(tiles, batch * heads)](
+    launcher(kernel)[batch_head_grid(tiles, heads, batch)](
         q, k, v, o, lse, *outputs, *lists, cu_q, cu_k,
         *_tensor_strides(varlen, q, k, v, o, lse.unsqueeze(-1)),
         *_layout_strides(*lists, batch, varlen),
-        heads, q.shape[1] // k.shape[1], seq_len_q, seq_len_kv, softmax_scale * LOG2E, softmax_scale,
+        q.shape[1] // k.shape[1], seq_len_q, seq_len_kv, softmax_scale * LOG2E, softmax_scale,
         LAYOUT_HEAD_DIV=layout_head_div, Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal,
         VARLEN=varlen, WIDE_INDEX=wide_index(q, k, v, o, lse, *outputs, *lists), **flags, **config,
     )  # fmt: skip

@@ -22,7 +22,7 @@ from ._engine_ops import (
     _unit_last_stride,
 )
 from .kernels.block_sparse_attn import LOG2E
-from .kernels.launch import descriptor_args, launcher, wide_index
+from .kernels.launch import batch_head_grid, descriptor_args, launcher, wide_index
 from .kernels.moba_attn import _moba_dkdv_kernel, _moba_rows_kernel
 from .tiles import launch_config
 
@@ -185,7 +185,7 @@ def moba_attn_bwd(
     )
     config = launch_config("moba_dkdv", q, None, block_size)
     tiles = triton.cdiv(max(seq_len_kv, 1), config["BLOCK_N"])
-    launcher(_moba_dkdv_kernel)[(tiles, batch * k.shape[1])](
+    launcher(_moba_dkdv_kernel)[batch_head_grid(tiles, k.shape[1], batch)](
         q, k, v, grad_out, lse, delta, dk, dv, *lists,
         *_tensor_strides(varlen, q, k, v, grad_out, lse.unsqueeze(-1)),
         k.shape[1], num_kv_blocks, num_logical, seq_len_q, seq_len_kv, softmax_scale * LOG2E, softmax_scale,

@@ -171,5 +171,22 @@ def _register_fakes() -> None:
         return kv_num_blocks.new_empty((b, h, num_kv_blocks)), kv_num_blocks.new_empty((b, h, num_kv_blocks, mq))
 
 
+def _pool_setup_context(ctx, inputs, output) -> None:
+    keys, block_size = inputs
+    ctx.seq_len, ctx.block_size, ctx.dtype = keys.shape[2], block_size, keys.dtype
+
+
+def _pool_backward(ctx, grad):
+    """Each key of block j gets grad[j] over the block's real length (the ragged last one's too)."""
+    num_blocks = grad.shape[2]
+    starts = torch.arange(num_blocks, device=grad.device) * ctx.block_size
+    lengths = (ctx.seq_len - starts).clamp(max=ctx.block_size).to(grad.dtype)
+    per_block = grad / lengths[:, None]
+    per_key = per_block.unsqueeze(3).expand(-1, -1, -1, ctx.block_size, -1).flatten(2, 3)
+    return per_key[:, :, : ctx.seq_len].to(ctx.dtype), None
+
+
 if HAS_NATIVE:
     _register_fakes()
+    # The native op has no backward of its own; the reference fallback is differentiable, so this one is too.
+    torch.library.register_autograd("sparse_attn::block_mean_pool", _pool_backward, setup_context=_pool_setup_context)

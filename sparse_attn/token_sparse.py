@@ -20,6 +20,7 @@ import torch
 
 from . import reference
 from .engine import _check_qkv, _default_scale, choose_backend
+from .gathered import unattended
 from .selection import _check_int, _check_tensor
 from .sinks import check_attn_sink, with_attn_sink
 
@@ -98,7 +99,7 @@ def _gathered_attention(q, k, v, indices, scale):
         outs.append(out.flatten(2, 3).permute(0, 2, 1, 3))  # [B, Hq, c, Dv]
         lses.append(lse.flatten(2, 3).permute(0, 2, 1))
     if not outs:
-        return q.new_zeros(batch, num_q_heads, 0, v.shape[-1]), q.new_zeros(batch, num_q_heads, 0).float()
+        return unattended(q, k, v), q.new_zeros(batch, num_q_heads, 0).float()
     return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2).float()
 
 

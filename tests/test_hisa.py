@@ -427,6 +427,18 @@ def test_bad_inputs_raise_clear_errors(rng):
         dsa_indexer_logits(q.int(), k, weights, ks, ke)
     with pytest.raises(ValueError, match="Sq <= Skv"):
         hisa_select(torch.zeros(1, 8, 2, 16), torch.zeros(1, 4, 16), torch.zeros(1, 8, 2))
+    with pytest.raises(TypeError, match="q and k must share"):
+        dsa_indexer_logits(q.half(), k.bfloat16(), weights, ks, ke)  # the kernel's tl.dot takes one 16-bit dtype
+
+
+def test_non_causal_selection_takes_more_queries_than_keys(rng, path):
+    q = torch.randn(1, 8, 2, 16, generator=rng).to(DEVICE)
+    k = torch.randn(1, 4, 16, generator=rng).to(DEVICE)
+    weights = torch.rand(1, 8, 2, generator=rng).to(DEVICE)
+    for select in (dsa_select, hisa_select):
+        options = dict(block_size=2, block_topk=2) if select is hisa_select else {}
+        got = select(q, k, weights, topk=4, causal=False, **options)
+        assert all(sorted(valid_entries(row)) == [0, 1, 2, 3] for row in got[0, :, 0])
 
 
 @pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
@@ -476,3 +488,8 @@ def test_hisa_key_ends_past_the_keys_are_clamped():
     past = hisa_indexer(q, k, weights, ks, ks + 1000, topk=8, block_size=8, block_topk=2)
     at_end = hisa_indexer(q, k, weights, ks, ks + 40, topk=8, block_size=8, block_topk=2)
     assert torch.equal(past, at_end)
+    # int64 bounds past int32 mean the same (they are clamped, not wrapped, on their way to int32).
+    far = ks.long() + 2**32 + 5
+    assert torch.equal(hisa_indexer(q, k, weights, ks.long(), far, topk=8, block_size=8, block_topk=2), at_end)
+    flat = dsa_indexer_logits(q, k, weights, ks.long(), far)
+    assert torch.equal(flat, dsa_indexer_logits(q, k, weights, ks, ks + 40))

@@ -111,3 +111,13 @@ def test_bad_inputs_raise(rng, mutate, error, match):
     scores, q, k, options = mutate(*(lambda q, k, s: (s, q, k))(*_inputs(rng)))
     with pytest.raises(error, match=match):
         indexer_kl_loss(scores, q, k, **options)
+
+
+def test_no_query_rows_give_a_differentiable_zero(rng):
+    q, k, scores = _inputs(rng, seq_q=0)
+    scores.requires_grad_()
+    for reduction in ("mean", "sum", "none"):
+        loss = indexer_kl_loss(scores, q, k, reduction=reduction)
+        assert loss.numel() == 0 or float(loss) == 0.0
+        loss.sum().backward()
+        assert scores.grad.shape == scores.shape

@@ -100,7 +100,7 @@ def test_permuting_heads_inside_a_group_keeps_the_scores(rng, path):
 
 # ---------------------------------------------------------------------------------- budgets
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("seq_q,seq_kv,block", [(100, 100, 16), (40, 130, 16), (10, 75, 32), (64, 64, 64)])
+@pytest.mark.parametrize("seq_q,seq_kv,block", [(100, 100, 16), (40, 130, 16), (10, 75, 32), (64, 64, 64), (12, 21, 2)])
 def test_budget_matches_float64_reference(rng, path, dtype, seq_q, seq_kv, block):
     q, k, _ = make_qkv(rng, 2, 4, 2, seq_q, seq_kv, 32, dtype)
     for gamma in (0.5, 0.9, 0.95, 1.0):

@@ -148,6 +148,27 @@ def test_backends_make_the_same_stop_decisions(rng, stop_rule):
     assert agree >= 0.98, f"stop decisions agree on {agree:.1%} of the tiles"
 
 
+def test_stop_ratio_of_a_block_far_above_the_rest(backend):
+    """A pi block whose logit is 1000 above every other: its ratio is near 1 and later blocks' near 0, at
+    any reference max. With one max over all of them, exp underflows to 0/0 and the tile would never stop."""
+    dim, seq, segment = 16, 64, 32
+    q = torch.zeros(1, 1, seq, dim)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, seq, dim)
+    k[0, 0, :, 0] = torch.linspace(-1, 1, seq)
+    k[0, 0, 20, 0] = 4000.0  # logit 1000 (scale 1/4), in pi block 1 of segment 1's history
+    v = torch.randn(1, 1, seq, dim, generator=torch.Generator().manual_seed(0))
+    q, k, v = (t.to(DEVICE) for t in (q, k, v))
+    orders = (torch.arange(n, dtype=torch.int32, device=DEVICE).view(1, 1, -1) for n in (segment, seq))
+    identity = S2OPlan(*orders, segment, seq)  # pi_1 and sigma the identity: pi block 0 is keys 0..15
+    _, stats = s2o_attention(
+        q, k, v, segment_len=segment, block_m=16, block_n=16, tau=0.5, plan=identity, return_stats=True,
+        backend=backend,
+    )  # fmt: skip
+    # Block 0 (keys 0..15) holds under half of local + block 0 mass for rows 48..63: their tile stops there.
+    assert stats.n_blocks[0, 0, 1].tolist() == [2, 1]
+
+
 # ---------------------------------------------------------------------------------- properties 3, 4
 def test_monotone_in_tau(rng, backend):
     q, k, v = make_qkv(rng, "gqa_chunk_ragged", torch.float32, structured=True)
@@ -283,8 +304,9 @@ def test_bad_shapes_and_plans(rng):
     q = torch.randn(1, 2, 40, 16, generator=rng).to(DEVICE)
     k = torch.randn(1, 2, 40, 16, generator=rng).to(DEVICE)
     plan = s2o_plan(q, k, segment_len=16, block_n=16)
-    with pytest.raises(ValueError, match="segment_len"):
-        s2o_attention(q, k, k, segment_len=32, block_m=16, block_n=16, plan=plan)
+    for check_plan in (True, False):  # the geometry is checked either way: the kernels index by it
+        with pytest.raises(ValueError, match="segment_len"):
+            s2o_attention(q, k, k, segment_len=32, block_m=16, block_n=16, plan=plan, check_plan=check_plan)
     broken = S2OPlan(plan.key_order.clone(), plan.query_order, 16, 40)
     broken.key_order[0, 0, 0] = broken.key_order[0, 0, 1]
     with pytest.raises(ValueError, match="key_order of segment 1 is not a permutation"):

@@ -280,3 +280,21 @@ def test_cuda_ops_match_reference(rng):
         tuple(t.cpu() for t in got), reference.layout_transpose_reference(counts, indices, 300), rtol=0, atol=0
     )
     torch.library.opcheck(torch.ops.sparse_attn.topk_rows.default, (tied_scores(rng, 8, 10).to(dev), 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_block_mean_pool_is_differentiable_on_every_path(rng, dtype):
+    """The native op's registered backward equals the reference's autograd: each key of block j gets
+    grad[j] over the block's real length (a ragged last block too)."""
+    keys = torch.randn(2, 3, 37, 8, generator=rng).to(dtype).requires_grad_()
+    pooled = sparse_attn.block_mean_pool(keys, 16)
+    grad = torch.randn(pooled.shape, generator=rng, dtype=pooled.dtype)
+    (got,) = torch.autograd.grad(pooled, keys, grad)
+    lengths = torch.tensor([16.0, 16.0, 5.0], dtype=torch.float64)
+    want = (grad.double() / lengths[:, None]).repeat_interleave(torch.tensor([16, 16, 5]), dim=2)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(
+            lambda x: sparse_attn.block_mean_pool(x, 8), (keys[:1, :1, :20].detach().requires_grad_(),)
+        )

@@ -225,3 +225,13 @@ def test_no_keys_at_all(rng, backend):
     assert bool((out == 0).all()) and bool((lse == float("-inf")).all())
     out.sum().backward()
     assert bool((q.grad == 0).all()) and k.grad.shape == k.shape
+
+
+def test_no_queries_stay_in_the_graph(rng, backend):
+    """Sq = 0: an empty output that backward() runs through, with zero gradients, on every path."""
+    q, k, v = make_inputs(rng, 1, 4, 2, 0, 12, 16, 16, torch.float32)
+    indices = torch.zeros(1, 0, 2, 4, dtype=torch.int32, device=DEVICE)
+    out = token_sparse_attn(q, k, v, indices, backend=backend)
+    assert out.shape == (1, 4, 0, 16)
+    out.sum().backward()
+    assert bool((k.grad == 0).all()) and q.grad.shape == q.shape

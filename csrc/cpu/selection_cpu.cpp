@@ -20,6 +20,9 @@ void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D [rows, entries], got ", t.dim(), " dims");
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
                    " must be float32 or float64, got ", t.scalar_type());
+  // The selected entries come back as int32 column indices.
+  TORCH_CHECK_VALUE(t.size(1) <= std::numeric_limits<int32_t>::max(), name,
+                    " rows must have fewer than 2^31 entries, got ", t.size(1));
 }
 
 template <typename T>

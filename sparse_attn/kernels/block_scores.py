@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .block_sparse_attn import LOG2E, _pair_mask, _widen
-from .launch import launcher, wide_index
+from .block_sparse_attn import LOG2E, _batch_head, _pair_mask, _widen
+from .launch import batch_head_grid, launcher, wide_index
 
 
 @triton.jit
@@ -112,7 +112,6 @@ def _block_scores_kernel(
     stride_ab,
     stride_ah,
     stride_am,
-    num_q_heads,
     group_size,
     seq_len_q,
     seq_len_kv,
@@ -141,9 +140,7 @@ def _block_scores_kernel(
     stride_kb, stride_kh, stride_ks = _widen(stride_kb, stride_kh, stride_ks, WIDE_INDEX)
     stride_ab, stride_ah, stride_am = _widen(stride_ab, stride_ah, stride_am, WIDE_INDEX)
     tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_q_heads
-    h = bh % num_q_heads
+    b, h = _batch_head()
     hk = h // group_size
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
@@ -234,7 +231,7 @@ def _launch(q, k, num_out_rows, cols_per_block, *, num_row_positions, num_cols, 
     scores = torch.zeros(batch, num_q_heads, num_out_rows, num_kv_blocks, dtype=torch.float32, device=q.device)
     rows_per_block = constexprs["ROWS_PER_BLOCK"]
     config = _launch_config(q, rows_per_block, cols_per_block)
-    grid = (triton.cdiv(num_out_rows * rows_per_block, config["BLOCK_M"]), batch * num_q_heads)
+    grid = batch_head_grid(triton.cdiv(num_out_rows * rows_per_block, config["BLOCK_M"]), num_q_heads, batch)
     launcher(_block_scores_kernel)[grid](
         q,
         k,
@@ -248,7 +245,6 @@ def _launch(q, k, num_out_rows, cols_per_block, *, num_row_positions, num_cols, 
         scores.stride(0),
         scores.stride(1),
         scores.stride(2),
-        num_q_heads,
         num_q_heads // k.shape[1],
         q.shape[2],
         k.shape[2],

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .launch import launcher, wide_index
+from .launch import MAX_GRID_YZ, launcher, wide_index
 
 
 @triton.jit
@@ -58,6 +58,8 @@ def _indexer_scores_kernel(
     ks = tl.load(KS + row)
     ke = tl.load(KE + row)
     offs_h = tl.arange(0, HEADS_PAD)
+    if WIDE_INDEX:
+        offs_h = offs_h.to(tl.int64)  # heads may lie 2^31 elements apart (a transposed [H, M, D] buffer)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
@@ -123,6 +125,8 @@ def _launch(q, k, weights, k_scale, ks, ke, tile_starts, block_n, num_out_cols):
     if out.numel() == 0:
         return out
     tiles_per_program = min(_TILES_PER_PROGRAM, num_tiles)
+    # More tiles per program where the flat scan's keys (a packed batch) would overflow grid axis 1.
+    tiles_per_program = max(tiles_per_program, triton.next_power_of_2(triton.cdiv(num_tiles, MAX_GRID_YZ)))
     grid = (rows, triton.cdiv(num_tiles, tiles_per_program))
     launcher(_indexer_scores_kernel)[grid](
         q,
@@ -154,7 +158,7 @@ def _launch(q, k, weights, k_scale, ks, ke, tile_starts, block_n, num_out_cols):
         # Exact fp32 for fp32 queries; 16-bit queries against fp32 keys (HISA's block means) take tf32
         # tensor cores, since exact fp32 FMAs spill the [heads, D] operands.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        WIDE_INDEX=wide_index(q, k, out, tile_starts),
+        WIDE_INDEX=wide_index(q, k, weights, out, tile_starts),
         num_warps=4,
     )
     return out

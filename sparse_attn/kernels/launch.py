@@ -34,6 +34,22 @@ def wide_index(*tensors) -> bool:
     return any(offset >= 2**31 for offset in reach)
 
 
+# CUDA caps a grid's second and third axes at 65535 programs; the first takes 2^31 - 1.
+MAX_GRID_YZ = 65535
+
+
+def batch_head_grid(tiles: int, heads: int, batch: int) -> tuple[int, int, int]:
+    """(tiles, heads, batch): the kernels read the head from program_id(1) and the batch (or packed
+    sequence) from program_id(2), so each has the 65535 programs of its own axis (batch x heads on one
+    axis would overflow at 2048 packed sequences of 32 heads). Launch order is that of (tiles, batch x heads)."""
+    if heads > MAX_GRID_YZ or batch > MAX_GRID_YZ:
+        raise ValueError(
+            f"a kernel launch takes at most {MAX_GRID_YZ} sequences (the batch, or the sequences of cu_seqlens) "
+            f"and {MAX_GRID_YZ} heads, got {batch} and {heads}; split the batch"
+        )
+    return (tiles, heads, batch)
+
+
 def _tma_addressable(t) -> bool:
     """Whether TMA can address t (batch, head, seq, dim): strides that are positive multiples of 16
     bytes (a size-1 axis may take any) and a 16-byte aligned base."""

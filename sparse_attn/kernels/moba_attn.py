@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .block_sparse_attn import (
+    _batch_head,
     _dq_step,
     _load_key_tile,
     _lse_log2,
@@ -340,9 +341,7 @@ def _moba_dkdv_kernel(
     stride_ob, stride_oh, stride_os = _widen(stride_ob, stride_oh, stride_os, WIDE_INDEX)
     stride_lb, stride_lh, stride_ls = _widen(stride_lb, stride_lh, stride_ls, WIDE_INDEX)
     tile = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = bhk // num_kv_heads
-    hk = bhk % num_kv_heads
+    b, hk = _batch_head()
     q_start, k_start, len_q, len_k = _sequence_bounds(CU_Q, CU_K, b, seq_len_q, seq_len_kv, VARLEN)
     if tile * BLOCK_N >= len_k:
         return
@@ -353,7 +352,7 @@ def _moba_dkdv_kernel(
     k = _load_key_tile(K, b, hk, k_start, offs_n, len_k, stride_kb, stride_kh, stride_ks, offs_d, HEAD_DIM)
     v = _load_key_tile(V, b, hk, k_start, offs_n, len_k, stride_vb, stride_vh, stride_vs, offs_d, HEAD_DIM)
     # Every logical block's rows of block j are contiguous: one range over the whole sequence.
-    seg = (bhk * num_kv_blocks + j) * num_logical
+    seg = ((b * num_kv_heads + hk) * num_kv_blocks + j) * num_logical
     seg_end = tl.load(SEG_START + seg + num_logical)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)

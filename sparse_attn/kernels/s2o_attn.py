@@ -24,8 +24,8 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .._engine_ops import _poisoned, _row_delta, _unit_last_stride, _with_gradient
-from .block_sparse_attn import LOG2E, _widen
-from .launch import launcher, wide_index
+from .block_sparse_attn import LOG2E, _batch_head, _widen
+from .launch import batch_head_grid, launcher, wide_index
 from .token_sparse_attn import _gather_rows, _online_softmax_step, _outputs_like, _scatter_add
 
 # Rows x keys x padded head dim per step, by element size (see _forward_tiles, _backward_tiles).
@@ -34,15 +34,13 @@ BACKWARD_STEP_ELEMENTS = {2: 64 * 32 * 128, 4: 32 * 32 * 128}
 
 
 @triton.jit
-def _tile(QO, stride_ob, stride_oh, num_q_heads, group_size, seq_len_q, seq_offset, segment_len,
+def _tile(QO, stride_ob, stride_oh, group_size, seq_len_q, seq_offset, segment_len,
           ROWS: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
     """(b, query head, KV head, segment, tile, the program's ROWS rows in loading order, which are real,
     history length, the absolute end of the segment's keys). The forward's program is a whole tile
     (ROWS = BLOCK_M); the backward's may be a part of one, which shares the tile's processed set."""
     first = tl.program_id(0) * ROWS
-    bh = tl.program_id(1)
-    b = bh // num_q_heads
-    h = bh % num_q_heads
+    b, h = _batch_head()
     g = first // segment_len
     seg_lo = g * segment_len
     seg_hi = tl.minimum(seg_lo + segment_len, seq_len_q)
@@ -104,7 +102,7 @@ def _s2o_fwd_kernel(
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh, stride_ls,
     stride_kob, stride_koh, stride_qob, stride_qoh, stride_nbb, stride_nbh,
-    num_q_heads, group_size, seq_len_q, seq_offset, segment_len, scale_log2, tau,
+    group_size, seq_len_q, seq_offset, segment_len, scale_log2, tau,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_N: tl.constexpr, STOP_MEAN: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):  # fmt: skip
@@ -115,7 +113,7 @@ def _s2o_fwd_kernel(
     stride_vb, stride_vh, stride_vs = _widen(stride_vb, stride_vh, stride_vs, WIDE_INDEX)
     stride_ob, stride_oh, stride_os = _widen(stride_ob, stride_oh, stride_os, WIDE_INDEX)
     b, h, hk, g, tile, rows, row_ok, history, seg_end = _tile(
-        QO, stride_qob, stride_qoh, num_q_heads, group_size, seq_len_q, seq_offset, segment_len, BLOCK_M, BLOCK_M
+        QO, stride_qob, stride_qoh, group_size, seq_len_q, seq_offset, segment_len, BLOCK_M, BLOCK_M
     )
     q = _gather_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qs, 0, HEAD_DIM, HEAD_PAD)
     k_base = K + b * stride_kb + hk * stride_kh
@@ -192,7 +190,7 @@ def _s2o_bwd_kernel(
     stride_dkb, stride_dkh, stride_dks,
     stride_dvb, stride_dvh, stride_dvs,
     stride_kob, stride_koh, stride_qob, stride_qoh, stride_nbb, stride_nbh,
-    num_q_heads, group_size, seq_len_q, seq_offset, segment_len, scale_log2, scale,
+    group_size, seq_len_q, seq_offset, segment_len, scale_log2, scale,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):  # fmt: skip
@@ -205,7 +203,7 @@ def _s2o_bwd_kernel(
     stride_dkb, stride_dkh, stride_dks = _widen(stride_dkb, stride_dkh, stride_dks, WIDE_INDEX)
     stride_dvb, stride_dvh, stride_dvs = _widen(stride_dvb, stride_dvh, stride_dvs, WIDE_INDEX)
     b, h, hk, g, tile, rows, row_ok, history, seg_end = _tile(
-        QO, stride_qob, stride_qoh, num_q_heads, group_size, seq_len_q, seq_offset, segment_len, SUB_M, BLOCK_M
+        QO, stride_qob, stride_qoh, group_size, seq_len_q, seq_offset, segment_len, SUB_M, BLOCK_M
     )
     q_rows = b * stride_qb + h * stride_qh
     q = _gather_rows(Q + q_rows, rows, row_ok, stride_qs, 0, HEAD_DIM, HEAD_PAD)
@@ -262,11 +260,11 @@ def _order_strides(key_order, query_order, n_blocks):
 
 def _sizes(q, k, segment_len):
     group = q.shape[1] // k.shape[1]
-    return q.shape[1], group, q.shape[2], k.shape[2] - q.shape[2], segment_len
+    return group, q.shape[2], k.shape[2] - q.shape[2], segment_len
 
 
 def _grid(q, rows):
-    return (triton.cdiv(q.shape[2], rows), q.shape[0] * q.shape[1])
+    return batch_head_grid(triton.cdiv(q.shape[2], rows), q.shape[1], q.shape[0])
 
 
 def _forward_tiles(q, block_m: int, block_n: int) -> dict:

@@ -20,8 +20,8 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .._engine_ops import _poisoned, _row_delta, _unit_last_stride, _with_gradient
-from .block_sparse_attn import LOG2E, _widen
-from .launch import launcher, wide_index
+from .block_sparse_attn import LOG2E, _batch_head, _widen
+from .launch import batch_head_grid, launcher, wide_index
 
 
 @triton.jit
@@ -57,14 +57,13 @@ def _tile_rows(IDX, idx_base, start, num_indices, seq_len_kv, TILE_K: tl.constex
 
 
 @triton.jit
-def _program(stride_ib, stride_is, stride_ig, num_kv_heads, head_chunks, group_size,
+def _program(stride_ib, stride_is, stride_ig, head_chunks, group_size,
              SHARED_INDICES: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
     """(query position, batch, KV head, query heads of this program, which of them are real, index offset)."""
     pos = tl.program_id(0)
-    pid = tl.program_id(1)
+    b, pid = _batch_head()
     chunk = pid % head_chunks
-    hk = (pid // head_chunks) % num_kv_heads
-    b = pid // (head_chunks * num_kv_heads)
+    hk = pid // head_chunks
     offs_h = chunk * BLOCK_H + tl.arange(0, BLOCK_H)
     idx_base = b * stride_ib + pos * stride_is
     if not SHARED_INDICES:
@@ -128,7 +127,7 @@ def _token_sparse_fwd_kernel(
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh, stride_ls,
     stride_ib, stride_is, stride_ig,
-    num_kv_heads, head_chunks, group_size, seq_len_kv, num_indices, scale_log2,
+    head_chunks, group_size, seq_len_kv, num_indices, scale_log2,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, MAIN: tl.constexpr, REST: tl.constexpr,
     VALUE_PAD: tl.constexpr, BLOCK_H: tl.constexpr, TILE_K: tl.constexpr, SHARED_INDICES: tl.constexpr,
     V_IS_K: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
@@ -138,7 +137,7 @@ def _token_sparse_fwd_kernel(
     stride_vb, stride_vh, stride_vs = _widen(stride_vb, stride_vh, stride_vs, WIDE_INDEX)
     stride_ob, stride_oh, stride_os = _widen(stride_ob, stride_oh, stride_os, WIDE_INDEX)
     pos, b, hk, heads, heads_ok, idx_base = _program(
-        stride_ib, stride_is, stride_ig, num_kv_heads, head_chunks, group_size, SHARED_INDICES, BLOCK_H
+        stride_ib, stride_is, stride_ig, head_chunks, group_size, SHARED_INDICES, BLOCK_H
     )
     q_main, q_rest = _load_queries(
         Q, b * stride_qb + heads * stride_qh + pos * stride_qs, heads_ok, HEAD_DIM, MAIN, REST
@@ -175,7 +174,7 @@ def _token_sparse_bwd_kernel(
     stride_dkb, stride_dkh, stride_dks,
     stride_dvb, stride_dvh, stride_dvs,
     stride_ib, stride_is, stride_ig,
-    num_kv_heads, head_chunks, group_size, seq_len_kv, num_indices, scale_log2, scale,
+    head_chunks, group_size, seq_len_kv, num_indices, scale_log2, scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, MAIN: tl.constexpr, REST: tl.constexpr,
     VALUE_PAD: tl.constexpr, BLOCK_H: tl.constexpr, TILE_K: tl.constexpr, SHARED_INDICES: tl.constexpr,
     V_IS_K: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
@@ -189,7 +188,7 @@ def _token_sparse_bwd_kernel(
     stride_dkb, stride_dkh, stride_dks = _widen(stride_dkb, stride_dkh, stride_dks, WIDE_INDEX)
     stride_dvb, stride_dvh, stride_dvs = _widen(stride_dvb, stride_dvh, stride_dvs, WIDE_INDEX)
     pos, b, hk, heads, heads_ok, idx_base = _program(
-        stride_ib, stride_is, stride_ig, num_kv_heads, head_chunks, group_size, SHARED_INDICES, BLOCK_H
+        stride_ib, stride_is, stride_ig, head_chunks, group_size, SHARED_INDICES, BLOCK_H
     )
     q_off = b * stride_qb + heads * stride_qh + pos * stride_qs
     q_main, q_rest = _load_queries(Q, q_off, heads_ok, HEAD_DIM, MAIN, REST)
@@ -289,10 +288,10 @@ def _launch(kernel, tensors, strided, q, k, v, indices, scales):
     num_kv_heads = k.shape[1]
     group_size = q.shape[1] // num_kv_heads
     head_chunks = triton.cdiv(group_size, config["BLOCK_H"])
-    grid = (q.shape[2], q.shape[0] * num_kv_heads * head_chunks)
+    grid = batch_head_grid(q.shape[2], num_kv_heads * head_chunks, q.shape[0])
     launcher(kernel)[grid](
         *tensors, *(stride for t in strided for stride in _strides(t)), *_strides(indices),
-        num_kv_heads, head_chunks, group_size, k.shape[2], indices.shape[3], *scales,
+        head_chunks, group_size, k.shape[2], indices.shape[3], *scales,
         HEAD_DIM=q.shape[-1], VALUE_DIM=v.shape[-1], WIDE_INDEX=wide_index(*tensors), **config,
     )  # fmt: skip
 

@@ -79,12 +79,16 @@ def _check_indexer_inputs(q, k, weights, ks, ke, k_scale):
         _check_tensor(t, name, dim=1, dtypes=(torch.int32, torch.int64))
         if t.shape[0] != rows:
             raise ValueError(f"{name} must have one entry per query row ({rows}), got shape {tuple(t.shape)}")
+        # Bounds past int32 act as the clamped ones (N < 2^31): ke >= N ends at N, ks <= 0 starts at 0.
+        t = t.clamp(-(2**31), 2**31 - 1) if t.dtype == torch.int64 else t
         bounds.append(t.to(torch.int32).contiguous())
     _check_k_scale(k_scale, k.shape[:1])
     for name, t in (("k", k), ("weights", weights), ("ks", ks), ("ke", ke), ("k_scale", k_scale)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     q, k = (t.to(torch.float16) if t.dtype == torch.float8_e4m3fn else t for t in (q, k))
+    if q.dtype != k.dtype and torch.float32 not in (q.dtype, k.dtype):
+        raise TypeError(f"q and k must share a 16-bit dtype (or one be float32), got {q.dtype} and {k.dtype}")
     return q, k, weights, *bounds, k_scale
 
 
@@ -98,8 +102,8 @@ def _check_k_scale(k_scale, key_shape) -> None:
             )
 
 
-def _check_batched(q, k, weights):
-    """Batched q (B, Sq, H, D), k (B, Skv, D), weights (B, Sq, H); Sq <= Skv (bottom-right causal)."""
+def _check_batched(q, k, weights, causal: bool):
+    """Batched q (B, Sq, H, D), k (B, Skv, D), weights (B, Sq, H); Sq <= Skv when causal (bottom-right)."""
     _check_tensor(q, "q", dim=4, dtypes=_FLOAT_INPUTS)
     _check_tensor(k, "k", dim=3, dtypes=_FLOAT_INPUTS)
     _check_tensor(weights, "weights", dim=3, dtypes=_FLOAT_INPUTS[:-1])
@@ -108,7 +112,7 @@ def _check_batched(q, k, weights):
         raise ValueError(f"k must be (B={batch}, Skv, D={dim}), got shape {tuple(k.shape)}")
     if weights.shape != (batch, seq_q, heads):
         raise ValueError(f"weights must be (B, Sq, H) = {(batch, seq_q, heads)}, got shape {tuple(weights.shape)}")
-    if seq_q > k.shape[1]:
+    if causal and seq_q > k.shape[1]:
         raise ValueError(f"causal selection needs Sq <= Skv (bottom-right aligned), got {seq_q} > {k.shape[1]}")
 
 
@@ -470,8 +474,8 @@ def dsa_indexer(q, k, weights, ks, ke, *, topk=2048, k_scale=None):
 # ---------------------------------------------------------------------------------- batched
 def _flatten_batched(q, k, weights, causal: bool):
     """(q (B*Sq, H, D), k (B*Skv, D), weights, ks, ke, batch key offsets [B*Sq]) of batched inputs."""
-    _check_batched(q, k, weights)
     _check_bool(causal, "causal")
+    _check_batched(q, k, weights, causal)
     batch, seq_q, heads, dim = q.shape
     seq_kv = k.shape[1]
     offsets = (torch.arange(batch, device=q.device) * seq_kv).repeat_interleave(seq_q)

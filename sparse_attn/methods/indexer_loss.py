@@ -95,7 +95,8 @@ def indexer_kl_loss(index_scores, q, k, *, indices=None, softmax_scale=None, cau
         log_model = scores - lse[..., None]
         terms = torch.xlogy(target, target) - target * log_model.masked_fill(~allowed[:, rows], 0.0)
         losses.append(terms.sum(dim=-1))
-    per_row = torch.cat(losses, dim=1) if losses else index_scores.new_zeros(q.shape[0], 0, dtype=dtype)
+    # No query rows: an empty sum of the scores keeps the (empty) loss in the graph.
+    per_row = torch.cat(losses, dim=1) if losses else index_scores.to(dtype).sum(dim=-1)
     if reduction == "none":
         return per_row
     if reduction == "sum":

@@ -115,7 +115,7 @@ def proxy_estimate_reference(q, k, *, num_proxy_groups=1, stride=4, block_size=1
 def proxy_budget_reference(q, k, *, gamma=0.95, block_size=128, causal=True):
     """Float64 oracle of spec section 4 steps 1-4: int64 k_h [B, Hq], the fewest key blocks whose pooled
     last-query-block mass reaches gamma (gamma = 1: every key block)."""
-    check_options(gamma=gamma, block_size=block_size)
+    check_options(gamma=gamma, block_size=block_size, stride=1)  # the budget samples no stride
     _check_qk(q, k, causal)
     num_kv_blocks = -(-k.shape[2] // block_size)
     if gamma >= 1:
@@ -221,7 +221,7 @@ def proxy_budget(q, k, *, gamma=0.95, block_size=128, causal=True):
     queries, and k_h is the shortest descending prefix of those masses reaching gamma of their total
     (`threshold_select`'s rule). gamma = 1 gives every key block without summing.
     """
-    check_options(gamma=gamma, block_size=block_size)
+    check_options(gamma=gamma, block_size=block_size, stride=1)  # the budget samples no stride
     _check_qk(q, k, causal)
     num_kv_blocks = -(-k.shape[2] // block_size)
     if gamma >= 1:

@@ -145,8 +145,9 @@ def _check_shapes(q, k, v=None) -> None:
         raise ValueError(f"S2O is causal prefill: q's {q.shape[2]} positions exceed k's {k.shape[2]}")
 
 
-def _check_plan(plan, q, k, segment_len: int) -> None:
-    """A caller's plan: its shapes, and every pi_g and sigma_g a permutation (one sort per segment)."""
+def _check_plan_geometry(plan, q, k, segment_len: int) -> None:
+    """A caller's plan fits this call: its segment length, key count, and its orders' dtype, device and
+    shapes (the kernels read key_order by the call's segments). No device sync."""
     if not isinstance(plan, S2OPlan):
         raise TypeError(f"plan must be an S2OPlan (from s2o_plan), got {type(plan).__name__}")
     batch, num_q_heads, seq_q, _ = q.shape
@@ -161,6 +162,10 @@ def _check_plan(plan, q, k, segment_len: int) -> None:
         t = getattr(plan, name)
         if t.dtype != torch.int32 or t.device != q.device or tuple(t.shape) != shape:
             raise ValueError(f"plan.{name} must be int32 {shape} on {q.device}, got {t.dtype} {tuple(t.shape)}")
+
+
+def _check_plan_orders(plan, q) -> None:
+    """Every pi_g and sigma_g of a plan a permutation (one sort per segment)."""
     for g in range(plan.num_segments):
         for name, order, lo, size in (
             ("query_order", plan.queries(g), plan.rows(g).start, len(plan.rows(g))),
@@ -315,15 +320,15 @@ def _density(plan: S2OPlan, n_blocks, block_m: int, block_n: int) -> torch.Tenso
 def _stop_blocks(local, local_allowed, past, block_m, block_n, tau, stop_rule) -> torch.Tensor:
     """int64 [..., tiles]: pi blocks each tile processes. local [..., rows, Sg] and past [..., rows, s_g]
     are the logits of a segment's rows in loading order against its own keys and its history (pi
-    order). The gain ratio of block i is its mass over the local mass plus blocks 0..i, the same at any
-    reference max, so the row max over all of them serves."""
+    order). The gain ratio of block i is its mass over the local mass plus blocks 0..i, taken in log
+    space: against one reference max, a block far above the earlier ones would make both 0 (0/0)."""
     local = local.double().masked_fill(~local_allowed, float("-inf"))
     past = past.double()
-    top = torch.maximum(local.amax(-1), past.amax(-1))[..., None]
     num_blocks = -(-past.shape[-1] // block_n)
     past = torch.nn.functional.pad(past, (0, num_blocks * block_n - past.shape[-1]), value=float("-inf"))
-    gain = torch.exp(past - top).unflatten(-1, (num_blocks, block_n)).sum(-1)  # [..., rows, blocks]
-    ratio = gain / (torch.exp(local - top).sum(-1, keepdim=True) + gain.cumsum(-1))
+    log_gain = past.unflatten(-1, (num_blocks, block_n)).logsumexp(-1)  # [..., rows, blocks]
+    log_mass = torch.cat([local.logsumexp(-1, keepdim=True), log_gain], -1).logcumsumexp(-1)[..., 1:]
+    ratio = torch.exp(log_gain - log_mass)
     rows = ratio.shape[-2]
     tiles = -(-rows // block_m)
     real = torch.arange(tiles * block_m, device=ratio.device) < rows
@@ -428,8 +433,9 @@ def s2o_attention(q, k, v, *, segment_len=1024, tau=1e-2, block_m=64, block_n=64
 
     `tau` >= 0 is the stop threshold on a pi block's mass gain (0: dense causal attention); `stop_rule`
     'max' tests the tile's largest row, 'mean' its mean row. `plan` (an `S2OPlan`) replaces the computed
-    loading orders; it is checked to be one (one sort per segment; `check_plan=False` skips that for
-    plans `s2o_plan` made: a malformed plan gives wrong outputs, never an out-of-bounds access).
+    loading orders; its geometry is always checked against the call, and its orders to be permutations
+    (one sort per segment; `check_plan=False` skips the sorts for plans `s2o_plan` made: a malformed
+    order gives wrong outputs, never an out-of-bounds access).
     Differentiable in q, k and v. Returns the output in q's dtype, and with `return_stats` also an
     `S2OStats` (plan, n_blocks, density). `attn_sink` as in `block_sparse_attn` (the stop rule does
     not see it: a block's gain is measured against the attended mass only). Backends: 'triton' (CUDA,
@@ -444,8 +450,10 @@ def s2o_attention(q, k, v, *, segment_len=1024, tau=1e-2, block_m=64, block_n=64
     resolved = _resolve(backend, q)
     if plan is None:
         plan = s2o_plan(q, k, segment_len=segment_len, block_n=block_n)
-    elif check_plan:
-        _check_plan(plan, q, k, segment_len)
+    else:
+        _check_plan_geometry(plan, q, k, segment_len)
+        if check_plan:
+            _check_plan_orders(plan, q)
     if resolved == "triton":
         from ..kernels.s2o_attn import s2o_attn_fwd
 
