@@ -6,8 +6,11 @@
 # the benchmarks named after it run with its winners (SPARSE_ATTN_TILES, recorded in each JSON's
 # environment), so one call can sweep and then measure the tuned kernels. SKIP_TESTS=1 skips the
 # self-check, gpu tests and demo, for a second call on a machine that already passed them.
-# The log and each suite's JSON reach $OUT as soon as a step ends, so a call cut off by its time limit
-# still brings back what finished. PYTEST_ARGS adds pytest arguments (--deselect ...).
+# The device tool ends a call at 600 s and brings back what $OUT holds then, so the script keeps its own
+# deadline, CALL_SECONDS (default 560) from its start: each step may run until RESERVE_SECONDS (30)
+# before it, a step that cannot get MIN_STEP_SECONDS (20) is skipped, and the archive, report and
+# table come within the reserve. The suites write their JSON after every row, so a suite stopped at the
+# deadline keeps its finished rows ("complete": false). PYTEST_ARGS adds pytest arguments (--deselect ...).
 # $OUT/triton_cache.tgz holds the compiled Triton kernels: unpacked into .triton_cache/ here and
 # named in the next call's `carry`, it spares that call the compiles (the device keeps nothing).
 set -uo pipefail
@@ -22,16 +25,28 @@ rm -rf "$STAGE" && mkdir -p "$STAGE/bench-results" "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
 declare -A status seconds
 steps=()
+DEADLINE=$((SECONDS + ${CALL_SECONDS:-560}))
 
-# step NAME COMMAND...: runs the command, its output shown and appended to $LOG.
+# Seconds a step may still take: up to RESERVE_SECONDS before the deadline.
+left() { echo $((DEADLINE - SECONDS - ${RESERVE_SECONDS:-30})); }
+
+# step NAME COMMAND...: runs the command within what is left of the call, its output shown and
+# appended to $LOG; exit 124 when the deadline stopped it.
 step() {
-  local name=$1 start=$SECONDS
+  local name=$1 start=$SECONDS budget
   shift
+  steps+=("$name")
+  budget=$(left)
+  if [ "$budget" -lt "${MIN_STEP_SECONDS:-20}" ]; then
+    echo "[gpu_check] $name skipped: ${budget} s left before the call's deadline" | tee -a "$LOG"
+    status[$name]=skipped
+    seconds[$name]=0
+    return
+  fi
   echo "===== $name: $*" >>"$LOG"
-  "$@" 2>&1 | tee -a "$LOG"
+  timeout --kill-after=5 "$budget" "$@" 2>&1 | tee -a "$LOG"
   status[$name]=${PIPESTATUS[0]}
   seconds[$name]=$((SECONDS - start))
-  steps+=("$name")
 }
 
 # Triton's compiled kernels persist in .triton_cache/ (ignored): a later call that carries it back
@@ -66,11 +81,15 @@ for bench in "$@"; do
   rm -f "$RESULTS/$bench.json"
   args=()
   [ "$bench" = tune ] && [ -n "${TUNE_KERNELS:-}" ] && args=(--kernels "$TUNE_KERNELS")
-  # The sweep stops starting tiles 30 s before TUNE_SECONDS and keeps what it timed; it tries tiles
-  # no test ran at its size (the warp-specialised ones among them), so a hang still costs it only
-  # TUNE_SECONDS, and the benchmarks after it then run with the default tiles.
+  # The sweep stops starting tiles 30 s before TUNE_SECONDS (or the call's deadline) and keeps what it
+  # timed (its JSON grows by kernel); it tries tiles no test ran at its size (the warp-specialised ones
+  # among them), so a hang still costs it only that, and the benchmarks after it run with the default tiles.
   limit=()
-  [ "$bench" = tune ] && limit=(timeout "${TUNE_SECONDS:-240}") && args+=(--seconds $((${TUNE_SECONDS:-240} - 30)))
+  if [ "$bench" = tune ]; then
+    tune_seconds=${TUNE_SECONDS:-240}
+    [ "$(left)" -lt "$tune_seconds" ] && tune_seconds=$(left)
+    limit=(timeout "$tune_seconds") && args+=(--seconds $((tune_seconds - 30)))
+  fi
   step "bench_$bench" "${limit[@]}" python3 "bench/$bench.py" --full --out "$RESULTS/$bench.json" "${args[@]}"
   [ -f "$RESULTS/$bench.json" ] && cp "$RESULTS/$bench.json" "$STAGE/bench-results/"
   tar czf "$OUT_DIR/bench-results.tgz" -C "$STAGE" bench-results
@@ -104,5 +123,5 @@ echo
 echo "| step | exit | seconds |"
 echo "|---|---|---|"
 for name in "${steps[@]}"; do echo "| $name | ${status[$name]} | ${seconds[$name]} |"; done
-echo "archs ${SPARSE_ATTN_CUDA_ARCHS:-80;90a}, MAX_JOBS $MAX_JOBS"
-for name in "${steps[@]}"; do [ "${status[$name]}" -eq 0 ] || exit 1; done
+echo "archs ${SPARSE_ATTN_CUDA_ARCHS:-80;90a}, MAX_JOBS $MAX_JOBS; $((SECONDS)) s of CALL_SECONDS ${CALL_SECONDS:-560}"
+for name in "${steps[@]}"; do [ "${status[$name]}" = 0 ] || exit 1; done

@@ -25,7 +25,8 @@ case "$(basename "$wheel")" in
   *-cp310-abi3-*) echo "[wheel] $(basename "$wheel")" ;;
   *) echo "[wheel] expected a cp310-abi3 wheel, got $(basename "$wheel")" >&2; exit 1 ;;
 esac
-"$PYTHON" -m venv "$work/venv"
+# Without pip (Debian-style Pythons lack ensurepip): the given Python's pip installs the wheel into it.
+"$PYTHON" -m venv --without-pip "$work/venv"
 fresh="$work/venv/bin/python"
 # torch's site directory (the base interpreter's, or a virtual environment's) appended by a .pth
 # line, after the fresh one's where the wheel goes: no download, and none of this checkout. Lines of
@@ -33,7 +34,7 @@ fresh="$work/venv/bin/python"
 # there stays inert.
 purelib=$("$fresh" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 "$PYTHON" -c "import pathlib, torch; print(pathlib.Path(torch.__file__).resolve().parents[1])" >"$purelib/outer_torch.pth"
-"$fresh" -m pip install -q --no-deps --disable-pip-version-check "$wheel"
+"$PYTHON" -m pip install -q --no-deps --disable-pip-version-check --target "$purelib" "$wheel"
 cd "$work"
 env -u PYTHONPATH "$fresh" - "$work/venv" "$want_cuda" <<'EOF'
 import sys

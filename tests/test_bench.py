@@ -13,6 +13,7 @@ import torch
 from sparse_attn.bench import report
 from sparse_attn.bench.__main__ import main
 from sparse_attn.bench.suites import SUITES
+from sparse_attn.reference import block_sparse_attention_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -340,7 +341,7 @@ def test_document_offsets_cut_every_token_into_nonempty_documents():
 
 
 def test_moba_varlen_flex_mask_is_document_causal():
-    from torch.nn.attention.flex_attention import create_mask
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
     from sparse_attn.bench.moba_varlen import document_block_mask
 
@@ -355,3 +356,31 @@ def test_moba_varlen_flex_mask_is_document_causal():
         block_mask.to_dense()[0, 0].repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :300] | ~expected,
         torch.ones(300, 300, dtype=torch.bool),
     )
+    # The same partial and full blocks as create_block_mask's dense evaluation (too big at 128K).
+    for cuts, total in ((offsets, 300), (torch.tensor([0, 300, 700, 701, 1000], dtype=torch.int32), 1000)):
+        ours = document_block_mask(cuts, total, "cpu")
+        dense_built = create_block_mask(ours.mask_mod, None, None, total, total, device="cpu")
+        for lists in ("kv_num_blocks", "full_kv_num_blocks"):
+            assert torch.equal(getattr(ours, lists), getattr(dense_built, lists)), lists
+        assert torch.equal(ours.to_dense(), dense_built.to_dense())
+
+
+@pytest.mark.parametrize("layout_heads", ["kv", "q"])
+def test_folded_flex_decode_mask_is_the_layout(layout_heads):
+    """Flex's decode peer folds each GQA group into the query axis: its per-KV-head mask must give every
+    query head its own selection (a per-query-head layout, as MoBA's routes are) with bottom-right causality."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from sparse_attn.bench.common import folded_decode_block_mask
+    from sparse_attn.testing import random_block_layout
+
+    batch, hq, hkv, seq_q, seq_kv, dim, block = 2, 4, 2, 3, 100, 16, 16
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, hq, seq_q, dim, generator=gen)
+    k, v = (torch.randn(batch, hkv, seq_kv, dim, generator=gen) for _ in range(2))
+    heads = hkv if layout_heads == "kv" else hq
+    layout = random_block_layout(batch, heads, seq_q, seq_kv, block, block, 0.5, causal=True, seed=1)
+    block_mask = folded_decode_block_mask(layout, hq, hkv)
+    out = flex_attention(q.reshape(batch, hkv, -1, dim), k, v, block_mask=block_mask).reshape(q.shape)
+    want, _ = block_sparse_attention_reference(q, k, v, layout)
+    torch.testing.assert_close(out, want.to(out.dtype), rtol=1e-4, atol=1e-4)

@@ -146,7 +146,7 @@ def test_override_reaches_the_launch_and_stays_exact(monkeypatch, rng):
 
 @pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
 def test_tune_quick_sweeps_every_kernel_and_picks_a_matching_tile(monkeypatch):
-    rows = tune.run(tune.QUICK, torch.device("cpu"))
+    rows = list(tune.run(tune.QUICK, torch.device("cpu")))
     kernels = {row["kernel"] for row in rows}
     assert kernels == set(tune.SWEEPS)
     for kernel in kernels:
@@ -178,7 +178,7 @@ def test_tune_quick_sweeps_every_kernel_and_picks_a_matching_tile(monkeypatch):
 def test_tune_time_budget_keeps_the_defaults(capsys):
     """With its budget spent the sweep still times each kernel's default and says what it left."""
     kernels = ("engine_fwd", "moba_schedule")
-    rows = tune.run({**tune.QUICK, "kernels": kernels, "seconds": 0}, torch.device("cpu"))
+    rows = list(tune.run({**tune.QUICK, "kernels": kernels, "seconds": 0}, torch.device("cpu")))
     assert [(row["kernel"], row["default"]) for row in rows] == [(kernel, True) for kernel in kernels]
     assert "engine_fwd: time budget spent, untimed: 16x32 w4 s1 ws" in capsys.readouterr().out
 
@@ -203,4 +203,15 @@ def test_tune_named_kernels_only_with_candidates_and_the_setting_for_later_runs(
     ).stdout
     assert json.loads(printed) == merged
     with pytest.raises(ValueError, match="kernels must name"):
-        tune.run({**tune.QUICK, "kernels": ("engine_bwd",)}, torch.device("cpu"))
+        list(tune.run({**tune.QUICK, "kernels": ("engine_bwd",)}, torch.device("cpu")))
+
+
+def test_a_tile_must_beat_the_default_by_the_margin():
+    for candidate_ms, picked in ((10.0 / (1 + tune.MIN_GAIN / 2), "default"), (9.0, "candidate")):
+        rows = [
+            {"name": "default", "default": True, "ok": True, "ms": 10.0},
+            {"name": "candidate", "default": False, "ok": True, "ms": candidate_ms},
+            {"name": "wrong", "default": False, "ok": False, "ms": 1.0},  # fast but off the reference
+        ]
+        tune._mark_speedups(rows)
+        assert [row["name"] for row in rows if row.get("pick")] == [picked]

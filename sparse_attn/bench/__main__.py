@@ -56,23 +56,37 @@ def _resolve_mode(parser, args) -> tuple[torch.device, bool]:
     return device, quick
 
 
-def run_suite(name: str, device: torch.device, quick: bool, **overrides) -> dict:
+def run_suite(name: str, device: torch.device, quick: bool, out=None, **overrides) -> dict:
     """One suite's payload: environment, the whole config (shapes and error rule, with `overrides`
-    applied) and its rows."""
+    applied) and its rows. With `out`, the payload is written there after every row ("complete": false
+    until the last), so a run cut off by a time limit keeps the rows it finished. A suite that fails
+    keeps its finished rows too, and the payload records the "error"."""
     suite = tune if name == "tune" else SUITES[name]
     config = {**(suite.QUICK if quick else suite.FULL), **overrides}
     print(f"suite {name} ({'quick' if quick else 'full'}) on {device}", flush=True)
     start = time.perf_counter()
-    rows = suite.run(config, device)
-    print(report.markdown_table(rows, suite.COLUMNS), flush=True)
-    return {
+    payload = {
         "suite": name,
         "mode": "quick" if quick else "full",
         "environment": environment(),
         "config": {**config, "error_rule": suite.ERROR_RULE},
-        "wall_s": time.perf_counter() - start,
-        "results": rows,
+        "complete": False,
+        "wall_s": 0.0,
+        "results": [],
     }
+    try:
+        for row in suite.run(config, device):
+            payload["results"].append(row)
+            payload["wall_s"] = time.perf_counter() - start
+            write_json(out, payload, quiet=True)
+    except Exception as exc:
+        traceback.print_exc()
+        payload["error"] = error_text(exc)
+    else:
+        payload["complete"] = True
+    payload["wall_s"] = time.perf_counter() - start
+    print(report.markdown_table(payload["results"], suite.COLUMNS), flush=True)
+    return payload
 
 
 def run_all(device: torch.device, quick: bool, out_dir: Path) -> int:
@@ -80,13 +94,9 @@ def run_all(device: torch.device, quick: bool, out_dir: Path) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     start, failed = time.perf_counter(), []
     for name in SUITES:
-        try:
-            payload = run_suite(name, device, quick)
-        except Exception as exc:
-            traceback.print_exc()
+        payload = run_suite(name, device, quick, out=out_dir / f"{name}.json")
+        if "error" in payload:
             failed.append(name)
-            payload = {"suite": name, "mode": "quick" if quick else "full", "environment": environment()}
-            payload.update(error=error_text(exc), results=[])
         write_json(out_dir / f"{name}.json", payload)
     report.render(out_dir)
     print(f"all suites in {time.perf_counter() - start:.1f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
@@ -107,8 +117,9 @@ def main(argv=None) -> int:
         overrides["kernels"] = tuple(name.strip() for name in args.kernels.split(",") if name.strip())
     if getattr(args, "seconds", None) is not None:
         overrides["seconds"] = args.seconds
-    write_json(args.out, run_suite(args.command, device, quick, **overrides))
-    return 0
+    payload = run_suite(args.command, device, quick, out=args.out, **overrides)
+    write_json(args.out, payload)
+    return 1 if "error" in payload else 0
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ On the CPU the peers are SDPA and the package's reference on the same layout.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..decode import block_sparse_decode
 from ..testing import random_block_layout
 from . import quality
-from .common import add_speedup, add_time_ratios, dense_peers, layout_peers, timed
+from .common import add_speedup, add_time_ratios, decode_layout_peers, dense_peers, timed
 
 PEAK_HBM_GBPS = 3000.0
 
@@ -83,20 +85,19 @@ def _case(q, k, v, layout, device) -> dict:
     rows = torch.arange(seq_q, device=q.device)
     selection = quality.reference(q, k, v, rows, quality.layout_rows(layout, rows, hq, hkv))
     row.update(quality.selection_fields(block_sparse_decode(q, k, v, layout), selection))
-    for name, run in layout_peers(device, layout, hq, hkv).items():
+    for name, run in decode_layout_peers(device, layout, hq, hkv).items():
         if timed_with_bandwidth(row, name, lambda run=run: run(q, k, v), device, nbytes) is not None:
             row[f"{name}_output_rel_error"] = quality.rel_error(run(q, k, v), selection.out)
     return row
 
 
-def run(config: dict, device: torch.device) -> list[dict]:
+def run(config: dict, device: torch.device) -> Iterator[dict]:
     b, hq, hkv, d, block = (config[key] for key in ("batch", "q_heads", "kv_heads", "head_dim", "block"))
     seq_kv, dtype = config["seq_len_kv"], config["dtype"]
     gen = torch.Generator(device=device).manual_seed(seq_kv)
     k = torch.randn(b, hkv, seq_kv, d, device=device, dtype=dtype, generator=gen)
     v = torch.randn(b, hkv, seq_kv, d, device=device, dtype=dtype, generator=gen)
     cache_bytes = 2 * k.numel() * k.element_size()
-    rows = []
     with torch.no_grad():
         for seq_q in config["seq_lens_q"]:
             q = torch.randn(b, hq, seq_q, d, device=device, dtype=dtype, generator=gen)
@@ -113,9 +114,8 @@ def run(config: dict, device: torch.device) -> list[dict]:
                 row.update(_case(q, k, v, layout, device))
                 _add_ratios(row)
                 add_speedup(row, "block_sparse_decode_ms", "_ms")
-                rows.append(quality.finish(row))
+                yield quality.finish(row)
                 print(_summary(row), flush=True)
-    return rows
 
 
 def _add_ratios(row: dict) -> None:

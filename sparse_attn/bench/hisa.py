@@ -14,6 +14,8 @@ on sampled rows, FlashAttention's rule.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..methods.hisa import dsa_indexer, dsa_indexer_logits, dsa_indexer_logits_reference, hisa_indexer
@@ -59,9 +61,10 @@ ERROR_RULE = (
 )
 
 
-def run(config: dict, device: torch.device) -> list[dict]:
+def run(config: dict, device: torch.device) -> Iterator[dict]:
     with torch.no_grad():
-        return [row for seq in config["seq_lens"] for row in _run_length(config, seq, device)]
+        for seq in config["seq_lens"]:
+            yield from _run_length(config, seq, device)
 
 
 def _candidate_blocks(config, seq: int, option) -> int:
@@ -71,7 +74,7 @@ def _candidate_blocks(config, seq: int, option) -> int:
     return max(2, seq // config["block_size"] // 4)
 
 
-def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
+def _run_length(config: dict, seq: int, device: torch.device) -> Iterator[dict]:
     topk, block = config["topk"], config["block_size"]
     spans = -(-topk * 6 // 5 // config["span_len"])  # planted keys: 20% more than k, a span per block
     generator = torch.Generator().manual_seed(seq)
@@ -85,7 +88,6 @@ def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
     flat = dsa_indexer(q, k, weights, ks, ke, topk=topk)
     common.update(_kernel_error(config, q, k, weights, ks, ke, device))
     common.update(_mla_timing(config, seq, flat, device))
-    rows = []
     for option in config["block_topks"]:
         m = _candidate_blocks(config, seq, option)
         row = {**common, "block_topk": m, "block_topk_rule": str(option)}
@@ -105,13 +107,12 @@ def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
             error_rule="iou" if checked else "unchecked: fewer candidate blocks than planted spans",
             error_reference="dsa selection",
         )
-        rows.append(quality.finish(row))
+        yield quality.finish(row)
         print(
             f"S={seq} m={m}: dsa {row['dsa_ms']:.2f} ms, hisa {row['hisa_ms']:.2f} ms "
             f"({row['speedup_over_best_dense']:.2f}x), IoU min {row['iou_min']:.4f}",
             flush=True,
         )
-    return rows
 
 
 def _iou(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ pair, else `tolerance`), and the mass recall of the routes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -175,8 +176,7 @@ def _case(config, shared: _Length, block, topk, device) -> dict:
     return row
 
 
-def run(config: dict, device: torch.device) -> list[dict]:
-    rows = []
+def run(config: dict, device: torch.device) -> Iterator[dict]:
     lengths: dict[int, _Length] = {}
     for seq, block, topk in config["cases"]:
         if seq not in lengths:
@@ -184,13 +184,12 @@ def run(config: dict, device: torch.device) -> list[dict]:
         row = {"seq_len": seq, **lengths[seq].dense_timings, **_case(config, lengths[seq], block, topk, device)}
         _add_ratios(row)
         add_speedup(row, "moba_fwd_bwd_ms", "_fwd_bwd_ms")
-        rows.append(quality.finish(row))
+        yield quality.finish(row)
         print(
             f"S={seq} block={block} topk={topk}: density {row['density']:.3f}, "
             f"moba f+b {row['moba_fwd_bwd_ms']:.2f} ms, error vs dense {row['output_rel_error']:.3f}",
             flush=True,
         )
-    return rows
 
 
 def _add_ratios(row: dict) -> None:

@@ -18,12 +18,14 @@ own routed selection (FlashAttention's rule), with the softmax mass it keeps of 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..decode import block_sparse_decode
 from ..methods.moba import MoBABlockMeans, _route_with_means, moba_decode, routed_decode_layout
 from . import quality
-from .common import add_speedup, add_time_ratios, dense_peers, layout_peers
+from .common import add_speedup, add_time_ratios, decode_layout_peers, dense_peers
 from .decode import selected_kv_bytes, timed_with_bandwidth
 
 FULL = dict(
@@ -87,7 +89,7 @@ def _case(q, k, v, block_size: int, topk: int, dense: dict, device) -> dict:
     timed_with_bandwidth(row, "moba_decode_pooling", pooling_step, device, pool_bytes, peer=False)
     timed_with_bandwidth(row, "moba_route", route, device, means.means.numel() * 4, peer=False)
     timed_with_bandwidth(row, "block_sparse_decode", attend, device, kv_bytes, peer=False)
-    for name, run in layout_peers(device, layout, hq, hkv).items():
+    for name, run in decode_layout_peers(device, layout, hq, hkv).items():
         timed_with_bandwidth(row, name, lambda run=run: run(q, k, v), device, kv_bytes)
     row.update(_quality(q, k, v, step(), routes, block_size))
     _add_ratios(row)
@@ -111,9 +113,8 @@ def _add_ratios(row: dict) -> None:
     add_time_ratios(row, "moba_decode", ("flex", "reference"))
 
 
-def run(config: dict, device: torch.device) -> list[dict]:
+def run(config: dict, device: torch.device) -> Iterator[dict]:
     b, hq, hkv, d = (config[key] for key in ("batch", "q_heads", "kv_heads", "head_dim"))
-    rows = []
     with torch.no_grad():
         for seq_kv in config["seq_lens_kv"]:
             gen = torch.Generator(device=device).manual_seed(seq_kv)
@@ -126,9 +127,8 @@ def run(config: dict, device: torch.device) -> list[dict]:
                 timed_with_bandwidth(dense, name, lambda peer=peer: peer(q, k, v), device, cache_bytes)
             for block_size, topk in config["routing"]:
                 row = _case(q, k, v, block_size, topk, dense, device)
-                rows.append(row)
+                yield row
                 print(_summary(row), flush=True)
-    return rows
 
 
 def _summary(row: dict) -> str:

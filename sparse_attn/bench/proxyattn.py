@@ -11,6 +11,8 @@ selection share of the fastest dense peer's time; density; accuracy as the XAtte
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..methods.proxyattn import proxy_attn, proxy_budget, proxy_estimate, proxy_select
@@ -55,12 +57,13 @@ ERROR_RULE = (
 )
 
 
-def run(config: dict, device: torch.device) -> list[dict]:
+def run(config: dict, device: torch.device) -> Iterator[dict]:
     with torch.no_grad():
-        return [row for seq in config["seq_lens"] for row in _run_length(config, seq, device)]
+        for seq in config["seq_lens"]:
+            yield from _run_length(config, seq, device)
 
 
-def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
+def _run_length(config: dict, seq: int, device: torch.device) -> Iterator[dict]:
     block, stride, groups = config["block"], config["stride"], config["num_proxy_groups"]
     q, k, v = selected_prefill.inputs(config, seq, device)
     dense_timings = selected_prefill.dense_timings(q, k, v, device)
@@ -74,7 +77,6 @@ def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
     estimate = {}
     timed(estimate, "estimate", estimate_scores, device, peer=False)
     scores = estimate_scores()
-    rows = []
     for gamma in config["gammas"]:
         row = {"seq_len": seq, "stride": stride, "gamma": gamma, **estimate, **dense_timings}
         row.update(_case(config, q, k, v, gamma, scores, sampled, dense, device))
@@ -82,13 +84,12 @@ def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
         row["estimate_select_over_dense"] = overhead / dense_ms if dense_ms else None
         selected_prefill.add_ratios(row, "proxyattn")
         add_speedup(row, "proxyattn_ms", "_ms")
-        rows.append(quality.finish(row))
+        yield quality.finish(row)
         print(
             f"S={seq} gamma={gamma}: density {row['density']:.3f}, proxyattn {row['proxyattn_ms']:.2f} ms, "
             f"error vs dense {row['output_rel_error']:.3f}",
             flush=True,
         )
-    return rows
 
 
 def _case(config, q, k, v, gamma, scores, rows, dense, device) -> dict:

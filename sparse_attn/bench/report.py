@@ -112,6 +112,8 @@ def suite_section(name: str, payload: dict) -> str:
     ]
     if payload.get("error"):
         parts.append(f"{FLAG}: the suite failed: `{payload['error']}`")
+    elif payload.get("complete") is False:  # files from before the field have none
+        parts.append(f"{FLAG}: the run was cut off: these are the rows it finished")
     parts.append(markdown_table(payload.get("results", []), suite.COLUMNS))
     failures = peer_failures(payload.get("results", []))
     if failures:

@@ -15,6 +15,8 @@ at its own density.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..methods.s2o import _inverse_permutation, s2o_attention, s2o_plan, s2o_processed_mask
@@ -57,9 +59,10 @@ ERROR_RULE = (
 )
 
 
-def run(config: dict, device: torch.device) -> list[dict]:
+def run(config: dict, device: torch.device) -> Iterator[dict]:
     with torch.no_grad():
-        return [row for seq in config["seq_lens"] for row in _run_length(config, seq, device)]
+        for seq in config["seq_lens"]:
+            yield from _run_length(config, seq, device)
 
 
 def _options(config, rule, tau) -> dict:
@@ -68,7 +71,7 @@ def _options(config, rule, tau) -> dict:
     )
 
 
-def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
+def _run_length(config: dict, seq: int, device: torch.device) -> Iterator[dict]:
     q, k, v = selected_prefill.inputs(config, seq, device)
     common = {"seq_len": seq, **selected_prefill.dense_timings(q, k, v, device)}
 
@@ -80,17 +83,15 @@ def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
     rows = quality.sample_rows(seq, config["error_rows"], device)
     dense = quality.dense_reference(q, k, v, rows)
     common.update(_pbs_fields(q, k, v, rows, dense, **config["pbs"]))
-    results = []
     for rule, tau in config["cases"]:
         row = {**common, "stop_rule": rule, "tau": tau}
         _case(config, q, k, v, plan, row, rows, dense, device)
-        results.append(quality.finish(row))
+        yield quality.finish(row)
         print(
             f"S={seq} {rule} tau={tau:g}: density {row['density']:.3f}, s2o {row['s2o_ms']:.2f} ms, "
             f"error vs dense {row['output_rel_error']:.4f} (block top-k {row['block_topk_rel_error']:.4f})",
             flush=True,
         )
-    return results
 
 
 def _case(config, q, k, v, plan, row: dict, rows, dense: quality.Reference, device) -> None:

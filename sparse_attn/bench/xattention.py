@@ -15,6 +15,8 @@ block is selected, else relative error <= `tolerance_factor` * (1 - tau)), and t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..methods.xattention import xattention_attn, xattention_estimate, xattention_select
@@ -77,13 +79,13 @@ def _case(config, q, k, v, stride, tau, scores, rows, dense, device) -> dict:
     return row
 
 
-def run(config: dict, device: torch.device) -> list[dict]:
+def run(config: dict, device: torch.device) -> Iterator[dict]:
     with torch.no_grad():
-        return [row for seq in config["seq_lens"] for row in _run_length(config, seq, device)]
+        for seq in config["seq_lens"]:
+            yield from _run_length(config, seq, device)
 
 
-def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
-    rows = []
+def _run_length(config: dict, seq: int, device: torch.device) -> Iterator[dict]:
     block = config["block"]
     q, k, v = selected_prefill.inputs(config, seq, device)
     dense_timings = selected_prefill.dense_timings(q, k, v, device)
@@ -104,13 +106,12 @@ def _run_length(config: dict, seq: int, device: torch.device) -> list[dict]:
             row["estimate_select_over_dense"] = (row["estimate_ms"] + row["select_ms"]) / dense_ms if dense_ms else None
             selected_prefill.add_ratios(row, "xattention")
             add_speedup(row, "xattention_ms", "_ms")
-            rows.append(quality.finish(row))
+            yield quality.finish(row)
             print(
                 f"S={seq} stride={stride} tau={tau}: density {row['density']:.3f}, "
                 f"xattention {row['xattention_ms']:.2f} ms, error vs dense {row['output_rel_error']:.3f}",
                 flush=True,
             )
-    return rows
 
 
 def family(row: dict) -> str:
