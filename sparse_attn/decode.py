@@ -14,7 +14,7 @@ import torch
 from ._native import HAS_NATIVE, _has_kernel
 from .engine import _check_qkv, _default_scale
 from .layout import BlockSparseLayout
-from .selection import _check_bool
+from .selection import _check_bool, _check_flags
 from .sinks import check_attn_sink, with_attn_sink
 
 __all__ = ["block_sparse_decode", "decode_available", "decode_kernel_accepts", "MAX_DECODE_QUERIES"]
@@ -67,6 +67,7 @@ def block_sparse_decode(
     one). Inference only: use `block_sparse_attn` for gradients.
     """
     _check_qkv(q, k, v, packed=False)
+    _check_flags(return_lse=return_lse)
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
     layout.check_compatible(q, k)
@@ -111,7 +112,7 @@ def block_sparse_decode(
         q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.kv_block_size, causal, scale, num_splits
     )
     out = with_attn_sink(out, lse, attn_sink)
-    return (out, lse) if return_lse else out
+    return (out, lse.float()) if return_lse else out
 
 
 def _register_fake() -> None:

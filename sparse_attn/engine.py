@@ -22,7 +22,7 @@ import torch
 
 from . import gathered, reference
 from .layout import BlockSparseLayout
-from .selection import _check_bool
+from .selection import _check_bool, _check_flags
 from .sinks import check_attn_sink, with_attn_sink
 
 __all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "triton_available"]
@@ -110,6 +110,8 @@ def _check_block_kernel_inputs(q, block_sizes: dict) -> None:
     if q.shape[-1] > _MAX_HEAD_DIM:
         raise ValueError(f"head dim {q.shape[-1]} exceeds the kernels' maximum of {_MAX_HEAD_DIM}")
     for name, size in block_sizes.items():
+        if size >= 2**31:  # a constexpr the kernels compute with in int32
+            raise ValueError(f"{name}={size} exceeds the Triton kernels' int32 block sizes (backend='torch' takes it)")
         if size % 16:
             raise ValueError(
                 f"{name}={size} must be a multiple of 16 for the Triton kernels (backend='reference' takes any size)"
@@ -169,6 +171,7 @@ def block_sparse_attn(
     layout.check_compatible(q, k)
     _check_bool(causal, "causal")
     check_attn_sink(attn_sink, q.shape[1], q.device)
+    _check_flags(return_lse=return_lse)
     scale = _default_scale(softmax_scale, q.shape[-1])
     resolved = _resolve_backend(backend, q, _layout_block_sizes(layout))
     if resolved == "triton":
@@ -176,7 +179,7 @@ def block_sparse_attn(
     else:
         out, lse = _pytorch_path(resolved, return_lse or attn_sink is not None)(q, k, v, layout, causal, scale)
     out = with_attn_sink(out, lse, attn_sink)
-    return (out, lse) if return_lse else out
+    return (out, lse.float()) if return_lse else out
 
 
 def block_sparse_attn_varlen(
@@ -204,6 +207,7 @@ def block_sparse_attn_varlen(
     _check_qkv(q, k, v, packed=True)
     _check_bool(causal, "causal")
     check_attn_sink(attn_sink, q.shape[1], q.device)
+    _check_flags(return_lse=return_lse)
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
     num_seqs = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
@@ -225,7 +229,7 @@ def block_sparse_attn_varlen(
         attention = _pytorch_path(resolved, return_lse or attn_sink is not None)
         out, lse = _per_sequence(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, layout, causal, scale)
     out = with_attn_sink(out, lse.t(), attn_sink)  # lse (Hq, total) against out (total, Hq, D)
-    return (out, lse) if return_lse else out
+    return (out, lse.float()) if return_lse else out
 
 
 def _check_cu_seqlens(cu, name, total, max_seqlen, device) -> int:
@@ -252,7 +256,7 @@ def _reference_attention(q, k, v, layout, causal, scale):
     out, lse = reference.block_sparse_attention_reference(
         q, k, v, layout, causal=causal, softmax_scale=scale, compute_dtype=compute
     )
-    return out.to(q.dtype), lse.float()
+    return out.to(q.dtype), lse
 
 
 def _pytorch_path(backend: str, return_lse: bool):

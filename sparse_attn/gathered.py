@@ -49,7 +49,7 @@ def layout_attention(q, k, v, layout, causal, scale, lse_grad=False):
 
 @reference.eager_under_compile  # block arithmetic on `arange`, which Inductor's CPU code gets wrong
 def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale, lse_grad=False):
-    """Each query tile over the KV blocks listed for it: (out in q's dtype, fp32 LSE (B, Hq, Sq)).
+    """Each query tile over the KV blocks listed for it: (out in q's dtype, LSE (B, Hq, Sq), fp64 for fp64 else fp32).
 
     q (B, Hq, Sq, D); k, v (B, Hkv, Skv, D). `blocks` int [B, Hs, M, N]: the KV blocks of each tile
     of `tile_rows` query rows (M = ceil(Sq / tile_rows)), -1 padded at the end, one list per query
@@ -94,7 +94,7 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     inverse = torch.empty_like(order).scatter_(0, order, tile)
     out = _untile(torch.cat(outs)[inverse], batch, list_heads, group, seq_q)
     lse = _untile(torch.cat(lses)[inverse, ..., None], batch, list_heads, group, seq_q)[..., 0]
-    return out.to(inputs[0].dtype), lse.float()
+    return out.to(inputs[0].dtype), lse  # lse in the working precision
 
 
 def unattended(q, k, v) -> torch.Tensor:

@@ -30,8 +30,9 @@ CHUNK_ELEMENTS = 1 << 23  # scores (and partial outputs) per chunk of rows
 @reference.eager_under_compile  # index arithmetic that Inductor's CPU code may get wrong; a graph break
 def routed_attention(q, k, v, routes, block_size, causal, scale):
     """Each row of q (B, Hq, Sq, D) over the blocks it routed to (`routes` int [B, Hq, Sq, K], -1
-    padded) of k, v (B, Hkv, Skv, D): (out in q's dtype, fp32 LSE (B, Hq, Sq)), differentiable in
-    q, k, v and through the LSE. Causality is bottom-right aligned; a row with no key gets 0 / -inf."""
+    padded) of k, v (B, Hkv, Skv, D): (out in q's dtype, LSE (B, Hq, Sq), fp64 for fp64 else fp32),
+    differentiable in q, k, v and through the LSE. Causality is bottom-right aligned; a row with no key
+    gets 0 / -inf."""
     return _RoutedAttention.apply(q, k, v, routes, block_size, causal, scale)
 
 
@@ -41,8 +42,11 @@ class _Plan:
     def __init__(self, q, k, routes, block_size, causal, scale):
         self.batch, self.num_q_heads, self.seq_q, self.dim = q.shape
         self.num_kv_heads, self.seq_kv = k.shape[1], k.shape[2]
-        self.block_size, self.causal, self.scale = block_size, causal, scale
+        self.causal, self.scale = causal, scale
         self.num_blocks = -(-self.seq_kv // block_size)
+        # One block holds every key: its rows are the keys (blocks are padded to block_size rows, and a
+        # block_size far above Skv, set to make short inputs dense, would size every tile).
+        self.block_size = block_size if self.num_blocks > 1 else max(self.seq_kv, 1)
         self.topk = routes.shape[-1]
         self.compute = reference.working_dtype(q.dtype)
 
@@ -121,7 +125,7 @@ class _RoutedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, routes, out, lse)
         ctx.plan = plan
         shape = (plan.batch, plan.num_q_heads, plan.seq_q)
-        return out.view(*shape, plan.dim).to(q.dtype), lse.view(shape).float()
+        return out.view(*shape, plan.dim).to(q.dtype), lse.view(shape)  # lse in the working precision
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):

@@ -40,6 +40,12 @@ def _check_bool(value, name: str) -> bool:
     return value
 
 
+def _check_flags(**flags) -> None:
+    """Each keyword a bool (a public function's return_lse, return_stats, ...), named in the error."""
+    for name, value in flags.items():
+        _check_bool(value, name)
+
+
 def _check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

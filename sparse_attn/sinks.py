@@ -39,9 +39,9 @@ def with_attn_sink(out: torch.Tensor, lse: torch.Tensor, attn_sink) -> torch.Ten
         return out
     shape = [1] * lse.dim()
     shape[1] = -1
-    lse = lse.float()
+    lse = lse if lse.dtype == torch.float64 else lse.float()  # the PyTorch paths' fp64 LSE stays fp64
     # A row without a key keeps output 0 whatever the sink (-inf - -inf would be NaN).
-    kept = torch.sigmoid(torch.where(lse == float("-inf"), lse, lse - attn_sink.float().view(shape)))
+    kept = torch.sigmoid(torch.where(lse == float("-inf"), lse, lse - attn_sink.to(lse.dtype).view(shape)))
     return (out * kept[..., None]).to(out.dtype)
 
 

@@ -21,7 +21,7 @@ import torch
 from . import reference
 from .engine import _check_qkv, _default_scale, choose_backend
 from .gathered import unattended
-from .selection import _check_int, _check_tensor
+from .selection import _check_flags, _check_int, _check_tensor
 from .sinks import check_attn_sink, with_attn_sink
 
 __all__ = ["sparse_mla", "token_sparse_attn"]
@@ -73,7 +73,8 @@ def _resolve(backend: str, q, k, v) -> str:
 
 
 def _gathered_attention(q, k, v, indices, scale):
-    """The PyTorch path: (out in q's dtype, fp32 lse), differentiable, a chunk of query rows at a time."""
+    """The PyTorch path: (out in q's dtype, lse in the working precision), differentiable, a chunk of query
+    rows at a time."""
     batch, num_q_heads, seq_q, _ = q.shape
     num_kv_heads, seq_kv = k.shape[1], k.shape[2]
     compute = reference.working_dtype(q.dtype)
@@ -100,7 +101,7 @@ def _gathered_attention(q, k, v, indices, scale):
         lses.append(lse.flatten(2, 3).permute(0, 2, 1))
     if not outs:
         return unattended(q, k, v), q.new_zeros(batch, num_q_heads, 0).float()
-    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2).float()
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
 
 
 def _reference_attention(q, k, v, indices, scale):
@@ -108,7 +109,7 @@ def _reference_attention(q, k, v, indices, scale):
     out, lse = reference.token_sparse_attention_reference(
         q, k, v, indices, causal=False, softmax_scale=scale, compute_dtype=compute
     )
-    return out.to(q.dtype), lse.float()
+    return out.to(q.dtype), lse
 
 
 def token_sparse_attn(
@@ -121,6 +122,7 @@ def token_sparse_attn(
     `return_lse` also the fp32 natural-log LSE (B, Hq, Sq) of the attended logits (before the sink).
     """
     _check_inputs(q, k, v, indices, attn_sink)
+    _check_flags(return_lse=return_lse, check_indices=check_indices)
     scale = _default_scale(softmax_scale, q.shape[-1])
     resolved = _resolve(backend, q, k, v)
     if check_indices:
@@ -134,7 +136,7 @@ def token_sparse_attn(
     else:
         out, lse = _reference_attention(q, k, v, indices, scale)
     out = with_attn_sink(out, lse, attn_sink)
-    return (out, lse) if return_lse else out
+    return (out, lse.float()) if return_lse else out
 
 
 def sparse_mla(q, kv, indices, sm_scale, d_v=512, attn_sink=None, *, backend="auto"):

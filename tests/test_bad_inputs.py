@@ -56,3 +56,37 @@ def test_estimators_refuse_empty_inputs(method, shape):
             sparse_attn.xattention_attn(q, k, v, block_size=16, stride=4)
         else:
             sparse_attn.proxy_attn(q, k, v, block_size=16, stride=4)
+
+
+def _with_flag(value):
+    """(flag name, a call of a public function with that flag set to `value`)."""
+    q, k, v = _qkv()
+    layout = random_block_layout(1, 4, 32, 32, 16, 16, 0.5, seed=0, device=DEVICE)
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+    cu = torch.tensor([0, 32], dtype=torch.int32, device=DEVICE)
+    indices = torch.zeros(1, 32, 1, 4, dtype=torch.int32, device=DEVICE)
+    return [
+        ("return_lse", lambda: sparse_attn.block_sparse_attn(q, k, v, layout, return_lse=value)),
+        ("return_lse", lambda: sparse_attn.block_sparse_attn_varlen(*packed, cu, cu, 32, 32, layout, return_lse=value)),
+        ("return_lse", lambda: sparse_attn.moba_attn(q, k, v, block_size=16, topk=2, return_lse=value)),
+        ("return_lse", lambda: sparse_attn.moba_attn_varlen(*packed, cu, 32, 16, 2, return_lse=value)),
+        ("return_lse", lambda: sparse_attn.token_sparse_attn(q, k, v, indices, return_lse=value)),
+        ("check_indices", lambda: sparse_attn.token_sparse_attn(q, k, v, indices, check_indices=value)),
+        ("return_layout", lambda: sparse_attn.xattention_attn(q, k, v, block_size=16, stride=4, return_layout=value)),
+        ("return_layout", lambda: sparse_attn.proxy_attn(q, k, v, block_size=16, stride=4, return_layout=value)),
+        (
+            "return_stats",
+            lambda: sparse_attn.s2o_attention(q, k, v, segment_len=16, block_m=16, block_n=16, return_stats=value),
+        ),  # fmt: skip
+        (
+            "check_plan",
+            lambda: sparse_attn.s2o_attention(q, k, v, segment_len=16, block_m=16, block_n=16, check_plan=value),
+        ),  # fmt: skip
+    ]
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_flags_must_be_bools(value):
+    for name, call in _with_flag(value):
+        with pytest.raises(TypeError, match=f"^{name} must be a bool"):
+            call()

@@ -113,6 +113,13 @@ def test_block_size_the_kernel_cannot_take(rng):
     assert out.shape == q.shape
     with pytest.raises(ValueError, match="topk"):
         moba_attn(q, k, v, block_size=16, topk=0)
+    # A block far above the keys is one block of them all (dense causal), sized by the keys, not the block:
+    # the PyTorch paths do not pad to it, and the kernels refuse a block past int32.
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for backend in ("torch", "reference"):
+        torch.testing.assert_close(moba_attn(q, k, v, block_size=2**40, topk=1, backend=backend), dense)
+    with pytest.raises(ValueError, match="int32 block sizes"):
+        moba_attn(q, k, v, block_size=2**31, topk=1, backend="triton")
 
 
 # ---------------------------------------------------------------------------------- gathered kernels
@@ -332,8 +339,10 @@ def test_varlen_bad_input(rng):
         moba_attn_varlen_qk(q, k, v, cu_q, cu_k, 30, 20, 16, 2)
     with pytest.raises(ValueError, match="cu_seqlens_k"):
         moba_attn_varlen_qk(q, k, v, cu_q, cu_k[:2], 30, 20, 16, 2)
-    with pytest.raises(ValueError, match="max_seqlen"):
-        moba_attn_varlen(q, k, v, cu_q, 16, 16, 2)
+    with pytest.raises(ValueError, match="^cu_seqlens holds a sequence longer than max_seqlen=16"):
+        moba_attn_varlen(q, k, v, cu_q, 16, 16, 2)  # the errors name this signature's arguments
+    with pytest.raises(ValueError, match="^cu_seqlens must start at 0"):
+        moba_attn_varlen(q, k, v, cu_q + 1, 30, 16, 2)
     for max_seqlen in (None, 30.0):
         with pytest.raises(TypeError, match="max_seqlen"):
             moba_attn_varlen(q, k, v, cu_q, max_seqlen, 16, 2)

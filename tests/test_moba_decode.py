@@ -34,6 +34,9 @@ def test_block_means_grow_one_token_at_a_time(rng):
     assert torch.equal(cache.update(k[:1, :, :100]), block_mean_pool(k[:1, :, :96], 32))
     # So does one whose dtype changed (the means are fp64 for an fp64 cache, fp32 otherwise).
     assert torch.equal(cache.update(k[:1, :, :130].double()), block_mean_pool(k[:1, :, :128].double(), 32))
+    # Also between two dtypes whose means are both fp32: the same rows as float16 pool anew.
+    cache.update(k[:1, :, :130])
+    assert torch.equal(cache.update(k[:1, :, :130].half() * 2), block_mean_pool(k[:1, :, :128].half() * 2, 32))
     cache.reset()
     assert cache.means is None
 

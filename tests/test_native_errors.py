@@ -41,6 +41,12 @@ calls = {
     "block_sparse_decode block index outside": lambda: ops.block_sparse_decode(
         q[:, :, :1], k, k, counts, indices, 16, True, 0.125, 1
     ),
+    "block_sparse_decode negative scale": lambda: ops.block_sparse_decode(
+        q[:, :, :1], k, k, counts, indices * 0, 16, True, -0.125, 1
+    ),
+    "block_sparse_decode negative splits": lambda: ops.block_sparse_decode(
+        q[:, :, :1], k, k, counts, indices * 0, 16, True, 0.125, -3
+    ),
 }
 if device == "cuda":  # the CUDA router's limit: at most 64 ranked blocks per row
     calls["moba_route ranked blocks 65 causal"] = lambda: ops.moba_route(q, k, 1, 66, True)

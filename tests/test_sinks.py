@@ -95,6 +95,22 @@ def test_varlen_with_sink_equals_each_sequence(rng):
         start += length
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_moba_varlen_with_sink_equals_each_sequence(rng, backend):
+    cu = torch.tensor([0, 23, 63], dtype=torch.int32, device=DEVICE)
+    q, k, v, sink = make_inputs(rng, 1, 4, 2, 63, 63, 16, torch.float32)
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]  # (total, H, D)
+    out = sparse_attn.moba_attn_varlen(*packed, cu, 40, 16, 2, attn_sink=sink, backend=backend)
+    want = [
+        sparse_attn.moba_attn(*(t[:, :, lo:hi] for t in (q, k, v)), block_size=16, topk=2, attn_sink=sink)
+        for lo, hi in ((0, 23), (23, 63))
+    ]
+    torch.testing.assert_close(out, torch.cat([w[0].transpose(0, 1) for w in want]), rtol=1e-5, atol=1e-5)
+    (grad_out,) = torch.autograd.grad(out.sum(), sink)
+    (grad_want,) = torch.autograd.grad(sum(w.sum() for w in want), sink)
+    torch.testing.assert_close(grad_out, grad_want, rtol=1e-4, atol=1e-5)
+
+
 def _full_budget_methods():
     """name -> attention at settings where the method is dense causal attention (32 x 48 keys, blocks of 16)."""
     return {
@@ -226,3 +242,26 @@ def test_sdpa_with_sink_equals_the_oracle(rng, mask_kind):
         torch.autograd.grad(out, (q, k, v, sink), grad), torch.autograd.grad(ref, (q, k, v, sink), grad)
     ):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("function", ["block_sparse_attn", "moba_attn", "token_sparse_attn", "s2o_attention"])
+def test_float64_paths_keep_float64_with_a_sink(rng, backend, function):
+    """The PyTorch paths carry their fp64 LSE into the sink's factor (an fp32 LSE there left fp64 results
+    fp32-accurate, and gradcheck failed); the returned LSE is fp32 on every path."""
+    q, k, v, sink = make_inputs(rng, 1, 2, 1, 20, 24, 8, torch.float64)
+    sink = sink.detach().double().requires_grad_()
+    layout = random_block_layout(1, 2, 20, 24, 8, 8, 0.7, causal=True, seed=2, device=DEVICE)
+    indices = torch.stack([torch.randperm(24, generator=rng)[:6] for _ in range(20)]).view(1, 20, 1, 6).to(DEVICE)
+    calls = {
+        "block_sparse_attn": lambda *t: sparse_attn.block_sparse_attn(*t[:3], layout, attn_sink=t[3], backend=backend),
+        "moba_attn": lambda *t: sparse_attn.moba_attn(*t[:3], block_size=8, topk=2, attn_sink=t[3], backend=backend),
+        "token_sparse_attn": lambda *t: sparse_attn.token_sparse_attn(*t[:3], indices, attn_sink=t[3], backend=backend),
+        "s2o_attention": lambda *t: sparse_attn.s2o_attention(
+            *t[:3], segment_len=16, block_m=16, block_n=16, tau=0.0, attn_sink=t[3], backend=backend
+        ),  # tau 0: a stop decision would make the function discontinuous for gradcheck
+    }
+    assert torch.autograd.gradcheck(calls[function], (q, k, v, sink))
+    if function == "block_sparse_attn":
+        _, lse = sparse_attn.block_sparse_attn(q, k, v, layout, attn_sink=sink, backend=backend, return_lse=True)
+        assert lse.dtype == torch.float32

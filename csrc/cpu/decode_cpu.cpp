@@ -77,7 +77,8 @@ DecodeShape check_decode_args(const at::Tensor& q, const at::Tensor& k, const at
                     "block_sparse_decode needs a single query block (Mq == 1, Sq <= q_block_size),",
                     " got Mq=", kv_num_blocks.size(2));
   TORCH_CHECK_VALUE(kv_block_size > 0, "kv_block_size must be positive, got ", kv_block_size);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be a positive finite float, got ",
+                    softmax_scale);
   return shape;
 }
 
@@ -93,6 +94,7 @@ int64_t heads_per_cta(const DecodeShape& shape) {
 }
 
 int64_t resolve_num_splits(const DecodeShape& shape, int64_t requested) {
+  TORCH_CHECK_VALUE(requested >= 0, "num_splits must be >= 0 (0 chooses automatically), got ", requested);
   // Shares beyond a row's list width would all be empty (and each holds a partial output per row).
   if (requested > 0) return std::min(requested, std::max<int64_t>(1, shape.max_blocks));
   const int64_t ctas_per_split = std::max<int64_t>(1, shape.batch * shape.q_heads / heads_per_cta(shape));

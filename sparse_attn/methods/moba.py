@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import reference, routed_torch
 from .._native import HAS_NATIVE, _has_kernel
-from ..selection import _FLOAT_TYPES, _check_bool, _check_int, _check_tensor, block_mean_pool, topk_rows
+from ..selection import _FLOAT_TYPES, _check_bool, _check_flags, _check_int, _check_tensor, block_mean_pool, topk_rows
 from ..sinks import check_attn_sink, with_attn_sink
 
 __all__ = [
@@ -137,12 +137,17 @@ def moba_route_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *, block_s
     return _route_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_size, topk, causal)
 
 
-def _check_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
-    """The offsets of packed q (total_q, ..) and k (total_k, ..): valid, as many of each, Lq <= Lk."""
+_QK_NAMES = ("cu_seqlens_q", "cu_seqlens_k")
+
+
+def _check_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, names=_QK_NAMES) -> None:
+    """The offsets of packed q (total_q, ..) and k (total_k, ..): valid, as many of each, Lq <= Lk.
+    `names`: the caller's names of the two offsets (their max_seqlen's follow), for the errors."""
     from .. import engine
 
-    num_seqs = engine._check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
-    if engine._check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device) != num_seqs:
+    name_q, name_k = names
+    num_seqs = engine._check_cu_seqlens(cu_seqlens_q, name_q, q.shape[0], max_seqlen_q, q.device)
+    if engine._check_cu_seqlens(cu_seqlens_k, name_k, k.shape[0], max_seqlen_k, q.device) != num_seqs:
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
     longer = (cu_seqlens_q.diff() > cu_seqlens_k.diff()).nonzero()
     if longer.numel():
@@ -234,13 +239,14 @@ def moba_attn(
 
     engine._check_qkv(q, k, v, packed=False)
     check_attn_sink(attn_sink, q.shape[1], q.device)
+    _check_flags(return_lse=return_lse)
     routes = moba_route(
         q.detach(), k.detach(), block_size=block_size, topk=_routable(topk, k.shape[2], block_size), causal=causal
     )
     scale = engine._default_scale(softmax_scale, q.shape[-1])
     out, lse = _attend_routes(q, k, v, routes, block_size, causal, scale, backend)
     out = with_attn_sink(out, lse, attn_sink)
-    return (out, lse) if return_lse else out
+    return (out, lse.float()) if return_lse else out
 
 
 def _attend_routes(q, k, v, routes, block_size, causal, scale, backend="auto"):
@@ -266,6 +272,7 @@ def moba_attn_varlen(
     *,
     causal=True,
     softmax_scale=None,
+    attn_sink=None,
     return_lse=False,
     backend="auto",
 ):
@@ -274,13 +281,13 @@ def moba_attn_varlen(
     `cu_seqlens` (int32 [num_seqs + 1]) and `max_seqlen` describe the sequences, shared by queries
     and keys; blocks of `moba_chunk_size` keys restart at every sequence start, and every query
     keeps `moba_topk` blocks (its own included). GQA is native. Returns the output (total, Hq, D)
-    and, with `return_lse`, the fp32 LSE (Hq, total). Differentiable in q, k and v.
+    and, with `return_lse`, the fp32 LSE (Hq, total). Differentiable in q, k and v (and
+    `attn_sink`, as in `block_sparse_attn`).
     """
     _check_int(max_seqlen, "max_seqlen", 0)
-    return moba_attn_varlen_qk(
-        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, moba_chunk_size, moba_topk,
-        causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend,
-    )  # fmt: skip
+    packed = (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, ("cu_seqlens", "cu_seqlens"))
+    options = (moba_chunk_size, moba_topk, causal, softmax_scale, attn_sink, return_lse, backend)
+    return _moba_varlen(q, k, v, *packed, *options)
 
 
 def moba_attn_varlen_qk(
@@ -296,18 +303,30 @@ def moba_attn_varlen_qk(
     *,
     causal=True,
     softmax_scale=None,
+    attn_sink=None,
     return_lse=False,
     backend="auto",
 ):
     """`moba_attn_varlen` with separate query and key sequences (FlashMoBA's `flash_moba_varlen_func`
     order): chunked prefill and decode, each sequence's queries bottom-right aligned to its keys."""
+    packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, _QK_NAMES)
+    options = (moba_chunk_size, moba_topk, causal, softmax_scale, attn_sink, return_lse, backend)
+    return _moba_varlen(q, k, v, *packed, *options)
+
+
+def _moba_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, names, moba_chunk_size, moba_topk, causal,
+    softmax_scale, attn_sink, return_lse, backend,
+):  # fmt: skip
     from .. import engine
 
     engine._check_qkv(q, k, v, packed=True)
     _check_int(moba_chunk_size, "moba_chunk_size", 1)
     _check_int(moba_topk, "moba_topk", 1)
     _check_route_args(q, k, moba_chunk_size, moba_topk, causal, packed=True)
-    _check_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, names)
+    check_attn_sink(attn_sink, q.shape[1], q.device)
+    _check_flags(return_lse=return_lse)
     scale = engine._default_scale(softmax_scale, q.shape[-1])
     topk = _routable(moba_topk, max_seqlen_k, moba_chunk_size)
     routes = _route_packed(
@@ -335,7 +354,8 @@ def moba_attn_varlen_qk(
         out, lse = engine._packed_call(
             routed_attention, q, k, v, cu_seqlens_q, cu_seqlens_k, routes, moba_chunk_size, causal, scale, max_seqlen_k
         )
-    return (out, lse) if return_lse else out
+    out = with_attn_sink(out, lse.t(), attn_sink)  # lse (Hq, total) against out (total, Hq, D)
+    return (out, lse.float()) if return_lse else out
 
 
 def _pairs(cu_seqlens) -> list:
@@ -349,12 +369,13 @@ def _sequence(packed: torch.Tensor, span) -> torch.Tensor:
 
 
 def _reference_in_dtype(q, k, v, routes, block_size, causal, scale):
-    """The oracle at the working precision of q's dtype (fp64 for fp64, else fp32): (out in q's dtype, fp32 LSE)."""
+    """The oracle at the working precision of q's dtype (fp64 for fp64, else fp32): (out in q's dtype, LSE in
+    the working precision)."""
     compute = reference.working_dtype(q.dtype)
     out, lse = moba_attention_reference(
         q, k, v, routes, block_size=block_size, causal=causal, softmax_scale=scale, compute_dtype=compute
     )
-    return out.to(q.dtype), lse.float()
+    return out.to(q.dtype), lse
 
 
 def _pytorch_path(backend: str):
@@ -371,7 +392,7 @@ def moba_attention_reference(
     slots = torch.where(routes < 0, num_blocks, routes).long()
     chosen = torch.zeros(*routes.shape[:3], num_blocks + 1, dtype=torch.bool, device=q.device)
     chosen.scatter_(-1, slots, True)
-    allowed = chosen[..., :num_blocks].repeat_interleave(block_size, dim=-1)[..., : k.shape[2]]
+    allowed = chosen[..., torch.arange(k.shape[2], device=q.device) // block_size]  # each key's block
     if causal:
         allowed = allowed & reference.causal_token_mask(q.shape[2], k.shape[2], q.device)
     return reference.masked_attention(q, k, v, allowed, softmax_scale=softmax_scale, compute_dtype=compute_dtype)
@@ -391,6 +412,7 @@ class MoBABlockMeans:
     def __init__(self, block_size: int):
         self.block_size = _check_int(block_size, "block_size", 1)
         self.means = None
+        self._key_dtype = None  # the means are fp32 for every 16/32-bit cache: the keys' own dtype tells them apart
 
     def reset(self) -> None:
         self.means = None
@@ -400,14 +422,13 @@ class MoBABlockMeans:
         size = self.block_size
         complete = k.shape[2] // size
         means = self.means
-        pooled_dtype = torch.float64 if k.dtype == torch.float64 else torch.float32  # block_mean_pool's
-        stale = means is None or (means.device, means.dtype) != (k.device, pooled_dtype) or means.shape[2] > complete
+        stale = means is None or (means.device, self._key_dtype) != (k.device, k.dtype) or means.shape[2] > complete
         if stale or (means.shape[0], means.shape[1], means.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
             means = block_mean_pool(k[:, :, : complete * size], size)
         elif means.shape[2] < complete:
             fresh = block_mean_pool(k[:, :, means.shape[2] * size : complete * size], size)
             means = torch.cat([means, fresh], dim=2)
-        self.means = means
+        self.means, self._key_dtype = means, k.dtype
         return means
 
 
@@ -535,7 +556,7 @@ class KeyShortConv(nn.Module):
             if state is not None:
                 raise ValueError("state and cu_seqlens cannot be combined")
             return self._forward_packed(k, cu_seqlens)
-        _check_tensor(k, "k", dim=4)
+        _check_tensor(k, "k", dim=4, dtypes=_FLOAT_TYPES)
         history = self._history(k, state)
         seq_len = k.shape[2]
         taps = self._taps(k, head_axis=1)
@@ -544,7 +565,7 @@ class KeyShortConv(nn.Module):
 
     def next_state(self, k: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """The last width - 1 keys (B, H, width - 1, D) after `k`, zero-padded: the `state` of the next call."""
-        _check_tensor(k, "k", dim=4)
+        _check_tensor(k, "k", dim=4, dtypes=_FLOAT_TYPES)
         return self._history(k, state)[:, :, -(self.width - 1) :]
 
     def _history(self, k: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
@@ -557,7 +578,7 @@ class KeyShortConv(nn.Module):
         return torch.cat([state.to(k.dtype), k], dim=2)
 
     def _forward_packed(self, k: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        _check_tensor(k, "k", dim=3)
+        _check_tensor(k, "k", dim=3, dtypes=_FLOAT_TYPES)
         _check_tensor(cu_seqlens, "cu_seqlens", dim=1, dtypes=(torch.int32, torch.int64))
         total = k.shape[0]
         if cu_seqlens.numel() < 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..engine import _check_cu_seqlens, _check_qkv, block_sparse_attn, block_sparse_attn_varlen
 from ..layout import BlockSparseLayout, selectable_blocks
 from ..reference import working_dtype
-from ..selection import _check_int, block_score_lengths, threshold_select
+from ..selection import _check_flags, _check_int, block_score_lengths, threshold_select
 from ..sinks import check_attn_sink
 from .scoring import KERNEL_DTYPES, block_scores_kernel_runs, check_scored_qk
 
@@ -350,6 +350,7 @@ def proxy_attn(
     """
     _check_qkv(q, k, v, packed=False)
     check_attn_sink(attn_sink, q.shape[1], q.device)
+    _check_flags(return_layout=return_layout)
     options = dict(gamma=gamma, num_proxy_groups=num_proxy_groups, stride=stride, block_size=block_size)
     check_options(**options, min_budget_tokens=min_budget_tokens)
     mask = _selection(q, k, **options, min_budget_tokens=min_budget_tokens, causal=causal)
@@ -387,6 +388,7 @@ def proxy_attn_varlen(
     """
     _check_qkv(q, k, v, packed=True)
     check_attn_sink(attn_sink, q.shape[1], q.device)
+    _check_flags(return_layout=return_layout)
     options = dict(gamma=gamma, num_proxy_groups=num_proxy_groups, stride=stride, block_size=block_size)
     check_options(**options, min_budget_tokens=min_budget_tokens)
     num_seqs = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)

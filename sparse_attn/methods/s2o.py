@@ -30,7 +30,7 @@ import torch
 
 from .. import reference
 from ..engine import _check_qkv, _default_scale, choose_backend
-from ..selection import _check_int
+from ..selection import _check_flags, _check_int
 from ..sinks import check_attn_sink, with_attn_sink
 
 __all__ = [
@@ -387,8 +387,8 @@ def _segment_attention(q, k, v, plan: S2OPlan, g: int, kv_heads: slice, options,
 
 
 def _torch_s2o(q, k, v, plan: S2OPlan, options, scale, compute):
-    """The PyTorch path: (out in q's dtype, fp32 lse, n_blocks int32 [B, Hq, segments, tiles]), a segment
-    and a slice of KV heads at a time."""
+    """The PyTorch path: (out in q's dtype, lse (fp64 for fp64, else fp32), n_blocks int32 [B, Hq, segments,
+    tiles]), a segment and a slice of KV heads at a time."""
     batch, num_q_heads, _, dim = q.shape
     group, tiles = num_q_heads // k.shape[1], plan.segment_len // options[0]
     outs, lses, counts = [], [], []
@@ -405,7 +405,7 @@ def _torch_s2o(q, k, v, plan: S2OPlan, options, scale, compute):
     if not outs:
         empty = torch.zeros(batch, num_q_heads, 0, tiles, dtype=torch.int32, device=q.device)
         return q.new_zeros(batch, num_q_heads, 0, dim), q.new_zeros(batch, num_q_heads, 0).float(), empty
-    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2).float(), torch.stack(counts, dim=2).int()
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2), torch.stack(counts, dim=2).int()
 
 
 def _head_chunks(num_kv_heads: int, per_head: int):
@@ -445,6 +445,7 @@ def s2o_attention(q, k, v, *, segment_len=1024, tau=1e-2, block_m=64, block_n=64
     _check_shapes(q, k, v)
     check_options(segment_len=segment_len, tau=tau, block_m=block_m, block_n=block_n, stop_rule=stop_rule)
     check_attn_sink(attn_sink, q.shape[1], q.device)
+    _check_flags(return_stats=return_stats, check_plan=check_plan)
     tau = float(tau)
     scale = _default_scale(softmax_scale, q.shape[-1])
     resolved = _resolve(backend, q)

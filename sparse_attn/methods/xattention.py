@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..engine import _check_qkv, block_sparse_attn
 from ..layout import BlockSparseLayout, causal_block_mask, selectable_blocks
 from ..reference import working_dtype
-from ..selection import _check_int, block_score_lengths, threshold_select
+from ..selection import _check_flags, _check_int, block_score_lengths, threshold_select
 from ..sinks import check_attn_sink
 from .scoring import block_scores_kernel_runs, check_scored_qk
 
@@ -275,6 +275,7 @@ def xattention_attn(
     """
     _check_qkv(q, k, v, packed=False)
     check_attn_sink(attn_sink, q.shape[1], q.device)
+    _check_flags(return_layout=return_layout)
     _check_stride(stride, block_size)
     _threshold_per_head(threshold, q.shape[1], layer_idx, q.device)  # fail before the estimate's work
     scores = xattention_estimate(
