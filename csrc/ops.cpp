@@ -24,7 +24,7 @@
 //       padded. Inputs must already be validated (sorted, in range).
 //   block_sparse_decode(q [B,Hq,Sq,D], k, v [B,Hkv,Skv,D], kv_num_blocks [Bl,Hl,1],
 //                       kv_indices [Bl,Hl,1,Nmax], kv_block_size, causal, softmax_scale,
-//                       num_splits) -> (out [B,Hq,Sq,D] in q's dtype, lse fp32 [B,Hq,Sq])
+//                       num_splits) -> (out [B,Hq,Sq,D] in q's dtype, lse [B,Hq,Sq] fp32, fp64 for fp64 q)
 //       attention of a few queries (Sq <= 16, one query block) over the KV blocks of the layout
 //       (Bl in {B, 1}; Hl in {Hq, Hkv, 1}); query i sits at key i + Skv - Sq for causal masking;
 //       natural-log LSE; rows without a visible key give 0 and -inf. Split-KV: each row's block

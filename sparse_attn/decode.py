@@ -120,7 +120,8 @@ def _register_fake() -> None:
 
     @torch.library.register_fake(f"sparse_attn::{OP_NAME}")
     def _(q, k, v, kv_num_blocks, kv_indices, kv_block_size, causal, softmax_scale, num_splits):
-        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
 if HAS_NATIVE and hasattr(torch.ops.sparse_attn, OP_NAME):

@@ -78,6 +78,11 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     where = _TileSpots(tile // (num_tiles * list_heads), heads // (list_heads // k.shape[1]), tile % num_tiles)
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     geometry = _Geometry(tile_rows, kv_block_size, seq_q, k.shape[2], causal, scale, lse_grad, differentiable)
+    # torch's CPU flash kernel takes the mask as an additive -inf: a non-finite key that a row does not
+    # attend would still reach it (inf - inf), so such keys take the masked path. A host read: CPU only.
+    geometry.additive_mask = (
+        FLASH_CPU is not None and q.device.type == "cpu" and not geometry.lse_grad and bool(torch.isfinite(k).all())
+    )
     widths = (blocks >= 0).sum(dim=-1)
     # Per listed key: a mask column of the tile's rows, and its key and value rows.
     saved = int(widths.sum()) * kv_block_size * (group * tile_rows + 2 * dim)
@@ -216,7 +221,7 @@ def _attend_chunk(tiles, k_blocks, v_blocks, blocks, members, where, geometry):
     if members is not None:
         members = members.repeat_interleave(size, dim=-1)[:, :, None]  # [C, G, 1, L]
         keys = torch.where(members[:, :, 0], keys, seq_kv)  # [C, G, L]
-    if geometry.lse_grad or FLASH_CPU is None or tiles.device.type != "cpu":
+    if not geometry.additive_mask:
         allowed = visible if members is None else visible & members
         return reference.masked_attention(
             tiles, gathered_k, gathered_v, allowed, softmax_scale=geometry.scale, compute_dtype=tiles.dtype

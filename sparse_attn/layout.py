@@ -21,7 +21,7 @@ import torch
 
 from . import selection
 from .reference import _kv_lists_to_dense, _mask_to_sorted_lists
-from .selection import _check_int
+from .selection import _check_bool, _check_int
 
 __all__ = [
     "BlockSparseLayout",
@@ -104,6 +104,8 @@ def causal_pair_counts(
     seq_len_q: int, seq_len_kv: int, q_block_size: int, kv_block_size: int, causal=True, device=None
 ):
     """int64 [Mq, N]: the number of (query, key) pairs each block computes (for FLOP counts)."""
+    _check_block_geometry(seq_len_q, seq_len_kv, q_block_size, kv_block_size)
+    _check_bool(causal, "causal")
     q_starts, q_last = _block_bounds(seq_len_q, q_block_size, device)
     kv_starts, kv_last = _block_bounds(seq_len_kv, kv_block_size, device)
     if not causal:
@@ -266,22 +268,30 @@ class BlockSparseLayout:
     def to_flex_block_mask(self, num_q_heads: int, num_kv_heads: int, *, causal: bool = True):
         """The same selection as a FlexAttention `BlockMask` (for the benchmark peer and as an oracle).
 
-        Causally partial blocks go to the masked lists with a bottom-right causal `mask_mod`; fully
-        visible blocks go to the full lists, which Flex runs without the mask. Heads expand to Hq.
+        Causally partial blocks go to the masked lists; fully visible blocks go to the full lists,
+        which compiled Flex runs without the mask. The `mask_mod` is the whole selection (the block
+        lookup, and bottom-right causality): eager Flex reads only it. Heads expand to Hq.
         """
         from torch.nn.attention.flex_attention import BlockMask
 
+        _check_bool(causal, "causal")
         selected = self.to_dense_mask()[:, self.head_map(num_q_heads, num_kv_heads)]
+        last_q_block, last_kv_block = selected.shape[2] - 1, selected.shape[3] - 1
+        offset = self.causal_offset
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            # Clamped: Flex may evaluate the padding rows and columns of a ragged last block.
+            q_block = (q_idx // self.q_block_size).clamp(max=last_q_block)
+            kv_block = (kv_idx // self.kv_block_size).clamp(max=last_kv_block)
+            chosen = selected[b if selected.shape[0] > 1 else 0, h, q_block, kv_block]
+            return chosen & (kv_idx <= q_idx + offset) if causal else chosen
+
         if causal:
             args = (self.seq_len_q, self.seq_len_kv, self.q_block_size, self.kv_block_size, self.device)
             full = selected & causal_full_block_mask(*args)
             partial = selected & causal_block_mask(*args) & ~full
-            offset = self.causal_offset
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                return kv_idx <= q_idx + offset
         else:
-            full, partial, mask_mod = selected, torch.zeros_like(selected), None
+            full, partial = selected, torch.zeros_like(selected)
         (partial_count, partial_idx), (full_count, full_idx) = (_mask_to_sorted_lists(m) for m in (partial, full))
         return BlockMask.from_kv_blocks(
             partial_count,
@@ -306,6 +316,7 @@ class BlockSparseLayout:
     def density(self, causal: bool = True) -> float:
         """Selected blocks over available blocks (the causally visible ones when `causal`, which count only the
         selected blocks they hold: a block wholly in the future is never computed)."""
+        _check_bool(causal, "causal")
         selected = self.kv_num_blocks.sum().item()
         if causal:
             visible = causal_block_mask(

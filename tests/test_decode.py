@@ -124,6 +124,16 @@ def test_cpu_matches_reference_fp64(rng, seq_q, num_splits):
     check_decode(q, k, v, layout, num_splits=num_splits)
 
 
+def test_cpu_fp64_with_a_sink_stays_fp64(rng):
+    """The CPU op's LSE is fp64 for fp64 q, so the sink applied after it keeps fp64 accuracy."""
+    layout = make_layout(rng, 2, 2, 3, 517, 64, 0.5)
+    q, k, v = make_qkv(rng, 2, 8, 2, 3, 517, 24, torch.float64)
+    sink = torch.rand(8, generator=rng, dtype=torch.float64) * 4 - 1
+    out = block_sparse_decode(q, k, v, layout, attn_sink=sink)
+    ref, _ = block_sparse_attention_reference(q, k, v, layout, attn_sink=sink)
+    assert max_err(out, ref) <= 1e-12
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("seq_q", [1, 4, 16])
 def test_cpu_half_precision_flash_rule(rng, seq_q, dtype):

@@ -144,9 +144,18 @@ def test_rows_see_nan_as_nan_not_as_no_key(rng):
     layout = random_layout(rng, 1, 1, 32, 32, 16, 16, 1.0)
     q, k, v = (t.detach() for t in make_qkv(rng, 1, 1, 1, 32, 32, 16, torch.float32))
     k[0, 0, 3] = float("nan")
-    for backend in ("triton", "reference"):
-        _, lse = block_sparse_attn(q, k, v, layout, backend=backend, return_lse=True)
+    for backend in ("triton", "torch", "reference"):  # rows 0..2 never see key 3: they stay finite
+        out, lse = block_sparse_attn(q, k, v, layout, backend=backend, return_lse=True)
         assert bool(lse[0, 0, 3:].isnan().all()) and bool(lse[0, 0, :3].isfinite().all()), backend
+        assert bool(out[0, 0, :3].isfinite().all()), backend
+    # GQA with lists per query head: an infinite key in a block only head 0 lists leaves head 1 finite.
+    q, k, v = (t.detach() for t in make_qkv(rng, 1, 2, 1, 32, 32, 16, torch.float32))
+    k[0, 0, 20] = float("inf")
+    mask = torch.tensor([[True, True], [True, False]], device=DEVICE)[None, :, None].expand(1, 2, 2, 2)
+    layout = BlockSparseLayout.from_dense_mask(mask, q_block_size=16, kv_block_size=16, seq_len_q=32, seq_len_kv=32)
+    for backend in ("triton", "torch", "reference"):
+        out = block_sparse_attn(q, k, v, layout, causal=False, backend=backend)
+        assert bool(out[0, 1].isfinite().all()), backend
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's bfloat16 dot")

@@ -192,10 +192,31 @@ def test_pair_counts_and_full_blocks_match_tokens(seq_q, seq_kv, qb, kb):
     assert torch.equal(causal_pair_counts(seq_q, seq_kv, qb, kb, causal=False), block_size)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_mask_mod_is_the_selection(rng, causal, seq_q=40, seq_kv=93):
+    """Eager Flex reads only the mask_mod (not the block lists): it must be the whole selection, with
+    ragged last blocks on both axes."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from sparse_attn.reference import block_sparse_attention_reference
+
+    mask = torch.rand(2, 2, -(-seq_q // 16), -(-seq_kv // 32), generator=rng) < 0.5
+    mask[..., -1] = True  # every row keeps a block it can see (the reference and Flex differ on empty rows)
+    layout = BlockSparseLayout.from_dense_mask(
+        mask, q_block_size=16, kv_block_size=32, seq_len_q=seq_q, seq_len_kv=seq_kv
+    )
+    q = torch.randn(2, 4, seq_q, 16, generator=rng, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, seq_kv, 16, generator=rng, dtype=torch.float64) for _ in range(2))
+    block_mask = layout.to_flex_block_mask(4, 2, causal=causal)
+    out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    ref, _ = block_sparse_attention_reference(q, k, v, layout, causal=causal)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.slow
 def test_flex_block_mask_is_an_independent_oracle(rng, seq_q=40, seq_kv=96):
-    # Compiled Flex only: in torch 2.13 the eager (unfused) CPU path of flex_attention gives wrong
-    # rows for BlockMask.from_kv_blocks masks whose rows mix full and partial lists.
+    # Compiled Flex: it walks the block lists (full ones without the mask_mod), where eager Flex reads
+    # only the mask_mod (test_flex_mask_mod_is_the_selection).
     from torch.nn.attention.flex_attention import flex_attention
 
     from sparse_attn.reference import block_sparse_attention_reference

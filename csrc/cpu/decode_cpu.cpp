@@ -77,8 +77,8 @@ DecodeShape check_decode_args(const at::Tensor& q, const at::Tensor& k, const at
                     "block_sparse_decode needs a single query block (Mq == 1, Sq <= q_block_size),",
                     " got Mq=", kv_num_blocks.size(2));
   TORCH_CHECK_VALUE(kv_block_size > 0, "kv_block_size must be positive, got ", kv_block_size);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be a positive finite float, got ",
-                    softmax_scale);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0,
+                    "softmax_scale must be a positive finite float, got ", softmax_scale);
   return shape;
 }
 
@@ -198,7 +198,7 @@ void decode_one_split(const DecodeInputs<In>& in, const decode::DecodeShape& sha
 
 // Merges the splits of every row by their LSE: the CUDA combine kernel's math.
 void combine_splits(const Acc* partial_out, const Acc* partial_lse, int64_t num_splits, int64_t rows, int64_t D,
-                    Acc* out, float* lse) {
+                    Acc* out, Acc* lse) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       Acc max_lse = -std::numeric_limits<Acc>::infinity();
@@ -210,7 +210,7 @@ void combine_splits(const Acc* partial_out, const Acc* partial_lse, int64_t num_
       Acc* dst = out + row * D;
       std::fill(dst, dst + D, Acc(0));
       if (max_lse == -std::numeric_limits<Acc>::infinity()) {
-        lse[row] = -std::numeric_limits<float>::infinity();
+        lse[row] = -std::numeric_limits<Acc>::infinity();
         continue;
       }
       Acc total = 0;
@@ -221,7 +221,7 @@ void combine_splits(const Acc* partial_out, const Acc* partial_lse, int64_t num_
         for (int64_t d = 0; d < D; ++d) dst[d] += weight * src[d];
       }
       for (int64_t d = 0; d < D; ++d) dst[d] /= total;
-      lse[row] = static_cast<float>((max_lse + std::log2(total)) * Acc(M_LN2));
+      lse[row] = (max_lse + std::log2(total)) * Acc(M_LN2);
     }
   });
 }
@@ -243,13 +243,17 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_decode(const at::Tensor& q, cons
   const int64_t splits = decode::resolve_num_splits(shape, num_splits);
 
   const int64_t B = shape.batch, Hq = shape.q_heads, Sq = shape.seq_len_q, D = shape.head_dim;
-  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
-  if (B * Hq * Sq == 0) return {at::empty({B, Hq, Sq, D}, q.options()), lse};
+  // fp32 LSE, fp64 for fp64 q: a sink applied to it after the op keeps fp64 inputs fp64-accurate.
+  const at::ScalarType lse_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  if (B * Hq * Sq == 0) {
+    return {at::empty({B, Hq, Sq, D}, q.options()), at::empty({B, Hq, Sq}, q.options().dtype(lse_dtype))};
+  }
 
   const at::Tensor counts = kv_num_blocks.contiguous(), lists = kv_indices.contiguous();
   at::Tensor partial_out = at::empty({splits, B, Hq, Sq, D}, q.options().dtype(at::kDouble));
   at::Tensor partial_lse = at::empty({splits, B, Hq, Sq}, q.options().dtype(at::kDouble));
   at::Tensor out = at::empty({B, Hq, Sq, D}, q.options().dtype(at::kDouble));
+  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kDouble));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "block_sparse_decode", [&] {
     const DecodeInputs<scalar_t> inputs{Strided4d<scalar_t>(q), Strided4d<scalar_t>(k), Strided4d<scalar_t>(v),
@@ -269,9 +273,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_decode(const at::Tensor& q, cons
       }
     });
     combine_splits(partial_out.const_data_ptr<Acc>(), partial_lse.const_data_ptr<Acc>(), splits, B * Hq * Sq, D,
-                   out.mutable_data_ptr<Acc>(), lse.mutable_data_ptr<float>());
+                   out.mutable_data_ptr<Acc>(), lse.mutable_data_ptr<Acc>());
   });
-  return {out.to(dtype), lse};
+  return {out.to(dtype), lse.to(lse_dtype)};
 }
 
 TORCH_LIBRARY_IMPL(sparse_attn, CPU, m) { m.impl("block_sparse_decode", &block_sparse_decode); }

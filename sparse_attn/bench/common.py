@@ -300,13 +300,14 @@ def folded_decode_block_mask(layout, hq: int, hkv: int):
     if layout.num_q_blocks != 1:
         raise ValueError(f"a decode layout has one query block, got {layout.num_q_blocks}")
     selected = layout.to_dense_mask()[:, layout.head_map(hq, hkv), 0]  # [B, Hq, N]
-    offset = layout.causal_offset
+    offset, rows = layout.causal_offset, group * seq_q
 
     def mask_mod(b, h, q_idx, kv_idx):
-        head = h * group + q_idx // seq_q
-        return selected[b if selected.shape[0] > 1 else 0, head, kv_idx // block] & (kv_idx <= q_idx % seq_q + offset)
+        row = q_idx.clamp(max=rows - 1)  # Flex may evaluate the padding rows and keys of ragged blocks
+        head = h * group + row // seq_q
+        chosen = selected[b if selected.shape[0] > 1 else 0, head, (kv_idx // block).clamp(max=selected.shape[-1] - 1)]
+        return chosen & (kv_idx <= row % seq_q + offset)
 
-    rows = group * seq_q
     union = selected.view(selected.shape[0], hkv, group, -1).any(2)  # [B, Hkv, N]
     union = union[:, :, None].expand(-1, -1, -(-rows // _FLEX_Q_BLOCK), -1)  # each query block of the rows
     return BlockMask.from_kv_blocks(
