@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (no model download): install, report the backends, self-check,
-# then the demos: a small random Llama run dense and through each sparse method, compared with SDPA,
+# then the demos: a small random Llama run dense and through XAttention, MoBA and S2O, compared with SDPA,
 # and a small random DeepSeek-V3.2 through its own indexer and through HISA,
 # and the benchmark suites' quick mode (CPU-sized shapes, every field and error check of a GPU run).
 set -euo pipefail

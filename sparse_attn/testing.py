@@ -517,10 +517,13 @@ def planted_indexer_inputs(
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max absolute difference in float64; NaN counts as infinite (it must never pass)."""
+    """Max absolute difference in float64; NaN counts as infinite (it must never pass), equal infinities
+    (an empty row's -inf LSE on both sides) as 0."""
     if a.numel() == 0:
         return 0.0
-    return (a.double() - b.double()).nan_to_num(nan=float("inf")).abs().max().item()
+    a, b = a.double(), b.double()
+    diff = torch.where(a == b, 0.0, (a - b).abs().nan_to_num(nan=float("inf"), posinf=float("inf")))
+    return diff.max().item()
 
 
 def assert_flash_rule(got, ref64, same_precision, factor, what):

@@ -102,3 +102,13 @@ def test_compute_dtype_float32(rng):
     q, k, v = qkv(rng, dtype=torch.float16)
     out, lse = masked_attention(q, k, v, causal_token_mask(40, 40), compute_dtype=torch.float32)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
+
+
+def test_max_err_fails_nan_and_passes_equal_infinities():
+    """The comparison every test uses: NaN never passes, an empty row's -inf LSE equals -inf."""
+    from sparse_attn.testing import max_err
+
+    inf = float("inf")
+    assert max_err(torch.tensor([-inf, 1.0]), torch.tensor([-inf, 1.5])) == 0.5
+    for got, want in (([float("nan")], [float("nan")]), ([-inf], [0.0]), ([inf], [-inf])):
+        assert max_err(torch.tensor(got), torch.tensor(want)) == inf

@@ -195,7 +195,7 @@ def xattention_estimate(q, k, *, stride, block_size, causal=True, chunk_size=Non
     `chunk_size` only bounds the memory of the PyTorch path, which holds chunk/S x Skv/S logits at
     a time. The result does not depend on `chunk_size` (a multiple of `block_size`; default
     `default_chunk_size(Skv)`).
-    float64 inputs are scored in float64 by the PyTorch path.
+    float64 inputs are scored in float64 by the PyTorch path, and A is then float64.
     """
     _check_stride(stride, block_size)
     _check_qk(q, k, causal)
