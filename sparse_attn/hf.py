@@ -140,13 +140,18 @@ def keep_mask(**kwargs):
 
     DSA models get SDPA's 4D boolean mask, always materialised: their indexer masks its (Sq, Skv)
     scores with it (it slices the 4D mask), and `indexed_attention` reads the causal and padding
-    limits of the selected keys from it.
+    limits of the selected keys from it. So does a mask with an overlay that a keep-mask cannot carry
+    (a bidirectional prefix over image tokens, a caller's or/and mask function): the dense path
+    honours it as a custom mask, and the sparse methods refuse it. Bidirectional masks (an encoder's,
+    cross-attention's) are padding only: their keys are not the queries' cache.
     """
     from transformers.masking_utils import flash_attention_mask, sdpa_mask
 
-    if is_indexed_config(kwargs.get("config")):
+    if is_indexed_config(kwargs.get("config")) or _has_overlay(kwargs):
         return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
     mask = flash_attention_mask(**kwargs)
+    if "allow_is_bidirectional_skip" in kwargs:  # transformers 5's create_bidirectional_mask
+        return mask
     filled = _filled_keys(kwargs)
     if mask is not None:
         # A caller's mask over a StaticCache's whole length (0 on the empty slots): the queries are the last
@@ -156,6 +161,15 @@ def keep_mask(**kwargs):
         return None
     device = kwargs.get("device") or getattr(kwargs.get("cache_position"), "device", None)
     return torch.ones(kwargs["batch_size"], max(filled, 0), dtype=torch.bool, device=device)
+
+
+def _has_overlay(kwargs) -> bool:
+    """Whether transformers' mask function adds to causal (or sliding) attention what flash attention's
+    keep-mask drops: a caller's or/and mask function (transformers 5 then sets use_vmap), or a blockwise
+    overlay (PaliGemma's, built with or_masks). Sliding windows and packing are and_masks of their own,
+    which the keep-mask path handles."""
+    mask_function = kwargs.get("mask_function")
+    return bool(kwargs.get("use_vmap")) or getattr(mask_function, "__qualname__", "").startswith("or_masks.")
 
 
 def _filled_keys(kwargs) -> int | None:
@@ -241,9 +255,15 @@ def _resolve_threshold(threshold):
     """A float, a [Hq] tensor, a [layers, Hq] table, or the path of a JSON table from `save_thresholds`."""
     if isinstance(threshold, (str, os.PathLike)):
         return load_thresholds(threshold)[0]
+    if isinstance(threshold, bool) or (not isinstance(threshold, (int, float, list, tuple, torch.Tensor))):
+        raise TypeError(
+            f"XAttention threshold must be a float, a [Hq] or [layers, Hq] table, or a path, got {threshold!r}"
+        )
     if isinstance(threshold, (list, tuple)):
         threshold = torch.tensor(threshold, dtype=torch.float64)
     values = threshold if isinstance(threshold, torch.Tensor) else torch.tensor(float(threshold))
+    if values.dim() > 2:
+        raise ValueError(f"XAttention threshold must be a float, [Hq] or [layers, Hq], got shape {tuple(values.shape)}")
     if values.is_complex() or bool(((values < 0) | (values > 1) | values.isnan()).any()):
         raise ValueError(f"XAttention threshold values must lie in [0, 1], got {threshold!r}")
     return threshold
@@ -634,7 +654,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     if path == "dense":
         dense = _DenseArgs(causal, scaling, window, softcap, sink)
         if custom_mask:
-            out = _dense_attention(query, key, value, dense, custom_mask=attention_mask)
+            # Cut to the keys, as transformers' own attention functions do (4.53's PaliGemma makes one more).
+            out = _dense_attention(query, key, value, dense, custom_mask=attention_mask[..., : key.shape[2]])
         elif keep is not None and decoding:
             out = _dense_attention(query, key, value, dense, keep=keep)  # a (B, 1, Sq, Skv) mask is small here
         else:

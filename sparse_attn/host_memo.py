@@ -26,12 +26,13 @@ class HostMemo:
     """The values last derived from a few tensors (a model with sliding and full layers gets two masks
     per pass).
 
-    A tensor is known again by its identity, view geometry and version counter, so another tensor, or the
-    same one written in place, derives its value again. Tensors made under torch.inference_mode() have no
-    version counter (a write in place leaves no trace; a serving loop may refill one buffer each step):
-    such a tensor is known again only within a forward pass, while the callers' `layer` indices keep
-    rising, and by its storage (a fresh view of the same mask in each layer is the same). Sources are
-    held weakly: a memo never keeps a (possibly large) mask alive.
+    A tensor is known again only within a forward pass, while the callers' `layer` indices keep rising
+    (a serving loop may refill one buffer between passes, and some writes leave no trace: through numpy,
+    `.data`, or under torch.inference_mode(), whose tensors have no version counter), and there by its
+    identity, view geometry and version counter, so another tensor, or the same one written in place,
+    derives its value again. An inference tensor is known by its storage instead (a fresh view of the
+    same mask in each layer is the same). Sources are held weakly: a memo never keeps a (possibly large)
+    mask alive.
     """
 
     _ENTRIES = 4
@@ -44,13 +45,12 @@ class HostMemo:
         read by `layer` (the caller's layer index; anything but an int counts as unknown)."""
         sources = sources if isinstance(sources, tuple) else (sources,)
         layer = layer if isinstance(layer, int) else None
-        inference = any(t.is_inference() for t in sources)
         key = (*signature, *(_state(t) for t in sources))
         bases = tuple(None if t.is_inference() else _base(t) for t in sources)
         for entry in self.entries:
             if entry.key != key or not all(_same(ref, base) for ref, base in zip(entry.bases, bases)):
                 continue
-            if inference and (layer is None or entry.layer is None or layer <= entry.layer):
+            if layer is None or entry.layer is None or layer <= entry.layer:
                 continue  # another pass may have refilled it
             entry.layer = layer
             return entry.value

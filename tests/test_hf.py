@@ -410,6 +410,8 @@ def test_unsupported_features_raise():
         ("xattention", {"stride": 3}, ValueError, "stride=3 must divide block_size=128"),
         ("xattention", {"block_size": 0}, ValueError, "block_size"),
         ("xattention", {"chunk_size": 100}, ValueError, "chunk_size=100 must be a multiple"),
+        ("xattention", {"threshold": True}, TypeError, "threshold must be a float"),
+        ("xattention", {"threshold": torch.full((1, 2, 4), 0.9)}, ValueError, "got shape \\(1, 2, 4\\)"),
         ("proxyattn", {"gamma": 0.0}, ValueError, "gamma"),
         ("proxyattn", {"stride": 200}, ValueError, "stride=200"),
         ("proxyattn", {"threshold": 0.9}, TypeError, "no option"),

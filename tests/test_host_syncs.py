@@ -67,14 +67,25 @@ def test_host_memo_derives_again_for_a_new_or_written_tensor():
         return int(t.sum())
 
     mask = torch.ones(2, 5, dtype=torch.bool)
-    assert memo.get(mask, (), lambda: derive(mask)) == 10
-    assert memo.get(mask[:, :], (), lambda: derive(mask)) == 10  # a fresh view of the same tensor
+    assert memo.get(mask, (), lambda: derive(mask), layer=0) == 10
+    assert memo.get(mask[:, :], (), lambda: derive(mask), layer=1) == 10  # a fresh view of the same tensor
     assert len(calls) == 1
     mask[0, 0] = False  # written in place: derived again
-    assert memo.get(mask, (), lambda: derive(mask)) == 9
-    assert memo.get(mask, ("other",), lambda: derive(mask)) == 9  # another signature
-    assert memo.get(mask.clone(), (), lambda: derive(mask)) == 9  # another tensor
+    assert memo.get(mask, (), lambda: derive(mask), layer=2) == 9
+    assert memo.get(mask, ("other",), lambda: derive(mask), layer=3) == 9  # another signature
+    assert memo.get(mask.clone(), (), lambda: derive(mask), layer=4) == 9  # another tensor
     assert len(calls) == 4
+
+
+def test_host_memo_derives_again_in_every_pass():
+    """A buffer refilled between passes by a write that leaves the version counter alone (through numpy,
+    or `.data`): a new pass (the layers start again) derives afresh."""
+    memo, buffer = HostMemo(), torch.ones(2, 5, dtype=torch.bool)
+    assert memo.get(buffer, (), lambda: int(buffer.sum()), layer=0) == 10
+    version = buffer._version
+    buffer.numpy()[0, :3] = False
+    assert buffer._version == version  # no trace of the write
+    assert memo.get(buffer, (), lambda: int(buffer.sum()), layer=0) == 7
 
 
 def test_routed_moba_decode_makes_no_host_sync():
