@@ -322,7 +322,9 @@ class SparseAttnConfig:
         self.decode = _check_decode(self.method, decode)
         self.layers = None if layers is None else _layer_ids(layers, "layers")
         self.dense_layers = _layer_ids(dense_layers or (), "dense_layers")
-        self.stats = AttentionStats(track_density=bool(track_density))
+        if not isinstance(track_density, bool):
+            raise TypeError(f"track_density must be a bool, got {type(track_density).__name__}")
+        self.stats = AttentionStats(track_density=track_density)
         # observer(layer_idx, query, key): called on every unpadded full prefill (calibration capture).
         self.observer = None
         self._overrides = {}

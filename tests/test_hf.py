@@ -703,3 +703,8 @@ def test_gpu_inductor_compiles_the_patched_model(method, options):
         torch._dynamo.reset()
         compiled = torch.compile(model)(ids).logits.float()
     assert (compiled - eager).abs().max() <= 0.05 * eager.abs().max()
+
+
+def test_track_density_must_be_a_bool():
+    with pytest.raises(TypeError, match="track_density must be a bool"):
+        hf.SparseAttnConfig("dense", track_density="yes")

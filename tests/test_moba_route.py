@@ -523,3 +523,9 @@ def test_key_conv_rejects_bad_arguments():
         KeyShortConv(8)(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
     with pytest.raises(ValueError, match="cu_seqlens"):
         KeyShortConv(8)(torch.zeros(5, 2, 4), cu_seqlens=torch.tensor([0, 4]))
+    # Integer keys would truncate the float taps (0.4 -> 0): refused on every entry point.
+    keys = torch.ones(1, 2, 3, 4, dtype=torch.int64)
+    for call in (lambda: KeyShortConv(8)(keys), lambda: KeyShortConv(8).next_state(keys),
+                 lambda: KeyShortConv(8)(keys[0].transpose(0, 1), cu_seqlens=torch.tensor([0, 3]))):  # fmt: skip
+        with pytest.raises(TypeError, match="k must have dtype"):
+            call()
