@@ -252,11 +252,8 @@ def _check_cu_seqlens(cu, name, total, max_seqlen, device) -> int:
 
 # ---------------------------------------------------------------------------------- PyTorch paths
 def _reference_attention(q, k, v, layout, causal, scale):
-    compute = reference.working_dtype(q.dtype)
-    out, lse = reference.block_sparse_attention_reference(
-        q, k, v, layout, causal=causal, softmax_scale=scale, compute_dtype=compute
-    )
-    return out.to(q.dtype), lse
+    oracle = reference.block_sparse_attention_reference
+    return reference.at_working_precision(oracle, q, k, v, layout, causal=causal, softmax_scale=scale)
 
 
 def _pytorch_path(backend: str, return_lse: bool):

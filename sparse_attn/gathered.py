@@ -77,12 +77,7 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     heads = tile // num_tiles % list_heads
     where = _TileSpots(tile // (num_tiles * list_heads), heads // (list_heads // k.shape[1]), tile % num_tiles)
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    geometry = _Geometry(tile_rows, kv_block_size, seq_q, k.shape[2], causal, scale, lse_grad, differentiable)
-    # torch's CPU flash kernel takes the mask as an additive -inf: a non-finite key that a row does not
-    # attend would still reach it (inf - inf), so such keys take the masked path. A host read: CPU only.
-    geometry.additive_mask = (
-        FLASH_CPU is not None and q.device.type == "cpu" and not geometry.lse_grad and bool(torch.isfinite(k).all())
-    )
+    geometry = _Geometry(tile_rows, kv_block_size, seq_q, k, causal, scale, lse_grad, differentiable)
     widths = (blocks >= 0).sum(dim=-1)
     # Per listed key: a mask column of the tile's rows, and its key and value rows.
     saved = int(widths.sum()) * kv_block_size * (group * tile_rows + 2 * dim)
@@ -120,10 +115,16 @@ class _Unattended(torch.autograd.Function):
 
 
 class _Geometry:
-    def __init__(self, tile_rows, kv_block_size, seq_q, seq_kv, causal, scale, lse_grad, differentiable):
+    def __init__(self, tile_rows, kv_block_size, seq_q, keys, causal, scale, lse_grad, differentiable):
         self.tile_rows, self.kv_block_size = tile_rows, kv_block_size
-        self.seq_q, self.seq_kv, self.causal, self.scale = seq_q, seq_kv, causal, scale
+        self.seq_q, self.seq_kv, self.causal, self.scale = seq_q, keys.shape[2], causal, scale
         self.lse_grad, self.differentiable = lse_grad and differentiable, differentiable
+        # torch's CPU flash kernel (no LSE gradient) takes the mask as an additive -inf: a non-finite key
+        # that a row does not attend would still reach it (inf - inf), so such keys take the masked path.
+        # A host read: CPU only.
+        self.additive_mask = (
+            FLASH_CPU is not None and keys.device.type == "cpu" and not self.lse_grad and bool(keys.isfinite().all())
+        )
 
 
 class _TileSpots:

@@ -255,7 +255,7 @@ def _resolve_threshold(threshold):
     """A float, a [Hq] tensor, a [layers, Hq] table, or the path of a JSON table from `save_thresholds`."""
     if isinstance(threshold, (str, os.PathLike)):
         return load_thresholds(threshold)[0]
-    if isinstance(threshold, bool) or (not isinstance(threshold, (int, float, list, tuple, torch.Tensor))):
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, list, tuple, torch.Tensor)):
         raise TypeError(
             f"XAttention threshold must be a float, a [Hq] or [layers, Hq] table, or a path, got {threshold!r}"
         )

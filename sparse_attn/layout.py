@@ -123,6 +123,13 @@ def causal_pair_counts(
     return prefix(q_last[:, None] + shift) - prefix(q_starts[:, None] - 1 + shift)
 
 
+def flex_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts, ascending indices) of a bool block mask [B, H, Mq, N], as FlexAttention's
+    `BlockMask.from_kv_blocks` takes them (padding entries 0, not -1)."""
+    counts, indices = _mask_to_sorted_lists(mask)
+    return counts, indices.clamp(min=0)
+
+
 class BlockSparseLayout:
     """Selected KV blocks per (batch, head, query block); build it with `from_kv_blocks` or `from_dense_mask`."""
 
@@ -292,12 +299,9 @@ class BlockSparseLayout:
             partial = selected & causal_block_mask(*args) & ~full
         else:
             full, partial = selected, torch.zeros_like(selected)
-        (partial_count, partial_idx), (full_count, full_idx) = (_mask_to_sorted_lists(m) for m in (partial, full))
         return BlockMask.from_kv_blocks(
-            partial_count,
-            partial_idx.clamp(min=0),
-            full_count,
-            full_idx.clamp(min=0),
+            *flex_lists(partial),
+            *flex_lists(full),
             BLOCK_SIZE=(self.q_block_size, self.kv_block_size),
             mask_mod=mask_mod,
             seq_lengths=(self.seq_len_q, self.seq_len_kv),

@@ -35,6 +35,13 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def at_working_precision(oracle, q, *args, **kwargs):
+    """oracle(q, *args, compute_dtype=..., **kwargs) at q's working precision, as the public functions'
+    'reference' backend runs it: (out in q's dtype, LSE in the working precision, for a sink to use)."""
+    out, lse = oracle(q, *args, compute_dtype=working_dtype(q.dtype), **kwargs)
+    return out.to(q.dtype), lse
+
+
 def causal_token_mask(seq_len_q: int, seq_len_kv: int, device=None) -> torch.Tensor:
     """Bool [seq_len_q, seq_len_kv], True where key j is visible to query i (bottom-right aligned)."""
     q_pos = torch.arange(seq_len_q, device=device)[:, None] + (seq_len_kv - seq_len_q)

@@ -105,11 +105,8 @@ def _gathered_attention(q, k, v, indices, scale):
 
 
 def _reference_attention(q, k, v, indices, scale):
-    compute = reference.working_dtype(q.dtype)
-    out, lse = reference.token_sparse_attention_reference(
-        q, k, v, indices, causal=False, softmax_scale=scale, compute_dtype=compute
-    )
-    return out.to(q.dtype), lse
+    oracle = reference.token_sparse_attention_reference
+    return reference.at_working_precision(oracle, q, k, v, indices, causal=False, softmax_scale=scale)
 
 
 def token_sparse_attn(

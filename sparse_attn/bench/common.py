@@ -16,7 +16,8 @@ import torch
 
 from .. import tiles
 from .._native import backend_report
-from ..reference import _mask_to_sorted_lists, block_sparse_attention_reference
+from ..layout import flex_lists
+from ..reference import block_sparse_attention_reference
 
 
 def environment() -> dict:
@@ -99,10 +100,12 @@ def median_ms(fn, device: torch.device, *, warmup_ms: float = 25, rep_ms: float 
 
 
 def _long_call_median_ms(fn) -> float:
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")  # 5x the H100's 50 MB L2
+    from triton import runtime
+
+    cache = runtime.driver.active.get_empty_cache_for_benchmark()  # do_bench's L2 flush
     times = []
     for _ in range(LONG_CALL_SAMPLES):
-        flush.zero_()
+        runtime.driver.active.clear_cache(cache)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -313,12 +316,6 @@ def folded_decode_block_mask(layout, hq: int, hkv: int):
     return BlockMask.from_kv_blocks(
         *flex_lists(union), BLOCK_SIZE=(_FLEX_Q_BLOCK, block), mask_mod=mask_mod, seq_lengths=(rows, layout.seq_len_kv)
     )
-
-
-def flex_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counts, ascending indices) of a bool block mask [B, H, Mq, N], as Flex's BlockMask takes them."""
-    counts, indices = _mask_to_sorted_lists(mask)
-    return counts, indices.clamp(min=0)
 
 
 def best_dense(record: dict, suffix: str = "_ms") -> tuple[str | None, float | None]:

@@ -26,12 +26,13 @@ from collections.abc import Iterator
 
 import torch
 
+from ..layout import flex_lists
 from ..methods.moba import _pairs as _spans
 from ..methods.moba import _sequence as _document
 from ..methods.moba import moba_attn_varlen, moba_route, moba_route_varlen
 from ..testing import structured_qkv
 from . import quality
-from .common import add_speedup, compiled_flex, dense_peers, flash_attn_function, flex_lists, time_passes, timed
+from .common import add_speedup, compiled_flex, dense_peers, flash_attn_function, time_passes, timed
 from .moba import routed_pairs
 
 FULL = dict(

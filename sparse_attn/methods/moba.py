@@ -369,13 +369,9 @@ def _sequence(packed: torch.Tensor, span) -> torch.Tensor:
 
 
 def _reference_in_dtype(q, k, v, routes, block_size, causal, scale):
-    """The oracle at the working precision of q's dtype (fp64 for fp64, else fp32): (out in q's dtype, LSE in
-    the working precision)."""
-    compute = reference.working_dtype(q.dtype)
-    out, lse = moba_attention_reference(
-        q, k, v, routes, block_size=block_size, causal=causal, softmax_scale=scale, compute_dtype=compute
+    return reference.at_working_precision(
+        moba_attention_reference, q, k, v, routes, block_size=block_size, causal=causal, softmax_scale=scale
     )
-    return out.to(q.dtype), lse
 
 
 def _pytorch_path(backend: str):
