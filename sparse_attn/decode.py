@@ -15,7 +15,7 @@ from ._native import HAS_NATIVE, _has_kernel
 from .engine import _check_qkv, _default_scale
 from .layout import BlockSparseLayout
 from .selection import _check_bool, _check_flags
-from .sinks import check_attn_sink, with_attn_sink
+from .sinks import attention_result, check_attn_sink
 
 __all__ = ["block_sparse_decode", "decode_available", "decode_kernel_accepts", "MAX_DECODE_QUERIES"]
 
@@ -111,8 +111,7 @@ def block_sparse_decode(
     out, lse = torch.ops.sparse_attn.block_sparse_decode(
         q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.kv_block_size, causal, scale, num_splits
     )
-    out = with_attn_sink(out, lse, attn_sink)
-    return (out, lse.float()) if return_lse else out
+    return attention_result(out, lse, attn_sink, return_lse)
 
 
 def _register_fake() -> None:
@@ -124,5 +123,13 @@ def _register_fake() -> None:
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
+def _no_backward(ctx, grad_out, grad_lse):
+    raise NotImplementedError(
+        f"sparse_attn::{OP_NAME} is inference only (no backward); block_sparse_attn is differentiable"
+    )
+
+
 if HAS_NATIVE and hasattr(torch.ops.sparse_attn, OP_NAME):
     _register_fake()
+    # An op without an autograd kernel would hand back inputs with no gradient and only a warning.
+    torch.library.register_autograd(f"sparse_attn::{OP_NAME}", _no_backward)

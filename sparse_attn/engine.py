@@ -23,7 +23,7 @@ import torch
 from . import gathered, reference
 from .layout import BlockSparseLayout
 from .selection import _check_bool, _check_flags
-from .sinks import check_attn_sink, with_attn_sink
+from .sinks import attention_result, check_attn_sink
 
 __all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "triton_available"]
 
@@ -82,8 +82,8 @@ def _check_qkv(q, k, v, packed: bool):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != rank:
             raise ValueError(f"{name} must be {rank}-D {shape_text}, got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if not t.is_floating_point() or t.element_size() == 1:
+            raise TypeError(f"{name} must be a 16-, 32- or 64-bit floating-point tensor, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
         if t.dtype != q.dtype:
@@ -136,11 +136,11 @@ def _layout_block_sizes(layout: BlockSparseLayout) -> dict:
     return {"layout q_block_size": layout.q_block_size, "layout kv_block_size": layout.kv_block_size}
 
 
-def _default_scale(scale, head_dim) -> float:
+def _default_scale(scale, head_dim, name="softmax_scale") -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"softmax_scale must be a positive finite float, got {scale!r}")
+        raise ValueError(f"{name} must be a positive finite float, got {scale!r}")
     return float(scale)
 
 
@@ -178,8 +178,7 @@ def block_sparse_attn(
         out, lse = _triton_attention(q, k, v, layout, causal, scale, None, None)
     else:
         out, lse = _pytorch_path(resolved, return_lse or attn_sink is not None)(q, k, v, layout, causal, scale)
-    out = with_attn_sink(out, lse, attn_sink)
-    return (out, lse.float()) if return_lse else out
+    return attention_result(out, lse, attn_sink, return_lse)
 
 
 def block_sparse_attn_varlen(
@@ -220,6 +219,8 @@ def block_sparse_attn_varlen(
             f"layout is for seq_len_q={layout.seq_len_q}, seq_len_kv={layout.seq_len_kv}; varlen layouts "
             f"must use max_seqlen_q={max_seqlen_q} and max_seqlen_k={max_seqlen_k}"
         )
+    if layout.device != q.device:
+        raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
     layout.head_map(q.shape[1], k.shape[1])
     scale = _default_scale(softmax_scale, q.shape[-1])
     resolved = _resolve_backend(backend, q, _layout_block_sizes(layout))
@@ -228,8 +229,7 @@ def block_sparse_attn_varlen(
     else:
         attention = _pytorch_path(resolved, return_lse or attn_sink is not None)
         out, lse = _per_sequence(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, layout, causal, scale)
-    out = with_attn_sink(out, lse.t(), attn_sink)  # lse (Hq, total) against out (total, Hq, D)
-    return (out, lse.float()) if return_lse else out
+    return attention_result(out, lse, attn_sink, return_lse, packed=True)
 
 
 def _check_cu_seqlens(cu, name, total, max_seqlen, device) -> int:

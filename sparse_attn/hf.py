@@ -398,9 +398,12 @@ def _warn_once(key: str, message: str) -> None:
 class PatchHandle:
     """Returned by `patch`: `config`, `stats`, and `unpatch()`; also a context manager that unpatches on exit."""
 
-    def __init__(self, model, config: SparseAttnConfig, previous, indexers=()):
+    def __init__(self, model, config: SparseAttnConfig):
         self.model = model
         self.config = config
+        self.active = False
+
+    def _activate(self, previous, indexers) -> None:
         self._previous = previous  # [(config object, its previous _attn_implementation)]
         self._indexers = list(indexers)  # [(attention module, its own indexer)] where HISA replaced it
         self._hooks = []  # the block-mean trackers of routed MoBA decode layers
@@ -487,10 +490,16 @@ def patch(
     table_rows = config.max_table_layer()
     if table_rows is not None and layer_ids and max(layer_ids) >= table_rows:
         raise ValueError(f"the threshold table has {table_rows} layers, but the model has layer {max(layer_ids)}")
+    return _apply(model, config)
+
+
+def _apply(model, config: SparseAttnConfig, handle: PatchHandle | None = None) -> PatchHandle:
+    """Install a checked plan; `handle` (an unpatched one) is re-activated rather than a new one made."""
     hisa_indexers = _hisa_indexers(model, config)  # before unpatch: a plan that fails leaves the old patch
     unpatch(model)
     previous = [(c, _read_implementation(c)) for c in _model_configs(model)]
-    handle = PatchHandle(model, config, previous, [(attention, hisa.dsa_indexer) for attention, hisa in hisa_indexers])
+    handle = handle or PatchHandle(model, config)
+    handle._activate(previous, [(attention, hisa.dsa_indexer) for attention, hisa in hisa_indexers])
     for attention, indexer in hisa_indexers:
         attention.indexer = indexer
     for module in model.modules():
@@ -539,12 +548,29 @@ def _hisa_indexers(model, config: SparseAttnConfig) -> list:
             f"HISA replaces the lightning indexer of a DeepSeek Sparse Attention model (DeepSeek-V3.2, "
             f"GLM-MoE-DSA); {name} has none"
         )
+    _check_shared_indexer_plans(model, config, {getattr(a, "layer_idx", None) for a, _ in indexers})
     swaps = []
     for attention, indexer in indexers:
         plan = config.plan(getattr(attention, "layer_idx", None))
         if plan.method == "hisa":
             swaps.append((attention, HISAIndexer(indexer, **plan.options, decode=plan.decode)))
     return swaps
+
+
+def _check_shared_indexer_plans(model, config: SparseAttnConfig, indexed_layers: set) -> None:
+    """A layer without an indexer of its own (GLM-MoE-DSA's 'shared' layers) attends over the top-k of the
+    nearest indexed layer before it, so it cannot run a plan of its own: refuse one that differs."""
+    sources = sorted(i for i in indexed_layers if isinstance(i, int))
+    for module in model.modules():
+        layer_idx = getattr(module, "layer_idx", None)
+        if getattr(module, "indexer", False) is not None or not isinstance(layer_idx, int):
+            continue
+        source = max((i for i in sources if i < layer_idx), default=None)
+        if source is not None and config.plan(layer_idx) != config.plan(source):
+            raise ValueError(
+                f"layer {layer_idx} reuses layer {source}'s indexer selection (it has no indexer of its own), "
+                f"so it must have layer {source}'s plan: got {config.plan(layer_idx)} against {config.plan(source)}"
+            )
 
 
 def unpatch(model) -> bool:
@@ -557,25 +583,35 @@ def unpatch(model) -> bool:
 
 
 @contextlib.contextmanager
-def patched(model, method, **config):
-    """`with patched(model, "xattention", threshold=0.9) as handle: ...`: patch, then unpatch on exit."""
+def _scoped_patch(model, method, **config):
+    """Patch for a `with` block; on exit the model is as it was on entry, so a patch that was active
+    then (the same handle object) is back in force."""
+    outer = model.__dict__.get(_HANDLE_ATTR) if isinstance(model, torch.nn.Module) else None
     handle = patch(model, method, **config)
     try:
         yield handle
     finally:
         handle.unpatch()
+        if outer is not None and not outer.active and _HANDLE_ATTR not in model.__dict__:
+            _apply(model, outer.config, outer)
+
+
+@contextlib.contextmanager
+def patched(model, method, **config):
+    """`with patched(model, "xattention", threshold=0.9) as handle: ...`: patch, then on exit restore the
+    model's state on entry (its original attention, or the patch that was active)."""
+    with _scoped_patch(model, method, **config) as handle:
+        yield handle
 
 
 @contextlib.contextmanager
 def observing(model, observer):
     """Dense attention, calling `observer(layer_idx, query, key)` (post-RoPE, detached) on every unpadded
-    full prefill: how `calibrate_xattention` reads a model's q and k without keeping them."""
-    handle = patch(model, "dense")
-    handle.config.observer = observer
-    try:
+    full prefill: how `calibrate_xattention` reads a model's q and k without keeping them. On exit the
+    model's patch on entry, if any, is back in force."""
+    with _scoped_patch(model, "dense") as handle:
+        handle.config.observer = observer
         yield handle
-    finally:
-        handle.unpatch()
 
 
 def configure(method, **config) -> SparseAttnConfig | None:

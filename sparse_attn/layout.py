@@ -140,7 +140,7 @@ class BlockSparseLayout:
         self.kv_block_size = kv_block_size
         self.seq_len_q = seq_len_q
         self.seq_len_kv = seq_len_kv
-        self._transposed = None
+        self._transposed, self._transposed_key = None, None
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -250,8 +250,13 @@ class BlockSparseLayout:
         """(q_num_blocks [B, H, N], q_indices [B, H, N, Mq]): for each KV block the query blocks that read it.
 
         Built once on the layout's device (the backward pass walks KV blocks)."""
-        if self._transposed is None:
+        lists = (self.kv_num_blocks, self.kv_indices)
+        # Kept while the lists are the same, unedited tensors (an in-place edit bumps their versions; inference
+        # tensors keep none, so theirs are transposed afresh on every call).
+        key = None if any(t.is_inference() for t in lists) else tuple((id(t), t._version) for t in lists)
+        if self._transposed is None or key is None or key != self._transposed_key:
             self._transposed = selection.layout_transpose(self.kv_num_blocks, self.kv_indices, self.num_kv_blocks)
+            self._transposed_key = key
         return self._transposed
 
     @property

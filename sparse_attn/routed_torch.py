@@ -113,7 +113,11 @@ class _RoutedAttention(torch.autograd.Function):
         plan = _Plan(q, k, routes, block_size, causal, scale)
         q_rows, k_blocks, v_blocks = plan.rows(q) * scale, plan.blocks(k), plan.blocks(v)
         routes_rows = routes.reshape(-1, plan.topk)
-        out = torch.empty_like(q_rows)
+        shape = (plan.batch, plan.num_q_heads, plan.seq_q)
+        # Allocated in the output's shape so that, in q's dtype, the output is this tensor and not a view
+        # of it: saved for backward, an in-place edit of it then fails there as autograd's version check.
+        result = q_rows.new_empty(*shape, plan.dim)
+        out = result.view(-1, plan.dim)
         lse = torch.empty(q_rows.shape[0], dtype=plan.compute, device=q.device)
         for chunk in plan.row_chunks():
             tiles = _Tiles(plan, routes_rows, chunk)
@@ -122,15 +126,19 @@ class _RoutedAttention(torch.autograd.Function):
             probs, lse[chunk] = _row_softmax(scores, local, chunk.stop - chunk.start)
             pair_out = torch.bmm(probs, v_blocks[tiles.blocks])
             out[chunk].zero_().index_add_(0, local.flatten(), pair_out.flatten(0, 1))
-        ctx.save_for_backward(q, k, v, routes, out, lse)
+        ctx.save_for_backward(q, k, v, routes, result, lse)
         ctx.plan = plan
-        shape = (plan.batch, plan.num_q_heads, plan.seq_q)
-        return out.view(*shape, plan.dim).to(q.dtype), lse.view(shape)  # lse in the working precision
+        return result.to(q.dtype), lse.view(shape)  # lse in the working precision
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
+        if torch.is_grad_enabled():  # create_graph: this backward reads O and the LSE as constants
+            raise NotImplementedError(
+                "moba attention's PyTorch path has no second derivative; backend='reference' has one"
+            )
         q, k, v, routes, out, lse = ctx.saved_tensors
         plan = ctx.plan
+        out = out.view(-1, plan.dim)
         q_rows, k_blocks, v_blocks = plan.rows(q) * plan.scale, plan.blocks(k), plan.blocks(v)
         grad_rows = plan.rows(grad_out)
         delta = (grad_rows * out).sum(dim=-1)

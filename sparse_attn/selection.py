@@ -83,7 +83,8 @@ def block_mean_pool(keys: torch.Tensor, block_size: int) -> torch.Tensor:
     """
     _check_tensor(keys, "keys", dim=4, dtypes=_FLOAT_TYPES)
     _check_int(block_size, "block_size", 1)
-    return _run("block_mean_pool", keys.device, keys, block_size)
+    # A block longer than the keys is all of them: the same means, and no int64 overflow in the op.
+    return _run("block_mean_pool", keys.device, keys, min(block_size, max(keys.shape[2], 1)))
 
 
 def topk_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -116,6 +117,9 @@ def threshold_select(scores, threshold, *, forced=None, allowed=None):
     if scores.dim() < 1:
         raise ValueError("scores must have at least one dimension")
     lead, n = scores.shape[:-1], scores.shape[-1]
+    numeric = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+    if not numeric and not (isinstance(threshold, torch.Tensor) and threshold.is_floating_point()):
+        raise TypeError(f"threshold must be a float or a float tensor, got {type(threshold).__name__}")
     tau = torch.as_tensor(threshold, dtype=torch.float64, device=scores.device)
     try:
         tau = torch.broadcast_to(tau, lead)

@@ -15,7 +15,7 @@ import torch
 
 from .selection import _check_tensor
 
-__all__ = ["check_attn_sink", "sdpa_with_sink", "with_attn_sink"]
+__all__ = ["attention_result", "check_attn_sink", "sdpa_with_sink", "with_attn_sink"]
 
 _SINK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -43,6 +43,13 @@ def with_attn_sink(out: torch.Tensor, lse: torch.Tensor, attn_sink) -> torch.Ten
     # A row without a key keeps output 0 whatever the sink (-inf - -inf would be NaN).
     kept = torch.sigmoid(torch.where(lse == float("-inf"), lse, lse - attn_sink.to(lse.dtype).view(shape)))
     return (out * kept[..., None]).to(out.dtype)
+
+
+def attention_result(out: torch.Tensor, lse: torch.Tensor, attn_sink, return_lse: bool, *, packed: bool = False):
+    """A public function's return: `out` with the sink applied, and the LSE as fp32 when asked.
+    `packed`: out is (total, Hq, D) against lse (Hq, total)."""
+    out = with_attn_sink(out, lse.t() if packed else lse, attn_sink)
+    return (out, lse.float()) if return_lse else out
 
 
 # SDPA's flash and cuDNN kernels take head dims that are multiples of 8.

@@ -17,12 +17,13 @@ dense-mask oracle.
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from . import reference
 from .engine import _check_qkv, _default_scale, choose_backend
-from .gathered import unattended
+from .gathered import SAVED_ELEMENTS, unattended
 from .selection import _check_flags, _check_int, _check_tensor
-from .sinks import check_attn_sink, with_attn_sink
+from .sinks import attention_result, check_attn_sink
 
 __all__ = ["sparse_mla", "token_sparse_attn"]
 
@@ -74,34 +75,46 @@ def _resolve(backend: str, q, k, v) -> str:
 
 def _gathered_attention(q, k, v, indices, scale):
     """The PyTorch path: (out in q's dtype, lse in the working precision), differentiable, a chunk of query
-    rows at a time."""
+    rows at a time; under autograd each chunk is recomputed in backward once what all of them would keep
+    (their gathered keys and values, logits and probabilities) exceeds `gathered.SAVED_ELEMENTS`."""
     batch, num_q_heads, seq_q, _ = q.shape
     num_kv_heads, seq_kv = k.shape[1], k.shape[2]
-    compute = reference.working_dtype(q.dtype)
-    group = num_q_heads // num_kv_heads
     per_row = num_q_heads * indices.shape[-1] * (k.shape[-1] + v.shape[-1])
     step = max(1, _TORCH_CHUNK_ELEMENTS // max(per_row, 1))
     if seq_kv == 0:  # no key: one zero row to gather from keeps the shapes; every index stays invalid
         k, v = (torch.nn.functional.pad(t, (0, 0, 0, 1)) for t in (k, v))
-    batch_ids = torch.arange(batch, device=q.device)[:, None, None, None]
-    head_ids = torch.arange(num_kv_heads, device=q.device)[None, None, :, None]
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    kept = batch * seq_q * indices.shape[-1] * (num_kv_heads * (k.shape[-1] + v.shape[-1]) + 2 * num_q_heads)
+    recompute = differentiable and kept > SAVED_ELEMENTS
     outs, lses = [], []
     for lo in range(0, seq_q, step):
-        idx = indices[:, lo : lo + step].expand(-1, -1, num_kv_heads, -1).long()  # [B, c, Hkv, K]
-        valid = (idx >= 0) & (idx < seq_kv)
-        rows = idx.clamp(0, max(seq_kv - 1, 0))
-        keys = k[batch_ids, head_ids, rows].to(compute)  # [B, c, Hkv, K, D]
-        values = v[batch_ids, head_ids, rows].to(compute)
-        queries = q[:, :, lo : lo + step].to(compute)
-        queries = queries.unflatten(1, (num_kv_heads, group)).permute(0, 3, 1, 2, 4)  # [B, c, Hkv, g, D]
-        logits = torch.einsum("bchgd,bchkd->bchgk", queries, keys) * scale
-        probs, lse = reference.masked_softmax(logits, valid[:, :, :, None, :])
-        out = torch.einsum("bchgk,bchkd->bchgd", probs, values)
-        outs.append(out.flatten(2, 3).permute(0, 2, 1, 3))  # [B, Hq, c, Dv]
-        lses.append(lse.flatten(2, 3).permute(0, 2, 1))
+        args = (q[:, :, lo : lo + step], k, v, indices[:, lo : lo + step], seq_kv, scale)
+        out, lse = checkpoint(_gathered_chunk, *args, use_reentrant=False) if recompute else _gathered_chunk(*args)
+        outs.append(out)
+        lses.append(lse)
     if not outs:
         return unattended(q, k, v), q.new_zeros(batch, num_q_heads, 0).float()
     return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+
+
+def _gathered_chunk(queries, k, v, indices, seq_kv: int, scale):
+    """(out [B, Hq, c, Dv], lse [B, Hq, c]) in the working precision for a chunk of query rows."""
+    batch, num_q_heads = queries.shape[:2]
+    num_kv_heads = k.shape[1]
+    compute = reference.working_dtype(queries.dtype)
+    batch_ids = torch.arange(batch, device=queries.device)[:, None, None, None]
+    head_ids = torch.arange(num_kv_heads, device=queries.device)[None, None, :, None]
+    idx = indices.expand(-1, -1, num_kv_heads, -1).long()  # [B, c, Hkv, K]
+    valid = (idx >= 0) & (idx < seq_kv)
+    rows = idx.clamp(0, max(seq_kv - 1, 0))
+    keys = k[batch_ids, head_ids, rows].to(compute)  # [B, c, Hkv, K, D]
+    values = v[batch_ids, head_ids, rows].to(compute)
+    queries = queries.to(compute).unflatten(1, (num_kv_heads, num_q_heads // num_kv_heads))
+    queries = queries.permute(0, 3, 1, 2, 4)  # [B, c, Hkv, g, D]
+    logits = torch.einsum("bchgd,bchkd->bchgk", queries, keys) * scale
+    probs, lse = reference.masked_softmax(logits, valid[:, :, :, None, :])
+    out = torch.einsum("bchgk,bchkd->bchgd", probs, values)
+    return out.flatten(2, 3).permute(0, 2, 1, 3), lse.flatten(2, 3).permute(0, 2, 1)
 
 
 def _reference_attention(q, k, v, indices, scale):
@@ -132,26 +145,29 @@ def token_sparse_attn(
         out, lse = _gathered_attention(q, k, v, indices, scale)
     else:
         out, lse = _reference_attention(q, k, v, indices, scale)
-    out = with_attn_sink(out, lse, attn_sink)
-    return (out, lse.float()) if return_lse else out
+    return attention_result(out, lse, attn_sink, return_lse)
 
 
-def sparse_mla(q, kv, indices, sm_scale, d_v=512, attn_sink=None, *, backend="auto"):
+def sparse_mla(q, kv, indices, sm_scale, d_v=512, attn_sink=None, *, backend="auto", check_indices=False):
     """FlashMLA's sparse MLA prefill (`flash_mla_sparse_fwd`), differentiable: (out, lse).
 
     q (s_q, h_q, d_qk), kv (s_kv, h_kv, d_qk) with V the first `d_v` dims of kv, indices int (s_q, h_kv,
     topk); a leading batch axis on all three is accepted. `sm_scale` is the model's softmax scale (for
     DeepSeek's MLA, 192^-1/2 times the YaRN factor, not d_qk^-1/2). Returns out (..., s_q, h_q, d_v) in q's
     dtype and the fp32 natural-log lse (..., s_q, h_q); rows without a valid index give 0 and -inf.
+    A valid index may appear once per row; `check_indices=True` checks that (a sort per row).
     """
     if sm_scale is None:  # token_sparse_attn would take d_qk^-1/2, which is wrong for MLA
         raise TypeError("sm_scale is required: MLA's softmax scale is the model's (192^-1/2 times YaRN's factor)")
+    _default_scale(sm_scale, 1, "sm_scale")
     batched = isinstance(q, torch.Tensor) and q.dim() == 4
     for name, t in (("q", q), ("kv", kv), ("indices", indices)):
         _check_tensor(t, name, dim=4 if batched else 3)
     d_v = _check_int(d_v, "d_v", 1)
     if d_v > kv.shape[-1]:
         raise ValueError(f"d_v={d_v} exceeds the kv head dim {kv.shape[-1]}")
+    if q.shape[-1] != kv.shape[-1]:
+        raise ValueError(f"q and kv must share d_qk, got {q.shape[-1]} and {kv.shape[-1]}")
     if not batched:
         q, kv, indices = q[None], kv[None], indices[None]
     keys = kv.transpose(1, 2)
@@ -164,6 +180,7 @@ def sparse_mla(q, kv, indices, sm_scale, d_v=512, attn_sink=None, *, backend="au
         attn_sink=attn_sink,
         return_lse=True,
         backend=backend,
+        check_indices=check_indices,
     )
     out, lse = out.transpose(1, 2), lse.transpose(1, 2)
     return (out, lse) if batched else (out[0], lse[0])

@@ -90,3 +90,24 @@ def test_flags_must_be_bools(value):
     for name, call in _with_flag(value):
         with pytest.raises(TypeError, match=f"^{name} must be a bool"):
             call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_attention_refuses_8_bit_floats(dtype):
+    """fp8 attention inputs are refused up front (they failed inside ops, or ran and returned fp8), by every
+    attention function; the DSA indexer takes fp8 q and k on purpose and is not among them."""
+    q, k, v = (t.to(dtype) for t in _qkv())
+    layout = random_block_layout(1, 4, 32, 32, 16, 16, 0.5, seed=0, device=DEVICE)
+    indices = torch.zeros(1, 32, 2, 4, dtype=torch.int32, device=DEVICE)
+    calls = [
+        lambda: sparse_attn.block_sparse_attn(q, k, v, layout),
+        lambda: sparse_attn.moba_attn(q, k, v, block_size=16, topk=2),
+        lambda: sparse_attn.xattention_attn(q, k, v, block_size=16, stride=4),
+        lambda: sparse_attn.proxy_attn(q, k, v, block_size=16, stride=4),
+        lambda: sparse_attn.s2o_attention(q, k, v, segment_len=16, block_m=16, block_n=16),
+        lambda: sparse_attn.token_sparse_attn(q, k, v, indices),
+        lambda: sparse_attn.sparse_mla(q[0].transpose(0, 1), k[0, :1].transpose(0, 1), indices[0, :, :1], 0.1, d_v=8),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match="16-, 32- or 64-bit floating-point"):
+            call()

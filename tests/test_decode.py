@@ -218,6 +218,10 @@ def test_opcheck_cpu(rng):
     q, k, v = make_qkv(rng, 2, 4, 2, 3, 150, 16, torch.float32)
     args = (q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.kv_block_size, True, 0.25, 3)
     torch.library.opcheck(torch.ops.sparse_attn.block_sparse_decode.default, args)
+    # Called directly with inputs that need gradients, the op refuses backward rather than skipping them.
+    out, _ = torch.ops.sparse_attn.block_sparse_decode(q.requires_grad_(), *args[1:])
+    with pytest.raises(NotImplementedError, match="inference only"):
+        out.sum().backward()
 
 
 # ------------------------------------------------------------------------------------------------ errors

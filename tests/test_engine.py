@@ -10,7 +10,7 @@ import torch
 from sparse_attn import BlockSparseLayout
 from sparse_attn.engine import block_sparse_attn, block_sparse_attn_varlen, triton_available
 from sparse_attn.reference import block_sparse_attention_reference
-from sparse_attn.testing import assert_flash_rule, max_err, random_block_layout
+from sparse_attn.testing import assert_flash_rule, assert_flash_rule_with_grads, max_err, random_block_layout
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
@@ -88,6 +88,17 @@ MULTI_TILE_CASES = {
     # list's end (rows) and start (columns), past the 4 entries that one probe of them reads.
     "future_blocks_masked": (1, 2, 2, 256, 256, 32, 32, 1.0, False),
 }
+
+
+@pytest.mark.parametrize("kv_block", [16, 32])
+def test_every_causal_shift_within_a_block(rng, kv_block):
+    """Bottom-right causality at every offset Skv - Sq modulo the KV block: the full/partial block split
+    and the diagonal mask depend on it, and a shift of one key off is invisible at block-aligned offsets."""
+    for shift in range(kv_block):
+        seq_q = 24
+        q, k, v = make_qkv(rng, 1, 2, 1, seq_q, seq_q + shift, 16, torch.float32)
+        density = 1.0 if shift % 2 else 0.6
+        check_against_reference(q, k, v, random_layout(rng, 1, 1, seq_q, seq_q + shift, 16, kv_block, density))
 
 
 @pytest.mark.parametrize("case", list(MULTI_TILE_CASES))
@@ -197,6 +208,43 @@ def test_varlen_matches_per_sequence_runs(rng):
     grad = torch.randn_like(out)
     for g, r in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref_out, (q, k, v), grad)):
         assert max_err(g, r) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_varlen_chunked_prefill_against_a_per_sequence_oracle(rng, dtype):
+    """Query and key lengths of their own per sequence (chunked prefill: Lq < Lk, one query, no query with
+    keys, equal lengths): each sequence's rows against the fp64 oracle of that sequence alone, its blocks
+    anchored at its own starts and its causality bottom-right, on FlashAttention's rule."""
+    lengths_q, lengths_k = [1, 0, 37, 16, 9], [40, 7, 37, 70, 9]
+    hq, hkv, dim, max_q, max_k = 4, 2, 32, max(lengths_q), max(lengths_k)
+    layout = random_layout(rng, len(lengths_q), hkv, max_q, max_k, 16, 16, 0.6)
+    cu_q, cu_k = (
+        torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        for lengths in (lengths_q, lengths_k)
+    )
+    q = torch.randn(sum(lengths_q), hq, dim, generator=rng).to(DEVICE, dtype).requires_grad_()
+    k, v = (torch.randn(sum(lengths_k), hkv, dim, generator=rng).to(DEVICE, dtype).requires_grad_() for _ in "kv")
+    out = block_sparse_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, layout)
+    assert not torch.isnan(out).any(), "unwritten (poisoned) output"
+    blocks = layout.to_dense_mask()
+
+    def oracle(compute_dtype):
+        parts = []
+        for i, (len_q, len_k) in enumerate(zip(lengths_q, lengths_k)):
+            rows, keys = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+            if len_q == 0:
+                parts.append(q.new_zeros(0, hq, dim, dtype=compute_dtype))
+                continue
+            own = BlockSparseLayout.from_dense_mask(
+                blocks[i : i + 1, :, : -(-len_q // 16), : -(-len_k // 16)].contiguous(),
+                q_block_size=16, kv_block_size=16, seq_len_q=len_q, seq_len_kv=len_k,
+            )  # fmt: skip
+            seq_q, seq_k, seq_v = (t[s].transpose(0, 1)[None] for t, s in ((q, rows), (k, keys), (v, keys)))
+            o, _ = block_sparse_attention_reference(seq_q, seq_k, seq_v, own, compute_dtype=compute_dtype)
+            parts.append(o[0].transpose(0, 1))
+        return torch.cat(parts)
+
+    assert_flash_rule_with_grads(out, oracle(torch.float64), oracle(dtype), (q, k, v), rng)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -479,6 +527,21 @@ def test_layout_mismatch_and_block_size_errors(rng):
         block_sparse_attn(q.double(), k.double(), v.double(), odd, backend="triton")
     with pytest.raises(ValueError, match="softmax_scale"):
         block_sparse_attn(q, k, v, odd, softmax_scale=-1.0)
+    # A layout on another device: said by both entry points (not a host pointer handed to a kernel).
+    elsewhere = BlockSparseLayout.from_dense_mask(
+        torch.ones(1, 1, 2, 2, dtype=torch.bool, device="meta"),
+        q_block_size=16,
+        kv_block_size=16,
+        seq_len_q=32,
+        seq_len_kv=32,
+    )
+    cu = torch.tensor([0, 32], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="layout is on meta"):
+        block_sparse_attn(q, k, v, elsewhere)
+    with pytest.raises(ValueError, match="layout is on meta"):
+        block_sparse_attn_varlen(
+            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, 32, 32, elsewhere
+        )
 
 
 @pytest.mark.gpu

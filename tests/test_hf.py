@@ -20,7 +20,12 @@ from sparse_attn import hf  # noqa: E402
 from sparse_attn.methods.moba import moba_attn  # noqa: E402
 from sparse_attn.methods.xattention import save_thresholds  # noqa: E402
 from sparse_attn.reference import masked_attention  # noqa: E402
-from sparse_attn.testing import TINY_CAUSAL_LM, assert_patched_bf16_follows_flash_rule, cache_argument  # noqa: E402
+from sparse_attn.testing import (  # noqa: E402
+    TINY_CAUSAL_LM,
+    assert_patched_bf16_follows_flash_rule,
+    cache_argument,
+    max_err,
+)
 
 SEQ_LEN, BLOCK = 256, 64
 FULL_XATTN = {"threshold": 1.0, "block_size": BLOCK, "stride": 8}
@@ -464,6 +469,46 @@ def test_old_transformers_is_rejected(monkeypatch):
         hf.configure("dense")
 
 
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("moba", {"block_size": BLOCK, "topk": 2}),
+        ("xattention", {"threshold": 0.6, "block_size": BLOCK, "stride": 8}),
+        ("proxyattn", {"gamma": 0.6, "block_size": BLOCK, "min_budget_tokens": BLOCK}),
+        ("s2o", {"tau": 0.3, "segment_len": BLOCK, "block_m": 16, "block_n": 16}),
+    ],
+)
+def test_sparse_budget_equals_the_method_called_directly(reference_engine, monkeypatch, method, options):
+    """At a budget that drops keys, each layer's output is the method's own function on that layer's q, k
+    and v (post-RoPE, GQA, the model's scale): the patcher adds nothing and loses nothing."""
+    import sparse_attn
+
+    direct = {
+        "moba": sparse_attn.moba_attn,
+        "xattention": sparse_attn.xattention_attn,
+        "proxyattn": sparse_attn.proxy_attn,
+        "s2o": sparse_attn.s2o_attention,
+    }[method]
+    seen = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        out, weights = hf.sparse_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        seen.append((query, key, value, kwargs.get("scaling"), out))
+        return out, weights
+
+    model, ids = _model("llama"), _ids()
+    with torch.no_grad(), hf.patched(model, method, **options):
+        # After patching, which registers the function: the model looks it up on every call.
+        monkeypatch.setitem(transformers.AttentionInterface._global_mapping, hf.ATTENTION_NAME, recording)
+        model(ids)
+    assert len(seen) == 2
+    for query, key, value, scaling, out in seen:
+        expected = direct(query, key, value, softmax_scale=scaling, **options).transpose(1, 2)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        dense = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        assert max_err(out, dense.transpose(1, 2)) > 1e-4  # the budget dropped keys
+
+
 # ---------------------------------------------------------------------------------- patch lifecycle
 def test_unpatch_restores_bit_identical_outputs(reference_engine):
     model, ids = _model("llama"), _ids()
@@ -484,6 +529,31 @@ def test_unpatch_restores_bit_identical_outputs(reference_engine):
     from transformers.masking_utils import AttentionMaskInterface
 
     assert AttentionMaskInterface._global_mapping["sparse_attn"] is hf.keep_mask
+
+
+def test_nested_scopes_restore_the_patch_active_on_entry(reference_engine):
+    """`patched` and `observing` (calibration's) inside a patch put that same patch back on exit."""
+    model, ids = _model("llama"), _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        outer = hf.patch(model, "xattention", threshold=0.5, block_size=BLOCK, track_density=True)
+        sparse = model(ids).logits
+        with hf.patched(model, "moba", block_size=BLOCK, topk=1) as inner:
+            assert not outer.active and inner.active
+            assert not torch.equal(model(ids).logits, sparse)
+        assert outer.active and not inner.active and model.__dict__[hf._HANDLE_ATTR] is outer
+        calls = sum(outer.stats.calls.values())
+        assert torch.equal(model(ids).logits, sparse) and sum(outer.stats.calls.values()) > calls
+        seen = []
+        with hf.observing(model, lambda layer, q, k: seen.append(layer)):
+            assert torch.equal(model(ids).logits, before)
+        assert seen == [0, 1] and outer.active and torch.equal(model(ids).logits, sparse)
+        with hf.patched(model, "dense"):
+            replacement = hf.patch(model, "moba", block_size=BLOCK, topk=1)  # a plain patch inside replaces
+        assert replacement.active and not outer.active
+        hf.unpatch(model)
+        assert torch.equal(model(ids).logits, before)
+        assert model.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize(

@@ -299,6 +299,30 @@ def test_unpatch_restores_the_indexers_and_outputs():
     assert torch.equal(model(ids).logits, before)
 
 
+@torch.no_grad()
+@pytest.mark.skipif("glm_moe_dsa" not in FAMILIES, reason="this transformers has no GLM-MoE-DSA")
+def test_shared_indexer_layers_take_their_source_layers_plan():
+    """GLM-MoE-DSA's 'shared' layers attend over the previous indexed layer's top-k: one plan for both, or a
+    ValueError naming the layers; with one plan, HISA's selection reaches the shared layer."""
+    torch.manual_seed(0)
+    config = transformers.GlmMoeDsaConfig(
+        **COMMON, head_dim=24, attn_implementation="sdpa", indexer_types=["full", "shared"]
+    )
+    model = transformers.GlmMoeDsaForCausalLM(config).eval()
+    assert model.model.layers[1].self_attn.indexer is None
+    ids = _ids()
+    expected = model(ids).logits
+    with pytest.raises(ValueError, match="layer 1 reuses layer 0"):
+        hf.patch(model, "hisa", layer_config={1: {"method": "dense"}}, **PRUNING)
+    with pytest.raises(ValueError, match="layer 1 reuses layer 0"):
+        hf.patch(model, "hisa", layers=[0], **PRUNING)
+    with hf.patched(model, "dense"):
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    with hf.patched(model, "hisa", **PRUNING) as handle:
+        pruned = model(ids).logits
+    assert {key[0] for key in handle.stats.calls} == {0, 1} and not torch.allclose(pruned, expected)
+
+
 def test_methods_that_do_not_fit_raise(monkeypatch):
     model = _model()
     with pytest.raises(ValueError, match="DeepSeek Sparse Attention model"):

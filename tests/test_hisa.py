@@ -28,6 +28,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TIE_EPS = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setenv("SPARSE_ATTN_POISON_OUTPUTS", "1")
+
+
 def _pooled(k, ks, ke, block_size, k_scale):
     """HISA's batch pooling of k's blocks for the sequences that ks and ke draw."""
     return _pool_segments(k, hisa_segments(ks, ke, k.shape[0], block_size=block_size), k_scale)[0]
@@ -249,6 +254,12 @@ def test_incremental_block_means_equal_batch_pooling(rng, with_scale):
             assert torch.equal(means, batch), n
         else:
             torch.testing.assert_close(means, batch, rtol=1e-6, atol=1e-6)
+    # Keys of another kind than those pooled so far (dtype; scaled or not) start over: no mixed sums.
+    half = k.half()
+    torch.testing.assert_close(cache.update(half[:50]), _pooled(half[:50].float(), zero, zero + 50, 32, None))
+    if scale is not None:
+        cache.update(k[:60], scale[:60])
+        torch.testing.assert_close(cache.update(k[:70]), _pooled(k[:70], zero, zero + 70, 32, None))
 
 
 def test_decode_selection_equals_the_prefill_row(rng, path):
@@ -378,6 +389,18 @@ def test_segments_are_checked_against_the_call(rng, path):
         hisa_indexer(q, k, weights, ks, ke, segments=hisa_segments(ks, ke, 56, block_size=16), **options)
     with pytest.raises(TypeError, match="segments must be a HISASegments"):
         hisa_indexer(q, k, weights, ks, ke, segments=tuple(segments), **options)
+    # Equal bounds in other tensors are the same grid; other bounds of the same sizes are not.
+    copies = (ks.clone().long(), ke.clone())
+    assert torch.equal(hisa_indexer(q, k, weights, *copies, segments=segments, **options), expected)
+    other_ks, other_ke = packed_inputs(rng, [24, 32], heads=2, dim=16)[3:]
+    with pytest.raises(ValueError, match="drawn from other bounds"):
+        hisa_indexer(q, k, weights, ks, ke, segments=hisa_segments(other_ks, other_ke, 56, block_size=8), **options)
+    # A serving loop's buffers refilled in place for the next batch: the old grid is refused.
+    ks_buffer, ke_buffer = ks.clone(), ke.clone()
+    stale = hisa_segments(ks_buffer, ke_buffer, 56, block_size=8)
+    ks_buffer.copy_(other_ks), ke_buffer.copy_(other_ke)
+    with pytest.raises(ValueError, match="drawn from other bounds"):
+        hisa_indexer(q, k, weights, ks_buffer, ke_buffer, segments=stale, **options)
 
 
 # ---------------------------------------------------------------------------------- batched
@@ -402,6 +425,11 @@ def test_batched_selection_matches_packed_and_decode_rows(rng, path):
         assert set(valid_entries(decode[b, 0, 0])) == set(valid_entries(got[b, -1, 0]))
     flat = dsa_select(q, k, weights, topk=24, causal=False)
     assert int(flat.max()) >= seq_kv - seq_q  # non-causal rows see the whole sequence
+    # No query rows, or no batch rows: empty selections of the right shape.
+    for select in (dsa_select, hisa_select):
+        extra = {} if select is dsa_select else dict(block_size=16, block_topk=3)
+        assert select(q[:, :0], k, weights[:, :0], topk=24, **extra).shape == (batch, 0, 1, 24)
+        assert select(q[:0], k[:0], weights[:0], topk=24, **extra).shape == (0, seq_q, 1, 24)
 
 
 # ---------------------------------------------------------------------------------- errors

@@ -39,6 +39,14 @@ def test_transposed_lists(rng):
     q2, i2 = flipped.transposed()
     assert torch.equal(q2, layout.kv_num_blocks) and torch.equal(i2, layout.kv_indices)
     assert layout.q_num_blocks is q_counts  # built once
+    # ... while the lists stay as they are: an in-place edit of the caller's tensors is seen.
+    layout.kv_num_blocks.zero_()
+    assert not bool(layout.q_num_blocks.any()) and not bool(layout.transposed()[0].any())
+    with torch.inference_mode():
+        _, inference = random_layout(rng)
+        before = inference.q_num_blocks.clone()
+        inference.kv_num_blocks.zero_()  # no version counter here: transposed afresh on every call
+        assert before.any() and not bool(inference.q_num_blocks.any())
 
 
 def test_geometry_and_head_map(rng):

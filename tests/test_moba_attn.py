@@ -69,6 +69,13 @@ def test_matches_oracle(rng, case, dtype):
     check(q, k, v, block_size=block, topk=topk)
 
 
+def test_every_causal_shift_within_a_block(rng):
+    """Bottom-right causality of the own block at every offset Skv - Sq modulo the block size."""
+    for shift in range(16):
+        q, k, v = make_qkv(rng, 1, 2, 1, 20, 40 + shift, 16, torch.float32)
+        check(q, k, v, block_size=16, topk=2)
+
+
 def test_non_causal(rng):
     q, k, v = make_qkv(rng, 1, 2, 2, 96, 96, 32, torch.float32)
     check(q, k, v, block_size=32, topk=2, causal=False)
@@ -270,6 +277,21 @@ def test_lse_gradient(rng):
         torch.autograd.grad((lse * grad_lse).sum(), (pq, pk)), torch.autograd.grad((ref_lse * grad_lse).sum(), (pq, pk))
     ):
         assert max_err(g, r) < 1e-4
+
+
+def test_torch_path_autograd_hygiene(rng):
+    """The PyTorch path's backward treats O and the LSE as constants, so it refuses a second derivative (one
+    that ran would be wrong); its output is a tensor of its own, and an in-place edit of it before backward
+    is caught by autograd's version check rather than corrupting the gradients."""
+    q, k, v = make_qkv(rng, 1, 2, 2, 16, 16, 8, torch.float64)
+    out = moba_attn(q, k, v, block_size=4, topk=2, backend="torch")
+    with pytest.raises(NotImplementedError, match="second derivative"):
+        torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    out = moba_attn(q, k, v, block_size=4, topk=2, backend="torch")
+    assert out._base is None
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_strided_inputs_and_offsets(rng, strided_views):

@@ -10,11 +10,13 @@ from sparse_attn.methods.moba import (
     MoBABlockMeans,
     _route_from_means,
     _route_with_means,
+    moba_attention_reference,
     moba_attn,
     moba_decode,
     moba_route,
 )
 from sparse_attn.selection import topk_rows
+from sparse_attn.testing import assert_flash_rule
 
 
 def small_int(rng, *shape):
@@ -147,6 +149,22 @@ def test_moba_decode_equals_moba_attn_rows(rng, num_queries, use_cache):
         assert decode_kernel_accepts(rows, k, v)  # the split-KV decode kernel (C++ twin on the CPU)
     out = moba_decode(rows, k, v, block_size=32, topk=3, block_means=cache)
     torch.testing.assert_close(out, full[:, :, -num_queries:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_queries", [1, 4])
+def test_moba_decode_follows_the_flash_rule_in_16_bits(rng, dtype, num_queries):
+    """The decode path (the split-KV op's C++ twin for one query, the engine for several) against the fp64
+    oracle of the same routes, within twice the error of a same-precision PyTorch implementation."""
+    q = torch.randn(2, 4, 300, 64, generator=rng).to(dtype)
+    k, v = (torch.randn(2, 2, 300, 64, generator=rng).to(dtype) for _ in range(2))
+    routes = moba_route(q, k, block_size=32, topk=3)
+    rows = slice(300 - num_queries, 300)
+    ref, _ = moba_attention_reference(q, k, v, routes, block_size=32)
+    same, _ = moba_attention_reference(q, k, v, routes, block_size=32, compute_dtype=dtype)
+    out = moba_decode(q[:, :, rows], k, v, block_size=32, topk=3, block_means=MoBABlockMeans(32))
+    assert out.dtype == dtype
+    assert_flash_rule(out, ref[:, :, rows], same[:, :, rows], 2, "output")
 
 
 @pytest.mark.parametrize("cache_len, num_queries", [(10, 1), (10, 3), (31, 1), (32, 1)])

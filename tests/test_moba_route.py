@@ -529,3 +529,14 @@ def test_key_conv_rejects_bad_arguments():
                  lambda: KeyShortConv(8)(keys[0].transpose(0, 1), cu_seqlens=torch.tensor([0, 3]))):  # fmt: skip
         with pytest.raises(TypeError, match="k must have dtype"):
             call()
+    # Options are what they say: no truthy strings, no float widths, and a state that is float keys.
+    for options, error, match in [
+        ({"residual": "False"}, TypeError, "residual must be a bool"),
+        ({"bias": 1}, TypeError, "bias must be a bool"),
+        ({"width": 3.0}, TypeError, "width must be an int"),
+    ]:
+        with pytest.raises(error, match=match):
+            KeyShortConv(8, **options)
+    for state, error in [([0], TypeError), (torch.zeros(1, 2, 2, 4, dtype=torch.int64), TypeError)]:
+        with pytest.raises(error, match="state"):
+            KeyShortConv(8)(torch.zeros(1, 2, 3, 4), state)

@@ -70,7 +70,10 @@ def test_estimate_matches_float64_reference(rng, path, case, dtype):
     scores = proxy_estimate(q, k, **options)
     ref = proxy_estimate_reference(q, k, **options)
     assert scores.dtype == torch.float32 and scores.shape == ref.shape
-    assert max_err(scores, ref) <= (1e-3 if dtype == torch.float32 else 1e-2)
+    # fp16: the pooled proxy queries are rounded to fp16 for the product (measured up to 2.3e-4 here);
+    # fp32 accumulates exactly rounded products on the CPU, the GPU's tensor cores round more.
+    bound = 2e-3 if dtype == torch.float16 else 1e-5 if DEVICE.type == "cpu" else 1e-3
+    assert max_err(scores, ref) <= bound
     if causal:  # fully future blocks score exactly 0
         hidden = ~causal_block_mask(seq_q, seq_kv, block, block, DEVICE)
         assert not bool(scores[..., hidden].any())
@@ -149,12 +152,16 @@ def brute_force_selection(scores, head_blocks, seq_q, seq_kv, block, floor_token
     return mask
 
 
-@pytest.mark.parametrize("seq_q,seq_kv,causal", [(128, 128, True), (70, 150, True), (60, 100, False)])
-def test_selection_equals_brute_force(rng, seq_q, seq_kv, causal):
+@pytest.mark.parametrize("seq_q,seq_kv,causal", [(128, 128, True), (70, 150, True), (70, 157, True), (60, 100, False)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_selection_equals_brute_force(rng, seq_q, seq_kv, causal, ties):
+    """Including offsets Skv - Sq off the block grid, and scores rounded to a few values: ties go low."""
     block, batch, heads, groups = 16, 2, 6, 2
     num_kv_blocks = -(-seq_kv // block)
     q, k, _ = make_qkv(rng, batch, heads, 2, seq_q, seq_kv, 16, torch.float32)
     scores = proxy_estimate(q, k, num_proxy_groups=groups, stride=4, block_size=block, causal=causal)
+    if ties:
+        scores = (scores * 20).round() / 20
     head_blocks = torch.randint(1, num_kv_blocks + 1, (batch, heads), generator=rng).to(DEVICE)
     for floor_tokens in (0, 16, 48):
         layout = proxy_select(

@@ -97,6 +97,61 @@ def test_output_does_not_depend_on_the_query_order_at_tau_zero(rng, backend):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=2e-6)
 
 
+def stop_rule_oracle(q, k, plan, block_m, block_n, tau, stop_rule):
+    """n_blocks [B, Hq, segments, tiles] from spec 4.2 written out in float64, one tile at a time, and per
+    tile the statistic at its deciding block (its distance from tau says whether rounding may flip it).
+    Tiles past a segment's rows keep -1 (no decision)."""
+    batch, num_q_heads, _, dim = q.shape
+    group, tiles = num_q_heads // k.shape[1], plan.segment_len // block_m
+    q64, k64 = q.detach().double() / dim**0.5, k.detach().double()
+    n_blocks = torch.full((batch, num_q_heads, plan.num_segments, tiles), -1, dtype=torch.long)
+    margin = torch.full(n_blocks.shape, float("inf"), dtype=torch.float64)
+    for b in range(batch):
+        for h in range(num_q_heads):
+            for g in range(plan.num_segments):
+                order, history = plan.queries(g)[b, h].long().cpu(), plan.history_len(g)
+                pi = plan.keys(g)[b, h // group].long().cpu()
+                for t in range(-(-len(order) // block_m)):
+                    rows = order[t * block_m : (t + 1) * block_m]
+                    absolute = rows + plan.seq_offset
+                    logits_all = q64[b, h, rows] @ k64[b, h // group].T  # [rows, Skv]
+                    peak = logits_all.max(dim=-1, keepdim=True).values
+                    own = torch.arange(k.shape[2])
+                    local = (own >= history) & (own[None, :] <= absolute[:, None])
+                    mass = torch.where(local, (logits_all - peak).exp(), 0).sum(-1)
+                    processed = 0
+                    for start in range(0, history, block_n):
+                        block = pi[start : start + block_n]
+                        delta = (logits_all[:, block] - peak).exp().sum(-1)
+                        mass = mass + delta
+                        ratio = delta / mass
+                        statistic = ratio.max() if stop_rule == "max" else ratio.mean()
+                        processed += 1
+                        margin[b, h, g, t] = min(margin[b, h, g, t], abs(float(statistic) - tau))
+                        if statistic < tau:
+                            break
+                    n_blocks[b, h, g, t] = processed
+    return n_blocks, margin
+
+
+@pytest.mark.parametrize("stop_rule", ["max", "mean"])
+@pytest.mark.parametrize("case", ["gqa_chunk_ragged", "mqa_odd_dim"])
+def test_stop_decisions_follow_the_rule_written_out(rng, backend, case, stop_rule):
+    """Property 2's other half: the processed block counts themselves, against the stop rule recomputed in
+    float64 from the plan alone (not from the counts the call reports); a tile may differ only where its
+    statistic lies within rounding of tau."""
+    q, k, v = make_qkv(rng, case, torch.float32, structured=True)
+    opts = options(case, stop_rule=stop_rule)
+    for tau in (0.05, 0.3):
+        _, stats = s2o_attention(q, k, v, tau=tau, return_stats=True, backend=backend, **opts)
+        expected, margin = stop_rule_oracle(q, k, stats.plan, opts["block_m"], opts["block_n"], tau, stop_rule)
+        decided = expected >= 0
+        got = stats.n_blocks.long().cpu()
+        assert 0 < int((expected[decided] < expected[decided].max()).sum()), "the rule never stopped early"
+        differs = decided & (got != expected)
+        assert bool((margin[differs] < 1e-4).all()), f"tau={tau}: {int(differs.sum())} tiles decided otherwise"
+
+
 # ---------------------------------------------------------------------------------- property 2
 @pytest.mark.parametrize("stop_rule", ["max", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -323,10 +378,44 @@ def test_bad_shapes_and_plans(rng):
         )
 
 
+def test_torch_path_recomputes_segments_above_the_saved_budget(rng, monkeypatch):
+    """Under autograd the PyTorch path keeps each segment's logits while all of them fit SAVED_ELEMENTS
+    and recomputes them in backward beyond it (they grow as S^2 / 2): the same numbers and decisions."""
+    import sparse_attn.methods.s2o as s2o_module
+
+    q, k, v = (t.detach().double().requires_grad_() for t in make_qkv(rng, "gqa_chunk_ragged", torch.float32))
+    results = []
+    for budget in (1 << 40, 0):
+        monkeypatch.setattr(s2o_module, "SAVED_ELEMENTS", budget)
+        out, stats = s2o_attention(q, k, v, tau=0.1, return_stats=True, backend="torch", **options("gqa_chunk_ragged"))
+        results.append((stats.n_blocks, out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for kept, again in zip(*results):
+        torch.testing.assert_close(kept, again, rtol=0, atol=1e-12)
+
+
 def test_empty_query_chunk():
-    q, k = torch.zeros(2, 2, 0, 16, device=DEVICE), torch.randn(2, 1, 8, 16, device=DEVICE)
+    q = torch.zeros(2, 2, 0, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 1, 8, 16, device=DEVICE, requires_grad=True)
     out, stats = s2o_attention(q, k, k, segment_len=32, block_m=16, block_n=16, return_stats=True)
     assert out.shape == q.shape and stats.n_blocks.shape == (2, 2, 0, 2)
+    out.sum().backward()  # still in the graph, with zero gradients
+    assert q.grad.shape == q.shape and not k.grad.any()
+
+
+def test_inspection_helpers_check_their_inputs(rng):
+    q = torch.randn(1, 2, 40, 16, generator=rng).to(DEVICE)
+    k = torch.randn(1, 2, 40, 16, generator=rng).to(DEVICE)
+    _, stats = s2o_attention(q, k, k, segment_len=16, block_m=16, block_n=16, tau=0.1, return_stats=True)
+    plan, n_blocks = stats.plan, stats.n_blocks
+    for rows, error in [(torch.tensor([40]), ValueError), (torch.tensor([-1]), ValueError), ([1, 2], TypeError)]:
+        with pytest.raises(error, match="rows"):
+            s2o_processed_mask(plan, n_blocks, block_m=16, block_n=16, rows=rows)
+    with pytest.raises(TypeError, match="rows must have dtype"):
+        s2o_processed_mask(plan, n_blocks, block_m=16, block_n=16, rows=torch.tensor([1.5]))
+    with pytest.raises(TypeError, match="plan must be an S2OPlan"):
+        s2o_processed_mask("plan", n_blocks, block_m=16, block_n=16)
+    with pytest.raises(ValueError, match="query_order must be int32"):
+        s2o_reference(q[:, :, :30], k, k, plan, n_blocks, block_m=16, block_n=16)
 
 
 @needs_triton

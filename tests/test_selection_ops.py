@@ -41,6 +41,7 @@ def test_block_mean_pool_of_a_view_equals_pooling_a_copy(rng, dtype):
         assert torch.equal(sparse_attn.block_mean_pool(view, 32), sparse_attn.block_mean_pool(view.contiguous(), 32))
 
 
+@needs_native  # without the extension the package runs the reference itself
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_block_mean_pool_divides_exact_sums_like_the_reference(rng, dtype):
     """Integer keys sum exactly; the mean is then one correctly rounded division, bit-identical to the
@@ -59,6 +60,14 @@ def test_block_mean_pool_rejects_bad_input():
         sparse_attn.block_mean_pool(torch.randn(1, 1, 4, 2), 0)
 
 
+def test_block_mean_pool_block_longer_than_the_keys(rng):
+    keys = torch.randn(1, 2, 50, 8, generator=rng)
+    for block_size in (50, 64, 2**40, 2**63 - 1):  # one block of every key, whatever the size (no overflow)
+        means = sparse_attn.block_mean_pool(keys, block_size)
+        torch.testing.assert_close(means, keys.mean(dim=2, keepdim=True))
+
+
+@needs_native  # without the extension the package runs the reference itself
 # ------------------------------------------------------------------------------------- top-k
 @pytest.mark.parametrize("k", [0, 1, 3, 12, 40])
 def test_topk_rows_matches_reference_with_ties(rng, k):
@@ -112,6 +121,7 @@ def random_masses(rng, rows, cols):
     return scores, forced, allowed
 
 
+@needs_native  # without the extension the package runs the reference itself
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_threshold_select_matches_reference(rng, dtype):
     scores, forced, allowed = random_masses(rng, 300, 24)
@@ -189,6 +199,9 @@ def test_threshold_select_errors(rng):
         sparse_attn.threshold_select(scores, 0.5, forced=torch.zeros(4, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="allowed"):
         sparse_attn.threshold_select(scores, 0.5, allowed=torch.ones(4, 6))
+    for bad in ("0.5", None, True, torch.ones(4, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="threshold must be a float"):
+            sparse_attn.threshold_select(scores, bad)
 
 
 # ------------------------------------------------------------------------------------- transpose
@@ -197,6 +210,7 @@ def random_lists(rng, batch, heads, mq, n, density):
     return mask, reference._mask_to_sorted_lists(mask)
 
 
+@needs_native  # without the extension the package runs the reference itself
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 def test_layout_transpose_matches_reference_and_round_trips(rng, density):
     mask, (counts, indices) = random_lists(rng, 2, 3, 7, 5, density)

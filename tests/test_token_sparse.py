@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from sparse_attn.engine import triton_available
 from sparse_attn.methods.hisa import hisa_select
@@ -179,6 +180,13 @@ def test_bad_inputs_raise_clear_errors(rng):
         sparse_mla(q[0].transpose(0, 1), k[0, :1].transpose(0, 1), indices[0, :, :1], 0.1, d_v=32)
     with pytest.raises(TypeError, match="sm_scale is required"):
         sparse_mla(q[0].transpose(0, 1), k[0, :1].transpose(0, 1), indices[0, :, :1], None, d_v=8)
+    mla_q, latent, mla_indices = q[0].transpose(0, 1), k[0, :1].transpose(0, 1), indices[0, :, :1]
+    with pytest.raises(ValueError, match="sm_scale must be"):
+        sparse_mla(mla_q, latent, mla_indices, 0.0, d_v=8)
+    with pytest.raises(ValueError, match="q and kv must share d_qk"):
+        sparse_mla(mla_q[..., :8], latent, mla_indices, 0.1, d_v=8)
+    with pytest.raises(ValueError, match="duplicates"):
+        sparse_mla(mla_q, latent, torch.zeros_like(mla_indices), 0.1, d_v=8, check_indices=True)
     with pytest.raises(ValueError, match="backend"):
         token_sparse_attn(q, k, v, indices, backend="fast")
 
@@ -215,6 +223,49 @@ def test_opcheck_token_sparse_op(rng):
     utils = ("test_schema", "test_autograd_registration")
     utils += ("test_faketensor", "test_aot_dispatch_dynamic") if DEVICE.type == "cuda" else ()
     torch.library.opcheck(token_sparse_attn_fwd, (q, k, v, indices, 0.25), test_utils=utils)
+
+
+@pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
+def test_value_is_key_flag_is_the_same_under_fake_tensors(rng):
+    """The kernel loads v from k's tile when v is k's leading dims; torch.compile decides that on storage-less
+    fake tensors (every data_ptr 0), so the decision must not read pointers and must equal the eager one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparse_attn.kernels.token_sparse_attn import _config
+
+    q = torch.randn(1, 4, 8, 64, generator=rng)
+    latent = torch.randn(1, 2, 32, 64, generator=rng)
+    values = {
+        "distinct": lambda t: t.clone(),
+        "leading dims": lambda t: t[..., :64],
+        "offset view": lambda t: t[..., 1:],
+    }
+    for name, value_of in values.items():
+        eager = _config(q, latent, value_of(latent))["V_IS_K"]
+        with FakeTensorMode() as mode:
+            fake = mode.from_tensor(latent)
+            traced = _config(mode.from_tensor(q), fake, value_of(fake))["V_IS_K"]
+        assert traced == eager == (name == "leading dims"), name
+
+
+def test_torch_path_recomputes_chunks_above_the_saved_budget(rng, monkeypatch):
+    """Under autograd the PyTorch path keeps its chunks while they fit gathered.SAVED_ELEMENTS and
+    checkpoints them beyond it (its backward grew with Sq x K x D): the same numbers either way."""
+    import sparse_attn.token_sparse as token_sparse
+
+    q, k, v = make_inputs(rng, 1, 4, 2, 50, 40, 16, 16, torch.float64)
+    indices = random_indices(rng, 1, 50, 2, 12, 40)
+    monkeypatch.setattr(token_sparse, "_TORCH_CHUNK_ELEMENTS", 4 * 12 * 32 * 7)  # chunks of 7 rows
+    recomputed = []
+    monkeypatch.setattr(token_sparse, "checkpoint", lambda *a, **kw: recomputed.append(1) or checkpoint(*a, **kw))
+    results = []
+    for budget in (1 << 40, 0):
+        monkeypatch.setattr(token_sparse, "SAVED_ELEMENTS", budget)
+        out = token_sparse_attn(q, k, v, indices, backend="torch")
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+        assert len(recomputed) == (0 if budget else 8)
+    for kept, again in zip(*results):
+        torch.testing.assert_close(kept, again, rtol=0, atol=1e-12)
 
 
 def test_no_keys_at_all(rng, backend):

@@ -71,9 +71,11 @@ def test_estimate_matches_float64_reference(rng, case, dtype):
     scores = xattention_estimate(q, k, stride=stride, block_size=block, causal=causal)
     ref = xattention_estimate_reference(q, k, stride=stride, block_size=block, causal=causal)
     assert scores.dtype == torch.float32 and scores.shape == (batch, hq, -(-seq_q // block), -(-seq_kv // block))
-    assert max_err(scores, ref) <= 1e-3 * (block // stride)
+    # fp32 accumulation of exact products on the CPU (the interpreter); the GPU's tensor cores round more.
+    bound = (1e-5 if DEVICE.type == "cpu" else 1e-3) * (block // stride)
+    assert max_err(scores, ref) <= bound
     # The PyTorch path (used without Triton) must agree as well, with chunks cutting through the rows.
-    assert max_err(_estimate_chunked(q, k, stride, block, causal, block), ref) <= 1e-3 * (block // stride)
+    assert max_err(_estimate_chunked(q, k, stride, block, causal, block), ref) <= bound
 
 
 def test_bf16_matches_float64_reference(rng):
@@ -206,6 +208,15 @@ def test_threshold_one_equals_dense_attention(rng, dtype):
     same, _ = masked_attention(q, k, v, allowed, compute_dtype=dtype)
     assert out.dtype == dtype
     assert_flash_rule_with_grads(out, ref, same, (q, k, v), rng)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the kernel's estimate, the PyTorch one
+def test_nan_inputs_reach_the_output_on_both_paths(rng, dtype):
+    q, k, v = (torch.randn(1, h, 64, 16, generator=rng).to(DEVICE, dtype) for h in (4, 2, 2))
+    q[0, 0, 5, 0] = float("nan")
+    out = xattention_attn(q, k, v, stride=4, block_size=16, threshold=0.9)
+    nan_rows = out.isnan().any(dim=-1)
+    assert bool(nan_rows[0, 0, 5]) and int(nan_rows.sum()) == 1
 
 
 def test_per_head_thresholds(rng):

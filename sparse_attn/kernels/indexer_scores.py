@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from .._engine_ops import _poisoned
 from .launch import MAX_GRID_YZ, launcher, wide_index
 
 
@@ -121,7 +122,7 @@ def _launch(q, k, weights, k_scale, ks, ke, tile_starts, block_n, num_out_cols):
     rows, heads, head_dim = q.shape
     gathered = tile_starts is not None
     num_tiles = tile_starts.shape[1] if gathered else triton.cdiv(k.shape[0], block_n)
-    out = torch.empty(rows, num_out_cols, dtype=torch.float32, device=q.device)
+    out = _poisoned(torch.empty(rows, num_out_cols, dtype=torch.float32, device=q.device))[0]
     if out.numel() == 0:
         return out
     tiles_per_program = min(_TILES_PER_PROGRAM, num_tiles)

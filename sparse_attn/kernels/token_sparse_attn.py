@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .._engine_ops import _poisoned, _row_delta, _unit_last_stride, _with_gradient
 from .block_sparse_attn import LOG2E, _batch_head, _widen
@@ -241,7 +242,9 @@ def head_dim_split(head_dim: int) -> tuple[int, int]:
 def _v_is_k(k, v, main: int) -> bool:
     """Whether v is k's leading `main` dims (MLA's latent), which the kernel then loads once. k must hold
     them all: below 16 dims `main` exceeds k's width, and a v wider than k over the same storage is not k."""
-    same_rows = v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
+    # Storage identity and offset rather than data_ptr: torch.compile traces with storage-less fake tensors.
+    same_storage = StorageWeakRef(v.untyped_storage()) == StorageWeakRef(k.untyped_storage())
+    same_rows = same_storage and v.storage_offset() == k.storage_offset() and v.stride() == k.stride()
     return same_rows and v.shape[-1] == main <= k.shape[-1]
 
 

@@ -44,7 +44,7 @@ __all__ = [
 FORCED_MODES = ("slots", "union")
 _FLOAT_INPUTS = (*KERNEL_DTYPES, torch.float64, torch.float8_e4m3fn)
 # Scores held at a time by the functions that return indices (query rows x candidate keys).
-_SCORE_CHUNK_ELEMENTS = 1 << 28
+_SCORE_CHUNK_ELEMENTS = 1 << 26
 # Query rows x heads x keys of the PyTorch path's logits at a time.
 _TORCH_CHUNK_ELEMENTS = 1 << 24
 
@@ -151,7 +151,9 @@ def _torch_scores(q, k, weights, ks, ke, k_scale, positions, dtype, valid=None):
     and where `valid` [M, C] is False."""
     shared = positions.dim() == 1
     out = torch.empty(q.shape[0], positions.shape[-1], dtype=dtype, device=q.device)
-    for lo, hi in _row_chunks(q.shape[0], q.shape[1] * positions.shape[-1], _TORCH_CHUNK_ELEMENTS):
+    # A row holds its logits over every head, and without shared positions its own gathered keys too.
+    per_row = positions.shape[-1] * (q.shape[1] + (0 if shared else k.shape[1]))
+    for lo, hi in _row_chunks(q.shape[0], per_row, _TORCH_CHUNK_ELEMENTS):
         rows = positions[None, :] if shared else positions[lo:hi]
         safe = rows.clamp(0, k.shape[0] - 1)
         scores = _head_sum(q[lo:hi], k if shared else k[safe], weights[lo:hi], dtype)
@@ -231,6 +233,7 @@ class HISASegments(NamedTuple):
     block_starts: torch.Tensor  # int32 [P]: each block's first key position
     num_keys: int
     block_size: int
+    bounds: tuple = ()  # the ks and ke drawn from (tensors, versions, values): hisa_indexer checks its own
 
 
 def hisa_segments(ks, ke, num_keys: int, *, block_size: int = 128) -> HISASegments:
@@ -248,6 +251,7 @@ def hisa_segments(ks, ke, num_keys: int, *, block_size: int = 128) -> HISASegmen
     if ke.shape != ks.shape or ke.device != ks.device:
         raise ValueError(f"ke must match ks ({tuple(ks.shape)} on {ks.device}), got {tuple(ke.shape)} on {ke.device}")
     num_keys, block_size = _check_int(num_keys, "num_keys", 0), _check_int(block_size, "block_size", 1)
+    bounds = (ks, ke, _versions(ks, ke), ks.clone(), ke.clone())  # the values too: a refill reuses ks and ke
     ks, ke = ks.long(), ke.long().clamp(max=num_keys)
     if bool((ks < 0).any()):
         raise ValueError("ks must be >= 0 (key positions)")
@@ -270,25 +274,42 @@ def hisa_segments(ks, ke, num_keys: int, *, block_size: int = 128) -> HISASegmen
     block_starts = starts[seq_of_block] + offsets * block_size
     row_first = torch.where(sees, torch.nn.functional.pad(first_block, (0, 1))[sequence_of_row], 0)
     return HISASegments(
-        starts, ends, first_block, row_first.to(torch.int32), block_starts.to(torch.int32), num_keys, block_size
+        starts, ends, first_block, row_first.to(torch.int32), block_starts.to(torch.int32), num_keys, block_size, bounds
     )
 
 
-def _check_segments(segments, rows: int, num_keys: int, block_size: int, device) -> None:
-    if not isinstance(segments, HISASegments):
+def _versions(*tensors) -> tuple | None:
+    """Autograd's version counters (bumped by every in-place write), or None for inference tensors (none kept)."""
+    return None if any(t.is_inference() for t in tensors) else tuple(t._version for t in tensors)
+
+
+def _check_segments(segments, ks, ke, num_keys: int, block_size: int, device) -> None:
+    """`segments` must be hisa_segments of these bounds: the very tensors (free), else equal ones (a sync)."""
+    if not isinstance(segments, HISASegments) or len(segments.bounds) != 5:
         raise TypeError(f"segments must be a HISASegments (from hisa_segments), got {type(segments).__name__}")
+    rows = ks.shape[0]
     drawn = (segments.row_first.shape[0], segments.num_keys, segments.block_size, segments.row_first.device)
     if drawn != (rows, num_keys, block_size, torch.device(device)):
         raise ValueError(
             f"segments were drawn for {drawn[0]} rows, {drawn[1]} keys, block_size={drawn[2]} on {drawn[3]}; "
             f"this call has {rows} rows, {num_keys} keys, block_size={block_size} on {device}"
         )
+    drawn_ks, drawn_ke, drawn_versions, ks_values, ke_values = segments.bounds
+    if drawn_ks is ks and drawn_ke is ke and drawn_versions == _versions(ks, ke):
+        # The very tensors, unchanged since: a refill in place bumps their versions (inference tensors
+        # keep none, so there only identity is checked: a no-sync decode step).
+        return
+    same = torch.equal(ks_values.long(), ks.long()) and torch.equal(
+        ke_values.long().clamp(max=num_keys), ke.long().clamp(max=num_keys)
+    )
+    if not same:
+        raise ValueError("segments were drawn from other bounds than this call's ks and ke: use hisa_segments(ks, ke)")
 
 
 def _pool_segments(k, segments: HISASegments, k_scale):
     """fp32 means of each sequence's key blocks. Returns (pooled [P, D], block start positions [P], first
     pooled block of every row [M]). A ragged tail block averages its real keys."""
-    starts, ends, first_block, row_first, block_starts, _, block_size = segments
+    starts, ends, first_block, row_first, block_starts, _, block_size, _ = segments
     positions = torch.arange(int(starts[0]), k.shape[0], device=k.device)
     seq = torch.searchsorted(starts, positions, right=True) - 1
     inside = positions < ends[seq]
@@ -337,7 +358,8 @@ class HISABlockMeans:
     `hisa_indexer(..., block_means=...)` (batched: flattened to [B * blocks, D], the sequences at ks = b * N).
     A partial last block averages its real rows. Rows are added in position order, as batch pooling adds
     them, so on the CPU the means equal batch pooling bit for bit. A cache that shrank or changed batch,
-    width or device starts over; a rewritten one needs `reset()`.
+    width, device or dtype, or a change between scaled and unscaled keys, starts over; a rewritten one
+    needs `reset()`.
     """
 
     def __init__(self, block_size: int = 128):
@@ -345,7 +367,7 @@ class HISABlockMeans:
         self.reset()
 
     def reset(self) -> None:
-        self.sums, self.counts, self.length = None, None, 0
+        self.sums, self.counts, self.length, self._keys_kind = None, None, 0, None
 
     def update(self, k, k_scale=None) -> torch.Tensor:
         _check_tensor(k, "k", dtypes=_FLOAT_INPUTS)
@@ -355,10 +377,11 @@ class HISABlockMeans:
         keys = k if batched else k[None]
         _check_k_scale(k_scale, k.shape[:-1])
         sums, (batch, num_keys, dim) = self.sums, keys.shape
-        if sums is None or num_keys < self.length or sums.shape[::2] != (batch, dim) or sums.device != k.device:
+        kind = (k.device, k.dtype, k_scale is None)  # sums pooled from other keys than these would mix in
+        if sums is None or num_keys < self.length or sums.shape[::2] != (batch, dim) or self._keys_kind != kind:
             self.sums = torch.zeros(batch, 0, dim, dtype=torch.float32, device=k.device)
             self.counts = torch.zeros(0, dtype=torch.float32, device=k.device)
-            self.length = 0
+            self.length, self._keys_kind = 0, kind
         grow = -(-num_keys // self.block_size) - self.sums.shape[1]
         self.sums = torch.nn.functional.pad(self.sums, (0, 0, 0, grow))
         self.counts = torch.nn.functional.pad(self.counts, (0, grow))
@@ -427,15 +450,18 @@ def hisa_indexer(
     candidate: at most `block_topk` of them ('slots') or `block_topk + 2` ('union').
     `block_means` (from `HISABlockMeans.update(k)`, decode) replaces the pooling: the means of every
     sequence, concatenated in order. `segments`, `hisa_segments(ks, ke, len(k), block_size=block_size)`
-    of these very bounds, saves drawing the grid again (its host syncs) in each call that shares them.
+    of these very bounds, saves drawing the grid again (its host syncs) in each call that shares them; it is
+    checked against them (free for the same, unedited tensors; else one sync). Under inference_mode, bounds
+    refilled in place need fresh segments: inference tensors keep no version counter to show the edit.
     """
     check_options(block_size=block_size, block_topk=block_topk, topk=topk, forced=forced)
     _check_bool(relative, "relative")
+    bounds = (ks, ke)
     q, k, weights, ks, ke, k_scale = _check_indexer_inputs(q, k, weights, ks, ke, k_scale)
     if segments is None:
         segments = hisa_segments(ks, ke, k.shape[0], block_size=block_size)
     else:
-        _check_segments(segments, q.shape[0], k.shape[0], block_size, q.device)
+        _check_segments(segments, *bounds, k.shape[0], block_size, q.device)
     if q.shape[0] == 0 or segments.block_starts.shape[0] == 0:  # no row sees a key
         return torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=q.device)
     ke = ke.clamp(max=k.shape[0])  # keys past the end do not exist (as in the flat indexer's logits)
@@ -486,7 +512,7 @@ def _flatten_batched(q, k, weights, causal: bool):
 
 def _batched_indices(flat_indices, offsets, batch: int, seq_q: int):
     local = torch.where(flat_indices >= 0, flat_indices - offsets[:, None].to(flat_indices.dtype), -1)
-    return local.to(torch.int32).view(batch, seq_q, 1, -1)
+    return local.to(torch.int32).view(batch, seq_q, 1, flat_indices.shape[-1])
 
 
 def dsa_select(q, k, weights, *, topk=2048, causal=True):

@@ -85,7 +85,9 @@ def indexer_kl_loss(index_scores, q, k, *, indices=None, softmax_scale=None, cau
         allowed = allowed.expand(q.shape[0], seq_q, seq_kv)
     else:
         allowed = (indices >= 0) & (indices < seq_kv)
-    step = max(1, _CHUNK_ELEMENTS // max(q.shape[1] * allowed.shape[-1], 1))
+    # A row's elements: its logits over every head, and in the sparse stage its gathered keys (K x Hkv x D).
+    keys_per_row = allowed.shape[-1] * (q.shape[1] + (0 if indices is None else k.shape[1] * k.shape[-1]))
+    step = max(1, _CHUNK_ELEMENTS // max(q.shape[0] * keys_per_row, 1))
     losses = []
     for start in range(0, seq_q, step):
         rows = slice(start, min(seq_q, start + step))

@@ -30,7 +30,7 @@ from torch import nn
 from .. import reference, routed_torch
 from .._native import HAS_NATIVE, _has_kernel
 from ..selection import _FLOAT_TYPES, _check_bool, _check_flags, _check_int, _check_tensor, block_mean_pool, topk_rows
-from ..sinks import check_attn_sink, with_attn_sink
+from ..sinks import attention_result, check_attn_sink, with_attn_sink
 
 __all__ = [
     "KeyShortConv",
@@ -245,8 +245,7 @@ def moba_attn(
     )
     scale = engine._default_scale(softmax_scale, q.shape[-1])
     out, lse = _attend_routes(q, k, v, routes, block_size, causal, scale, backend)
-    out = with_attn_sink(out, lse, attn_sink)
-    return (out, lse.float()) if return_lse else out
+    return attention_result(out, lse, attn_sink, return_lse)
 
 
 def _attend_routes(q, k, v, routes, block_size, causal, scale, backend="auto"):
@@ -354,8 +353,7 @@ def _moba_varlen(
         out, lse = engine._packed_call(
             routed_attention, q, k, v, cu_seqlens_q, cu_seqlens_k, routes, moba_chunk_size, causal, scale, max_seqlen_k
         )
-    out = with_attn_sink(out, lse.t(), attn_sink)  # lse (Hq, total) against out (total, Hq, D)
-    return (out, lse.float()) if return_lse else out
+    return attention_result(out, lse, attn_sink, return_lse, packed=True)
 
 
 def _pairs(cu_seqlens) -> list:
@@ -524,11 +522,13 @@ class KeyShortConv(nn.Module):
     ):
         super().__init__()
         _check_int(channels, "channels", 1)
-        if width not in (3, 5):
+        if _check_int(width, "width", 1) not in (3, 5):
             raise ValueError(f"width must be 3 or 5, got {width!r}")
         if activation not in (None, "silu"):
             raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-        self.channels, self.width, self.activation, self.residual = channels, width, activation, bool(residual)
+        _check_bool(bias, "bias")
+        self.channels, self.width, self.activation = channels, int(width), activation
+        self.residual = _check_bool(residual, "residual")
         self.weight = nn.Parameter(torch.zeros(channels, width))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
         self.reset_parameters()
@@ -569,8 +569,13 @@ class KeyShortConv(nn.Module):
         b, h, _, d = k.shape
         if state is None:
             state = k.new_zeros(b, h, self.width - 1, d)
-        elif state.shape != (b, h, self.width - 1, d):
-            raise ValueError(f"state must have shape {(b, h, self.width - 1, d)}, got {tuple(state.shape)}")
+        else:
+            _check_tensor(state, "state", dim=4, dtypes=_FLOAT_TYPES)
+            if state.shape != (b, h, self.width - 1, d) or state.device != k.device:
+                raise ValueError(
+                    f"state must have shape {(b, h, self.width - 1, d)} on {k.device}, got {tuple(state.shape)} "
+                    f"on {state.device}"
+                )
         return torch.cat([state.to(k.dtype), k], dim=2)
 
     def _forward_packed(self, k: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

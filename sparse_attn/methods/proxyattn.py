@@ -49,7 +49,7 @@ __all__ = [
 # The budget kernel reduces the last query block in groups of this many rows (summed afterwards).
 _BUDGET_ROWS = 32
 # Query rows (times keys) of the PyTorch path's logits at a time.
-_TORCH_CHUNK_ELEMENTS = 1 << 26
+_TORCH_CHUNK_ELEMENTS = 1 << 24
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -140,6 +140,7 @@ def _sampled_rows(seq_len_q: int, block_size: int, stride: int, device):
     return positions.clamp(max=seq_len_q - 1).flatten(), real.flatten(), per_block
 
 
+@torch.no_grad()  # selection scores, as the kernel's: no gradient (and so the steps below may work in place)
 def _block_scores_torch(q_rows, k, *, rows_per_block, row_span, row_step, block_size, seq_len_q, reduce_max, causal):
     """The PyTorch path of `sampled_block_scores_op` (same arguments and result), float32 (float64 for
     float64 inputs), a chunk of whole row groups of logits at a time."""
@@ -164,8 +165,8 @@ def _block_scores_torch(q_rows, k, *, rows_per_block, row_span, row_step, block_
         hidden = padding
         if causal:
             hidden = hidden | (key_pos[None, :] > position[rows, None] + (seq_kv - seq_len_q))
-        probs = logits.masked_fill(hidden, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
-        probs = probs * real[rows, None].to(work)
+        probs = logits.masked_fill_(hidden, float("-inf")).softmax(dim=-1).nan_to_num_(0.0)
+        probs.mul_(real[rows, None].to(work))  # in place: each step of a chunk would be a copy of its logits
         tiles = probs.reshape(*probs.shape[:-2], -1, rows_per_block, num_kv_blocks, block_size)
         parts.append(tiles.amax(dim=(-3, -1)) if reduce_max else tiles.sum(dim=(-3, -1)))
     scores = torch.cat(parts, dim=-2).reshape(batch, num_q_heads, num_out_rows, num_kv_blocks)

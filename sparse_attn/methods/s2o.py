@@ -27,10 +27,12 @@ import math
 from typing import NamedTuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .. import reference
 from ..engine import _check_qkv, _default_scale, choose_backend
-from ..selection import _check_flags, _check_int
+from ..gathered import SAVED_ELEMENTS, unattended
+from ..selection import _check_flags, _check_int, _check_tensor
 from ..sinks import check_attn_sink, with_attn_sink
 
 __all__ = [
@@ -275,10 +277,12 @@ def s2o_processed_mask(plan: S2OPlan, n_blocks, *, block_m: int = 64, block_n: i
     """bool [B, Hq, R, Skv]: the keys each query row attended to, given the plan and the processed pi
     blocks per tile (`S2OStats.n_blocks`): its segment's keys up to its position, and the first
     n_blocks * block_n keys of pi_g. `rows` (int, positions in the chunk) picks rows; default all."""
+    if not isinstance(plan, S2OPlan):
+        raise TypeError(f"plan must be an S2OPlan (from s2o_plan), got {type(plan).__name__}")
     _check_n_blocks(plan, n_blocks, block_m)
     order = plan.query_order.long()
     device = order.device
-    rows = torch.arange(plan.seq_len_q, device=device) if rows is None else rows.to(device).long()
+    rows = torch.arange(plan.seq_len_q, device=device) if rows is None else _checked_rows(rows, plan.seq_len_q, device)
     entry = _inverse_permutation(order)  # where each row sits in the query order
     budget = _entry_blocks(plan, n_blocks, block_m).gather(2, entry[..., rows]) * block_n  # [B, Hq, R]
     segment = rows // plan.segment_len
@@ -297,9 +301,18 @@ def s2o_processed_mask(plan: S2OPlan, n_blocks, *, block_m: int = 64, block_n: i
     return mask
 
 
+def _checked_rows(rows, seq_q: int, device) -> torch.Tensor:
+    _check_tensor(rows, "rows", dim=1, dtypes=(torch.int32, torch.int64))
+    if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < seq_q):
+        raise ValueError(f"rows must be query positions in [0, {seq_q})")
+    return rows.to(device).long()
+
+
 def s2o_reference(q, k, v, plan: S2OPlan, n_blocks, *, block_m=64, block_n=64, softmax_scale=None,
                   compute_dtype=torch.float64):  # fmt: skip
     """(out, lse) of dense attention over the processed set of `s2o_processed_mask`, in `compute_dtype`."""
+    _check_qkv(q, k, v, packed=False)
+    _check_plan_geometry(plan, q, k, getattr(plan, "segment_len", None))
     allowed = s2o_processed_mask(plan, n_blocks, block_m=block_m, block_n=block_n)
     return reference.masked_attention(q, k, v, allowed, softmax_scale=softmax_scale, compute_dtype=compute_dtype)
 
@@ -391,12 +404,17 @@ def _torch_s2o(q, k, v, plan: S2OPlan, options, scale, compute):
     tiles]), a segment and a slice of KV heads at a time."""
     batch, num_q_heads, _, dim = q.shape
     group, tiles = num_q_heads // k.shape[1], plan.segment_len // options[0]
+    # Under autograd each segment keeps its logits and probabilities against its whole history (S^2 / 2
+    # over all segments): beyond gathered.SAVED_ELEMENTS they are recomputed in backward instead.
+    kept = sum(len(plan.rows(g)) * (len(plan.rows(g)) + plan.history_len(g)) for g in range(plan.num_segments))
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    recompute = differentiable and 2 * batch * num_q_heads * kept > SAVED_ELEMENTS
     outs, lses, counts = [], [], []
     for g in range(plan.num_segments):
         span = len(plan.rows(g)) * (len(plan.rows(g)) + plan.history_len(g)) * batch * group * dim
         parts = [
-            _segment_attention(q, k, v, plan, g, heads, options, scale, compute)
-            for heads in _head_chunks(k.shape[1], span)
+            checkpoint(_segment_attention, *args, use_reentrant=False) if recompute else _segment_attention(*args)
+            for args in ((q, k, v, plan, g, heads, options, scale, compute) for heads in _head_chunks(k.shape[1], span))
         ]
         outs.append(torch.cat([o for o, _, _ in parts], dim=1))
         lses.append(torch.cat([lse for _, lse, _ in parts], dim=1))
@@ -404,13 +422,8 @@ def _torch_s2o(q, k, v, plan: S2OPlan, options, scale, compute):
         counts.append(torch.nn.functional.pad(n, (0, tiles - n.shape[-1])))
     if not outs:
         empty = torch.zeros(batch, num_q_heads, 0, tiles, dtype=torch.int32, device=q.device)
-        return q.new_zeros(batch, num_q_heads, 0, dim), q.new_zeros(batch, num_q_heads, 0).float(), empty
+        return unattended(q, k, v), q.new_zeros(batch, num_q_heads, 0).float(), empty
     return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2), torch.stack(counts, dim=2).int()
-
-
-def _head_chunks(num_kv_heads: int, per_head: int):
-    step = max(1, _TORCH_CHUNK_ELEMENTS // max(per_head, 1))
-    return [slice(lo, min(lo + step, num_kv_heads)) for lo in range(0, num_kv_heads, step)]
 
 
 # ---------------------------------------------------------------------------------- public API

@@ -281,6 +281,9 @@ def xattention_attn(
     scores = xattention_estimate(
         q.detach(), k.detach(), stride=stride, block_size=block_size, causal=causal, chunk_size=chunk_size
     )
+    # A NaN in q or k (the kernel's row softmax drops it, the PyTorch path keeps it) counts as no mass, so
+    # both paths select and the attention itself meets the NaN, as dense attention would.
+    scores = scores.nan_to_num(nan=0.0)
     layout = xattention_select(
         scores,
         threshold,
