@@ -84,6 +84,10 @@ def _gathered_attention(q, k, v, indices, scale):
     if seq_kv == 0:  # no key: one zero row to gather from keeps the shapes; every index stays invalid
         k, v = (torch.nn.functional.pad(t, (0, 0, 0, 1)) for t in (k, v))
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    # Widened before the gathers: their backward then sums every row's dK/dV in the working precision (a
+    # gather of 16-bit rows summed its scatter in 16 bits).
+    compute = reference.working_dtype(q.dtype)
+    k, v = k.to(compute), v.to(compute)
     kept = batch * seq_q * indices.shape[-1] * (num_kv_heads * (k.shape[-1] + v.shape[-1]) + 2 * num_q_heads)
     recompute = differentiable and kept > SAVED_ELEMENTS
     outs, lses = [], []
@@ -101,14 +105,14 @@ def _gathered_chunk(queries, k, v, indices, seq_kv: int, scale):
     """(out [B, Hq, c, Dv], lse [B, Hq, c]) in the working precision for a chunk of query rows."""
     batch, num_q_heads = queries.shape[:2]
     num_kv_heads = k.shape[1]
-    compute = reference.working_dtype(queries.dtype)
+    compute = k.dtype
     batch_ids = torch.arange(batch, device=queries.device)[:, None, None, None]
     head_ids = torch.arange(num_kv_heads, device=queries.device)[None, None, :, None]
     idx = indices.expand(-1, -1, num_kv_heads, -1).long()  # [B, c, Hkv, K]
     valid = (idx >= 0) & (idx < seq_kv)
     rows = idx.clamp(0, max(seq_kv - 1, 0))
-    keys = k[batch_ids, head_ids, rows].to(compute)  # [B, c, Hkv, K, D]
-    values = v[batch_ids, head_ids, rows].to(compute)
+    keys = k[batch_ids, head_ids, rows]  # [B, c, Hkv, K, D]
+    values = v[batch_ids, head_ids, rows]
     queries = queries.to(compute).unflatten(1, (num_kv_heads, num_q_heads // num_kv_heads))
     queries = queries.permute(0, 3, 1, 2, 4)  # [B, c, Hkv, g, D]
     logits = torch.einsum("bchgd,bchkd->bchgk", queries, keys) * scale

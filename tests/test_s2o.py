@@ -244,6 +244,16 @@ def test_monotone_in_tau(rng, backend):
     assert bool((previous.n_blocks[:, :, :-1] == 1).all() & (last[..., 0] == 1).all() & (last[..., 1] == 0).all())
 
 
+def test_tau_one_stops_after_the_first_block_with_peaked_logits(rng, backend):
+    """A block far above a row's local logits makes its fp32 gain ratio round to exactly 1; the exact ratio
+    is below 1 (the row's own key is in l), so tau = 1 still stops every tile after one block."""
+    q = 8 * torch.randn(8, 1, 48, 16, generator=rng).to(DEVICE)
+    k, v = (torch.randn(8, 1, 48, 16, generator=rng).to(DEVICE) for _ in "kv")
+    _, stats = s2o_attention(q, k, v, tau=1.0, return_stats=True, backend=backend, segment_len=32, block_m=16,
+                             block_n=16)  # fmt: skip
+    assert bool((stats.n_blocks[:, :, 1, 0] == 1).all())  # segment 1: one tile of 16 rows
+
+
 def test_error_bound_from_the_skipped_mass(rng, backend):
     """||o - o_dense|| <= 2 R / (l + R) max ||v_j||, R / (l + R) the dense probability mass skipped."""
     q, k, v = make_qkv(rng, "gqa_chunk_ragged", torch.float32, structured=True)

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from sparse_attn.engine import triton_available
 from sparse_attn.methods.hisa import hisa_select
 from sparse_attn.reference import token_sparse_attention_reference
-from sparse_attn.testing import assert_flash_rule, assert_flash_rule_with_grads
+from sparse_attn.testing import assert_flash_rule, assert_flash_rule_with_grads, max_err
 from sparse_attn.token_sparse import sparse_mla, token_sparse_attn
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,6 +76,19 @@ def test_matches_reference_with_gradients(rng, backend, case, dtype, monkeypatch
         lse[finite].double(), ref_lse[finite], rtol=0, atol=1e-3 if dtype == torch.float16 else 1e-5
     )
     assert_flash_rule_with_grads(out, ref, same, (q, k, v), rng)
+
+
+def test_key_gradients_sum_many_rows_in_the_working_precision(rng, backend):
+    """Every one of 512 fp16 rows over the same 2 keys: dK and dV sum 512 terms each. Summed in fp32 and
+    rounded once they are within two fp16 roundings of the fp64 gradient (the PyTorch path once summed
+    its gathered rows' scatter in fp16: several times that)."""
+    q, k, v = make_inputs(rng, 1, 1, 1, 512, 2, 16, 16, torch.float16)
+    indices = torch.arange(2, device=DEVICE).expand(1, 512, 1, 2).int()
+    grad = torch.randn(1, 1, 512, 16, generator=rng).to(DEVICE)
+    got = torch.autograd.grad((token_sparse_attn(q, k, v, indices, backend=backend) * grad.half()).sum(), (k, v))
+    ref = token_sparse_attention_reference(q, k, v, indices, causal=False)[0]
+    for name, g, r in zip("kv", got, torch.autograd.grad((ref * grad.double()).sum(), (k, v))):
+        assert max_err(g, r) <= 2 * 2**-11 * float(r.abs().max()), f"d{name}"
 
 
 def test_lse_gradient_and_sink(rng, backend):

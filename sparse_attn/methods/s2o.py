@@ -471,9 +471,13 @@ def s2o_attention(q, k, v, *, segment_len=1024, tau=1e-2, block_m=64, block_n=64
     if resolved == "triton":
         from ..kernels.s2o_attn import s2o_attn_fwd
 
+        # Every gain ratio is below 1 (a row's own key is in l), but in fp32 a block far above the local
+        # logits rounds it to exactly 1: past 1, tau would then keep a tile going that must stop.
+        kernel_tau = tau if tau < 1.0 else 2.0
         out, lse, n_tiles = s2o_attn_fwd(
-            q, k, v, plan.key_order, plan.query_order, segment_len, block_m, block_n, tau, stop_rule == "mean", scale
-        )
+            q, k, v, plan.key_order, plan.query_order, segment_len, block_m, block_n, kernel_tau, stop_rule == "mean",
+            scale,
+        )  # fmt: skip
         n_blocks = _per_segment(n_tiles, plan, block_m)
     else:
         compute = torch.float64 if resolved == "reference" else reference.working_dtype(q.dtype)
