@@ -41,6 +41,19 @@ CHUNK_ELEMENTS = 1 << 24
 SAVED_ELEMENTS = 1 << 27
 
 
+def records_gradients(*inputs) -> bool:
+    """Whether autograd records a computation on `inputs`."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+
+
+def chunk_runner(differentiable: bool, kept_elements: int):
+    """How a chunked PyTorch path runs each chunk: as is, or checkpointed (recomputed in backward) when
+    autograd would otherwise keep `kept_elements` > SAVED_ELEMENTS of all chunks."""
+    if differentiable and kept_elements > SAVED_ELEMENTS:
+        return lambda fn, *args: checkpoint(fn, *args, use_reentrant=False)
+    return lambda fn, *args: fn(*args)
+
+
 def layout_attention(q, k, v, layout, causal, scale, lse_grad=False):
     """The engine's path: each query block over the KV blocks its `BlockSparseLayout` lists."""
     blocks = layout_tile_blocks(layout, q.shape[0], q.shape[1], k.shape[1])
@@ -76,19 +89,19 @@ def gathered_attention(q, k, v, blocks, tile_rows, kv_block_size, causal, scale,
     tile = torch.arange(blocks.shape[0], device=q.device)
     heads = tile // num_tiles % list_heads
     where = _TileSpots(tile // (num_tiles * list_heads), heads // (list_heads // k.shape[1]), tile % num_tiles)
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    differentiable = records_gradients(*inputs)
     geometry = _Geometry(tile_rows, kv_block_size, seq_q, k, causal, scale, lse_grad, differentiable)
     widths = (blocks >= 0).sum(dim=-1)
     # Per listed key: a mask column of the tile's rows, and its key and value rows.
     saved = int(widths.sum()) * kv_block_size * (group * tile_rows + 2 * dim)
-    recompute = differentiable and saved > SAVED_ELEMENTS
+    run = chunk_runner(differentiable, saved)
     order = torch.sort(widths, stable=True).indices  # similar lengths share a chunk: little padding
     outs, lses = [], []
     for chosen, width in _chunks(order, widths, kv_block_size * max(dim, group * tile_rows)):
         chunk_members = None if members is None else members[chosen, :, :width]
         chunk_blocks = blocks[chosen, :width].long()
         args = (tiles[chosen], k_blocks, v_blocks, chunk_blocks, chunk_members, where.take(chosen), geometry)
-        out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False) if recompute else _attend_chunk(*args)
+        out, lse = run(_attend_chunk, *args)
         outs.append(out)
         lses.append(lse)
     inverse = torch.empty_like(order).scatter_(0, order, tile)

@@ -123,6 +123,12 @@ def causal_pair_counts(
     return prefix(q_last[:, None] + shift) - prefix(q_starts[:, None] - 1 + shift)
 
 
+def tensor_versions(*tensors) -> tuple | None:
+    """Autograd's version counters (every in-place write bumps them), or None when one is an inference
+    tensor (they keep none): how a cache derived from tensors notices they were edited."""
+    return None if any(t.is_inference() for t in tensors) else tuple(t._version for t in tensors)
+
+
 def flex_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(counts, ascending indices) of a bool block mask [B, H, Mq, N], as FlexAttention's
     `BlockMask.from_kv_blocks` takes them (padding entries 0, not -1)."""
@@ -251,9 +257,10 @@ class BlockSparseLayout:
 
         Built once on the layout's device (the backward pass walks KV blocks)."""
         lists = (self.kv_num_blocks, self.kv_indices)
-        # Kept while the lists are the same, unedited tensors (an in-place edit bumps their versions; inference
-        # tensors keep none, so theirs are transposed afresh on every call).
-        key = None if any(t.is_inference() for t in lists) else tuple((id(t), t._version) for t in lists)
+        # Kept while the lists are the same, unedited tensors (inference tensors keep no versions, so theirs
+        # are transposed afresh on every call).
+        versions = tensor_versions(*lists)
+        key = None if versions is None else (tuple(map(id, lists)), versions)
         if self._transposed is None or key is None or key != self._transposed_key:
             self._transposed = selection.layout_transpose(self.kv_num_blocks, self.kv_indices, self.num_kv_blocks)
             self._transposed_key = key

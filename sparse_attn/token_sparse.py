@@ -17,11 +17,10 @@ dense-mask oracle.
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from . import reference
 from .engine import _check_qkv, _default_scale, choose_backend
-from .gathered import SAVED_ELEMENTS, unattended
+from .gathered import chunk_runner, records_gradients, unattended
 from .selection import _check_flags, _check_int, _check_tensor
 from .sinks import attention_result, check_attn_sink
 
@@ -83,17 +82,16 @@ def _gathered_attention(q, k, v, indices, scale):
     step = max(1, _TORCH_CHUNK_ELEMENTS // max(per_row, 1))
     if seq_kv == 0:  # no key: one zero row to gather from keeps the shapes; every index stays invalid
         k, v = (torch.nn.functional.pad(t, (0, 0, 0, 1)) for t in (k, v))
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    differentiable = records_gradients(q, k, v)
     # Widened before the gathers: their backward then sums every row's dK/dV in the working precision (a
     # gather of 16-bit rows summed its scatter in 16 bits).
     compute = reference.working_dtype(q.dtype)
     k, v = k.to(compute), v.to(compute)
     kept = batch * seq_q * indices.shape[-1] * (num_kv_heads * (k.shape[-1] + v.shape[-1]) + 2 * num_q_heads)
-    recompute = differentiable and kept > SAVED_ELEMENTS
+    run = chunk_runner(differentiable, kept)
     outs, lses = [], []
     for lo in range(0, seq_q, step):
-        args = (q[:, :, lo : lo + step], k, v, indices[:, lo : lo + step], seq_kv, scale)
-        out, lse = checkpoint(_gathered_chunk, *args, use_reentrant=False) if recompute else _gathered_chunk(*args)
+        out, lse = run(_gathered_chunk, q[:, :, lo : lo + step], k, v, indices[:, lo : lo + step], seq_kv, scale)
         outs.append(out)
         lses.append(lse)
     if not outs:

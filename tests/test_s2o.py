@@ -391,12 +391,12 @@ def test_bad_shapes_and_plans(rng):
 def test_torch_path_recomputes_segments_above_the_saved_budget(rng, monkeypatch):
     """Under autograd the PyTorch path keeps each segment's logits while all of them fit SAVED_ELEMENTS
     and recomputes them in backward beyond it (they grow as S^2 / 2): the same numbers and decisions."""
-    import sparse_attn.methods.s2o as s2o_module
+    import sparse_attn.gathered as gathered
 
     q, k, v = (t.detach().double().requires_grad_() for t in make_qkv(rng, "gqa_chunk_ragged", torch.float32))
     results = []
     for budget in (1 << 40, 0):
-        monkeypatch.setattr(s2o_module, "SAVED_ELEMENTS", budget)
+        monkeypatch.setattr(gathered, "SAVED_ELEMENTS", budget)
         out, stats = s2o_attention(q, k, v, tau=0.1, return_stats=True, backend="torch", **options("gqa_chunk_ragged"))
         results.append((stats.n_blocks, out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
     for kept, again in zip(*results):

@@ -264,16 +264,17 @@ def test_value_is_key_flag_is_the_same_under_fake_tensors(rng):
 def test_torch_path_recomputes_chunks_above_the_saved_budget(rng, monkeypatch):
     """Under autograd the PyTorch path keeps its chunks while they fit gathered.SAVED_ELEMENTS and
     checkpoints them beyond it (its backward grew with Sq x K x D): the same numbers either way."""
+    import sparse_attn.gathered as gathered
     import sparse_attn.token_sparse as token_sparse
 
     q, k, v = make_inputs(rng, 1, 4, 2, 50, 40, 16, 16, torch.float64)
     indices = random_indices(rng, 1, 50, 2, 12, 40)
     monkeypatch.setattr(token_sparse, "_TORCH_CHUNK_ELEMENTS", 4 * 12 * 32 * 7)  # chunks of 7 rows
     recomputed = []
-    monkeypatch.setattr(token_sparse, "checkpoint", lambda *a, **kw: recomputed.append(1) or checkpoint(*a, **kw))
+    monkeypatch.setattr(gathered, "checkpoint", lambda *a, **kw: recomputed.append(1) or checkpoint(*a, **kw))
     results = []
     for budget in (1 << 40, 0):
-        monkeypatch.setattr(token_sparse, "SAVED_ELEMENTS", budget)
+        monkeypatch.setattr(gathered, "SAVED_ELEMENTS", budget)
         out = token_sparse_attn(q, k, v, indices, backend="torch")
         results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
         assert len(recomputed) == (0 if budget else 8)

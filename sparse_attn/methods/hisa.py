@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from ..engine import KERNEL_DTYPES, triton_runs
+from ..layout import tensor_versions
 from ..selection import _check_bool, _check_int, _check_tensor
 
 __all__ = [
@@ -251,7 +252,7 @@ def hisa_segments(ks, ke, num_keys: int, *, block_size: int = 128) -> HISASegmen
     if ke.shape != ks.shape or ke.device != ks.device:
         raise ValueError(f"ke must match ks ({tuple(ks.shape)} on {ks.device}), got {tuple(ke.shape)} on {ke.device}")
     num_keys, block_size = _check_int(num_keys, "num_keys", 0), _check_int(block_size, "block_size", 1)
-    bounds = (ks, ke, _versions(ks, ke), ks.clone(), ke.clone())  # the values too: a refill reuses ks and ke
+    bounds = (ks, ke, tensor_versions(ks, ke), ks.clone(), ke.clone())  # the values too: a refill reuses ks and ke
     ks, ke = ks.long(), ke.long().clamp(max=num_keys)
     if bool((ks < 0).any()):
         raise ValueError("ks must be >= 0 (key positions)")
@@ -278,11 +279,6 @@ def hisa_segments(ks, ke, num_keys: int, *, block_size: int = 128) -> HISASegmen
     )
 
 
-def _versions(*tensors) -> tuple | None:
-    """Autograd's version counters (bumped by every in-place write), or None for inference tensors (none kept)."""
-    return None if any(t.is_inference() for t in tensors) else tuple(t._version for t in tensors)
-
-
 def _check_segments(segments, ks, ke, num_keys: int, block_size: int, device) -> None:
     """`segments` must be hisa_segments of these bounds: the very tensors (free), else equal ones (a sync)."""
     if not isinstance(segments, HISASegments) or len(segments.bounds) != 5:
@@ -295,7 +291,7 @@ def _check_segments(segments, ks, ke, num_keys: int, block_size: int, device) ->
             f"this call has {rows} rows, {num_keys} keys, block_size={block_size} on {device}"
         )
     drawn_ks, drawn_ke, drawn_versions, ks_values, ke_values = segments.bounds
-    if drawn_ks is ks and drawn_ke is ke and drawn_versions == _versions(ks, ke):
+    if drawn_ks is ks and drawn_ke is ke and drawn_versions == tensor_versions(ks, ke):
         # The very tensors, unchanged since: a refill in place bumps their versions (inference tensors
         # keep none, so there only identity is checked: a no-sync decode step).
         return

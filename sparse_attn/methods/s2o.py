@@ -27,11 +27,10 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .. import reference
 from ..engine import _check_qkv, _default_scale, choose_backend
-from ..gathered import SAVED_ELEMENTS, unattended
+from ..gathered import chunk_runner, records_gradients, unattended
 from ..selection import _check_flags, _check_int, _check_tensor
 from ..sinks import check_attn_sink, with_attn_sink
 
@@ -407,14 +406,13 @@ def _torch_s2o(q, k, v, plan: S2OPlan, options, scale, compute):
     # Under autograd each segment keeps its logits and probabilities against its whole history (S^2 / 2
     # over all segments): beyond gathered.SAVED_ELEMENTS they are recomputed in backward instead.
     kept = sum(len(plan.rows(g)) * (len(plan.rows(g)) + plan.history_len(g)) for g in range(plan.num_segments))
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    recompute = differentiable and 2 * batch * num_q_heads * kept > SAVED_ELEMENTS
+    run = chunk_runner(records_gradients(q, k, v), 2 * batch * num_q_heads * kept)
     outs, lses, counts = [], [], []
     for g in range(plan.num_segments):
         span = len(plan.rows(g)) * (len(plan.rows(g)) + plan.history_len(g)) * batch * group * dim
         parts = [
-            checkpoint(_segment_attention, *args, use_reentrant=False) if recompute else _segment_attention(*args)
-            for args in ((q, k, v, plan, g, heads, options, scale, compute) for heads in _head_chunks(k.shape[1], span))
+            run(_segment_attention, q, k, v, plan, g, heads, options, scale, compute)
+            for heads in _head_chunks(k.shape[1], span)
         ]
         outs.append(torch.cat([o for o, _, _ in parts], dim=1))
         lses.append(torch.cat([lse for _, lse, _ in parts], dim=1))
