@@ -4,6 +4,8 @@ On the CPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py) 
 shapes; the `gpu` tests run bf16/fp16 at real sizes on the H100.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -470,6 +472,62 @@ def test_warp_specialized_launch_keeps_a_callers_allocator():
         return chosen + [_allocation._allocator.get()]
 
     assert contextvars.copy_context().run(run) == [launch._scratch, own]
+
+
+class _OnSecondGPU(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:1, for the launch's device choice on a machine without one."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+def test_launch_makes_the_tensors_gpu_current(monkeypatch):
+    """Triton launches on the current GPU: a kernel over tensors on another one runs with theirs made
+    current for the launch, and the current device is left as it was."""
+    from sparse_attn.kernels import launch
+
+    current, seen = [0], []
+
+    @contextlib.contextmanager
+    def make_current(device):
+        before, current[0] = current[0], device.index
+        yield
+        current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", make_current)
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append((grid, current[0]))
+
+    elsewhere = torch.Tensor._make_subclass(_OnSecondGPU, torch.zeros(4))
+    on_cpu = torch.zeros(4)
+    kernel = launch._OnTensorsDevice(Kernel())
+    kernel[(3,)](None, elsewhere, 7, BLOCK=16)
+    kernel[(1,)](on_cpu, elsewhere)  # the first tensor decides: a CPU one (the interpreter) changes nothing
+    kernel[(2,)](None, X=elsewhere)
+    assert seen == [((3,), 1), ((1,), 0), ((2,), 1)] and current == [0]
+    from sparse_attn._engine_ops import _backward_delta_kernel
+
+    assert isinstance(launch.launcher(_backward_delta_kernel), launch._OnTensorsDevice), "every launch goes through it"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_kernels_run_on_a_non_current_gpu(rng):
+    """A layer on cuda:1 while cuda:0 is current (a model split over GPUs): same result as with cuda:1 current."""
+    layout = random_layout(rng, 1, 2, 256, 256, 64, 64, 0.5).to("cuda:1")
+    q, k, v = (t.detach().to("cuda:1").requires_grad_() for t in make_qkv(rng, 1, 4, 2, 256, 256, 64, torch.bfloat16))
+    with torch.cuda.device(0):
+        out = block_sparse_attn(q, k, v, layout)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    with torch.cuda.device(1):
+        expected = block_sparse_attn(q, k, v, layout)
+        expected_grads = torch.autograd.grad(expected, (q, k, v), torch.ones_like(expected))
+    assert torch.equal(out, expected)
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
 
 
 def test_opcheck_triton_ops(rng):

@@ -2,6 +2,7 @@
 it, with K/V tensor descriptors for the kernels whose tile asks for them (`tma`), and device-side
 descriptors with a scratch allocator for the warp-specialised ones (`ws`)."""
 
+import contextlib
 import os
 
 import torch
@@ -10,7 +11,7 @@ from torch.library import wrap_triton
 
 
 def launcher(kernel):
-    """`wrap_triton(kernel)`, indexed by the grid like the kernel itself.
+    """`wrap_triton(kernel)`, indexed by the grid like the kernel itself, launched on its tensors' GPU.
 
     torch releases before 2.13 reject the interpreter's kernels (TRITON_INTERPRET=1) there; an
     eager launch runs them unwrapped. torch.compile does not trace the interpreter's kernels on any
@@ -18,11 +19,42 @@ def launcher(kernel):
     path needs CUDA, and on the CPU `backend="reference"` compiles (the oracles run eagerly).
     """
     try:
-        return wrap_triton(kernel)
+        wrapped = wrap_triton(kernel)
     except RuntimeError:
         if os.environ.get("TRITON_INTERPRET") == "1":
-            return kernel
-        raise
+            wrapped = kernel
+        else:
+            raise
+    return _OnTensorsDevice(wrapped)
+
+
+class _OnTensorsDevice:
+    """Triton launches on `torch.cuda.current_device()` whatever its pointers' device, so a layer
+    placed on another GPU (a model split with `device_map="auto"`) would run on the wrong one: the
+    launch makes the first tensor argument's GPU current for its duration."""
+
+    def __init__(self, kernel):
+        self._kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self._kernel[grid]
+
+        def run(*args, **kwargs):
+            with _device_of(args, kwargs):
+                return launch(*args, **kwargs)
+
+        return run
+
+
+def _device_of(args, kwargs):
+    """A context making the tensors' GPU current, or a no-op where it already is (or there is no real
+    CUDA tensor: the interpreter's CPU tensors, and the fake ones torch.compile traces with, whose
+    generated code places its kernels itself)."""
+    tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    on_gpu = tensor is not None and not _traced(tensor) and tensor.device.type == "cuda"
+    if not on_gpu or tensor.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
 
 
 def wide_index(*tensors) -> bool:
@@ -62,9 +94,13 @@ def _steps_aligned(t, axes) -> bool:
     return all(t.stride(axis) > 0 and t.stride(axis) * t.element_size() % 16 == 0 for axis in axes)
 
 
+def _traced(t) -> bool:
+    """Whether t is one of the tensors torch.compile traces with (no storage, no real device)."""
+    return type(t).__name__ in ("FakeTensor", "FunctionalTensor")
+
+
 def _aligned_base(t) -> bool:
-    traced = type(t).__name__ in ("FakeTensor", "FunctionalTensor")  # no storage while torch.compile traces
-    return traced or t.data_ptr() % 16 == 0
+    return _traced(t) or t.data_ptr() % 16 == 0
 
 
 def _descriptor(t, block_shape):
