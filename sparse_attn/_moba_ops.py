@@ -114,6 +114,12 @@ def _launch_rows(
     num_kv_heads = k.shape[1]
     group = q.shape[1] // num_kv_heads
     config = launch_config("moba_dq" if backward else "moba_fwd", q, None, block_size)
+    if rows_per_item % config["BLOCK_M"]:  # the kernel clears its scratch a whole tile at a time
+        raise ValueError(
+            f"MoBA's work items hold {rows_per_item} rows, not a multiple of this launch's {config['BLOCK_M']}-row "
+            "tile: the moba_fwd/moba_dq tiles changed between the forward and the backward (run both under one "
+            "tiles.override)"
+        )
     descriptors = descriptor_args(config, "BLOCK_N", K=k, V=v)
     num_items = batch * num_kv_heads * num_logical
     programs = max(min(num_items, _persistent_programs(q.device)), 1)

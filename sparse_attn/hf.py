@@ -93,7 +93,7 @@ _METHOD_OPTIONS = {
     "xattention": {"threshold": 0.9, "stride": 8, "block_size": 128, "chunk_size": None},
     "moba": {"block_size": _REQUIRED, "topk": _REQUIRED},
     "proxyattn": {"gamma": 0.95, "num_proxy_groups": 1, "stride": 4, "block_size": 128, "min_budget_tokens": 2048},
-    "s2o": {"segment_len": 1024, "tau": 1e-2, "block_m": 64, "block_n": 64, "stop_rule": "max"},
+    "s2o": {"segment_len": 1024, "tau": 1e-2, "block_m": 64, "block_n": 64, "stop_rule": "max", "keep_frac": 1.0},
     "hisa": {"block_size": 128, "block_topk": 64, "forced": "slots"},
 }
 _SPARSE_DECODE = {"moba", "hisa"}
@@ -295,8 +295,8 @@ class SparseAttnConfig:
 
     method: 'dense' (SDPA), 'xattention' (options threshold, stride, block_size, chunk_size), 'moba'
         (options block_size, topk), 'proxyattn' (options gamma, num_proxy_groups, stride, block_size,
-        min_budget_tokens), 's2o' (options segment_len, tau, block_m, block_n, stop_rule; causal layers
-        only) or 'hisa' (options block_size, block_topk, forced; DSA models only, through `patch`);
+        min_budget_tokens), 's2o' (options segment_len, tau, block_m, block_n, stop_rule, keep_frac; causal
+        layers only) or 'hisa' (options block_size, block_topk, forced; DSA models only, through `patch`);
         `options` are the method's keyword options. A DSA model (DeepSeek-V3.2, GLM-MoE-DSA) attends
         over its indexer's selection under 'dense' and 'hisa' alike, and takes no other method.
     layers: the layer indices that run the method (None: all); dense_layers: layers that stay dense.

@@ -54,6 +54,13 @@ def _check_int(value, name: str, minimum: int) -> int:
     return value
 
 
+def _ascending_padded(indices: torch.Tensor) -> torch.Tensor:
+    """Sorts each row's indices ascending with the -1 padding moved to the end."""
+    missing = torch.iinfo(torch.int32).max
+    ascending = torch.where(indices < 0, missing, indices).sort(dim=-1).values
+    return torch.where(ascending == missing, -1, ascending)
+
+
 def block_score_lengths(scores, seq_len_q, seq_len_kv, block_size: int, causal: bool) -> tuple[int, int]:
     """The sequence lengths of float block scores [B, H, Mq, Nk] (None: Mq * block_size, Nk * block_size),
     checked against their block grid; a selection method's scores must match the lengths it lays out."""

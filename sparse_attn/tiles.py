@@ -82,8 +82,9 @@ TABLE: dict[str, dict[int, Tile]] = {
 }
 
 # fp32 tiles take twice the shared memory: the bf16 forward's 128 rows x 3 stages, or a dK/dV
-# kernel's 128 keys, overflow an A100's 163 KB.
-FP32_MAX_ROWS, FP32_MAX_STAGES = 64, 2
+# kernel's 128 keys, overflow an A100's 163 KB; so do 64 at head dims over 128 (the dK/dV kernel's
+# 64 x 16 tile at D = 256 needs 168 KB, with one stage or two).
+FP32_MAX_ROWS, FP32_WIDE_MAX_ROWS, FP32_MAX_STAGES = 64, 32, 2
 
 ENV_VAR = "SPARSE_ATTN_TILES"
 _overrides: dict[tuple[str, int], Tile] = {}
@@ -179,7 +180,8 @@ def launch_config(kernel: str, q: torch.Tensor, q_block_size: int | None, kv_blo
     head_dim = q.shape[-1]
     block_m, block_n, warps, stages, tma, ws = lookup(kernel, head_dim)
     if q.dtype == torch.float32:
-        block_m, block_n = min(block_m, FP32_MAX_ROWS), min(block_n, FP32_MAX_ROWS)
+        rows = FP32_MAX_ROWS if head_dim <= 128 else FP32_WIDE_MAX_ROWS
+        block_m, block_n = min(block_m, rows), min(block_n, rows)
         stages = min(stages, FP32_MAX_STAGES)
     # fp32 is not a speed path, and its descriptor staging overflows an A100's shared memory in dQ.
     tma_flag = {"USE_TMA": tma and q.dtype != torch.float32} if kernel in TMA_KERNELS else {}

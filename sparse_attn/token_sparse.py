@@ -28,6 +28,9 @@ __all__ = ["sparse_mla", "token_sparse_attn"]
 
 _MAX_KERNEL_HEAD_DIM = 1024
 _MAX_KERNEL_VALUE_DIM = 512
+# fp32 tiles take twice the shared memory: past 256 dims the backward (and at 1024 the forward) overflows
+# an A100's 163 KB a block (sparse_mla's 576/512 in fp32 needs 208 KB).
+_MAX_FP32_KERNEL_DIM = 256
 # Gathered elements (query rows x heads x indices x head dim) of the PyTorch path at a time.
 _TORCH_CHUNK_ELEMENTS = 1 << 25
 
@@ -69,6 +72,9 @@ def _check_unique(indices, seq_len_kv: int) -> None:
 def _resolve(backend: str, q, k, v) -> str:
     fits = q.shape[-1] <= _MAX_KERNEL_HEAD_DIM and v.shape[-1] <= _MAX_KERNEL_VALUE_DIM
     limits = f"head dim <= {_MAX_KERNEL_HEAD_DIM} and value dim <= {_MAX_KERNEL_VALUE_DIM}"
+    if q.dtype == torch.float32:
+        fits = fits and max(q.shape[-1], v.shape[-1]) <= _MAX_FP32_KERNEL_DIM
+        limits += f", and both <= {_MAX_FP32_KERNEL_DIM} in float32"
     return choose_backend(backend, q, fits, limits)
 
 

@@ -75,9 +75,11 @@ def packed_inputs(rng, seq_lens, heads=4, dim=32, dtype=torch.float32, queries=N
 
 
 def scores64(q, k, weights, k_scale=None):
-    """fp64 DSA scores of every row against every key, without masks."""
-    scores = (torch.einsum("mhd,nd->mhn", q.double(), k.double()).relu() * weights.double()[:, :, None]).sum(1)
-    return scores * k_scale.double() if k_scale is not None else scores
+    """fp64 DSA scores of every row against every key, without masks: the scale inside the ReLU (spec)."""
+    logits = torch.einsum("mhd,nd->mhn", q.double(), k.double())
+    if k_scale is not None:
+        logits = logits * k_scale.double()
+    return (logits.relu() * weights.double()[:, :, None]).sum(1)
 
 
 def assert_top_of(selected, pool, scores, count, what):
@@ -108,10 +110,12 @@ def valid_entries(row):
 def test_dsa_logits_match_reference(rng, path, dtype, with_scale):
     q, k, weights, ks, ke = packed_inputs(rng, [70, 1, 133], heads=5, dim=24, dtype=dtype)
     ke[3] = ks[3]  # an empty row
-    k_scale = (torch.rand(k.shape[0], generator=rng) + 0.5).to(DEVICE) if with_scale else None
+    # Scales of both signs: the spec's ReLU(q . k s) differs from s ReLU(q . k) for s < 0.
+    k_scale = (torch.rand(k.shape[0], generator=rng) * 2 - 0.5).to(DEVICE) if with_scale else None
     got = dsa_indexer_logits(q, k, weights, ks, ke, k_scale)
     ref = dsa_indexer_logits_reference(q, k, weights, ks, ke, k_scale)
     inside = torch.isfinite(ref)
+    assert torch.allclose(ref[inside], scores64(q, k, weights, k_scale)[inside], rtol=0, atol=1e-9)
     assert got.dtype == torch.float32 and got.shape == ref.shape
     assert torch.equal(torch.isfinite(got), inside) and bool((got[~inside] == float("-inf")).all())
     assert not bool(inside[3].any())
@@ -430,6 +434,29 @@ def test_batched_selection_matches_packed_and_decode_rows(rng, path):
         extra = {} if select is dsa_select else dict(block_size=16, block_topk=3)
         assert select(q[:, :0], k, weights[:, :0], topk=24, **extra).shape == (batch, 0, 1, 24)
         assert select(q[:0], k[:0], weights[:0], topk=24, **extra).shape == (0, seq_q, 1, 24)
+
+
+def test_stage_one_scores_a_row_against_its_own_sequence_only(rng, path, monkeypatch):
+    """Packed sequences: stage 1 scores each row against a window of its own sequence's blocks (not every
+    sequence's: per-row work would grow with the batch), and selects what each sequence alone selects."""
+    lengths, options = [96, 130, 70, 128, 100], dict(block_size=4, block_topk=4, topk=16)
+    q, k, weights, ks, ke = packed_inputs(rng, lengths, heads=2, dim=16, queries=3)
+    widths, stage_one = [], hisa_module._stage_one_scores
+
+    def recording(q, pooled, *args):
+        scores, base = stage_one(q, pooled, *args)
+        widths.append((scores.shape[1], pooled.shape[0]))
+        return scores, base
+
+    monkeypatch.setattr(hisa_module, "_stage_one_scores", recording)
+    got = hisa_indexer(q, k, weights, ks, ke, **options)
+    assert widths and all(width == 64 < pooled == 132 for width, pooled in widths)
+    start = 0
+    for i, length in enumerate(lengths):
+        rows, keys = slice(3 * i, 3 * i + 3), slice(start, start + length)
+        alone = hisa_indexer(q[rows], k[keys], weights[rows], ks[rows] - start, ke[rows] - start, **options)
+        assert torch.equal(torch.where(got[rows] >= 0, got[rows] - start, -1).sort(1).values, alone.sort(1).values)
+        start += length
 
 
 # ---------------------------------------------------------------------------------- errors

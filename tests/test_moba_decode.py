@@ -95,6 +95,22 @@ def test_decode_routes_break_exact_ties_as_the_prefill(rng):
         assert torch.equal(routes, moba_route(q, k, block_size=16, topk=3)[:, :, -1:])
 
 
+def test_decode_routes_equal_prefill_rows_without_the_native_ops(rng, monkeypatch):
+    """Without the native ops both routings run `_route_from_means`: it must score a decode row as the
+    prefill scores it, on near-tied blocks too (an fp32 matmul rounds by its row count: 9 of 1440 flipped)."""
+    import sparse_attn.methods.moba as moba
+
+    monkeypatch.setattr(moba, "_has_kernel", lambda *args: False)
+    base = torch.randn(128, generator=rng)
+    for _ in range(3):
+        k = base + 1e-3 * torch.randn(1, 2, 256, 128, generator=rng)  # near-equal block means
+        q = torch.randn(1, 8, 256, 128, generator=rng)
+        prefill, cache = moba.moba_route(q, k, block_size=16, topk=4), MoBABlockMeans(16)
+        for length in range(16, 257):
+            routes = _route_with_means(q[:, :, length - 1 : length], cache.update(k[:, :, :length]), length, 16, 4)
+            assert torch.equal(routes, prefill[:, :, length - 1 : length]), length
+
+
 @needs_native
 def test_route_means_op(rng):
     q, k = torch.randn(2, 4, 20, 8, generator=rng), torch.randn(2, 2, 45, 8, generator=rng)

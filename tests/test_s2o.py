@@ -6,6 +6,8 @@ dense attention over the processed set the call reports (`s2o_reference`) at tau
 backward, with GQA, a chunk of prefill (Sq < Skv), a ragged last segment and batch > 1.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -252,6 +254,13 @@ def test_tau_one_stops_after_the_first_block_with_peaked_logits(rng, backend):
     _, stats = s2o_attention(q, k, v, tau=1.0, return_stats=True, backend=backend, segment_len=32, block_m=16,
                              block_n=16)  # fmt: skip
     assert bool((stats.n_blocks[:, :, 1, 0] == 1).all())  # segment 1: one tile of 16 rows
+    # One history key 100 nats above segment 1's own logits: the ratio rounds to 1 in fp64 too.
+    q, k = torch.zeros(1, 1, 64, 16, device=DEVICE), torch.randn(1, 1, 64, 16, generator=rng).to(DEVICE)
+    q[..., 32:, 0], k[..., 3, :], k[..., 32:, 0] = 20.0, 0.0, -1.0
+    k[..., 3, 0] = 20.0
+    _, stats = s2o_attention(q, k, k, tau=1.0, return_stats=True, backend=backend, segment_len=32, block_m=16,
+                             block_n=16)  # fmt: skip
+    assert stats.n_blocks[0, 0, 1].tolist() == [1, 1]
 
 
 def test_error_bound_from_the_skipped_mass(rng, backend):
@@ -294,6 +303,41 @@ def test_plan_orders(rng):
         guide = k.double().gather(2, pi[..., :16, None].expand(-1, -1, -1, k.shape[-1])).mean(2)
         row_scores = (q.double() @ guide.repeat_interleave(group, 1)[..., None])[..., 0].gather(2, sigma)
         assert bool((row_scores[..., 1:] <= row_scores[..., :-1] + 1e-5).all())
+
+
+@pytest.mark.parametrize("case", ["gqa_chunk_ragged", "mqa_odd_dim"])
+def test_keep_frac_walks_the_top_keys_of_each_history(rng, backend, case, monkeypatch):
+    """Spec 4.1's option: pi_g names only the top ceil(keep_frac * s_g) keys of the history by their score
+    against the segment's mean query (a partial top-k, descending), then -1. At tau = 0 each row attends
+    to its segment's keys up to itself and exactly those; the counts and the density follow."""
+    monkeypatch.setenv("SPARSE_ATTN_POISON_OUTPUTS", "1")
+    batch, hq, hkv, seq_q, seq_kv, dim, _, _, block_n = CASES[case]
+    q, k, v = make_qkv(rng, case, torch.float32)
+    out, stats = s2o_attention(q, k, v, tau=0.0, keep_frac=0.3, return_stats=True, backend=backend, **options(case))
+    plan, group = stats.plan, hq // hkv
+    allowed = reference.causal_token_mask(seq_q, seq_kv, DEVICE).expand(batch, hq, -1, -1).clone()
+    for g in range(plan.num_segments):
+        rows, history = plan.rows(g), plan.history_len(g)
+        kept = math.ceil(0.3 * history)
+        pi = plan.keys(g).long()
+        assert plan.kept_len(g) == kept and bool((pi[..., kept:] == -1).all())
+        mean_q = q[:, :, rows.start : rows.stop].detach().double().unflatten(1, (-1, group)).mean((2, 3))
+        scores = (k.detach().double()[:, :, :history] @ mean_q[..., None])[..., 0]
+        named = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, pi[..., :kept], True)
+        picked = scores.gather(-1, pi[..., :kept])
+        assert bool((picked[..., 1:] <= picked[..., :-1] + 1e-5).all())  # in descending order
+        if kept < history:  # a top-k: no key left out scores above a named one
+            low = picked.amin(-1)
+            high = scores.masked_fill(named, float("-inf")).amax(-1)
+            assert bool((low >= high - 1e-5).all())
+        allowed[:, :, rows.start : rows.stop, :history] = named.repeat_interleave(group, 1)[:, :, None]
+        tiles = -(-len(rows) // CASES[case][7])
+        assert bool((stats.n_blocks[:, :, g, :tiles] == -(-kept // block_n)).all())
+    causal = reference.causal_token_mask(seq_q, seq_kv, DEVICE).sum() * batch * hq
+    assert stats.density.item() == pytest.approx(allowed.sum().item() / causal.item())
+    expected = reference.masked_attention(q, k, v, allowed)[0]
+    same = reference.masked_attention(q, k, v, allowed, compute_dtype=torch.float32)[0]
+    assert_flash_rule_with_grads(out, expected, same, (q, k, v), rng)
 
 
 def test_degenerate_segments(rng, backend):
@@ -349,6 +393,10 @@ def test_structured_inputs_stop_early_at_a_small_error():
         (dict(block_m=48), ValueError, "block_m"),
         (dict(block_n=8), ValueError, "block_n"),
         (dict(stop_rule="median"), ValueError, "stop_rule"),
+        (dict(keep_frac=0.0), ValueError, "keep_frac"),
+        (dict(keep_frac=1.5), ValueError, "keep_frac"),
+        (dict(keep_frac=float("nan")), ValueError, "keep_frac"),
+        (dict(keep_frac="0.5"), TypeError, "keep_frac"),
         (dict(backend="fast"), ValueError, "backend"),
         (dict(plan="pi"), TypeError, "S2OPlan"),
     ],
@@ -374,8 +422,16 @@ def test_bad_shapes_and_plans(rng):
             s2o_attention(q, k, k, segment_len=32, block_m=16, block_n=16, plan=plan, check_plan=check_plan)
     broken = S2OPlan(plan.key_order.clone(), plan.query_order, 16, 40)
     broken.key_order[0, 0, 0] = broken.key_order[0, 0, 1]
-    with pytest.raises(ValueError, match="key_order of segment 1 is not a permutation"):
+    with pytest.raises(ValueError, match="key_order of segment 1 must hold 16 distinct keys .* permutation"):
         s2o_attention(q, k, k, segment_len=16, block_m=16, block_n=16, plan=broken)
+    # keep_frac < 1: the named keys, then -1 only; and the plan's keep_frac must be the call's.
+    partial = s2o_plan(q, k, segment_len=16, block_n=16, keep_frac=0.5)
+    with pytest.raises(ValueError, match="keep_frac"):
+        s2o_attention(q, k, k, segment_len=16, block_m=16, block_n=16, plan=partial)
+    holed = S2OPlan(partial.key_order.clone(), partial.query_order, 16, 40, 0.5)
+    holed.key_order[0, 0, 16 + 8] = 3  # segment 2 names 16 keys: a seventeenth where -1 belongs
+    with pytest.raises(ValueError, match="key_order of segment 2 must hold 16 distinct keys"):
+        s2o_attention(q, k, k, segment_len=16, block_m=16, block_n=16, keep_frac=0.5, plan=holed)
     with pytest.raises(ValueError, match="query_order must be int32"):
         s2o_attention(
             q,

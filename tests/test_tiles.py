@@ -104,6 +104,52 @@ def test_launch_config_divides_blocks_and_caps_fp32():
         assert tiles.launch_config("engine_fwd", q16, 128, 128)["WARP_SPECIALIZE"] is True
         assert tiles.launch_config("engine_fwd", q32, 128, 128)["WARP_SPECIALIZE"] is False
     assert "WARP_SPECIALIZE" not in tiles.launch_config("moba_dq", q16, None, 128)
+    # Past D = 128, fp32 tiles take at most 32 rows: the dK/dV kernel's 64 x 16 needs 168 KB of shared
+    # memory at D = 256, over an A100's 163 KB (32 x 16: 98 KB, both measured by the compile check).
+    wide = torch.empty(1, 1, 8, 192, dtype=torch.float32)
+    config = tiles.launch_config("engine_dkdv", wide, 128, 128)
+    assert (config["BLOCK_M"], config["BLOCK_N"]) == (tiles.FP32_WIDE_MAX_ROWS, 16) == (32, 16)
+
+
+def test_wide_fp32_and_large_blocks_keep_within_shared_memory():
+    """Launches the compile check measured over an A100's 163 KB of shared memory a block take another
+    tile or the PyTorch path (the interpreter has no such limit, so only the choice is tested here)."""
+    from sparse_attn import token_sparse
+    from sparse_attn.kernels import block_scores, s2o_attn
+
+    def q_of(dtype, dim):
+        return torch.empty(1, 1, 8, dim, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+
+    # Block scores: a tile of BLOCK_M + BLOCK_N rows of D (fp32 D = 256, 128 x 128: 256 KB; ProxyAttn's
+    # 1024-key blocks sampled 256 rows deep: 320 KB) runs in PyTorch.
+    assert block_scores.kernel_supports(q_of(torch.bfloat16, 128), 16, 16)
+    assert block_scores.kernel_supports(q_of(torch.bfloat16, 128), 128, 512)
+    assert not block_scores.kernel_supports(q_of(torch.bfloat16, 128), 256, 1024)
+    assert not block_scores.kernel_supports(q_of(torch.float32, 256), 128, 128)
+    assert not block_scores.kernel_supports(q_of(torch.bfloat16, 128), 12, 16)  # not a power of two
+    # Token-sparse: fp32 past 256 dims (sparse_mla's 576 / 512 backward needs 208 KB) runs in PyTorch.
+    for dim, value_dim, kernel in ((256, 256, True), (576, 512, False), (320, 128, False)):
+        q, v = q_of(torch.float32, dim), q_of(torch.float32, value_dim)
+        assert (token_sparse._resolve("auto", q, q, v) == "triton") == (kernel and triton_available(q.device))
+        if not kernel:
+            with pytest.raises(ValueError, match="256 in float32"):
+                token_sparse._resolve("triton", q, q, v)
+    # S2O's forward: one stage where even 16 keys a step overflow the budget (fp32, 128 rows, D = 256).
+    assert s2o_attn._forward_tiles(q_of(torch.float32, 256), 128, 128) == {"SUB_N": 16, "num_stages": 1}
+    assert s2o_attn._forward_tiles(q_of(torch.bfloat16, 256), 128, 128)["num_stages"] == 2
+
+
+@pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
+def test_moba_backward_under_other_row_tiles_raises(rng):
+    """MoBA's work items are a multiple of the forward's row tiles; a backward under a taller tile would
+    clear its scratch past the item (and past the buffer): refused, naming the cause."""
+    from sparse_attn.methods.moba import moba_attn
+
+    q, k, v = (torch.randn(1, 2, 40, 32, generator=rng).to(DEVICE).requires_grad_() for _ in "qkv")
+    with tiles.override("moba_fwd", 64, Tile(16, 16, 4, 1)), tiles.override("moba_dq", 64, Tile(16, 16, 4, 1)):
+        out = moba_attn(q, k, v, block_size=16, topk=2, backend="triton")  # 48-row items
+    with pytest.raises(ValueError, match="changed between the forward and the backward"):
+        out.sum().backward()
 
 
 def test_ws_tiles_split_into_two_64_row_consumers():

@@ -174,6 +174,26 @@ def test_selection_follows_the_threshold_rule(rng, seq_q, seq_kv):
         check_threshold_rule(scores, layout, tau, forced, allowed)
 
 
+def test_causal_selection_measures_the_whole_row_then_meets_causality(rng):
+    """Spec 2: required = tau * the row's whole mass, every block ranked, then the kept set intersected
+    with causal validity; scores with mass past the diagonal (a non-causal estimate) show the order."""
+    seq_q, seq_kv, block = 64, 96, 16
+    q, k = make_qk(rng, 1, 2, 1, seq_q, seq_kv, 16, torch.float32)
+    scores = xattention_estimate(q, k, stride=8, block_size=block, causal=False).double()
+    forced, allowed = sink_and_diagonal(seq_q, seq_kv, block), causal_block_mask(seq_q, seq_kv, block, block)
+    for tau in (0.3, 0.6):
+        kept = xattention_select(scores, tau, seq_len_q=seq_q, seq_len_kv=seq_kv, block_size=block).to_dense_mask()
+        for h, m in itertools.product(range(2), range(seq_q // block)):
+            row, ours = scores[0, h, m].cpu().tolist(), kept[0, h, m].cpu()
+            first = sorted(torch.nonzero(forced[m]).flatten().tolist())
+            order = first + sorted(set(range(len(row))) - set(first), key=lambda n: (-row[n], n))
+            expected, before = torch.zeros_like(ours), 0.0
+            for n in order:
+                expected[n] = n in first or before < tau * sum(row)
+                before += row[n]
+            assert torch.equal(ours, expected & allowed[m].cpu()), (tau, h, m)
+
+
 def test_threshold_limits_and_nesting(rng):
     stride, block, seq_q, seq_kv = 8, 16, 100, 300
     q, k = make_qk(rng, 1, 2, 2, seq_q, seq_kv, 16, torch.float32)

@@ -217,10 +217,18 @@ def _launch_config(q, rows_per_block: int, cols_per_block: int):
     }
 
 
-def kernel_supports(block_size: int, stride: int) -> bool:
-    """The in-kernel tile sums reshape by R = block_size / stride, which Triton needs as a power of two."""
-    rows_per_block = block_size // stride
-    return rows_per_block & (rows_per_block - 1) == 0
+# A program keeps its BLOCK_M x D query rows and BLOCK_N x D keys in shared memory: past an A100's 163 KB
+# a block the launch fails (fp32 at D = 256 with 128 x 128 tiles; ProxyAttn's 1024-key blocks).
+_SHARED_BYTES = 160 * 1024
+
+
+def kernel_supports(q, rows_per_block: int, cols_per_block: int) -> bool:
+    """Whether the kernel takes these blocks of q: the in-kernel tile sums reshape by the rows and columns
+    per block, which Triton needs as powers of two, and the tile they widen must fit shared memory."""
+    if any(n < 1 or n & (n - 1) for n in (rows_per_block, cols_per_block)):
+        return False
+    config = _launch_config(q, rows_per_block, cols_per_block)
+    return (config["BLOCK_M"] + config["BLOCK_N"]) * config["HEAD_DIM_PAD"] * q.element_size() <= _SHARED_BYTES
 
 
 def _launch(q, k, num_out_rows, cols_per_block, *, num_row_positions, num_cols, col_shift, scale, **constexprs):

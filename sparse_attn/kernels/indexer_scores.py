@@ -92,9 +92,9 @@ def _indexer_scores_kernel(
             if FP32_DOT:
                 k = k.to(tl.float32)
             logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if HAS_K_SCALE:  # inside the ReLU, as the spec writes it: right for a scale of any sign
+                logits *= tl.load(K_SCALE + keys, mask=valid, other=0.0).to(tl.float32)[None, :]
             score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], 0)
-            if HAS_K_SCALE:
-                score *= tl.load(K_SCALE + keys, mask=valid, other=0.0).to(tl.float32)
         cols = tile * BLOCK_N + offs_n
         tl.store(
             OUT + row * stride_om + cols,

@@ -9,7 +9,9 @@ exp-sum over the running sum, both at the running max) falls below tau for the t
 
 pi of segment g sits in one packed int32 row per (batch, KV head) at offset g * (Skv - Sq) + S * g(g-1)/2
 (the histories before it), so the query heads of a GQA group share it. Entries of pi outside the
-segment's history and entries of sigma outside the segment are skipped, never dereferenced.
+segment's history and entries of sigma outside the segment are skipped, never dereferenced; a pi
+that names only part of the history (keep_frac < 1) ends in -1 entries, and the walk stops at the
+first block that starts with one.
 
 The backward treats the processed set as a fixed mask: it recomputes both passes (pass 2 for the
 recorded number of blocks), keeps dQ in registers and scatters dK and dV into fp32 buffers with atomic
@@ -149,7 +151,9 @@ def _s2o_fwd_kernel(
         else:
             stat = tl.max(ratio, 0)
         done += 1
-        go = (done < num_blocks) & (stat >= tau)
+        # pi ends early where a plan keeps only part of the history (keep_frac < 1): -1 from there on.
+        named = tl.load(KO + ko_base + done * BLOCK_N, mask=done < num_blocks, other=-1) >= 0
+        go = (done < num_blocks) & (stat >= tau) & named
     tl.store(NB + b * stride_nbb + h * stride_nbh + tile, done)
 
     cols = tl.arange(0, HEAD_PAD)
@@ -269,9 +273,12 @@ def _grid(q, rows):
 
 def _forward_tiles(q, block_m: int, block_n: int) -> dict:
     """The forward's keys per step: a part of the block where the tile's rows x keys x head dim would
-    not fit (the rows are the whole tile: the stop rule reads them all)."""
+    not fit (the rows are the whole tile: the stop rule reads them all), and one stage where even the
+    smallest part does not (fp32 at 128 rows and D = 256 needs 169 KB of shared memory with two)."""
     sub_n = _shrink(q, block_m, block_n, FORWARD_STEP_ELEMENTS, shrink_rows=False)[1]
-    return {"SUB_N": sub_n, "num_stages": 2}
+    head_pad = triton.next_power_of_2(max(q.shape[-1], 16))
+    fits = block_m * sub_n * head_pad <= FORWARD_STEP_ELEMENTS[q.element_size()]
+    return {"SUB_N": sub_n, "num_stages": 2 if fits else 1}
 
 
 def _backward_tiles(q, block_m: int, block_n: int) -> dict:

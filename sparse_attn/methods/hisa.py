@@ -14,7 +14,8 @@ query row the key range [ks, ke) it may see (ke = t + 1 for causal prefill); res
 positions in k, int32 [M, k], -1 padding last (valid entries in unspecified order). `dsa_select` and
 `hisa_select` take batched q (B, Sq, H, D), k (B, Skv, D), weights (B, Sq, H) and return the [B, Sq, 1, k]
 token selections the token-sparse attention takes (bottom-right causal). FP8 (float8_e4m3fn) q and k
-are widened to float16, which holds every e4m3 value exactly; `k_scale` multiplies the scores.
+are widened to float16, which holds every e4m3 value exactly; `k_scale` multiplies each key's logits
+(inside the ReLU, as the spec writes it).
 """
 
 from __future__ import annotations
@@ -132,10 +133,13 @@ def _row_chunks(rows: int, per_row: int, budget: int):
     return ((start, min(rows, start + step)) for start in range(0, rows, step))
 
 
-def _head_sum(q, keys, weights, dtype):
-    """sum_j w[t, j] ReLU(q[t, j] . keys[t?, s]) in `dtype`: keys (N, D) shared or (M, C, D) per row."""
+def _head_sum(q, keys, weights, dtype, scale=None):
+    """sum_j w[t, j] ReLU(q[t, j] . keys[t?, s] scale[t?, s]) in `dtype`: keys (N, D) shared or (M, C, D)
+    per row, scale (N) or (M, C) likewise (inside the ReLU, as the spec writes it: any sign)."""
     pattern = "mhd,nd->mhn" if keys.dim() == 2 else "mhd,mcd->mhc"
     logits = torch.einsum(pattern, q.to(dtype), keys.to(dtype))
+    if scale is not None:
+        logits *= scale.to(dtype)[..., None, :]
     return (logits.relu_() * weights.to(dtype)[:, :, None]).sum(dim=1)
 
 
@@ -157,9 +161,8 @@ def _torch_scores(q, k, weights, ks, ke, k_scale, positions, dtype, valid=None):
     for lo, hi in _row_chunks(q.shape[0], per_row, _TORCH_CHUNK_ELEMENTS):
         rows = positions[None, :] if shared else positions[lo:hi]
         safe = rows.clamp(0, k.shape[0] - 1)
-        scores = _head_sum(q[lo:hi], k if shared else k[safe], weights[lo:hi], dtype)
-        if k_scale is not None:
-            scores *= k_scale.to(dtype)[safe]
+        scale = None if k_scale is None else k_scale[safe]
+        scores = _head_sum(q[lo:hi], k if shared else k[safe], weights[lo:hi], dtype, scale)
         out[lo:hi] = _mask_outside(scores, rows, ks[lo:hi], ke[lo:hi], None if valid is None else valid[lo:hi])
     return out
 
@@ -235,6 +238,7 @@ class HISASegments(NamedTuple):
     num_keys: int
     block_size: int
     bounds: tuple = ()  # the ks and ke drawn from (tensors, versions, values): hisa_indexer checks its own
+    max_blocks: int = 0  # the most blocks of one sequence: the width of stage 1's per-row window
 
 
 def hisa_segments(ks, ke, num_keys: int, *, block_size: int = 128) -> HISASegments:
@@ -269,14 +273,14 @@ def hisa_segments(ks, ke, num_keys: int, *, block_size: int = 128) -> HISASegmen
     ends = starts.scatter_reduce(0, sequence_of_row[sees], ke[sees], "amax")  # include_self: ks < ke anyway
     blocks_per_seq = (ends - starts + block_size - 1) // block_size
     first_block = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq
-    num_blocks = int(blocks_per_seq.sum())
+    longest = torch.nn.functional.pad(blocks_per_seq, (0, 1)).amax()  # 0 without sequences
+    num_blocks, max_blocks = (int(n) for n in torch.stack([blocks_per_seq.sum(), longest]).tolist())
     seq_of_block = torch.repeat_interleave(blocks_per_seq, output_size=num_blocks)
     offsets = torch.arange(num_blocks, device=ks.device) - first_block[seq_of_block]
     block_starts = starts[seq_of_block] + offsets * block_size
     row_first = torch.where(sees, torch.nn.functional.pad(first_block, (0, 1))[sequence_of_row], 0)
-    return HISASegments(
-        starts, ends, first_block, row_first.to(torch.int32), block_starts.to(torch.int32), num_keys, block_size, bounds
-    )
+    row_first, block_starts = row_first.to(torch.int32), block_starts.to(torch.int32)
+    return HISASegments(starts, ends, first_block, row_first, block_starts, num_keys, block_size, bounds, max_blocks)
 
 
 def _check_segments(segments, ks, ke, num_keys: int, block_size: int, device) -> None:
@@ -305,7 +309,8 @@ def _check_segments(segments, ks, ke, num_keys: int, block_size: int, device) ->
 def _pool_segments(k, segments: HISASegments, k_scale):
     """fp32 means of each sequence's key blocks. Returns (pooled [P, D], block start positions [P], first
     pooled block of every row [M]). A ragged tail block averages its real keys."""
-    starts, ends, first_block, row_first, block_starts, _, block_size, _ = segments
+    starts, ends, first_block, block_size = segments.starts, segments.ends, segments.first_block, segments.block_size
+    row_first, block_starts = segments.row_first, segments.block_starts
     positions = torch.arange(int(starts[0]), k.shape[0], device=k.device)
     seq = torch.searchsorted(starts, positions, right=True) - 1
     inside = positions < ends[seq]
@@ -468,18 +473,41 @@ def hisa_indexer(
     num_eligible = torch.where(ke > ks, (ke - 1 - ks) // block_size + 1, 0)
     width = block_topk + (2 if forced == "union" else 0)
 
+    # Stage 1 scores a row against its own sequence's blocks only: a window of the longest sequence's
+    # blocks from the row's first, where that is narrower than every pooled block (several sequences).
+    window = segments.max_blocks if _round_up(segments.max_blocks, _WINDOW_TILE) < pooled.shape[0] else None
+
     def select(rows):
         end = first[rows] + num_eligible[rows]
-        block_scores = _dense_scores(q[rows], pooled, weights[rows], first[rows], end, None)
-        chosen = _choose_blocks(block_scores, first[rows], end, block_topk, forced)
+        block_scores, base = _stage_one_scores(q[rows], pooled, weights[rows], first[rows], end, window)
+        chosen = _choose_blocks(block_scores, first[rows] - base, end - base, block_topk, forced)
+        chosen = torch.where(chosen >= 0, chosen + base[:, None], -1)
         starts = torch.where(chosen >= 0, block_starts[chosen.clamp(min=0)], -1)
         scores = _gathered_scores(q[rows], k, weights[rows], ks[rows], ke[rows], k_scale, starts, block_size)
         slots = topk_indices(scores, topk)
         tile = torch.gather(starts, 1, (slots // block_size).clamp(min=0).long())
         return torch.where(slots >= 0, tile + slots % block_size, -1)
 
-    out = _select_rows(q, topk, width * block_size + pooled.shape[0], select)
+    out = _select_rows(q, topk, width * block_size + (window or pooled.shape[0]), select)
     return torch.where(out >= 0, out - ks[:, None], -1) if relative else out
+
+
+_WINDOW_TILE = 64  # pooled blocks per gathered tile of stage 1's window
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def _stage_one_scores(q, pooled, weights, first, end, window):
+    """(scores of each row's eligible pooled blocks [first, end), the pooled index of column 0 per row):
+    over every pooled block (window None), or over a window of `window` blocks from the row's first."""
+    if window is None:
+        return _dense_scores(q, pooled, weights, first, end, None), torch.zeros_like(first)
+    tiles = torch.arange(0, window, _WINDOW_TILE, device=q.device, dtype=first.dtype)
+    tile_starts = first[:, None] + tiles
+    tile_starts = torch.where(tile_starts < end[:, None], tile_starts, -1)
+    return _gathered_scores(q, pooled, weights, first, end, None, tile_starts, _WINDOW_TILE), first
 
 
 def dsa_indexer(q, k, weights, ks, ke, *, topk=2048, k_scale=None):
@@ -514,9 +542,14 @@ def _batched_indices(flat_indices, offsets, batch: int, seq_q: int):
 def dsa_select(q, k, weights, *, topk=2048, causal=True):
     """Token selections int32 [B, Sq, 1, topk] of the flat DSA indexer: q (B, Sq, H, D), k (B, Skv, D),
     weights (B, Sq, H); query r sees keys <= r + Skv - Sq when causal."""
-    flat_q, flat_k, flat_w, offsets, ke = _flatten_batched(q, k, weights, causal)
-    out = dsa_indexer(flat_q, flat_k, flat_w, offsets, ke, topk=topk)
-    return _batched_indices(out, offsets, q.shape[0], q.shape[1])
+    _, _, _, offsets, ke = _flatten_batched(q, k, weights, causal)
+    topk = _check_int(topk, "topk", 1)
+    # Each entry against its own keys: a flat scan of the packed B * Skv keys would score them all.
+    ke = (ke - offsets).view(q.shape[:2])
+    out = torch.empty(*q.shape[:2], 1, topk, dtype=torch.int32, device=q.device)
+    for b in range(q.shape[0]):
+        out[b, :, 0] = dsa_indexer(q[b], k[b], weights[b], torch.zeros_like(ke[b]), ke[b], topk=topk)
+    return out
 
 
 def hisa_select(q, k, weights, *, topk=2048, block_size=128, block_topk=64, forced="slots", causal=True):

@@ -2,7 +2,8 @@
 
 Routing. For query head h at absolute position t (bottom-right aligned: row r of Sq query rows
 against Skv keys sits at t = r + Skv - Sq), with block means kbar[i] of its KV head's keys
-(h // (Hq / Hkv), fp32; fp64 for fp64 input) and scores s[i] = q_t . kbar[i] (fp32, no scale):
+(h // (Hq / Hkv), fp32; fp64 for fp64 input) and scores s[i] = q_t . kbar[i] (no scale; fp32 in the
+native ops, fp64 in the PyTorch fallback):
 
 * causal: the current block t // block_size is always selected, plus the top topk - 1 scores
   among the blocks entirely in the past ((i + 1) * block_size <= t); a row with fewer such blocks
@@ -20,6 +21,9 @@ token-level causal mask, to the keys of the blocks it selected. The Triton path 
 gather-and-densify (`sparse_attn/kernels/moba_attn.py`): the rows that chose a block are gathered
 into dense tiles, so its work follows the routed pairs, not the union of neighbouring rows' routes.
 Where Triton does not run, `sparse_attn.routed_torch` does the same gather-and-densify in PyTorch ops.
+
+MoBA is trained with: patching a checkpoint trained dense degrades it (repetitive text, upstream
+issues #35 and #12) until it is further trained with MoBA, as the MoBA report does.
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ from torch import nn
 
 from .. import reference, routed_torch
 from .._native import HAS_NATIVE, _has_kernel
-from ..selection import _FLOAT_TYPES, _check_bool, _check_flags, _check_int, _check_tensor, block_mean_pool, topk_rows
+from ..selection import (
+    _FLOAT_TYPES,
+    _ascending_padded,
+    _check_bool,
+    _check_flags,
+    _check_int,
+    _check_tensor,
+    block_mean_pool,
+    topk_rows,
+)
 from ..sinks import attention_result, check_attn_sink, with_attn_sink
 
 __all__ = [
@@ -183,9 +196,11 @@ def _route_from_means(q, means, kv_len, block_size, topk, causal, rank_rows):
     kv_heads, num_blocks = means.shape[1], means.shape[2]
     if batch * q_heads * q_len == 0:
         return torch.full((batch, q_heads, q_len, topk), -1, dtype=torch.int32, device=q.device)
-    # GQA without copies: the query heads of one KV head share its block means.
-    grouped = q.reshape(batch, kv_heads, q_heads // kv_heads * q_len, dim).to(means.dtype)
-    scores = (grouped @ means.transpose(-1, -2)).view(batch, q_heads, q_len, num_blocks)
+    # GQA without copies: the query heads of one KV head share its block means. In float64: a matmul
+    # sums in an order that depends on its row count, and in fp32 that can flip a near-tie between a
+    # prefill (Sq rows) and a decode step (one row) routed here without the native op.
+    grouped = q.reshape(batch, kv_heads, q_heads // kv_heads * q_len, dim).double()
+    scores = (grouped @ means.double().transpose(-1, -2)).view(batch, q_heads, q_len, num_blocks)
     rows = batch * q_heads * q_len  # not -1: a cache shorter than one block has no complete block (N = 0)
     if not causal:
         return _ascending_padded(rank_rows(scores.reshape(rows, num_blocks), topk)).view(batch, q_heads, q_len, topk)
@@ -216,13 +231,6 @@ def _routable(topk: int, seq_len_kv: int, block_size: int) -> int:
     wider -1 padding (a topk far above the blocks, set to make short inputs dense, would size them)."""
     check_options(block_size=block_size, topk=topk)
     return max(1, min(topk, -(-seq_len_kv // block_size)))
-
-
-def _ascending_padded(indices: torch.Tensor) -> torch.Tensor:
-    """Sorts each row's indices ascending with the -1 padding moved to the end."""
-    missing = torch.iinfo(torch.int32).max
-    ascending = torch.where(indices < 0, missing, indices).sort(dim=-1).values
-    return torch.where(ascending == missing, -1, ascending)
 
 
 def moba_attn(

@@ -176,7 +176,7 @@ def _block_scores_torch(q_rows, k, *, rows_per_block, row_span, row_step, block_
 def _block_scores(q_rows, k, **options):
     """Sampled-row block scores through the fused kernel where it runs (it reduces whole key blocks, so
     `block_size` must be a power of two; a block's sampled rows are padded to one), else the PyTorch path."""
-    if block_scores_kernel_runs(q_rows, options["block_size"]):
+    if block_scores_kernel_runs(q_rows, options["rows_per_block"], options["block_size"]):
         from ..kernels.block_scores import sampled_block_scores_op
 
         return sampled_block_scores_op(q_rows, k, **options)

@@ -8,16 +8,18 @@ of q (B, Hq, Sq, D) over k, v (B, Hkv, Skv, D), Sq <= Skv (bottom-right aligned:
 2. Plan (`s2o_plan`): per (batch, KV head, segment) the key order pi_g sorts the history by its score
    against the segment's mean query (over its tokens and its GQA group), descending and stable; the
    guide u_g is the mean of the first `block_n` keys of pi_g, and per query head the query order
-   sigma_{g,h} sorts the segment's rows by q . u_g.
+   sigma_{g,h} sorts the segment's rows by q . u_g. With `keep_frac` < 1, pi_g holds only the top
+   ceil(keep_frac * s_g) keys (a partial top-k instead of the full sort; ties at the cut go to any of
+   the tied keys) and -1 after them: an approximation, since the rest of the history is never read.
 3. Attention: tiles of `block_m` consecutive sigma entries attend to their segment's keys causally
    (pass 1), then to pi_g block by block (pass 2) until a block's mass gain delta / l falls below
    `tau` for the tile's largest row (`stop_rule="max"`) or its mean row (`"mean"`); that block is kept.
 
 Each row's output is dense softmax attention over its processed set: the segment's keys up to its
 position plus the first n_blocks * block_n keys of pi_g (`s2o_processed_mask`, `s2o_reference`).
-tau = 0 never stops, which is dense causal attention whatever the plan. Gradients treat the processed
-set as fixed: none flows through pi, sigma or the stop decision. Decode (single-token steps) is meant
-to stay dense; this function is the prefill.
+tau = 0 never stops, which is dense causal attention whatever the plan (with keep_frac = 1). Gradients
+treat the processed set as fixed: none flows through pi, sigma or the stop decision. Decode
+(single-token steps) is meant to stay dense; this function is the prefill.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class S2OPlan:
     query_order: torch.Tensor
     segment_len: int
     seq_len_kv: int
+    keep_frac: float = 1.0
 
     @property
     def seq_len_q(self) -> int:
@@ -88,12 +91,17 @@ class S2OPlan:
         """s_g: the keys before segment g."""
         return self.seq_offset + g * self.segment_len
 
+    def kept_len(self, g: int) -> int:
+        """The entries of pi_g that name keys (the rest are -1): all s_g, or ceil(keep_frac * s_g)."""
+        history = self.history_len(g)
+        return history if self.keep_frac >= 1.0 else min(history, max(1, math.ceil(self.keep_frac * history)))
+
     def history_offset(self, g: int) -> int:
         """Where pi_g starts in the packed key order (the kernels compute the same)."""
         return g * self.seq_offset + self.segment_len * (g * (g - 1) // 2)
 
     def keys(self, g: int) -> torch.Tensor:
-        """pi_g int32 [B, Hkv, s_g]."""
+        """pi_g int32 [B, Hkv, s_g] (-1 past `kept_len(g)`)."""
         start = self.history_offset(g)
         return self.key_order[..., start : start + self.history_len(g)]
 
@@ -120,15 +128,24 @@ def _check_block(value, name: str) -> int:
     return value
 
 
-def check_options(*, segment_len=1024, tau=1e-2, block_m=64, block_n=64, stop_rule="max") -> None:
+def check_options(*, segment_len=1024, tau=1e-2, block_m=64, block_n=64, stop_rule="max", keep_frac=1.0) -> None:
     """S2O's scalar options (spec section 4, package decisions)."""
     _check_tiles(segment_len, block_m=block_m, block_n=block_n)
+    _check_keep_frac(keep_frac)
     if not isinstance(tau, (int, float)) or isinstance(tau, bool):
         raise TypeError(f"tau must be a float, got {type(tau).__name__}")
     if math.isnan(tau) or tau < 0:
         raise ValueError(f"tau must be a float >= 0, got {tau!r}")
     if stop_rule not in STOP_RULES:
         raise ValueError(f"stop_rule must be one of {STOP_RULES}, got {stop_rule!r}")
+
+
+def _check_keep_frac(keep_frac) -> float:
+    if not isinstance(keep_frac, (int, float)) or isinstance(keep_frac, bool):
+        raise TypeError(f"keep_frac must be a float, got {type(keep_frac).__name__}")
+    if not 0.0 < keep_frac <= 1.0:  # NaN fails too
+        raise ValueError(f"keep_frac must be a float in (0, 1], got {keep_frac!r}")
+    return float(keep_frac)
 
 
 def _check_tiles(segment_len, **blocks) -> None:
@@ -146,16 +163,16 @@ def _check_shapes(q, k, v=None) -> None:
         raise ValueError(f"S2O is causal prefill: q's {q.shape[2]} positions exceed k's {k.shape[2]}")
 
 
-def _check_plan_geometry(plan, q, k, segment_len: int) -> None:
+def _check_plan_geometry(plan, q, k, segment_len: int, keep_frac: float) -> None:
     """A caller's plan fits this call: its segment length, key count, and its orders' dtype, device and
     shapes (the kernels read key_order by the call's segments). No device sync."""
     if not isinstance(plan, S2OPlan):
         raise TypeError(f"plan must be an S2OPlan (from s2o_plan), got {type(plan).__name__}")
     batch, num_q_heads, seq_q, _ = q.shape
-    if plan.segment_len != segment_len or plan.seq_len_kv != k.shape[2]:
+    if (plan.segment_len, plan.seq_len_kv, plan.keep_frac) != (segment_len, k.shape[2], keep_frac):
         raise ValueError(
-            f"plan was made for segment_len={plan.segment_len}, Skv={plan.seq_len_kv}; "
-            f"this call has {segment_len}, {k.shape[2]}"
+            f"plan was made for segment_len={plan.segment_len}, Skv={plan.seq_len_kv}, keep_frac={plan.keep_frac}; "
+            f"this call has {segment_len}, {k.shape[2]}, {keep_frac}"
         )
     total = plan.history_offset(plan.num_segments) if seq_q else 0
     expected = {"query_order": (batch, num_q_heads, seq_q), "key_order": (batch, k.shape[1], total)}
@@ -166,15 +183,23 @@ def _check_plan_geometry(plan, q, k, segment_len: int) -> None:
 
 
 def _check_plan_orders(plan, q) -> None:
-    """Every pi_g and sigma_g of a plan a permutation (one sort per segment)."""
+    """Every sigma_g of a plan a permutation, every pi_g one too or (keep_frac < 1) kept_len(g) distinct keys
+    of the history, then -1 (one sort per segment)."""
     for g in range(plan.num_segments):
-        for name, order, lo, size in (
-            ("query_order", plan.queries(g), plan.rows(g).start, len(plan.rows(g))),
-            ("key_order", plan.keys(g), 0, plan.history_len(g)),
-        ):
-            want = torch.arange(lo, lo + size, device=q.device, dtype=torch.int32)
-            if not bool((order.sort(dim=-1).values == want).all()):
-                raise ValueError(f"plan.{name} of segment {g} is not a permutation of [{lo}, {lo + size})")
+        rows, kept, history = plan.rows(g), plan.kept_len(g), plan.history_len(g)
+        sigma = plan.queries(g).sort(dim=-1).values
+        want = torch.arange(rows.start, rows.stop, device=q.device, dtype=torch.int32)
+        if not torch.equal(sigma, want.expand_as(sigma)):
+            raise ValueError(f"plan.query_order of segment {g} is not a permutation of [{rows.start}, {rows.stop})")
+        pi = plan.keys(g)
+        named = pi[..., :kept].sort(dim=-1).values
+        in_history = bool(((named >= 0) & (named < history)).all())
+        distinct = in_history and bool((named[..., 1:] > named[..., :-1]).all())
+        if not distinct or not bool((pi[..., kept:] == -1).all()):
+            raise ValueError(
+                f"plan.key_order of segment {g} must hold {kept} distinct keys of [0, {history}), then -1"
+                + (" (a permutation)" if kept == history else "")
+            )
 
 
 # ---------------------------------------------------------------------------------- plan (spec 4.1)
@@ -203,9 +228,10 @@ def _sort_chunks(histories: list, rows_per_segment: int):
         yield chunk
 
 
-def _key_orders(means, k, histories: list) -> list:
+def _key_orders(means, k, histories: list, plan: S2OPlan) -> list:
     """pi_g int32 [B, Hkv, s_g] for each (g, s_g) of `histories`, several segments per sort: scores past a
-    segment's history are -inf, which a stable descending sort places last."""
+    segment's history are -inf, which a stable descending sort places last. With keep_frac < 1, a
+    partial top-k keeps each segment's first kept_len(g) entries and -1 follows them."""
     orders = []
     for chunk in _sort_chunks(histories, k.shape[0] * k.shape[1]):
         segments = torch.tensor([g for g, _ in chunk], device=k.device)
@@ -213,9 +239,22 @@ def _key_orders(means, k, histories: list) -> list:
         longest = chunk[-1][1]
         scores = torch.einsum("bhgd,bhnd->bhgn", means[:, :, segments], k[:, :, :longest].float())
         scores = scores.masked_fill(torch.arange(longest, device=k.device) >= lengths[:, None], float("-inf"))
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices.int()
-        orders += [order[:, :, i, :n] for i, (_, n) in enumerate(chunk)]
+        kept = [plan.kept_len(g) for g, _ in chunk]
+        if plan.keep_frac >= 1.0:
+            order = torch.sort(scores, dim=-1, descending=True, stable=True).indices.int()
+        else:
+            order = _top_ordered(scores, max(kept))
+        orders += [torch.nn.functional.pad(order[:, :, i, :m], (0, n - m), value=-1) for i, ((_, n), m) in
+                   enumerate(zip(chunk, kept))]  # fmt: skip
     return orders
+
+
+def _top_ordered(scores, count: int) -> torch.Tensor:
+    """int32: the columns of the `count` largest scores per row, by descending score (ties to the lower
+    column), as the full stable sort's first `count` would be (a tie at the cut goes to any tied column)."""
+    columns = torch.topk(scores, count, dim=-1, sorted=False).indices.sort(dim=-1).values
+    ranked = torch.sort(scores.gather(-1, columns), dim=-1, descending=True, stable=True).indices
+    return columns.gather(-1, ranked).int()
 
 
 def _query_order(q, k, plan: S2OPlan, block_n: int) -> torch.Tensor:
@@ -227,7 +266,7 @@ def _query_order(q, k, plan: S2OPlan, block_n: int) -> torch.Tensor:
     for g in range(plan.num_segments):
         if plan.history_len(g) == 0:
             continue
-        first = plan.keys(g)[:, :, :block_n].long()
+        first = plan.keys(g)[:, :, : min(block_n, plan.kept_len(g))].long()
         guide = k.gather(2, first[..., None].expand(-1, -1, -1, k.shape[-1])).float().mean(2)
         rows = plan.rows(g)
         scores = torch.einsum(
@@ -240,14 +279,17 @@ def _query_order(q, k, plan: S2OPlan, block_n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def s2o_plan(q, k, *, segment_len: int = 1024, block_n: int = 64) -> S2OPlan:
-    """The key and query loading orders of S2O (spec 4.1) for q (B, Hq, Sq, D) and k (B, Hkv, Skv, D)."""
+def s2o_plan(q, k, *, segment_len: int = 1024, block_n: int = 64, keep_frac: float = 1.0) -> S2OPlan:
+    """The key and query loading orders of S2O (spec 4.1) for q (B, Hq, Sq, D) and k (B, Hkv, Skv, D);
+    `keep_frac` < 1 keeps only the top ceil(keep_frac * s_g) keys of each history (approximate)."""
     _check_shapes(q, k)
     _check_tiles(segment_len, block_n=block_n)  # the plan has no query tiles
+    keep_frac = _check_keep_frac(keep_frac)
     empty_order = torch.zeros(q.shape[:3], dtype=torch.int32, device=q.device)
-    plan = S2OPlan(k.new_zeros(k.shape[0], k.shape[1], 0, dtype=torch.int32), empty_order, segment_len, k.shape[2])
+    empty_keys = k.new_zeros(k.shape[0], k.shape[1], 0, dtype=torch.int32)
+    plan = S2OPlan(empty_keys, empty_order, segment_len, k.shape[2], keep_frac)
     histories = [(g, plan.history_len(g)) for g in range(plan.num_segments) if plan.history_len(g) > 0]
-    orders = _key_orders(_segment_query_means(q, k.shape[1], segment_len), k, histories)
+    orders = _key_orders(_segment_query_means(q, k.shape[1], segment_len), k, histories, plan)
     plan = dataclasses.replace(plan, key_order=torch.cat([plan.key_order, *orders], dim=-1))
     return dataclasses.replace(plan, query_order=_query_order(q, k, plan, block_n))
 
@@ -257,6 +299,15 @@ def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     """int64: for permutations along the last axis, where each index stands in `order`."""
     ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order)
     return torch.empty_like(order, dtype=torch.long).scatter_(-1, order.long(), ranks)
+
+
+def _key_ranks(pi, history: int) -> torch.Tensor:
+    """int64 [..., history]: each key's place in pi; keys pi does not name (keep_frac < 1) rank past any budget."""
+    never = torch.iinfo(torch.int64).max
+    ranks = torch.arange(pi.shape[-1], device=pi.device).expand(pi.shape)
+    spare = torch.where(pi >= 0, pi.long(), history)  # the -1 entries land in a column dropped after
+    out = torch.full((*pi.shape[:-1], history + 1), never, dtype=torch.long, device=pi.device)
+    return out.scatter_(-1, spare, ranks)[..., :history]
 
 
 def _entry_blocks(plan: S2OPlan, n_blocks, block_m: int) -> torch.Tensor:
@@ -295,7 +346,7 @@ def s2o_processed_mask(plan: S2OPlan, n_blocks, *, block_m: int = 64, block_n: i
         history, picked = plan.history_len(g), segment == g
         if history == 0:
             continue
-        rank = _inverse_permutation(plan.keys(g).long().repeat_interleave(group, dim=1))
+        rank = _key_ranks(plan.keys(g).repeat_interleave(group, dim=1), history)
         mask[:, :, picked, :history] = rank[:, :, None, :] < budget[:, :, picked, None]
     return mask
 
@@ -311,7 +362,7 @@ def s2o_reference(q, k, v, plan: S2OPlan, n_blocks, *, block_m=64, block_n=64, s
                   compute_dtype=torch.float64):  # fmt: skip
     """(out, lse) of dense attention over the processed set of `s2o_processed_mask`, in `compute_dtype`."""
     _check_qkv(q, k, v, packed=False)
-    _check_plan_geometry(plan, q, k, getattr(plan, "segment_len", None))
+    _check_plan_geometry(plan, q, k, getattr(plan, "segment_len", None), getattr(plan, "keep_frac", None))
     allowed = s2o_processed_mask(plan, n_blocks, block_m=block_m, block_n=block_n)
     return reference.masked_attention(q, k, v, allowed, softmax_scale=softmax_scale, compute_dtype=compute_dtype)
 
@@ -320,8 +371,9 @@ def _density(plan: S2OPlan, n_blocks, block_m: int, block_n: int) -> torch.Tenso
     """Processed (query, key) pairs over causal pairs, from the counts alone (no mask)."""
     offset, segment_len, seq_q = plan.seq_offset, plan.segment_len, plan.seq_len_q
     entries = torch.arange(seq_q, device=n_blocks.device)
-    history = offset + entries // segment_len * segment_len
-    from_history = torch.minimum(_entry_blocks(plan, n_blocks, block_m) * block_n, history).sum(dtype=torch.float64)
+    kept = torch.tensor([plan.kept_len(g) for g in range(plan.num_segments)], device=n_blocks.device)
+    named = kept[entries // segment_len]  # the history keys pi names: all of them unless keep_frac < 1
+    from_history = torch.minimum(_entry_blocks(plan, n_blocks, block_m) * block_n, named).sum(dtype=torch.float64)
     heads = plan.query_order.shape[0] * plan.query_order.shape[1]
     local = heads * (entries % segment_len + 1).sum(dtype=torch.float64)
     causal = heads * (entries + offset + 1).sum(dtype=torch.float64)
@@ -367,14 +419,14 @@ def _segment_attention(q, k, v, plan: S2OPlan, g: int, kv_heads: slice, options,
     """(segment g's output rows and their LSE in physical order, the pi blocks of its tiles) for a slice
     of KV heads, computed in `compute` and differentiable in q, k and v (the stop decision is not)."""
     block_m, block_n, tau, stop_rule = options
-    rows, history = plan.rows(g), plan.history_len(g)
+    rows, named = plan.rows(g), plan.kept_len(g)  # pi_g's entries that name keys (all of s_g for keep_frac 1)
     group = q.shape[1] // k.shape[1]
     q_heads = _heads_of(kv_heads, group)
     order = plan.queries(g)[:, q_heads].long() - rows.start  # [B, h, len]: local rows in loading order
     segment_q = q[:, q_heads, rows.start : rows.stop]
     queries = segment_q.gather(2, order[..., None].expand(-1, -1, -1, q.shape[-1])).to(compute)
     start = plan.seq_offset + rows.start
-    pi = plan.keys(g)[:, kv_heads].long()[..., None]
+    pi = plan.keys(g)[:, kv_heads, :named].long()[..., None]
 
     def own_and_past(t):
         t = t[:, kv_heads]
@@ -387,12 +439,12 @@ def _segment_attention(q, k, v, plan: S2OPlan, g: int, kv_heads: slice, options,
     local_allowed = torch.arange(len(rows), device=q.device) <= order[..., None]
     past = queries @ past_k.transpose(-1, -2) * scale
     with torch.no_grad():
-        if history:
+        if named:
             n = _stop_blocks(local, local_allowed, past, block_m, block_n, tau, stop_rule)
         else:
             n = torch.zeros(*order.shape[:2], -(-len(rows) // block_m), dtype=torch.long, device=q.device)
     budget = n.repeat_interleave(block_m, dim=-1)[..., : len(rows), None] * block_n
-    allowed = torch.cat([local_allowed, torch.arange(history, device=q.device) < budget], dim=-1)
+    allowed = torch.cat([local_allowed, torch.arange(named, device=q.device) < budget], dim=-1)
     probs, lse = reference.masked_softmax(torch.cat([local, past], dim=-1), allowed)
     out = probs @ torch.cat([own_v, past_v], dim=2)
     return torch.empty_like(out).scatter(2, order[..., None].expand_as(out), out), lse.scatter(2, order, lse), n
@@ -438,15 +490,17 @@ def _per_segment(n_tiles, plan: S2OPlan, block_m: int) -> torch.Tensor:
 
 
 def s2o_attention(q, k, v, *, segment_len=1024, tau=1e-2, block_m=64, block_n=64, stop_rule="max",
-                  softmax_scale=None, attn_sink=None, return_stats=False, plan=None, check_plan=True,
-                  backend="auto"):  # fmt: skip
+                  keep_frac=1.0, softmax_scale=None, attn_sink=None, return_stats=False, plan=None,
+                  check_plan=True, backend="auto"):  # fmt: skip
     """Causal S2O prefill attention of q (B, Hq, Sq, D) over k, v (B, Hkv, Skv, D), Sq <= Skv (spec 4).
 
     `tau` >= 0 is the stop threshold on a pi block's mass gain (0: dense causal attention); `stop_rule`
-    'max' tests the tile's largest row, 'mean' its mean row. `plan` (an `S2OPlan`) replaces the computed
-    loading orders; its geometry is always checked against the call, and its orders to be permutations
-    (one sort per segment; `check_plan=False` skips the sorts for plans `s2o_plan` made: a malformed
-    order gives wrong outputs, never an out-of-bounds access).
+    'max' tests the tile's largest row, 'mean' its mean row. `keep_frac` in (0, 1]: below 1 each segment
+    walks only the top ceil(keep_frac * s_g) keys of its history (a partial top-k; approximate even at
+    tau = 0). `plan` (an `S2OPlan`) replaces the computed loading orders; its geometry (keep_frac
+    included) is always checked against the call, and its orders to be well formed (one sort per
+    segment; `check_plan=False` skips the sorts for plans `s2o_plan` made: a malformed order gives wrong
+    outputs, never an out-of-bounds access).
     Differentiable in q, k and v. Returns the output in q's dtype, and with `return_stats` also an
     `S2OStats` (plan, n_blocks, density). `attn_sink` as in `block_sparse_attn` (the stop rule does
     not see it: a block's gain is measured against the attended mass only). Backends: 'triton' (CUDA,
@@ -454,32 +508,36 @@ def s2o_attention(q, k, v, *, segment_len=1024, tau=1e-2, block_m=64, block_n=64
     float64 for float64 input), 'reference' (the same in float64); 'auto' picks.
     """
     _check_shapes(q, k, v)
-    check_options(segment_len=segment_len, tau=tau, block_m=block_m, block_n=block_n, stop_rule=stop_rule)
+    check_options(
+        segment_len=segment_len, tau=tau, block_m=block_m, block_n=block_n, stop_rule=stop_rule, keep_frac=keep_frac
+    )
+    keep_frac = float(keep_frac)
     check_attn_sink(attn_sink, q.shape[1], q.device)
     _check_flags(return_stats=return_stats, check_plan=check_plan)
     tau = float(tau)
     scale = _default_scale(softmax_scale, q.shape[-1])
     resolved = _resolve(backend, q)
     if plan is None:
-        plan = s2o_plan(q, k, segment_len=segment_len, block_n=block_n)
+        plan = s2o_plan(q, k, segment_len=segment_len, block_n=block_n, keep_frac=keep_frac)
     else:
-        _check_plan_geometry(plan, q, k, segment_len)
+        _check_plan_geometry(plan, q, k, segment_len, keep_frac)
         if check_plan:
             _check_plan_orders(plan, q)
+    # Every gain ratio is below 1 (a row's own key is in l), but a block far above the local logits
+    # rounds it to exactly 1 (in fp32, and in fp64 past ~37 nats): tau >= 1, which must stop every tile
+    # after one block, is tested as 2 so that no rounding keeps a tile going.
+    stop_tau = tau if tau < 1.0 else 2.0
     if resolved == "triton":
         from ..kernels.s2o_attn import s2o_attn_fwd
 
-        # Every gain ratio is below 1 (a row's own key is in l), but in fp32 a block far above the local
-        # logits rounds it to exactly 1: past 1, tau would then keep a tile going that must stop.
-        kernel_tau = tau if tau < 1.0 else 2.0
         out, lse, n_tiles = s2o_attn_fwd(
-            q, k, v, plan.key_order, plan.query_order, segment_len, block_m, block_n, kernel_tau, stop_rule == "mean",
+            q, k, v, plan.key_order, plan.query_order, segment_len, block_m, block_n, stop_tau, stop_rule == "mean",
             scale,
         )  # fmt: skip
         n_blocks = _per_segment(n_tiles, plan, block_m)
     else:
         compute = torch.float64 if resolved == "reference" else reference.working_dtype(q.dtype)
-        out, lse, n_blocks = _torch_s2o(q, k, v, plan, (block_m, block_n, tau, stop_rule), scale, compute)
+        out, lse, n_blocks = _torch_s2o(q, k, v, plan, (block_m, block_n, stop_tau, stop_rule), scale, compute)
     out = with_attn_sink(out, lse, attn_sink)
     if not return_stats:
         return out

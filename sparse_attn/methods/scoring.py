@@ -10,15 +10,16 @@ __all__ = ["KERNEL_DTYPES", "block_scores_kernel_runs", "check_scored_qk"]
 _KERNEL_MAX_HEAD_DIM = 256
 
 
-def block_scores_kernel_runs(q, block_size: int, stride: int = 1) -> bool:
+def block_scores_kernel_runs(q, rows_per_block: int, cols_per_block: int) -> bool:
     """Whether the kernel takes q: Triton runs on its device (CUDA, or the interpreter for fp16/fp32 CPU
-    tensors: its bf16 tl.dot is wrong), a 16/32-bit float, head dim <= 256, and block_size / stride a
-    power of two (the in-kernel tile reductions reshape by it)."""
+    tensors: its bf16 tl.dot is wrong), a 16/32-bit float, head dim <= 256, and blocks of rows and key
+    columns that are powers of two (the in-kernel tile reductions reshape by them) and whose tile fits
+    shared memory."""
     if not triton_runs(q.device, q.dtype) or q.shape[-1] > _KERNEL_MAX_HEAD_DIM:
         return False
     from ..kernels.block_scores import kernel_supports
 
-    return kernel_supports(block_size, stride)
+    return kernel_supports(q, rows_per_block, cols_per_block)
 
 
 def check_scored_qk(q, k, causal: bool, method: str) -> None:

@@ -25,7 +25,7 @@ two forced entries that are one, so there it keeps the block that crosses tau pl
 package applies the spec's rule in every chunk, so at a given tau its selection is a subset of
 upstream's (measured: 146 against 166 kept blocks at tau = 0.8, Lq = Lk = 96, B = 16, S = 8) and a
 tau calibrated with upstream's code is conservative here. The kept mass is measured against the
-row's mass over its allowed (causally visible) blocks, which for the estimator's scores is the row.
+row's whole mass and the kept set then intersected with causal validity (spec section 2, step 4).
 
 `calibrate_xattention` implements the repository's per-head threshold calibration (spec section 4)
 and `save_thresholds` / `load_thresholds` store its [layers, Hq] table as JSON.
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..engine import _check_qkv, block_sparse_attn
 from ..layout import BlockSparseLayout, causal_block_mask, selectable_blocks
 from ..reference import working_dtype
-from ..selection import _check_flags, _check_int, block_score_lengths, threshold_select
+from ..selection import _ascending_padded, _check_flags, _check_int, block_score_lengths, threshold_select
 from ..sinks import check_attn_sink
 from .scoring import block_scores_kernel_runs, check_scored_qk
 
@@ -200,7 +200,7 @@ def xattention_estimate(q, k, *, stride, block_size, causal=True, chunk_size=Non
     _check_stride(stride, block_size)
     _check_qk(q, k, causal)
     chunk_size = _resolve_chunk_size(chunk_size, block_size, k.shape[2])
-    if block_scores_kernel_runs(q, block_size, stride):
+    if block_scores_kernel_runs(q, block_size // stride, block_size // stride):
         from ..kernels.block_scores import xattention_estimate_op
 
         return xattention_estimate_op(q, k, stride, block_size, causal)
@@ -217,8 +217,9 @@ def xattention_select(
     threshold: tau, a float in [0, 1], a tensor [Hq], or a [layers, Hq] table read at row
         `layer_idx`. Per (batch, head, query block) the kept set is the shortest prefix of
         (forced blocks, then the rest by descending score, ties to the lower index) whose mass
-        reaches tau times the row's mass. tau = 0 keeps only the forced blocks, tau = 1 keeps every
-        causally visible block; selections grow with tau.
+        reaches tau times the row's mass, less its causally invisible blocks (spec 2: the row's
+        whole mass and order, then causal validity). tau = 0 keeps only the forced blocks, tau = 1
+        keeps every causally visible block; selections grow with tau.
     causal: force the sink (key block 0) and the diagonal (every key block holding a real query
         of the row, bottom-right aligned) and keep only causally visible blocks; non-causal
         selection forces nothing.
@@ -234,9 +235,11 @@ def xattention_select(
     seq_len_q, seq_len_kv = block_score_lengths(scores, seq_len_q, seq_len_kv, block_size, causal)
     tau = _threshold_per_head(threshold, scores.shape[1], layer_idx, scores.device)
     allowed, forced = selectable_blocks(seq_len_q, seq_len_kv, block_size, causal, scores.device)
-    count, indices = threshold_select(
-        scores, tau[:, None], forced=forced.expand(scores.shape), allowed=allowed.expand(scores.shape)
-    )
+    # Spec 2: the mass and the order are the whole row's, then the kept set meets causal validity (for
+    # the estimator's scores, which are 0 outside it, the same as selecting among the valid blocks).
+    _, indices = threshold_select(scores, tau[:, None], forced=forced.expand(scores.shape))
+    valid = (indices >= 0) & allowed.expand(scores.shape).gather(-1, indices.long().clamp(min=0))
+    count, indices = valid.sum(-1, dtype=torch.int32), _ascending_padded(torch.where(valid, indices, -1))
     return BlockSparseLayout.from_kv_blocks(
         count,
         indices,
