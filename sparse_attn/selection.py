@@ -61,6 +61,13 @@ def _ascending_padded(indices: torch.Tensor) -> torch.Tensor:
     return torch.where(ascending == missing, -1, ascending)
 
 
+def _kept_in_order(indices: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Each row's entries where `keep`, in their order, then -1: a compaction without a sort."""
+    slot = torch.where(keep, keep.cumsum(-1) - 1, indices.shape[-1])  # the dropped go to a spare column
+    out = torch.full((*indices.shape[:-1], indices.shape[-1] + 1), -1, dtype=indices.dtype, device=indices.device)
+    return out.scatter_(-1, slot, indices)[..., :-1]
+
+
 def block_score_lengths(scores, seq_len_q, seq_len_kv, block_size: int, causal: bool) -> tuple[int, int]:
     """The sequence lengths of float block scores [B, H, Mq, Nk] (None: Mq * block_size, Nk * block_size),
     checked against their block grid; a selection method's scores must match the lengths it lays out."""

@@ -451,6 +451,10 @@ def test_stage_one_scores_a_row_against_its_own_sequence_only(rng, path, monkeyp
     monkeypatch.setattr(hisa_module, "_stage_one_scores", recording)
     got = hisa_indexer(q, k, weights, ks, ke, **options)
     assert widths and all(width == 64 < pooled == 132 for width, pooled in widths)
+    # Segments that do not know their longest sequence (max_blocks 0: built by hand) score every block.
+    legacy = hisa_segments(ks, ke, k.shape[0], block_size=4)._replace(max_blocks=0)
+    assert torch.equal(hisa_indexer(q, k, weights, ks, ke, segments=legacy, **options), got)
+    assert widths[-1] == (132, 132)
     start = 0
     for i, length in enumerate(lengths):
         rows, keys = slice(3 * i, 3 * i + 3), slice(start, start + length)

@@ -1,13 +1,14 @@
 """DSA lightning-indexer scores, one kernel for the flat scan and both HISA stages.
 
-score(t, s) = k_scale[s] * sum_j w[t, j] * ReLU(q[t, j] . k[s]) over the index heads j (MQA: one key per
+score(t, s) = sum_j w[t, j] * ReLU(q[t, j] . k[s] * k_scale[s]) over the index heads j (MQA: one key per
 position). A program owns one query row t: it loads q[t] as a [heads, D] matrix once, so every key
 tile is a [heads, D] x [D, BLOCK_N] tensor-core product, then ReLU, weighted head sum. Scores of keys
 outside [ks[t], ke[t]) are -inf, and tiles entirely outside that range are not computed.
 
 Tiles. Dense mode: tile j is keys j * BLOCK_N + [0, BLOCK_N), written at those columns (the flat DSA
-scan over k, and HISA's stage 1 over pooled block keys). Gathered mode (HISA stage 2): tile j of row
-t starts at key TILE_STARTS[t, j] (-1: no tile) and is written at columns j * BLOCK_N + [0, BLOCK_N),
+scan over k, and HISA's stage 1 over the pooled block keys of one sequence). Gathered mode (HISA stage
+2, and stage 1 over a window of each row's own sequence where several are packed): tile j of row t
+starts at key TILE_STARTS[t, j] (-1: no tile) and is written at columns j * BLOCK_N + [0, BLOCK_N),
 so a row's candidate blocks come out side by side, whatever their positions.
 """
 

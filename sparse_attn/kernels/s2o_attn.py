@@ -274,7 +274,7 @@ def _grid(q, rows):
 def _forward_tiles(q, block_m: int, block_n: int) -> dict:
     """The forward's keys per step: a part of the block where the tile's rows x keys x head dim would
     not fit (the rows are the whole tile: the stop rule reads them all), and one stage where even the
-    smallest part does not (fp32 at 128 rows and D = 256 needs 169 KB of shared memory with two)."""
+    smallest part does not (fp32 tiles of 128 rows: at D = 256 two stages need 169 KB of shared memory)."""
     sub_n = _shrink(q, block_m, block_n, FORWARD_STEP_ELEMENTS, shrink_rows=False)[1]
     head_pad = triton.next_power_of_2(max(q.shape[-1], 16))
     fits = block_m * sub_n * head_pad <= FORWARD_STEP_ELEMENTS[q.element_size()]

@@ -198,7 +198,7 @@ def dsa_indexer_logits(q, k, weights, ks, ke, k_scale=None):
     """DeepGEMM's `fp8_mqa_logits` (clean_logits=True): fp32 [M, N] scores, -inf outside [ks, ke).
 
     q (M, H, D), k (N, D) in float16/bfloat16/float32 or float8_e4m3fn; weights (M, H); ks, ke int [M];
-    k_scale (N,) optional, multiplying each key's scores. Fused Triton kernel on CUDA (and on the CPU
+    k_scale (N,) optional, multiplying each key's logits (inside the ReLU). Fused Triton kernel on CUDA (and on the CPU
     under the interpreter for 16/32-bit), the float32 PyTorch reference elsewhere.
     """
     return _dense_scores(*_check_indexer_inputs(q, k, weights, ks, ke, k_scale))
@@ -475,7 +475,8 @@ def hisa_indexer(
 
     # Stage 1 scores a row against its own sequence's blocks only: a window of the longest sequence's
     # blocks from the row's first, where that is narrower than every pooled block (several sequences).
-    window = segments.max_blocks if _round_up(segments.max_blocks, _WINDOW_TILE) < pooled.shape[0] else None
+    narrower = 0 < _round_up(segments.max_blocks, _WINDOW_TILE) < pooled.shape[0]  # 0: segments drawn elsewhere
+    window = segments.max_blocks if narrower else None
 
     def select(rows):
         end = first[rows] + num_eligible[rows]
@@ -488,7 +489,8 @@ def hisa_indexer(
         tile = torch.gather(starts, 1, (slots // block_size).clamp(min=0).long())
         return torch.where(slots >= 0, tile + slots % block_size, -1)
 
-    out = _select_rows(q, topk, width * block_size + (window or pooled.shape[0]), select)
+    stage_one = pooled.shape[0] if window is None else _round_up(window, _WINDOW_TILE)
+    out = _select_rows(q, topk, width * block_size + stage_one, select)
     return torch.where(out >= 0, out - ks[:, None], -1) if relative else out
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..engine import _check_qkv, block_sparse_attn
 from ..layout import BlockSparseLayout, causal_block_mask, selectable_blocks
 from ..reference import working_dtype
-from ..selection import _ascending_padded, _check_flags, _check_int, block_score_lengths, threshold_select
+from ..selection import _check_flags, _check_int, _kept_in_order, block_score_lengths, threshold_select
 from ..sinks import check_attn_sink
 from .scoring import block_scores_kernel_runs, check_scored_qk
 
@@ -239,7 +239,7 @@ def xattention_select(
     # the estimator's scores, which are 0 outside it, the same as selecting among the valid blocks).
     _, indices = threshold_select(scores, tau[:, None], forced=forced.expand(scores.shape))
     valid = (indices >= 0) & allowed.expand(scores.shape).gather(-1, indices.long().clamp(min=0))
-    count, indices = valid.sum(-1, dtype=torch.int32), _ascending_padded(torch.where(valid, indices, -1))
+    count, indices = valid.sum(-1, dtype=torch.int32), _kept_in_order(indices, valid)
     return BlockSparseLayout.from_kv_blocks(
         count,
         indices,
