@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..methods.s2o import _inverse_permutation, s2o_attention, s2o_plan, s2o_processed_mask
+from ..methods.s2o import _ranks, s2o_attention, s2o_plan, s2o_processed_mask
 from ..selection import block_mean_pool
 from . import quality, selected_prefill
 from .common import add_speedup, add_tflops, best_dense, timed
@@ -150,7 +150,7 @@ def _block_topk(q, k, rows, counts, block_n: int) -> torch.Tensor:
     starts = torch.arange(means.shape[2], device=q.device) * block_n
     own = starts[None, :] == (positions // block_n * block_n)[:, None]
     scores = scores.masked_fill(starts[None, :] > positions[:, None], float("-inf")).masked_fill(own, float("inf"))
-    rank = _inverse_permutation(scores.argsort(dim=-1, descending=True))
+    rank = _ranks(scores.argsort(dim=-1, descending=True), scores.shape[-1])
     chosen = rank < (-(-counts // block_n))[..., None]
     keys = chosen.repeat_interleave(block_n, dim=-1)[..., : k.shape[2]]
     return keys & quality.causal_rows(rows, q.shape[2], k.shape[2])

@@ -198,8 +198,8 @@ def dsa_indexer_logits(q, k, weights, ks, ke, k_scale=None):
     """DeepGEMM's `fp8_mqa_logits` (clean_logits=True): fp32 [M, N] scores, -inf outside [ks, ke).
 
     q (M, H, D), k (N, D) in float16/bfloat16/float32 or float8_e4m3fn; weights (M, H); ks, ke int [M];
-    k_scale (N,) optional, multiplying each key's logits (inside the ReLU). Fused Triton kernel on CUDA (and on the CPU
-    under the interpreter for 16/32-bit), the float32 PyTorch reference elsewhere.
+    k_scale (N,) optional, multiplying each key's logits (inside the ReLU). Fused Triton kernel on CUDA
+    (and on the CPU under the interpreter for 16/32-bit), the float32 PyTorch reference elsewhere.
     """
     return _dense_scores(*_check_indexer_inputs(q, k, weights, ks, ke, k_scale))
 

@@ -295,19 +295,14 @@ def s2o_plan(q, k, *, segment_len: int = 1024, block_n: int = 64, keep_frac: flo
 
 
 # ---------------------------------------------------------------------------------- processed set (spec 4.3)
-def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
-    """int64: for permutations along the last axis, where each index stands in `order`."""
-    ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    return torch.empty_like(order, dtype=torch.long).scatter_(-1, order.long(), ranks)
-
-
-def _key_ranks(pi, history: int) -> torch.Tensor:
-    """int64 [..., history]: each key's place in pi; keys pi does not name (keep_frac < 1) rank past any budget."""
+def _ranks(order, size: int) -> torch.Tensor:
+    """int64 [..., size]: where each index in [0, size) stands in `order` (a permutation, or distinct
+    indices then -1: pi with keep_frac < 1); an index the order does not hold ranks past any budget."""
     never = torch.iinfo(torch.int64).max
-    ranks = torch.arange(pi.shape[-1], device=pi.device).expand(pi.shape)
-    spare = torch.where(pi >= 0, pi.long(), history)  # the -1 entries land in a column dropped after
-    out = torch.full((*pi.shape[:-1], history + 1), never, dtype=torch.long, device=pi.device)
-    return out.scatter_(-1, spare, ranks)[..., :history]
+    ranks = torch.arange(order.shape[-1], device=order.device).expand(order.shape)
+    spare = torch.where(order >= 0, order.long(), size)  # the -1 entries land in a column dropped after
+    out = torch.full((*order.shape[:-1], size + 1), never, dtype=torch.long, device=order.device)
+    return out.scatter_(-1, spare, ranks)[..., :size]
 
 
 def _entry_blocks(plan: S2OPlan, n_blocks, block_m: int) -> torch.Tensor:
@@ -333,7 +328,7 @@ def s2o_processed_mask(plan: S2OPlan, n_blocks, *, block_m: int = 64, block_n: i
     order = plan.query_order.long()
     device = order.device
     rows = torch.arange(plan.seq_len_q, device=device) if rows is None else _checked_rows(rows, plan.seq_len_q, device)
-    entry = _inverse_permutation(order)  # where each row sits in the query order
+    entry = _ranks(order, plan.seq_len_q)  # where each row sits in the query order
     budget = _entry_blocks(plan, n_blocks, block_m).gather(2, entry[..., rows]) * block_n  # [B, Hq, R]
     segment = rows // plan.segment_len
     keys = torch.arange(plan.seq_len_kv, device=device)
@@ -346,7 +341,7 @@ def s2o_processed_mask(plan: S2OPlan, n_blocks, *, block_m: int = 64, block_n: i
         history, picked = plan.history_len(g), segment == g
         if history == 0:
             continue
-        rank = _key_ranks(plan.keys(g).repeat_interleave(group, dim=1), history)
+        rank = _ranks(plan.keys(g).repeat_interleave(group, dim=1), history)
         mask[:, :, picked, :history] = rank[:, :, None, :] < budget[:, :, picked, None]
     return mask
 
